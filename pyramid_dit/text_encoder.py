@@ -1,0 +1,148 @@
+"""Frozen text conditioning of the miniFLUX DiT: CLIP-L pooled embedding + T5 sequence features.
+
+The DiT takes three text inputs per prompt (as FLUX does):
+
+* ``prompt_embeds`` — T5 encoder last hidden states, padded to ``max_sequence_length`` tokens (128 for
+  Pyramid Flow), the DiT's ``encoder_hidden_states``;
+* ``prompt_attention_mask`` — 1 for real tokens (the prompt and its ``</s>``), 0 for padding. The DiT uses it to
+  keep padding out of attention, so outputs do not depend on how far a prompt was padded;
+* ``pooled_prompt_embeds`` — CLIP text model ``pooler_output`` (the end-of-text token's final state), which
+  joins the timestep in the DiT's adaptive norms.
+
+Tokenizer settings follow the released pipeline exactly (T5: pad to ``max_length``, truncate; CLIP: pad and
+truncate to the tokenizer's ``model_max_length``, 77), so features equal those the released DiT was trained on.
+Prompts longer than the limits are truncated, as in the original pipeline.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+# Subfolders of an official model folder (e.g. rain1011/pyramid-flow-miniflux) holding the text side.
+TEXT_SUBFOLDERS: dict[str, str] = {
+    "tokenizer": "CLIPTokenizer",
+    "text_encoder": "CLIPTextModel",
+    "tokenizer_2": "T5TokenizerFast",
+    "text_encoder_2": "T5EncoderModel",
+}
+
+
+@dataclass
+class TextFeatures:
+    """Text conditioning for a batch of prompts."""
+
+    prompt_embeds: torch.Tensor  # [B, L, D] T5 features (D = joint_attention_dim of the DiT)
+    prompt_attention_mask: torch.Tensor  # [B, L] int64, 1 = token, 0 = padding (padding at the end)
+    pooled_prompt_embeds: torch.Tensor  # [B, Dp] CLIP pooled features (Dp = pooled_projection_dim)
+
+    def to(self, device: torch.device | str) -> TextFeatures:
+        return TextFeatures(
+            self.prompt_embeds.to(device),
+            self.prompt_attention_mask.to(device),
+            self.pooled_prompt_embeds.to(device),
+        )
+
+
+def _dtype_kwarg(dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """transformers renamed ``torch_dtype`` to ``dtype`` in 4.56 (the old name only warns in 5.x)."""
+    import transformers
+    from packaging.version import Version
+
+    key = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
+    return {key: dtype}
+
+
+class FluxTextEncoder(nn.Module):
+    """CLIP + T5 text encoders, frozen and always in eval mode.
+
+    Build with :meth:`from_pretrained`; call :meth:`encode` (or the module itself) with a list of prompts.
+    The weights are never trained, so ``train()`` keeps the encoders in eval mode: dropout in T5 would otherwise
+    make the features of a prompt random.
+    """
+
+    def __init__(self, tokenizer, text_encoder: nn.Module, tokenizer_2, text_encoder_2: nn.Module,
+                 max_sequence_length: int = 128) -> None:
+        super().__init__()
+        if max_sequence_length < 1:
+            raise ValueError(f"max_sequence_length must be positive, got {max_sequence_length}")
+        clip_positions = text_encoder.config.max_position_embeddings
+        if tokenizer.model_max_length > clip_positions:
+            raise ValueError(
+                f"the CLIP tokenizer pads to model_max_length={tokenizer.model_max_length} tokens but the CLIP text "
+                f"model has {clip_positions} positions; set model_max_length to {clip_positions} in "
+                "tokenizer/tokenizer_config.json")
+        self.tokenizer = tokenizer
+        self.text_encoder = text_encoder
+        self.tokenizer_2 = tokenizer_2
+        self.text_encoder_2 = text_encoder_2
+        self.max_sequence_length = max_sequence_length
+        self.requires_grad_(False)
+        self.train(False)
+
+    @classmethod
+    def from_pretrained(cls, model_path: str | Path, torch_dtype: torch.dtype = torch.float32,
+                        max_sequence_length: int = 128) -> FluxTextEncoder:
+        """Load from a model folder with the official ``tokenizer/ text_encoder/ tokenizer_2/ text_encoder_2/``
+        subfolders. ``torch_dtype`` goes to the transformers loaders rather than a ``.to()`` afterwards, as in the
+        original pipeline: in float16, T5 keeps its ``wo`` layers in float32."""
+        from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
+
+        model_path = Path(model_path)
+        missing = [name for name in TEXT_SUBFOLDERS if not (model_path / name).is_dir()]
+        if missing:
+            layout = ", ".join(f"{name}/ ({kind})" for name, kind in TEXT_SUBFOLDERS.items())
+            raise FileNotFoundError(
+                f"text encoder folder(s) {', '.join(m + '/' for m in missing)} not found in {model_path}; a model "
+                f"folder needs the official layout of rain1011/pyramid-flow-miniflux: {layout} (build a tiny one "
+                "with tools/build_tiny_checkpoint.py)")
+        dtype = _dtype_kwarg(torch_dtype)
+        return cls(
+            tokenizer=CLIPTokenizer.from_pretrained(model_path / "tokenizer"),
+            text_encoder=CLIPTextModel.from_pretrained(model_path / "text_encoder", **dtype),
+            tokenizer_2=T5TokenizerFast.from_pretrained(model_path / "tokenizer_2"),
+            text_encoder_2=T5EncoderModel.from_pretrained(model_path / "text_encoder_2", **dtype),
+            max_sequence_length=max_sequence_length,
+        )
+
+    def train(self, mode: bool = True) -> FluxTextEncoder:
+        """Frozen module: stays in eval mode whatever ``mode`` says (see the class docstring)."""
+        return super().train(False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.text_encoder_2.device
+
+    @torch.no_grad()
+    def encode(self, prompts: str | list[str], device: torch.device | str | None = None) -> TextFeatures:
+        """Encode ``prompts`` (an empty string is a valid prompt: it is the unconditional input for
+        classifier-free guidance). ``device`` is where the token ids go and must hold the weights; it defaults to
+        the weights' device."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if not prompts:
+            raise ValueError("encode() needs at least one prompt")
+        bad = [i for i, p in enumerate(prompts) if not isinstance(p, str)]
+        if bad:
+            raise TypeError(f"prompts must be strings; item {bad[0]} is {type(prompts[bad[0]]).__name__}")
+        device = self.device if device is None else torch.device(device)
+
+        t5_inputs = self.tokenizer_2(prompts, padding="max_length", max_length=self.max_sequence_length,
+                                     truncation=True, return_tensors="pt")
+        mask = t5_inputs.attention_mask.to(device=device, dtype=torch.int64)
+        prompt_embeds = self.text_encoder_2(t5_inputs.input_ids.to(device), attention_mask=mask)[0]
+
+        clip_inputs = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
+                                     truncation=True, return_tensors="pt")
+        pooled = self.text_encoder(clip_inputs.input_ids.to(device)).pooler_output
+
+        return TextFeatures(
+            prompt_embeds=prompt_embeds.to(dtype=self.text_encoder_2.dtype),
+            prompt_attention_mask=mask,
+            pooled_prompt_embeds=pooled.to(dtype=self.text_encoder.dtype),
+        )
+
+    def forward(self, prompts: str | list[str], device: torch.device | str | None = None) -> TextFeatures:
+        return self.encode(prompts, device)

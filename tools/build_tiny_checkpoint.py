@@ -1,0 +1,418 @@
+"""Build a tiny, randomly initialised Pyramid Flow (miniFLUX) model folder.
+
+The folder has the layout of the released ``rain1011/pyramid-flow-miniflux`` checkpoint, so everything that loads
+the real model (``from_pretrained`` on each subfolder) loads this one too, in seconds and on a CPU::
+
+    DIR/causal_video_vae/               CausalVideoVAE
+    DIR/diffusion_transformer_384p/     PyramidFluxTransformer
+    DIR/diffusion_transformer_768p/     PyramidFluxTransformer (same shapes, other weights)
+    DIR/diffusion_transformer_image/    PyramidFluxTransformer (same shapes, other weights)
+    DIR/text_encoder/    DIR/tokenizer/     CLIPTextModel + CLIPTokenizer (byte-level BPE)
+    DIR/text_encoder_2/  DIR/tokenizer_2/   T5EncoderModel + T5TokenizerFast (Unigram)
+
+The weights are random and the output is meaningless; the point is exercising training and inference code paths
+for real. The tokenizers are built offline from a small list of caption words, so ordinary English captions map
+to mostly known ids instead of a column of unknown tokens.
+
+Usage: ``python tools/build_tiny_checkpoint.py --out DIR [--seed 0] [--overwrite]``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+# Words the tiny tokenizers know as whole tokens. Lowercase ASCII letters only (the CLIP BPE below relies on
+# byte-level symbols being the letters themselves).
+CAPTION_WORDS: tuple[str, ...] = tuple("""
+a an the of in on at with and to from over under near by through into across along around behind above
+is are it its this that there while as his her their
+red green blue yellow orange purple pink black white gray grey brown golden silver colorful
+square circle triangle ball box cube sphere line dot shape shapes
+moving moves move left right up down forward backward slowly quickly fast slow
+rotating spinning flying falling walking running swimming jumping dancing driving floating rolling turning
+zooming panning flowing waving sitting standing looking holding playing smiling talking
+man woman person people child girl boy dog cat bird fish horse car train boat plane tree trees flower flowers
+water sky cloud clouds sun moon star stars wave waves
+city street road beach ocean sea river lake forest mountain mountains field garden park room kitchen house
+building snow rain night day sunset sunrise light shadow fire smoke
+camera shot view close aerial scene video footage background foreground motion
+big small large tiny tall long short bright dark beautiful old young happy calm cinematic realistic detailed
+soft warm cold quality high one two three
+""".split())
+
+# Widths the DiT's text projections must match: pooled CLIP width and T5 width.
+CLIP_HIDDEN_SIZE = 24
+T5_D_MODEL = 32
+CLIP_MAX_LENGTH = 77
+
+TRANSFORMER_CONFIG: dict[str, Any] = {
+    "patch_size": 1,  # as in the released config; the model patchifies 2x2 internally
+    "in_channels": 64,  # 16 latent channels x 2x2 patch
+    "num_layers": 2,
+    "num_single_layers": 2,
+    "attention_head_dim": 16,
+    "num_attention_heads": 2,
+    "joint_attention_dim": T5_D_MODEL,
+    "pooled_projection_dim": CLIP_HIDDEN_SIZE,
+    "axes_dims_rope": [4, 6, 6],  # sums to attention_head_dim
+    "use_flash_attn": False,
+    "use_temporal_causal": True,
+    "interp_condition_pos": True,
+    "use_gradient_checkpointing": False,
+    "gradient_checkpointing_ratio": 0.6,
+}
+
+VAE_CONFIG: dict[str, Any] = {
+    "encoder_in_channels": 3,
+    "encoder_out_channels": 16,
+    "encoder_layers_per_block": [1, 1, 1, 1],
+    "encoder_down_block_types": ["DownEncoderBlockCausal3D"] * 4,
+    "encoder_block_out_channels": [8, 16, 16, 16],
+    "encoder_spatial_down_sample": [True, True, True, False],
+    "encoder_temporal_down_sample": [True, True, True, False],
+    "encoder_block_dropout": [0.0] * 4,
+    "encoder_act_fn": "silu",
+    "encoder_norm_num_groups": 4,
+    "encoder_double_z": True,
+    "encoder_type": "causal_vae_conv",
+    "decoder_in_channels": 16,
+    "decoder_out_channels": 3,
+    "decoder_layers_per_block": [2, 2, 2, 2],
+    "decoder_up_block_types": ["UpDecoderBlockCausal3D"] * 4,
+    "decoder_block_out_channels": [8, 16, 16, 16],
+    "decoder_spatial_up_sample": [True, True, True, False],
+    "decoder_temporal_up_sample": [True, True, True, False],
+    "decoder_block_dropout": [0.0] * 4,
+    "decoder_act_fn": "silu",
+    "decoder_norm_num_groups": 4,
+    "decoder_type": "causal_vae_conv",
+    "add_post_quant_conv": True,
+    "interpolate": False,
+    "downsample_scale": 8,
+    "sample_size": 256,
+    "scaling_factor": 0.13025,
+}
+
+TRANSFORMER_SUBFOLDERS: tuple[str, ...] = (
+    "diffusion_transformer_384p",
+    "diffusion_transformer_768p",
+    "diffusion_transformer_image",
+)
+TEXT_SUBFOLDERS: tuple[str, ...] = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
+
+# Each component draws from its own stream, so adding a component never changes the others' weights.
+_SEED_OFFSETS = {
+    "text_encoder": 1,
+    "text_encoder_2": 2,
+    "causal_video_vae": 3,
+    "diffusion_transformer_384p": 4,
+    "diffusion_transformer_768p": 5,
+    "diffusion_transformer_image": 6,
+}
+_SEED_STRIDE = 1000
+
+_README = """# Tiny random Pyramid Flow (miniFLUX) checkpoint
+
+Written by `tools/build_tiny_checkpoint.py` (seed {seed}). Same folder layout as rain1011/pyramid-flow-miniflux,
+random weights, tiny widths: for tests and smoke runs only; it generates noise.
+"""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tokenizers
+# ----------------------------------------------------------------------------------------------------------------
+
+def _byte_symbols() -> list[str]:
+    """The 256 printable symbols byte-level BPE uses for the bytes 0..255 (GPT-2 / CLIP convention).
+
+    Printable Latin-1 bytes stand for themselves; the others are shifted past U+00FF so that every byte has a
+    visible, non-whitespace symbol.
+    """
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    symbols = {b: chr(b) for b in printable}
+    shift = 0
+    for b in range(256):
+        if b not in symbols:
+            symbols[b] = chr(256 + shift)
+            shift += 1
+    return [symbols[b] for b in range(256)]
+
+
+def _learn_bpe_merges(words: Iterable[str], end_of_word: str) -> list[tuple[str, str]]:
+    """Plain BPE over ``words`` (each counted once) until every word is a single symbol.
+
+    Ties go to the lexicographically smallest pair. The `tokenizers` trainer breaks ties by hash order, which
+    changes between processes; this keeps the vocabulary, and hence the built files, identical for every run.
+    """
+    corpus = [tuple(w[:-1]) + (w[-1] + end_of_word,) for w in sorted(set(words))]
+    merges: list[tuple[str, str]] = []
+    while True:
+        counts = Counter(pair for word in corpus for pair in zip(word, word[1:]))
+        if not counts:
+            return merges
+        best = min(counts, key=lambda pair: (-counts[pair], pair))
+        merges.append(best)
+        corpus = [_merge_pair(word, best) for word in corpus]
+
+
+def _merge_pair(word: tuple[str, ...], pair: tuple[str, str]) -> tuple[str, ...]:
+    out: list[str] = []
+    i = 0
+    while i < len(word):
+        if i + 1 < len(word) and (word[i], word[i + 1]) == pair:
+            out.append(word[i] + word[i + 1])
+            i += 2
+        else:
+            out.append(word[i])
+            i += 1
+    return tuple(out)
+
+
+def build_clip_tokenizer(words: Iterable[str] = CAPTION_WORDS):
+    """A CLIP tokenizer (byte-level BPE, ``</w>`` word ends) whose merges spell out ``words``.
+
+    Vocabulary order follows CLIP's: the 256 byte symbols, the same with ``</w>``, the merges, and finally
+    ``<|startoftext|>`` and ``<|endoftext|>``. End-of-text is the largest id, so CLIP's pooling finds it both by
+    ``eos_token_id`` and by the legacy argmax rule.
+    """
+    from transformers import CLIPTokenizer
+
+    words = list(words)
+    bad = [w for w in words if not (w.isascii() and w.isalpha() and w.islower())]
+    if bad:
+        raise ValueError(f"caption words must be lowercase ASCII letters, got {bad[:5]}")
+    suffix = "</w>"
+    base = _byte_symbols()
+    vocab: dict[str, int] = {}
+    for token in [*base, *(s + suffix for s in base)]:
+        vocab[token] = len(vocab)
+    merges = _learn_bpe_merges(words, suffix)
+    for left, right in merges:
+        vocab.setdefault(left + right, len(vocab))
+    for special in ("<|startoftext|>", "<|endoftext|>"):
+        vocab[special] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=CLIP_MAX_LENGTH)
+
+
+def build_t5_tokenizer(words: Iterable[str] = CAPTION_WORDS):
+    """A T5 tokenizer (Unigram, ``▁`` word starts) that knows ``words`` as whole pieces.
+
+    Layout as in T5: ``<pad>`` 0, ``</s>`` 1, ``<unk>`` 2. Words outside the list fall back to common suffixes
+    and single characters (scores make whole words win), so only characters outside the table become ``<unk>``.
+    """
+    from transformers import T5TokenizerFast
+
+    words = sorted(set(words))
+    pieces: list[tuple[str, float]] = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -3.0)]
+    pieces += [("▁" + w, -5.0) for w in words]
+    pieces += [("▁" + w.capitalize(), -5.5) for w in words if w.capitalize() != w]
+    pieces += [(s, -7.0) for s in ("s", "es", "ed", "ing", "ly", "er", "est")]
+    known = {p for p, _ in pieces}
+    chars = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,;:!?'\"-()/&%"
+    pieces += [(c, -10.0) for c in chars if c not in known]
+    return T5TokenizerFast(vocab=pieces, extra_ids=0, model_max_length=512)
+
+
+def _save_clip_vocab_files(tokenizer, folder: Path) -> None:
+    """Also write ``vocab.json`` + ``merges.txt``: the slow CLIPTokenizer of transformers 4.x reads only these."""
+    model = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    (folder / "vocab.json").write_text(json.dumps(model["vocab"], ensure_ascii=False) + "\n", encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(m + "\n" for m in merges), encoding="utf-8")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Weights
+# ----------------------------------------------------------------------------------------------------------------
+
+_WEIGHT_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)
+
+
+@torch.no_grad()
+def randomize_parameters_(model: nn.Module, generator: torch.Generator) -> nn.Module:
+    """Redraw every parameter so that no branch is trivially zero and activations stay O(1).
+
+    Models zero-initialise some layers (adaLN modulation, output projections) so that training starts from an
+    identity; a test checkpoint built that way predicts zeros and hides bugs. Here: matrices and kernels
+    N(0, 1/fan_in) with fan_in = all dimensions but the first; normalisation scales 1 + 0.1 N(0, 1); biases
+    and other vectors 0.1 N(0, 1). Buffers are left as constructed.
+    """
+    for _, module in sorted(model.named_modules(), key=lambda item: item[0]):
+        for name, param in sorted(module.named_parameters(recurse=False), key=lambda item: item[0]):
+            noise = torch.randn(param.shape, generator=generator, dtype=torch.float32)
+            if param.ndim >= 2:
+                value = noise / param[0].numel() ** 0.5
+            elif name == "weight" and not isinstance(module, _WEIGHT_LAYERS):
+                value = 1.0 + 0.1 * noise  # a norm's scale
+            else:
+                value = 0.1 * noise
+            param.copy_(value.to(param.dtype))
+    return model
+
+
+def _generator(seed: int, component: str) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * _SEED_STRIDE + _SEED_OFFSETS[component])
+
+
+def _construct(factory, *args, **kwargs):
+    """Build a model without consuming the caller's global RNG (library inits draw from it; we redraw anyway)."""
+    with torch.random.fork_rng(devices=[]):
+        return factory(*args, **kwargs)
+
+
+def build_text_components(out_dir: str | Path, seed: int = 0) -> Path:
+    """Write ``text_encoder/``, ``tokenizer/``, ``text_encoder_2/``, ``tokenizer_2/`` into ``out_dir``.
+
+    Not atomic on its own (``build_tiny_checkpoint`` calls it on a temporary folder); tests that need only the
+    text side use it directly.
+    """
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    clip_tokenizer = build_clip_tokenizer()
+    clip_tokenizer.save_pretrained(out_dir / "tokenizer")
+    _save_clip_vocab_files(clip_tokenizer, out_dir / "tokenizer")
+    clip_config = CLIPTextConfig(
+        vocab_size=len(clip_tokenizer),
+        hidden_size=CLIP_HIDDEN_SIZE,
+        intermediate_size=4 * CLIP_HIDDEN_SIZE,
+        projection_dim=CLIP_HIDDEN_SIZE,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=CLIP_MAX_LENGTH,
+        hidden_act="quick_gelu",  # as CLIP ViT-L/14
+        bos_token_id=clip_tokenizer.bos_token_id,
+        eos_token_id=clip_tokenizer.eos_token_id,
+        pad_token_id=clip_tokenizer.pad_token_id,
+    )
+    clip = _construct(CLIPTextModel, clip_config).eval()
+    randomize_parameters_(clip, _generator(seed, "text_encoder"))
+    clip.save_pretrained(out_dir / "text_encoder")
+
+    t5_tokenizer = build_t5_tokenizer()
+    t5_tokenizer.save_pretrained(out_dir / "tokenizer_2")
+    t5_config = T5Config(
+        vocab_size=len(t5_tokenizer),
+        d_model=T5_D_MODEL,
+        d_kv=8,
+        d_ff=2 * T5_D_MODEL,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=32,
+        relative_attention_max_distance=128,
+        feed_forward_proj="gated-gelu",  # as T5 v1.1 / T5-XXL
+        tie_word_embeddings=False,
+        pad_token_id=t5_tokenizer.pad_token_id,
+        eos_token_id=t5_tokenizer.eos_token_id,
+        decoder_start_token_id=t5_tokenizer.pad_token_id,
+    )
+    t5 = _construct(T5EncoderModel, t5_config).eval()
+    randomize_parameters_(t5, _generator(seed, "text_encoder_2"))
+    t5.save_pretrained(out_dir / "text_encoder_2")
+    return out_dir
+
+
+def _build_components(out_dir: Path, seed: int) -> None:
+    from pyramid_dit.modeling_pyramid_flux import PyramidFluxTransformer
+    from video_vae.modeling_causal_vae import CausalVideoVAE
+
+    build_text_components(out_dir, seed)
+
+    vae = _construct(CausalVideoVAE, **VAE_CONFIG).eval()
+    randomize_parameters_(vae, _generator(seed, "causal_video_vae"))
+    vae.save_pretrained(out_dir / "causal_video_vae", safe_serialization=True)
+
+    for subfolder in TRANSFORMER_SUBFOLDERS:
+        dit = _construct(PyramidFluxTransformer, **TRANSFORMER_CONFIG).eval()
+        randomize_parameters_(dit, _generator(seed, subfolder))
+        dit.save_pretrained(out_dir / subfolder, safe_serialization=True)
+
+    (out_dir / "README.md").write_text(_README.format(seed=seed), encoding="utf-8")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Atomic folder write
+# ----------------------------------------------------------------------------------------------------------------
+
+def _refuse_existing(out_dir: Path, overwrite: bool) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FileExistsError(f"{out_dir} exists and is not a directory; choose another --out path")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out_dir} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
+
+
+def _make_world_readable(root: Path) -> None:
+    """mkdtemp creates 0700 and safetensors writes 0600; a model folder is meant to be shared and read by all."""
+    root.chmod(0o755)
+    for path in root.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+
+
+def build_tiny_checkpoint(out_dir: str | Path, seed: int = 0, overwrite: bool = False) -> Path:
+    """Write the tiny model folder to ``out_dir`` and return its path.
+
+    Deterministic: the same ``seed`` gives byte-identical files. Atomic: everything is written into a temporary
+    folder beside ``out_dir`` and renamed into place, so an interrupted build leaves no half-written model.
+    An existing non-empty ``out_dir`` is refused unless ``overwrite`` is true.
+    """
+    out_dir = Path(out_dir).absolute()
+    _refuse_existing(out_dir, overwrite)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    old_dir: Path | None = None
+    try:
+        _build_components(tmp_dir, seed)
+        _make_world_readable(tmp_dir)
+        _refuse_existing(out_dir, overwrite)  # again: another process may have written it meanwhile
+        if out_dir.is_dir() and any(out_dir.iterdir()):
+            old_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+            os.replace(out_dir, old_dir)
+            try:
+                os.replace(tmp_dir, out_dir)
+            except OSError:
+                os.replace(old_dir, out_dir)  # put the previous model back before reporting the failure
+                raise
+        else:
+            if out_dir.is_dir():
+                out_dir.rmdir()
+            os.replace(tmp_dir, out_dir)
+    finally:
+        if tmp_dir.exists():
+            shutil.rmtree(tmp_dir)
+    if old_dir is not None:
+        shutil.rmtree(old_dir)
+    return out_dir
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True, type=Path, help="model folder to create")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out folder")
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    try:
+        path = build_tiny_checkpoint(args.out, seed=args.seed, overwrite=args.overwrite)
+    except FileExistsError as err:
+        parser.error(str(err))  # exits with status 2 and the message, no traceback
+    print(f"wrote {path} in {time.perf_counter() - start:.1f} s")
+    return path
+
+
+if __name__ == "__main__":
+    # Run as a script, the repository root is not on sys.path; the model classes are imported from it.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    main()
