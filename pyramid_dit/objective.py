@@ -1,0 +1,360 @@
+"""The Pyramid Flow training objective: DiT inputs and targets for one step, and the loss.
+
+One batch is split into *columns* (``sample_ratios`` of them per stage, row ``r`` in column ``r % columns``);
+every column trains one pyramid stage. For a column at stage ``k`` with clean latent ``x_k`` (the latent
+bilinearly halved ``S - 1 - k`` times) and one shared noise draw ``n`` (halved the same way, rescaled to unit
+variance):
+
+* start point: ``n_0`` at stage 0, else ``s_k * n_k + (1 - s_k) * up(x_{k-1})`` (``s_k`` = corrected start
+  sigma, ``up`` = nearest 2x);
+* end point: ``x_k`` at the last stage, else ``e_k * n_k + (1 - e_k) * x_k``;
+* a per-row ratio ``r`` from the scheduler's float64 table gives the DiT input ``r * start + (1 - r) * end``
+  (computed in float64, cast to the latent dtype) and the target velocity ``start - end``.
+
+Two ways to use it, sharing that one routine (:meth:`PyramidFlowObjective._noise_column`):
+
+* full sequence (``use_temporal_pyramid=False``): every frame of the column is noised and trained at once;
+* autoregressive temporal pyramid (``use_temporal_pyramid=True``): the column trains a single unit (a group of
+  ``frame_per_unit`` latent frames) conditioned on the units before it, which are shown clean but slightly
+  corrupted (noise level uniform in ``[0, corrupt_ratio)``) and at decreasing resolution the older they are.
+  Which unit a rank trains is decided by its position in its ``video_sync_group`` and the step counter.
+
+Random draws, all from torch's global generators, in this order (identical to the reference implementation
+jy0205/Pyramid-Flow, so the same seed gives the same batch):
+
+1. text dropout (:meth:`PyramidFlowObjective.prepare_batch` / :meth:`~PyramidFlowObjective.sample_text_dropout`
+   only): ``torch.rand(batch)`` on the CPU, a row is dropped when its draw is ``<= text_drop_rate``;
+2. ``torch.randn_like(latents)``: the noise, on the latents' device;
+3. per column, lowest stage first: ``torch.rand(rows)`` on the CPU (timestep index), then
+   ``torch.rand(rows)`` on the latents' device (history corruption level; drawn in both modes), then in AR
+   mode one ``torch.randn_like`` per condition clip, newest first.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence
+
+import torch
+
+from pyramid_dit.pyramid import (
+    MODEL_NAMES,
+    LatentNormalization,
+    column_stages,
+    history_plan,
+    noise_pyramid,
+    num_units,
+    sample_stage_length,
+    spatial_pyramid,
+    unit_frames,
+    upsample_nearest,
+)
+from pyramid_dit.scheduler import PyramidFlowMatchEulerDiscreteScheduler
+
+
+class TextConditioning(NamedTuple):
+    """Pre-extracted text features of a batch (one row per sample)."""
+
+    prompt_embeds: torch.Tensor  # [B, L, D]
+    attention_mask: torch.Tensor  # [B, L], 1 = token, 0 = padding
+    pooled_embeds: torch.Tensor  # [B, P]
+
+
+@dataclass
+class PyramidTrainingBatch:
+    """Everything one training step feeds the DiT, plus the targets.
+
+    Attributes:
+        sample: one list of clips per column, oldest clip first, the clip being trained last.
+        timestep_ratio: ``[B]`` timesteps on the 0..1000 scale; row ``r`` belongs to column ``r % columns``.
+        targets: per column, the flow-matching velocity for the column's last clip.
+        text: text features (after dropout, if any), rows in batch order, which is the DiT's row order too.
+        text_dropped: ``[B]`` bool, rows whose caption was replaced by the empty prompt (None if no dropout).
+        units_per_stage: AR mode only: units ``[low, ..., high]`` trained this step.
+    """
+
+    sample: List[List[torch.Tensor]]
+    timestep_ratio: torch.Tensor
+    targets: List[torch.Tensor]
+    text: Optional[TextConditioning] = None
+    text_dropped: Optional[torch.Tensor] = None
+    units_per_stage: Optional[List[int]] = None
+
+    def dit_inputs(self) -> Dict[str, Any]:
+        """Keyword arguments for the DiT forward: ``preds = dit(**batch.dit_inputs())``."""
+        if self.text is None:
+            raise ValueError("this batch was built without text; use prepare_batch(latents, text) for DiT inputs")
+        return {
+            "sample": self.sample,
+            "timestep_ratio": self.timestep_ratio,
+            "encoder_hidden_states": self.text.prompt_embeds,
+            "encoder_attention_mask": self.text.attention_mask,
+            "pooled_projections": self.text.pooled_embeds,
+        }
+
+
+def flow_matching_loss(preds: Sequence[torch.Tensor], targets: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Mean over all rows (of every column, equally weighted) of each row's mean squared error, in float32."""
+    if len(preds) != len(targets):
+        raise ValueError(f"got {len(preds)} predictions for {len(targets)} target columns")
+    per_row = []
+    for column, (pred, target) in enumerate(zip(preds, targets)):
+        if pred.shape != target.shape:
+            raise ValueError(f"column {column}: prediction {tuple(pred.shape)} vs target {tuple(target.shape)}")
+        squared = (pred.float() - target.float()) ** 2
+        per_row.append(squared.reshape(target.shape[0], -1).mean(dim=1))
+    return torch.cat(per_row).mean()
+
+
+class _NoisedColumn(NamedTuple):
+    noisy: torch.Tensor  # DiT input for the trained frames, latent dtype
+    target: torch.Tensor  # start - end
+    timestep: torch.Tensor  # [rows], latent dtype
+    corrupt_sigma: torch.Tensor  # [rows], float32, history corruption level
+
+
+class PyramidFlowObjective:
+    """Builds the DiT inputs and targets of a training step, and the loss.
+
+    Args:
+        scheduler: gives the per-stage start/end sigmas and training tables (its ``stages`` must equal
+            ``len(stages)``).
+        model_name: ``"pyramid_flux"`` or ``"pyramid_mmdit"``; selects the latent normalisation.
+        stages: spatial scale of each stage relative to the lowest, ``[1, 2, 4, ...]`` (each stage doubles).
+        sample_ratios: columns per stage in a batch; the batch must be a multiple of ``sum(sample_ratios)``.
+        corrupt_ratio: upper bound of the noise level mixed into AR history clips.
+        frame_per_unit: latent frames per AR unit (the first frame is always a unit of its own).
+        max_temporal_length: latent frames of a training clip (AR unit positions are cycled over these).
+        video_sync_group: ranks that receive the same video in AR training.
+        text_drop_rate: probability that a caption is replaced by the empty prompt (classifier-free guidance).
+        null_text: empty-prompt features (``[L, D]`` or ``[1, L, D]``, ``[L]`` or ``[1, L]``, ``[P]`` or
+            ``[1, P]``); required for :meth:`prepare_batch` when ``text_drop_rate > 0``.
+    """
+
+    def __init__(
+        self,
+        scheduler: PyramidFlowMatchEulerDiscreteScheduler,
+        model_name: str,
+        *,
+        stages: Sequence[int] = (1, 2, 4),
+        sample_ratios: Sequence[int] = (1, 2, 1),
+        corrupt_ratio: float = 1 / 3,
+        frame_per_unit: int = 1,
+        max_temporal_length: int = 16,
+        video_sync_group: int = 8,
+        text_drop_rate: float = 0.1,
+        null_text: Optional[TextConditioning] = None,
+    ):
+        if model_name not in MODEL_NAMES:
+            raise ValueError(f"unknown model_name {model_name!r}; expected one of {MODEL_NAMES}")
+        if list(stages) != [2**k for k in range(len(stages))]:
+            raise ValueError(f"stages must be [1, 2, 4, ...] (each stage doubles the resolution), got {stages}")
+        if scheduler.config.stages != len(stages):
+            raise ValueError(f"scheduler has {scheduler.config.stages} stages but stages={list(stages)}")
+        if len(sample_ratios) != len(stages):
+            raise ValueError(f"sample_ratios {list(sample_ratios)} needs one entry per stage ({len(stages)})")
+        if not 0 <= corrupt_ratio <= 1:
+            raise ValueError(f"corrupt_ratio must be in [0, 1], got {corrupt_ratio}")
+        if frame_per_unit < 1 or (max_temporal_length - 1) % frame_per_unit:
+            raise ValueError(
+                f"max_temporal_length - 1 ({max_temporal_length - 1}) must be a multiple of frame_per_unit "
+                f"({frame_per_unit} >= 1): a clip is one first frame plus whole units"
+            )
+        if video_sync_group < 1:
+            raise ValueError(f"video_sync_group must be >= 1, got {video_sync_group}")
+        if not 0 <= text_drop_rate <= 1:
+            raise ValueError(f"text_drop_rate must be in [0, 1], got {text_drop_rate}")
+
+        self.scheduler = scheduler
+        self.model_name = model_name
+        self.normalization = LatentNormalization.for_model(model_name)
+        self.num_stages = len(stages)
+        self.sample_ratios = [int(r) for r in sample_ratios]
+        self.column_stages = column_stages(self.sample_ratios)
+        self.corrupt_ratio = corrupt_ratio
+        self.frame_per_unit = frame_per_unit
+        self.max_temporal_length = max_temporal_length
+        self.video_sync_group = video_sync_group
+        self.text_drop_rate = text_drop_rate
+        self.null_text = _squeeze_null_text(null_text) if null_text is not None else None
+
+    # ------------------------------------------------------------------------------------------ public API
+    def prepare_batch(
+        self,
+        latents: torch.Tensor,
+        text: TextConditioning,
+        *,
+        use_temporal_pyramid: bool,
+        rank: int = 0,
+        step: int = 0,
+    ) -> PyramidTrainingBatch:
+        """One training step's DiT inputs and targets from VAE latents and caption features.
+
+        Args:
+            latents: ``[B, 16, T, H, W]`` VAE latents as encoded (not normalised); ``T = 1`` for images.
+            text: the batch's caption features, ``B`` rows.
+            use_temporal_pyramid: AR temporal-pyramid training (True) or full-sequence training (False).
+            rank: this process's rank (its position in the sync group is ``rank % video_sync_group``); AR only.
+            step: 0-based count of this process's previous calls (micro-batches); AR only.
+        """
+        if text.prompt_embeds.shape[0] != latents.shape[0]:
+            raise ValueError(f"text has {text.prompt_embeds.shape[0]} rows but latents {latents.shape[0]}")
+        text, dropped = self.drop_text(text)
+        batch = self.noise_latents(latents, use_temporal_pyramid=use_temporal_pyramid, rank=rank, step=step)
+        batch.text, batch.text_dropped = text, dropped
+        return batch
+
+    def sample_text_dropout(self, batch: int) -> torch.Tensor:
+        """``[B]`` bool: which captions to replace by the empty prompt.
+
+        Always draws one CPU ``torch.rand(B)`` (a row is dropped when its draw is ``<= text_drop_rate``), even at
+        rate 0, so the noise draws that follow do not depend on the rate. When captions are encoded during
+        training, blank the dropped ones (``""``) before encoding; with pre-extracted features use
+        :meth:`drop_text`.
+        """
+        draws = torch.rand((batch,))
+        if self.text_drop_rate == 0:
+            return torch.zeros(batch, dtype=torch.bool)
+        return draws <= self.text_drop_rate
+
+    def drop_text(self, text: TextConditioning) -> tuple[TextConditioning, torch.Tensor]:
+        """Replace the rows chosen by :meth:`sample_text_dropout` by ``null_text``.
+
+        Returns the new features (the inputs are not modified) and the ``[B]`` bool mask of dropped rows.
+        """
+        dropped = self.sample_text_dropout(text.prompt_embeds.shape[0])
+        if self.text_drop_rate == 0:
+            return text, dropped
+        if self.null_text is None:
+            raise ValueError("text_drop_rate > 0 needs null_text (the empty prompt's features) at construction")
+        replaced = []
+        for name, rows, empty in zip(TextConditioning._fields, text, self.null_text):
+            if empty.shape != rows.shape[1:]:
+                raise ValueError(
+                    f"null_text.{name} has shape {tuple(empty.shape)} but one row of the batch's {name} is "
+                    f"{tuple(rows.shape[1:])}; extract the empty prompt with the same text length and width"
+                )
+            keep_empty = dropped.to(rows.device).view(-1, *[1] * empty.ndim)
+            replaced.append(torch.where(keep_empty, empty.to(rows), rows))
+        return TextConditioning(*replaced), dropped
+
+    @torch.no_grad()
+    def noise_latents(
+        self, latents: torch.Tensor, *, use_temporal_pyramid: bool, rank: int = 0, step: int = 0
+    ) -> PyramidTrainingBatch:
+        """Normalise, build the pyramids, noise every column; the batch has no text (see :meth:`prepare_batch`)."""
+        latents = self.normalization.normalize(latents)
+        batch, frames = latents.shape[0], latents.shape[2]
+        columns = len(self.column_stages)
+        if batch % columns:
+            raise ValueError(
+                f"batch size {batch} is not a multiple of sum(sample_ratios) = {columns} "
+                f"(sample_ratios {self.sample_ratios}); every column needs the same number of rows"
+            )
+        pyramid = spatial_pyramid(latents, self.num_stages)
+        noises = noise_pyramid(torch.randn_like(latents), self.num_stages)
+
+        if not use_temporal_pyramid:
+            noised = [self._noise_column(pyramid, noises, c, s, slice(None)) for c, s in enumerate(self.column_stages)]
+            sample = [[col.noisy] for col in noised]
+            units = None
+        else:
+            max_units = num_units(frames, self.frame_per_unit)
+            units = self.units_per_stage(rank=rank, step=step, max_units=max_units)
+            noised, sample = [], []
+            for column, stage in enumerate(self.column_stages):
+                n = units[stage]
+                trained = unit_frames(n - 1, n, self.frame_per_unit)
+                col = self._noise_column(pyramid, noises, column, stage, trained)
+                history = self._corrupted_history(pyramid, column, stage, n, col.corrupt_sigma)
+                noised.append(col)
+                sample.append(history[::-1] + [col.noisy])
+
+        timestep_ratio = torch.stack([col.timestep for col in noised], dim=1).reshape(-1)
+        return PyramidTrainingBatch(
+            sample=sample, timestep_ratio=timestep_ratio, targets=[col.target for col in noised],
+            units_per_stage=units,
+        )
+
+    def units_per_stage(self, *, rank: int, step: int, max_units: Optional[int] = None) -> List[int]:
+        """AR units ``[low, ..., high]`` this rank trains at ``step`` (see :func:`pyramid.sample_stage_length`)."""
+        return sample_stage_length(
+            num_stages=self.num_stages, step=step, rank=rank, max_temporal_length=self.max_temporal_length,
+            frame_per_unit=self.frame_per_unit, video_sync_group=self.video_sync_group, max_units=max_units,
+        )
+
+    def loss(self, preds: Sequence[torch.Tensor], targets: Sequence[torch.Tensor]) -> torch.Tensor:
+        """See :func:`flow_matching_loss`."""
+        return flow_matching_loss(preds, targets)
+
+    # ------------------------------------------------------------------------------------------- internals
+    def _noise_column(
+        self,
+        pyramid: List[torch.Tensor],
+        noises: List[torch.Tensor],
+        column: int,
+        stage: int,
+        frames: slice,
+    ) -> _NoisedColumn:
+        """Flow-matching pair, timestep draw and interpolation for one column's ``frames``.
+
+        Draws, in order: the timestep index (CPU ``rand``), then the history corruption level (``rand`` on the
+        latents' device; the full-sequence mode discards it but still draws it, like the reference).
+        """
+        rows = slice(column, None, len(self.column_stages))
+        noise = noises[stage][rows][:, :, frames]
+        clean = pyramid[stage][rows][:, :, frames]
+        dtype, device, num_rows = clean.dtype, clean.device, clean.shape[0]
+        start_sigma = self.scheduler.start_sigmas[stage]
+        end_sigma = self.scheduler.end_sigmas[stage]
+
+        if stage == 0:
+            start = noise
+        else:
+            previous = upsample_nearest(pyramid[stage - 1][rows][:, :, frames])
+            start = start_sigma * noise + (1 - start_sigma) * previous
+        if stage == self.num_stages - 1:
+            end = clean
+        else:
+            end = end_sigma * noise + (1 - end_sigma) * clean
+
+        num_steps = self.scheduler.config.num_train_timesteps
+        u = torch.rand(size=(num_rows,), device="cpu")
+        index = (u * num_steps).long().clamp(0, num_steps - 1)
+        timestep = self.scheduler.timesteps_per_stage[stage][index].to(device=device)
+        ratio = self.scheduler.sigmas_per_stage[stage][index].to(device=device)  # float64
+        ratio = ratio.view(-1, *[1] * (start.ndim - 1))
+        noisy = (ratio * start + (1 - ratio) * end).to(dtype)
+
+        corrupt_sigma = torch.rand(size=(num_rows,), device=device) * self.corrupt_ratio
+        return _NoisedColumn(noisy=noisy, target=start - end, timestep=timestep.to(dtype), corrupt_sigma=corrupt_sigma)
+
+    def _corrupted_history(
+        self, pyramid: List[torch.Tensor], column: int, stage: int, units: int, corrupt_sigma: torch.Tensor
+    ) -> List[torch.Tensor]:
+        """Condition clips (newest first) for a column training unit ``units - 1``, each corrupted as
+        ``sigma * eps + (1 - sigma) * clean`` with the row's ``sigma`` (one ``randn_like`` per clip)."""
+        sigma = corrupt_sigma.view(-1, 1, 1, 1, 1)
+        rows = slice(column, None, len(self.column_stages))
+        clips = []
+        for clip in history_plan(stage, units):
+            # randn_like on this exact view (strides included) keeps the draws identical to the reference.
+            clean = pyramid[clip.stage][rows][:, :, unit_frames(clip.first_unit, clip.end_unit, self.frame_per_unit)]
+            corrupted = sigma * torch.randn_like(clean) + (1 - sigma) * clean
+            clips.append(corrupted.to(clean.dtype))
+        return clips
+
+
+def _squeeze_null_text(null_text: TextConditioning) -> TextConditioning:
+    """Accept the empty prompt with or without a leading batch dimension of 1."""
+    def one_row(t: torch.Tensor, ndim: int, name: str) -> torch.Tensor:
+        if t.ndim == ndim + 1 and t.shape[0] == 1:
+            t = t[0]
+        if t.ndim != ndim:
+            raise ValueError(f"null_text.{name} must have {ndim} dims (one row), got shape {tuple(t.shape)}")
+        return t
+
+    return TextConditioning(
+        one_row(null_text.prompt_embeds, 2, "prompt_embeds"),
+        one_row(null_text.attention_mask, 1, "attention_mask"),
+        one_row(null_text.pooled_embeds, 1, "pooled_embeds"),
+    )
