@@ -1,0 +1,58 @@
+# Shared by the scripts in this folder (POSIX sh; sourced, not run). Callers set SCRIPT_NAME first.
+#   die MSG            print "SCRIPT_NAME: MSG" to stderr and exit 2 (nothing was launched)
+#   is_uint V          true when V is a non-negative integer
+#   detect_gpus        sets GPUS (if unset) to the visible GPU count, or 1 without GPUs; sets HAVE_GPU=0|1
+#   launch SCRIPT ...  python3 when one process on one node, else torchrun (multi-node via NNODES, NODE_RANK,
+#                      MASTER_ADDR, MASTER_PORT)
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+
+die() { echo "$SCRIPT_NAME: $*" >&2; exit 2; }
+is_uint() { case "$1" in ''|*[!0-9]*) return 1 ;; *) return 0 ;; esac; }
+
+detect_gpus() {
+    NGPU=$(python3 -c "import torch; print(torch.cuda.device_count())") || die "python3 with torch is needed"
+    HAVE_GPU=0; [ "$NGPU" -gt 0 ] && HAVE_GPU=1
+    if [ -z "${GPUS:-}" ]; then GPUS=$NGPU; [ "$GPUS" -gt 0 ] || GPUS=1; fi
+    is_uint "$GPUS" && [ "$GPUS" -gt 0 ] || die "GPUS=$GPUS must be a positive integer (processes per node)"
+}
+
+launch() {
+    : "${NNODES:=1}" "${NODE_RANK:=0}" "${MASTER_ADDR:=127.0.0.1}" "${MASTER_PORT:=29500}"
+    is_uint "$NNODES" && [ "$NNODES" -gt 0 ] || die "NNODES=$NNODES must be a positive integer"
+    if [ "$GPUS" -eq 1 ] && [ "$NNODES" -eq 1 ]; then
+        exec python3 "$@"
+    fi
+    if command -v torchrun >/dev/null 2>&1; then RUN=torchrun; else RUN="python3 -m torch.distributed.run"; fi
+    if [ "$NNODES" -eq 1 ]; then
+        # shellcheck disable=SC2086  # RUN may be several words
+        exec $RUN --standalone --nproc_per_node "$GPUS" "$@"
+    fi
+    # shellcheck disable=SC2086
+    exec $RUN --nnodes "$NNODES" --node_rank "$NODE_RANK" --master_addr "$MASTER_ADDR" \
+        --master_port "$MASTER_PORT" --nproc_per_node "$GPUS" "$@"
+}
+
+# Checks shared by the two training scripts; each message names the variable to change.
+check_train_vars() {
+    [ -n "$MODEL_PATH" ] || die "set MODEL_PATH to the downloaded checkpoint folder (e.g. /data/pyramid-flow-miniflux)"
+    [ -f "$MODEL_PATH/$VARIANT/config.json" ] \
+        || die "MODEL_PATH=$MODEL_PATH has no $VARIANT/config.json; set MODEL_PATH to the checkpoint folder and VARIANT to one of its diffusion_transformer_* subfolders"
+    [ -f "$ANNO_FILE" ] || die "ANNO_FILE=$ANNO_FILE not found; set ANNO_FILE to your annotation jsonl"
+    [ -n "$OUTPUT_DIR" ] || die "set OUTPUT_DIR (checkpoints, logs and the exported DiT go there)"
+    is_uint "$BATCH_SIZE" && [ "$BATCH_SIZE" -gt 0 ] && [ $((BATCH_SIZE % 4)) -eq 0 ] \
+        || die "BATCH_SIZE=$BATCH_SIZE must be a positive multiple of 4 (each batch is split 1:2:1 over the 3 pyramid stages)"
+    is_uint "$GRAD_ACCU_STEPS" && [ "$GRAD_ACCU_STEPS" -gt 0 ] || die "GRAD_ACCU_STEPS=$GRAD_ACCU_STEPS must be a positive integer"
+    is_uint "$NUM_FRAMES" && [ "$NUM_FRAMES" -gt 0 ] || die "NUM_FRAMES=$NUM_FRAMES must be a positive integer (latent frames: 16 for 5 s, 32 for 10 s)"
+    case "$SHARD_STRATEGY" in ddp|zero2|zero3) ;; *) die "SHARD_STRATEGY=$SHARD_STRATEGY must be ddp, zero2 or zero3" ;; esac
+    case "$MODEL_NAME" in
+        pyramid_flux) ;;
+        pyramid_mmdit) die "MODEL_NAME=pyramid_mmdit is not supported yet; use pyramid_flux (rain1011/pyramid-flow-miniflux)" ;;
+        *) die "MODEL_NAME=$MODEL_NAME must be pyramid_flux" ;;
+    esac
+    case "$RESOLUTION:$VARIANT" in
+        384p:diffusion_transformer_384p|768p:diffusion_transformer_768p|768p:diffusion_transformer_image) ;;
+        384p:*|768p:*) die "RESOLUTION=$RESOLUTION does not match VARIANT=$VARIANT: use 384p with diffusion_transformer_384p, 768p with diffusion_transformer_768p or diffusion_transformer_image" ;;
+        *x*) ;;  # custom WIDTHxHEIGHT (tiny and test runs); checked by the trainer
+        *) die "RESOLUTION=$RESOLUTION must be 384p, 768p or WIDTHxHEIGHT" ;;
+    esac
+}

@@ -1,0 +1,58 @@
+#!/bin/sh
+# Autoregressive video finetuning with the temporal pyramid (train/train_pyramid_flow.py --use_temporal_pyramid).
+# The ranks of one VIDEO_SYNC_GROUP read the same clip and each trains a different temporal unit of it.
+#
+# Every variable below can be set from the environment, e.g.
+#   GPUS=8 MODEL_PATH=/data/pyramid-flow-miniflux OUTPUT_DIR=runs/ar ANNO_FILE=data/video_text.jsonl \
+#     sh scripts/train_pyramid_flow.sh
+# Constraints (checked before launch): NUM_FRAMES % VIDEO_SYNC_GROUP == 0, (GPUS*NNODES) % VIDEO_SYNC_GROUP == 0,
+# BATCH_SIZE % 4 == 0. For 768p add GRADIENT_CHECKPOINTING=1. A rerun with the same OUTPUT_DIR resumes.
+set -eu
+SCRIPT_NAME=train_pyramid_flow.sh
+. "$(dirname "$0")/_common.sh"
+
+: "${GPUS:=}"                         # processes per node (default: visible GPUs, or 1 on CPU)
+: "${NNODES:=1}"                      # multi-node: also NODE_RANK, MASTER_ADDR, MASTER_PORT
+: "${SHARD_STRATEGY:=zero2}"          # zero2 | zero3 (DeepSpeed ZeRO) | ddp
+: "${VIDEO_SYNC_GROUP:=8}"            # processes sharing one clip: 4, 8 or 16
+: "${MODEL_NAME:=pyramid_flux}"       # pyramid_flux (rain1011/pyramid-flow-miniflux)
+: "${MODEL_PATH:=}"                   # the downloaded checkpoint folder
+: "${VARIANT:=diffusion_transformer_384p}"   # DiT subfolder to finetune
+: "${OUTPUT_DIR:=}"                   # checkpoints, tensorboard logs, exported DiT
+: "${BATCH_SIZE:=4}"                  # per process; multiple of 4
+: "${GRAD_ACCU_STEPS:=2}"
+: "${RESOLUTION:=384p}"               # 384p | 768p | WIDTHxHEIGHT (must match the extracted latents)
+: "${NUM_FRAMES:=16}"                 # latent frames per clip: 16 for 5 s, 32 for 10 s
+: "${ANNO_FILE:=annotation/video_text.jsonl}"
+: "${MODEL_DTYPE:=}"                  # bf16 | fp16 | fp32 (default: bf16 on GPU, fp32 on CPU)
+: "${LR:=5e-5}"
+: "${WARMUP_STEPS:=1000}"
+: "${EPOCHS:=20}"
+: "${ITERS_PER_EPOCH:=2000}"          # optimizer steps per epoch; total = EPOCHS * ITERS_PER_EPOCH
+: "${SAVE_CKPT_FREQ:=2000}"           # checkpoint every N optimizer steps
+: "${GRADIENT_CHECKPOINTING:=0}"      # 1 to recompute activations (needed for 768p)
+: "${NUM_WORKERS:=4}"
+: "${EXTRA_ARGS:=}"                   # more flags for train/train_pyramid_flow.py (see --help)
+
+check_train_vars
+detect_gpus
+[ -n "$MODEL_DTYPE" ] || { if [ "$HAVE_GPU" -eq 1 ]; then MODEL_DTYPE=bf16; else MODEL_DTYPE=fp32; fi; }
+is_uint "$VIDEO_SYNC_GROUP" && [ "$VIDEO_SYNC_GROUP" -gt 0 ] || die "VIDEO_SYNC_GROUP=$VIDEO_SYNC_GROUP must be a positive integer"
+[ $((NUM_FRAMES % VIDEO_SYNC_GROUP)) -eq 0 ] \
+    || die "NUM_FRAMES=$NUM_FRAMES must be a multiple of VIDEO_SYNC_GROUP=$VIDEO_SYNC_GROUP (change either)"
+WORLD=$((GPUS * NNODES))
+[ $((WORLD % VIDEO_SYNC_GROUP)) -eq 0 ] \
+    || die "GPUS*NNODES=$WORLD processes must be a multiple of VIDEO_SYNC_GROUP=$VIDEO_SYNC_GROUP; set VIDEO_SYNC_GROUP to a divisor of $WORLD (or add GPUs)"
+
+set -- "$REPO/train/train_pyramid_flow.py" --task t2v --use_temporal_pyramid --sync_video_input \
+    --video_sync_group "$VIDEO_SYNC_GROUP" --shard_strategy "$SHARD_STRATEGY" \
+    --model_name "$MODEL_NAME" --model_path "$MODEL_PATH" --model_variant "$VARIANT" --model_dtype "$MODEL_DTYPE" \
+    --output_dir "$OUTPUT_DIR" --batch_size "$BATCH_SIZE" --gradient_accumulation_steps "$GRAD_ACCU_STEPS" \
+    --resolution "$RESOLUTION" --max_frames "$NUM_FRAMES" --anno_file "$ANNO_FILE" --frame_per_unit 1 \
+    --schedule_shift 1.0 --lr_scheduler constant_with_warmup --opt_beta1 0.9 --opt_beta2 0.95 \
+    --weight_decay 1e-4 --clip_grad 1.0 --lr "$LR" --warmup_steps "$WARMUP_STEPS" --epochs "$EPOCHS" \
+    --iters_per_epoch "$ITERS_PER_EPOCH" --save_ckpt_freq "$SAVE_CKPT_FREQ" --num_workers "$NUM_WORKERS" \
+    --seed 42
+[ "$GRADIENT_CHECKPOINTING" = 0 ] || set -- "$@" --gradient_checkpointing
+# shellcheck disable=SC2086  # EXTRA_ARGS is a list of flags
+launch "$@" $EXTRA_ARGS

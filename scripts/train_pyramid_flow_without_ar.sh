@@ -1,0 +1,53 @@
+#!/bin/sh
+# Full-sequence pyramid-flow finetuning (no temporal pyramid): text-to-video (TASK=t2v, pre-extracted latents) or
+# text-to-image (TASK=t2i, images encoded by the VAE on the fly, aspect-ratio buckets).
+#
+# Every variable below can be set from the environment, e.g.
+#   TASK=t2i GPUS=8 MODEL_PATH=/data/pyramid-flow-miniflux OUTPUT_DIR=runs/t2i ANNO_FILE=data/image_text.jsonl \
+#     sh scripts/train_pyramid_flow_without_ar.sh
+# Constraint (checked before launch): BATCH_SIZE % 4 == 0. A rerun with the same OUTPUT_DIR resumes.
+set -eu
+SCRIPT_NAME=train_pyramid_flow_without_ar.sh
+. "$(dirname "$0")/_common.sh"
+
+: "${GPUS:=}"                         # processes per node (default: visible GPUs, or 1 on CPU)
+: "${NNODES:=1}"                      # multi-node: also NODE_RANK, MASTER_ADDR, MASTER_PORT
+: "${TASK:=t2i}"                      # t2i | t2v
+: "${SHARD_STRATEGY:=zero2}"          # zero2 | zero3 (DeepSpeed ZeRO) | ddp
+: "${MODEL_NAME:=pyramid_flux}"       # pyramid_flux (rain1011/pyramid-flow-miniflux)
+: "${MODEL_PATH:=}"                   # the downloaded checkpoint folder
+: "${VARIANT:=diffusion_transformer_image}"  # diffusion_transformer_image (t2i) or diffusion_transformer_384p
+: "${OUTPUT_DIR:=}"
+: "${NUM_FRAMES:=8}"                  # t2v: latent frames per clip (8 for 2 s, 16 for 5 s)
+: "${BATCH_SIZE:=4}"                  # per process; multiple of 4
+: "${GRAD_ACCU_STEPS:=1}"
+: "${RESOLUTION:=768p}"               # 384p | 768p | WIDTHxHEIGHT
+: "${ANNO_FILE:=annotation/image_text.jsonl}"
+: "${MODEL_DTYPE:=}"                  # bf16 | fp16 | fp32 (default: bf16 on GPU, fp32 on CPU)
+: "${LR:=1e-4}"
+: "${WARMUP_STEPS:=1000}"
+: "${EPOCHS:=20}"
+: "${ITERS_PER_EPOCH:=2000}"
+: "${SAVE_CKPT_FREQ:=2000}"
+: "${GRADIENT_CHECKPOINTING:=0}"
+: "${LOAD_TEXT_ENCODER:=1}"           # 1: encode captions during training; 0: read text_fea files
+: "${NUM_WORKERS:=4}"
+: "${EXTRA_ARGS:=}"
+
+check_train_vars
+case "$TASK" in t2i|t2v) ;; *) die "TASK=$TASK must be t2i or t2v" ;; esac
+detect_gpus
+[ -n "$MODEL_DTYPE" ] || { if [ "$HAVE_GPU" -eq 1 ]; then MODEL_DTYPE=bf16; else MODEL_DTYPE=fp32; fi; }
+
+set -- "$REPO/train/train_pyramid_flow.py" --task "$TASK" --shard_strategy "$SHARD_STRATEGY" \
+    --model_name "$MODEL_NAME" --model_path "$MODEL_PATH" --model_variant "$VARIANT" --model_dtype "$MODEL_DTYPE" \
+    --output_dir "$OUTPUT_DIR" --batch_size "$BATCH_SIZE" --gradient_accumulation_steps "$GRAD_ACCU_STEPS" \
+    --resolution "$RESOLUTION" --max_frames "$NUM_FRAMES" --anno_file "$ANNO_FILE" \
+    --schedule_shift 1.0 --lr_scheduler constant_with_warmup --opt_beta1 0.9 --opt_beta2 0.95 \
+    --weight_decay 1e-4 --clip_grad 1.0 --lr "$LR" --warmup_steps "$WARMUP_STEPS" --epochs "$EPOCHS" \
+    --iters_per_epoch "$ITERS_PER_EPOCH" --save_ckpt_freq "$SAVE_CKPT_FREQ" --num_workers "$NUM_WORKERS" \
+    --seed 42
+[ "$GRADIENT_CHECKPOINTING" = 0 ] || set -- "$@" --gradient_checkpointing
+[ "$LOAD_TEXT_ENCODER" = 0 ] || set -- "$@" --load_text_encoder
+# shellcheck disable=SC2086
+launch "$@" $EXTRA_ARGS

@@ -1,0 +1,66 @@
+"""The training scripts refuse bad settings before launching anything, with a message naming what to change."""
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def fake_model(tmp_path_factory) -> dict[str, str]:
+    """A folder that passes the layout checks (config.json present); nothing is ever loaded from it."""
+    root = tmp_path_factory.mktemp("model")
+    for variant in ("diffusion_transformer_384p", "diffusion_transformer_768p", "diffusion_transformer_image"):
+        (root / variant).mkdir()
+        (root / variant / "config.json").write_text("{}")
+    anno = root / "anno.jsonl"
+    anno.write_text('{"video": "a.mp4", "text": "t", "latent": "a.safetensors", "text_fea": "t.safetensors"}\n')
+    return {"MODEL_PATH": str(root), "ANNO_FILE": str(anno), "OUTPUT_DIR": str(root / "out")}
+
+
+def run_script(script: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "GPUS": "8", **env}
+    return subprocess.run(["sh", str(REPO / "scripts" / script)], env=full_env, capture_output=True, text=True,
+                          timeout=120)
+
+
+AR = "train_pyramid_flow.sh"
+NON_AR = "train_pyramid_flow_without_ar.sh"
+
+CASES = [
+    (AR, {"BATCH_SIZE": "6"}, "BATCH_SIZE=6 must be a positive multiple of 4"),
+    (NON_AR, {"BATCH_SIZE": "2"}, "BATCH_SIZE=2 must be a positive multiple of 4"),
+    (AR, {"NUM_FRAMES": "12", "VIDEO_SYNC_GROUP": "8"}, "NUM_FRAMES=12 must be a multiple of VIDEO_SYNC_GROUP=8"),
+    (AR, {"GPUS": "6", "VIDEO_SYNC_GROUP": "4"}, "GPUS*NNODES=6 processes must be a multiple of VIDEO_SYNC_GROUP=4"),
+    (AR, {"VARIANT": "diffusion_transformer_999p"}, "has no diffusion_transformer_999p/config.json"),
+    (NON_AR, {"MODEL_PATH": ""}, "set MODEL_PATH"),
+    (AR, {"RESOLUTION": "768p"}, "RESOLUTION=768p does not match VARIANT=diffusion_transformer_384p"),
+    (NON_AR, {"RESOLUTION": "384p"}, "RESOLUTION=384p does not match VARIANT=diffusion_transformer_image"),
+    (NON_AR, {"TASK": "i2v"}, "TASK=i2v must be t2i or t2v"),
+    (AR, {"SHARD_STRATEGY": "fsdp"}, "SHARD_STRATEGY=fsdp must be ddp, zero2 or zero3"),
+    (AR, {"ANNO_FILE": "/nonexistent.jsonl"}, "ANNO_FILE=/nonexistent.jsonl not found"),
+    (AR, {"MODEL_NAME": "pyramid_mmdit"}, "MODEL_NAME=pyramid_mmdit is not supported yet"),
+]
+
+
+@pytest.mark.parametrize("script,env,message", CASES, ids=[f"{s.split('.')[0]}-{m[:30]}" for s, _, m in CASES])
+def test_constraint_violation_stops_before_launch(fake_model, script, env, message):
+    result = run_script(script, {**fake_model, **env})
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr
+    assert result.stderr.startswith(script + ":")
+    assert "torch.distributed" not in result.stderr and "Traceback" not in result.stderr
+
+
+def test_python_entrypoint_help_documents_reference_flags():
+    out = subprocess.run(["python3", str(REPO / "train" / "train_pyramid_flow.py"), "--help"], capture_output=True,
+                         text=True, timeout=120, check=True).stdout
+    for flag in ("--use_fsdp", "--fsdp_shard_strategy", "--video_sync_group", "--sync_video_input",
+                 "--use_temporal_pyramid", "--load_text_encoder", "--load_vae", "--max_frames", "--frame_per_unit",
+                 "--gradient_checkpointing", "--dit_pretrained_weight", "--ema_update", "--iters_per_epoch",
+                 "--save_ckpt_freq", "--schedule_shift", "--corrupt_ratio", "--clip_grad", "--opt_beta2"):
+        assert flag in out, flag

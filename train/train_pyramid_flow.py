@@ -1,0 +1,327 @@
+"""Finetune a Pyramid Flow DiT: autoregressive temporal pyramid (``--use_temporal_pyramid``) or full sequence.
+
+Launch with torchrun (the scripts in ``scripts/`` do it for you)::
+
+    torchrun --nproc_per_node 8 train/train_pyramid_flow.py --model_path /PATH/pyramid-flow-miniflux \\
+        --model_variant diffusion_transformer_384p --anno_file annotation/video_text.jsonl --output_dir out \\
+        --use_temporal_pyramid --sync_video_input --video_sync_group 8 --max_frames 16 --batch_size 4
+
+This file only wires the pieces together: model loading (``pyramid_dit``), data (``trainer_misc.datasets``), the
+objective (``pyramid_dit.objective``) and the loop (``trainer_misc.trainer``). The reference's flags are accepted
+(``--use_fsdp`` and ``--fsdp_shard_strategy`` select the sharding strategy, which is ZeRO through DeepSpeed here).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from pyramid_dit.objective import PyramidFlowObjective, TextConditioning  # noqa: E402
+from pyramid_dit.scheduler import PyramidFlowMatchEulerDiscreteScheduler  # noqa: E402
+from trainer_misc.annotation import load_annotation, resolve_data_root  # noqa: E402
+from trainer_misc.datasets import (  # noqa: E402
+    IMAGE_BUCKETS,
+    ImageDataset,
+    TrainBatch,
+    VideoLatentDataset,
+    collate,
+    parse_resolution,
+)
+from trainer_misc.distributed import destroy_process_group, get_world_size  # noqa: E402
+from trainer_misc.io_utils import default_empty_prompt_path, load_text_features  # noqa: E402
+from trainer_misc.trainer import StepContext, TrainConfig, train  # noqa: E402
+
+logger = logging.getLogger("train_pyramid_flow")
+
+SAMPLE_RATIOS = (1, 2, 1)  # batch columns per pyramid stage (low, mid, high resolution)
+VARIANTS = ("diffusion_transformer_384p", "diffusion_transformer_768p", "diffusion_transformer_image")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("task and model")
+    g.add_argument("--task", default="t2v", choices=["t2v", "t2i"], help="video (t2v) or image (t2i) training")
+    g.add_argument("--model_name", default="pyramid_flux", choices=["pyramid_flux", "pyramid_mmdit"],
+                   help="DiT kind: pyramid_flux (rain1011/pyramid-flow-miniflux) or pyramid_mmdit (sd3)")
+    g.add_argument("--model_path", required=True,
+                   help="downloaded checkpoint folder (holds causal_video_vae/, diffusion_transformer_*/, text_*)")
+    g.add_argument("--model_variant", default="diffusion_transformer_384p", choices=VARIANTS,
+                   help="DiT subfolder of --model_path to finetune")
+    g.add_argument("--model_dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="mixed precision")
+    g.add_argument("--dit_pretrained_weight", default="",
+                   help="single-file DiT state dict to start from (.safetensors, or .pt/.bin read weights-only)")
+    g.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations (768p needs it)")
+    g.add_argument("--gradient_checkpointing_ratio", type=float, default=0.75,
+                   help="fraction of transformer blocks that recompute activations")
+    g.add_argument("--use_flash_attn", action="store_true", help="accepted for compatibility; attention uses SDPA")
+    g.add_argument("--use_temporal_causal", action="store_true", default=True, help="accepted; always on")
+    g.add_argument("--interp_condition_pos", action="store_true", default=True, help="accepted; always on")
+
+    g = p.add_argument_group("objective")
+    g.add_argument("--use_temporal_pyramid", action="store_true",
+                   help="autoregressive temporal-pyramid training (else full-sequence pyramid flow)")
+    g.add_argument("--max_frames", type=int, default=16,
+                   help="latent frames per training clip (16 = 121 video frames = 5 s at 24 fps)")
+    g.add_argument("--frame_per_unit", type=int, default=1, help="latent frames per autoregressive unit")
+    g.add_argument("--schedule_shift", type=float, default=1.0, help="flow-matching timestep shift")
+    g.add_argument("--corrupt_ratio", type=float, default=1 / 3, help="max noise level of the AR history clips")
+    g.add_argument("--text_drop_rate", type=float, default=0.1,
+                   help="fraction of captions replaced by the empty prompt (classifier-free guidance)")
+    g.add_argument("--sync_video_input", action="store_true",
+                   help="ranks of one --video_sync_group read the same clip (needed for AR training)")
+    g.add_argument("--video_sync_group", type=int, default=8,
+                   help="processes sharing one clip in AR training (4, 8 or 16; divides --max_frames and world size)")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--anno_file", required=True, help="annotation jsonl (see README: annotation format)")
+    g.add_argument("--data_root", default=None,
+                   help="root for relative paths in --anno_file (default: $PYRAMID_DATA_ROOT, else its folder)")
+    g.add_argument("--resolution", default="384p",
+                   help="384p, 768p, or WIDTHxHEIGHT (multiples of 64) for custom or tiny runs")
+    g.add_argument("--load_text_encoder", action="store_true",
+                   help="encode captions during training instead of reading text_fea files")
+    g.add_argument("--load_vae", action="store_true",
+                   help="encode pixels with the VAE during training (always on for --task t2i)")
+    g.add_argument("--empty_prompt_fea", default="",
+                   help="empty-prompt features for caption dropout (default: <data root>/"
+                        "empty_prompt_text_fea.safetensors, written by tools/extract_text_features.py)")
+    g.add_argument("--num_workers", type=int, default=4, help="DataLoader workers per process")
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--batch_size", type=int, default=4, help="per-process batch; a multiple of 4 (columns 1:2:1)")
+    g.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    g.add_argument("--lr", type=float, default=5e-5)
+    g.add_argument("--opt", default="adamw", choices=["adamw"])
+    g.add_argument("--opt_beta1", type=float, default=0.9)
+    g.add_argument("--opt_beta2", type=float, default=0.999)
+    g.add_argument("--opt_eps", type=float, default=1e-8)
+    g.add_argument("--weight_decay", type=float, default=1e-4)
+    g.add_argument("--clip_grad", type=float, default=1.0, help="max grad norm (0: no clipping)")
+    g.add_argument("--lr_scheduler", default="constant_with_warmup", choices=["constant_with_warmup", "cosine"])
+    g.add_argument("--warmup_steps", type=int, default=-1, help="LR warmup steps (-1: --warmup_epochs epochs)")
+    g.add_argument("--warmup_epochs", type=int, default=1)
+    g.add_argument("--warmup_lr", type=float, default=None, help="LR at the start of warmup")
+    g.add_argument("--min_lr", type=float, default=1e-5, help="final LR of the cosine schedule")
+    g.add_argument("--epochs", type=int, default=100)
+    g.add_argument("--iters_per_epoch", type=int, default=2000, help="optimizer steps per epoch")
+    g.add_argument("--max_steps", type=int, default=0, help="total optimizer steps (0: epochs * iters_per_epoch)")
+    g.add_argument("--skip_loss_threshold", type=float, default=None,
+                   help="drop updates whose loss (mean over ranks) reaches this value; the reference used 2.0")
+    g.add_argument("--ema_update", action="store_true", help="keep an EMA of the DiT weights")
+    g.add_argument("--ema_decay", type=float, default=0.9999)
+    g.add_argument("--ema_update_every", type=int, default=100, help="steps between EMA updates (reference: 100)")
+    g.add_argument("--seed", type=int, default=42)
+
+    g = p.add_argument_group("parallelism")
+    g.add_argument("--use_fsdp", action="store_true", help="accepted: shard with --fsdp_shard_strategy")
+    g.add_argument("--fsdp_shard_strategy", default=None, choices=["zero2", "zero3"],
+                   help="alias of --shard_strategy (reference flag name)")
+    g.add_argument("--shard_strategy", default=None, choices=["ddp", "zero2", "zero3"],
+                   help="ddp (replicated), zero2 (optimizer+gradients sharded), zero3 (parameters too)")
+    g.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+
+    g = p.add_argument_group("output")
+    g.add_argument("--output_dir", required=True, help="checkpoints, tensorboard logs and the exported DiT")
+    g.add_argument("--save_ckpt_freq", type=int, default=0, help="checkpoint every N optimizer steps (0: at end)")
+    g.add_argument("--keep_last_checkpoints", type=int, default=None)
+    g.add_argument("--resume", default="auto", help="auto (newest complete checkpoint), never, or a folder")
+    g.add_argument("--report_to", default="tensorboard", choices=["tensorboard", "none"])
+    g.add_argument("--print_freq", type=int, default=20, help="accepted for compatibility (tqdm shows progress)")
+    return p
+
+
+def check_args(args: argparse.Namespace, world_size: int) -> None:
+    """Fail before loading anything, with a message that says which flag to change."""
+    columns = sum(SAMPLE_RATIOS)
+    if args.batch_size % columns:
+        raise SystemExit(f"--batch_size {args.batch_size}: must be a multiple of {columns} "
+                         f"(each batch is split {':'.join(map(str, SAMPLE_RATIOS))} over the 3 pyramid stages)")
+    if args.model_name != "pyramid_flux":
+        raise SystemExit(f"--model_name {args.model_name}: not supported yet; only pyramid_flux "
+                         "(rain1011/pyramid-flow-miniflux) can be finetuned with this repository so far")
+    variant_dir = Path(args.model_path) / args.model_variant
+    if not (variant_dir / "config.json").is_file():
+        raise SystemExit(f"--model_path {args.model_path}: no {args.model_variant}/config.json there; point "
+                         "--model_path at the downloaded checkpoint folder and --model_variant at one of its "
+                         f"diffusion_transformer_* subfolders")
+    parse_resolution(args.resolution) if args.task == "t2v" else None
+    if args.task == "t2i" and args.use_temporal_pyramid:
+        raise SystemExit("--task t2i trains single frames: drop --use_temporal_pyramid")
+    if args.use_temporal_pyramid:
+        if args.max_frames % args.video_sync_group:
+            raise SystemExit(f"--max_frames {args.max_frames} must be a multiple of --video_sync_group "
+                             f"{args.video_sync_group} (NUM_FRAMES % VIDEO_SYNC_GROUP == 0)")
+        if not args.sync_video_input:
+            raise SystemExit("--use_temporal_pyramid needs --sync_video_input: the ranks of a sync group train "
+                             "different units of the same clip")
+    if args.sync_video_input and world_size % args.video_sync_group:
+        raise SystemExit(f"{world_size} processes is not a multiple of --video_sync_group {args.video_sync_group} "
+                         "(GPUS * NNODES % VIDEO_SYNC_GROUP == 0)")
+
+
+def strategy_of(args: argparse.Namespace) -> str:
+    if args.shard_strategy:
+        return args.shard_strategy
+    if args.fsdp_shard_strategy:
+        return args.fsdp_shard_strategy
+    return "zero2" if args.use_fsdp else "ddp"
+
+
+def load_null_text(args: argparse.Namespace) -> Optional[TextConditioning]:
+    """Empty-prompt features for caption dropout; None when the text encoder runs during training."""
+    if args.load_text_encoder or args.text_drop_rate == 0:
+        return None
+    path = Path(args.empty_prompt_fea) if args.empty_prompt_fea else default_empty_prompt_path(
+        resolve_data_root(args.anno_file, args.data_root))
+    if not path.is_file():
+        raise SystemExit(f"caption dropout needs the empty prompt's features, not found at {path}; run "
+                         "tools/extract_text_features.py (it writes them), pass --empty_prompt_fea, "
+                         "use --load_text_encoder, or set --text_drop_rate 0")
+    fea = load_text_features(path)
+    return TextConditioning(fea["prompt_embed"].float(), fea["prompt_attention_mask"].long(),
+                            fea["pooled_prompt_embed"].float())
+
+
+def build_dataset(args: argparse.Namespace):
+    kind = "image" if args.task == "t2i" else "video"
+    require = () if (args.load_text_encoder or kind == "image") else ("text_fea",)
+    if kind == "video" and not args.load_vae:
+        require = require + ("latent",)
+    entries = load_annotation(args.anno_file, kind=kind, require=require, data_root=args.data_root)
+    if kind == "image":
+        buckets = IMAGE_BUCKETS.get(args.resolution) or [parse_resolution(args.resolution)]
+        dataset = ImageDataset(entries, buckets, load_text_fea=not args.load_text_encoder)
+    else:
+        if args.load_vae:
+            raise SystemExit("--load_vae for video training is not supported yet: extract latents first with "
+                             "scripts/extract_vae_latent.sh")
+        width, height = parse_resolution(args.resolution)
+        dataset = VideoLatentDataset(entries, args.max_frames, (height // 8, width // 8),
+                                     load_text_fea=not args.load_text_encoder)
+    for path, reason in dataset.excluded:
+        logger.warning("excluded from training: %s: %s", path, reason)
+    if dataset.excluded:
+        logger.warning("%d of %d annotation lines excluded (see above)", len(dataset.excluded), len(entries))
+    return dataset
+
+
+class PyramidFlowLoss:
+    """``compute_loss`` for the trainer: text + latents -> objective -> DiT -> flow-matching loss."""
+
+    def __init__(self, objective: PyramidFlowObjective, use_temporal_pyramid: bool, vae=None, text_encoder=None):
+        self.objective = objective
+        self.use_temporal_pyramid = use_temporal_pyramid
+        self.vae = vae
+        self.text_encoder = text_encoder
+
+    def __call__(self, model: torch.nn.Module, batch: TrainBatch, ctx: StepContext) -> tuple[torch.Tensor, dict]:
+        if batch.latents is not None:
+            latents = batch.latents.float()
+        else:
+            with torch.no_grad():
+                pixels = batch.pixels.to(self.vae.dtype)
+                latents = self.vae.encode(pixels).latent_dist.sample().float()
+        if self.text_encoder is not None:
+            dropped = self.objective.sample_text_dropout(len(batch.captions))
+            captions = ["" if d else c for c, d in zip(batch.captions, dropped.tolist())]
+            fea = self.text_encoder.encode(captions, ctx.device)
+            text = TextConditioning(fea.prompt_embeds.float(), fea.prompt_attention_mask, fea.pooled_prompt_embeds.float())
+            step = self.objective.noise_latents(latents, use_temporal_pyramid=self.use_temporal_pyramid,
+                                                rank=ctx.sync_rank, step=ctx.micro_step)
+            step.text = text
+        else:
+            text = TextConditioning(batch.prompt_embeds, batch.prompt_attention_mask, batch.pooled_prompt_embeds)
+            step = self.objective.prepare_batch(latents, text, use_temporal_pyramid=self.use_temporal_pyramid,
+                                                rank=ctx.sync_rank, step=ctx.micro_step)
+        inputs = _cast_floats(step.dit_inputs(), ctx.dtype)
+        preds = model(**inputs)
+        loss = self.objective.loss(preds, step.targets)
+        # Tokens the DiT attended over: every row's text plus its clips' 2x2 patches.
+        tokens = text.prompt_embeds.shape[0] * text.prompt_embeds.shape[1]
+        tokens += sum(c.shape[0] * c.shape[2] * c.shape[3] * c.shape[4] // 4 for col in step.sample for c in col)
+        return loss, {"tokens": tokens}
+
+
+def _cast_floats(obj: Any, dtype: torch.dtype) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.to(dtype) if obj.is_floating_point() else obj
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_cast_floats(o, dtype) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _cast_floats(v, dtype) for k, v in obj.items()}
+    return obj
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    check_args(args, world_size)
+
+    from pyramid_dit.modeling_pyramid_flux import PyramidFluxTransformer
+    from trainer_misc.checkpoint import load_dit_weights
+
+    dataset = build_dataset(args)
+    null_text = load_null_text(args)
+    dit = PyramidFluxTransformer.from_pretrained(args.model_path, subfolder=args.model_variant,
+                                                 torch_dtype=torch.float32)
+    if args.dit_pretrained_weight:
+        load_dit_weights(dit, args.dit_pretrained_weight)
+    if args.gradient_checkpointing:
+        dit.enable_gradient_checkpointing(args.gradient_checkpointing_ratio)
+
+    vae = text_encoder = None
+    device = torch.device("cuda" if args.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+    encode_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.model_dtype]
+    if args.load_vae or args.task == "t2i":
+        from video_vae.modeling_causal_vae import CausalVideoVAE
+        vae = CausalVideoVAE.from_pretrained(Path(args.model_path) / "causal_video_vae").to(device, encode_dtype).eval()
+        vae.requires_grad_(False)
+    if args.load_text_encoder:
+        from pyramid_dit.text_encoder import FluxTextEncoder
+        text_encoder = FluxTextEncoder.from_pretrained(args.model_path, torch_dtype=encode_dtype).to(device)
+
+    scheduler = PyramidFlowMatchEulerDiscreteScheduler(shift=args.schedule_shift, stages=3,
+                                                        stage_range=(0, 1 / 3, 2 / 3, 1))
+    objective = PyramidFlowObjective(
+        scheduler, args.model_name, sample_ratios=SAMPLE_RATIOS, corrupt_ratio=args.corrupt_ratio,
+        frame_per_unit=args.frame_per_unit, max_temporal_length=args.max_frames,
+        video_sync_group=args.video_sync_group if args.use_temporal_pyramid else 1,
+        text_drop_rate=args.text_drop_rate, null_text=null_text)
+    compute_loss = PyramidFlowLoss(objective, args.use_temporal_pyramid, vae=vae, text_encoder=text_encoder)
+
+    max_steps = args.max_steps or args.epochs * args.iters_per_epoch
+    warmup = args.warmup_steps if args.warmup_steps >= 0 else args.warmup_epochs * args.iters_per_epoch
+    config = TrainConfig(
+        output_dir=args.output_dir, max_steps=max_steps, batch_size=args.batch_size, strategy=strategy_of(args),
+        mixed_precision=args.model_dtype, device=args.device, grad_accum_steps=args.gradient_accumulation_steps,
+        lr=args.lr, betas=(args.opt_beta1, args.opt_beta2), eps=args.opt_eps, weight_decay=args.weight_decay,
+        lr_scheduler=args.lr_scheduler, warmup_steps=min(warmup, max_steps), warmup_start_lr=args.warmup_lr,
+        min_lr=args.min_lr, max_grad_norm=args.clip_grad or None, skip_loss_threshold=args.skip_loss_threshold,
+        ema_decay=args.ema_decay if args.ema_update else None, ema_update_every=args.ema_update_every,
+        seed=args.seed, video_sync_group=args.video_sync_group if args.sync_video_input else 1,
+        num_workers=args.num_workers, checkpoint_every=args.save_ckpt_freq,
+        keep_last_checkpoints=args.keep_last_checkpoints, resume=args.resume,
+        tensorboard=args.report_to == "tensorboard")
+    try:
+        result = train(dit, compute_loss, dataset, config, collate_fn=collate, group_keys=dataset.group_keys())
+        if result.engine.is_main:
+            first = result.records[0].loss if result.records else float("nan")
+            last = result.records[-1].loss if result.records else float("nan")
+            logger.info("done: %d steps (from %d), loss %.4f -> %.4f, world size %d; exported %s",
+                        result.final_step, result.start_step, first, last, get_world_size(),
+                        ", ".join(map(str, result.exported)) or "nothing")
+    finally:
+        destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,306 @@
+"""Training datasets: pre-extracted video latents (t2v) and images bucketed by aspect ratio (t2i).
+
+Every item is a plain dict; :func:`collate` stacks a list of them into a :class:`TrainBatch`. A sample that cannot
+be read (missing, truncated or corrupt file, wrong shape) does not raise inside the DataLoader worker and is never
+replaced by another sample: the item carries the path and the reason, the batch carries the list of bad items, and
+:class:`SkipBadBatches` drops such a batch, logs every bad path and counts them. Dropping the *whole* batch keeps
+every batch at the configured size (the objective needs ``batch % sum(sample_ratios) == 0``) and keeps the ranks
+of a ``video_sync_group``, which read identical batches, in step with each other.
+
+Batches only ever mix samples of equal shape: the sampler (:class:`trainer_misc.sampler.ResumableBatchSampler`)
+gets :meth:`VideoLatentDataset.group_keys` (latent frame count) or :meth:`ImageDataset.group_keys` (bucket).
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
+from torch.utils.data import Dataset
+
+from trainer_misc.annotation import ImageEntry, VideoEntry
+from trainer_misc.io_utils import (
+    LATENT_KEY,
+    PICKLE_SUFFIXES,
+    DataFileError,
+    load_latent,
+    load_text_features,
+)
+
+logger = logging.getLogger(__name__)
+
+# Training resolutions of the released checkpoints (width, height) in pixels; latents are 8x smaller.
+RESOLUTIONS = {"384p": (640, 384), "768p": (1280, 768)}
+# Aspect-ratio buckets (width, height) for image training, as in the reference t2i setup.
+IMAGE_BUCKETS = {
+    "384p": [(512, 512), (384, 640), (640, 384)],
+    "768p": [(1024, 1024), (768, 1280), (1280, 768)],
+}
+
+
+def parse_resolution(resolution: str) -> tuple[int, int]:
+    """``"384p"``, ``"768p"`` or ``"<W>x<H>"`` -> pixel ``(width, height)``, both multiples of 64.
+
+    Multiples of 64 because a latent (8x smaller) must halve twice for the 3-stage pyramid and then split into
+    2x2 patches.
+    """
+    if resolution in RESOLUTIONS:
+        return RESOLUTIONS[resolution]
+    try:
+        w, h = (int(v) for v in resolution.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"--resolution {resolution!r}: expected 384p, 768p or WIDTHxHEIGHT (e.g. 64x64)") from None
+    if w <= 0 or h <= 0 or w % 64 or h % 64:
+        raise ValueError(f"--resolution {resolution!r}: width and height must be positive multiples of 64 "
+                         "(latents are 8x smaller and must halve twice for the pyramid, then split into 2x2 patches)")
+    return w, h
+
+
+def latent_frame_count(path: Path) -> int:
+    """Latent frames of a stored latent, read from the file header where possible (no tensor data loaded)."""
+    if path.suffix == ".safetensors":
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                if LATENT_KEY not in f.keys():
+                    raise DataFileError(f"{path}: no {LATENT_KEY!r} tensor (found {sorted(f.keys())})")
+                shape = f.get_slice(LATENT_KEY).get_shape()
+        except (SafetensorError, OSError) as e:
+            raise DataFileError(f"{path}: not a readable safetensors file ({e})") from None
+        if len(shape) != 5:
+            raise DataFileError(f"{path}: expected a latent of shape [1, C, T, h, w], got {list(shape)}")
+        return int(shape[2])
+    if path.suffix in PICKLE_SUFFIXES:
+        return int(load_latent(path).shape[2])
+    raise DataFileError(f"{path}: unknown latent file type {path.suffix!r}; expected .safetensors or .pt")
+
+
+# ------------------------------------------------------------------------------------------------------ batches
+
+
+@dataclass
+class TrainBatch:
+    """What the objective needs for one step. Exactly one of ``latents`` / ``pixels`` is set.
+
+    ``latents``: raw VAE latents ``[B, 16, T, h, w]``; ``pixels``: ``[B, 3, T, H, W]`` in [-1, 1] (encoded on the
+    fly by the VAE); text: pre-extracted features (``prompt_embeds`` etc.) or, when the text encoder runs during
+    training, only ``captions``.
+    """
+
+    captions: list[str]
+    paths: list[str]
+    latents: Optional[torch.Tensor] = None
+    pixels: Optional[torch.Tensor] = None
+    prompt_embeds: Optional[torch.Tensor] = None
+    prompt_attention_mask: Optional[torch.Tensor] = None
+    pooled_prompt_embeds: Optional[torch.Tensor] = None
+    bad: list[tuple[str, str]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+def _bad(path: object, reason: str) -> dict:
+    return {"bad": (str(path), reason)}
+
+
+def collate(items: Sequence[dict]) -> TrainBatch:
+    """Stack items into a :class:`TrainBatch`; if any item is bad, return a batch holding only the bad list."""
+    bad = [item["bad"] for item in items if "bad" in item]
+    if bad:
+        return TrainBatch(captions=[], paths=[], bad=bad)
+    batch = TrainBatch(captions=[it["text"] for it in items], paths=[it["path"] for it in items])
+    for key in ("latents", "pixels"):
+        if key in items[0]:
+            setattr(batch, key, torch.stack([it[key] for it in items]))
+    if "prompt_embeds" in items[0]:
+        for key in ("prompt_embeds", "prompt_attention_mask", "pooled_prompt_embeds"):
+            setattr(batch, key, torch.cat([it[key] for it in items]))
+    return batch
+
+
+class SkipBadBatches:
+    """Wraps a batch iterator: drops batches with unreadable samples, logging each path and counting them.
+
+    ``skipped_samples`` / ``skipped_batches`` are this rank's totals (the trainer logs them). Raises if
+    ``max_consecutive`` batches in a row are bad: at that point the data set is broken, not a few files.
+    """
+
+    def __init__(self, batches: Iterable[TrainBatch], max_consecutive: int = 50) -> None:
+        self._batches = iter(batches)
+        self.max_consecutive = max_consecutive
+        self.skipped_samples = 0
+        self.skipped_batches = 0
+
+    def __iter__(self) -> Iterator[TrainBatch]:
+        return self
+
+    def __next__(self) -> TrainBatch:
+        for _ in range(self.max_consecutive):
+            batch = next(self._batches)
+            if not batch.bad:
+                return batch
+            self.skipped_batches += 1
+            self.skipped_samples += len(batch.bad)
+            for path, reason in batch.bad:
+                logger.warning("skipping batch: bad sample %s: %s (skipped so far: %d samples)",
+                               path, reason, self.skipped_samples)
+        raise RuntimeError(f"{self.max_consecutive} consecutive batches had unreadable samples; "
+                           "check the data set (see the warnings above for the paths)")
+
+
+# ------------------------------------------------------------------------------------------------ video latents
+
+
+class VideoLatentDataset(Dataset):
+    """Pre-extracted video latents (and text features), one item per annotation line.
+
+    Clips are cut to their first ``max_frames`` latent frames; clips of equal (cut) length are batched together.
+    Lines whose latent cannot be read at start-up are excluded and listed in ``excluded`` (path, reason): the
+    trainer reports them before the first step. Files that break later are reported per batch (module docstring).
+
+    Args:
+        entries: validated annotation lines (``trainer_misc.annotation.load_annotation``).
+        max_frames: latent frames per training clip (``--max_frames``).
+        latent_size: expected latent ``(h, w)``; a clip of another size is excluded with a message naming
+            ``--resolution``. ``None`` accepts any size but requires all clips to agree.
+        load_text_fea: read ``text_fea`` files (else only captions are returned, for on-the-fly encoding).
+    """
+
+    def __init__(self, entries: Sequence[VideoEntry], max_frames: int, latent_size: Optional[tuple[int, int]],
+                 load_text_fea: bool = True) -> None:
+        if max_frames < 1:
+            raise ValueError(f"max_frames must be >= 1, got {max_frames}")
+        self.max_frames = max_frames
+        self.latent_size = latent_size
+        self.load_text_fea = load_text_fea
+        self.entries: list[VideoEntry] = []
+        self.frames: list[int] = []
+        self.excluded: list[tuple[str, str]] = []
+        for entry in entries:
+            try:
+                if entry.latent is None:
+                    raise DataFileError(f"line {entry.line}: no 'latent' path (run tools/extract_video_vae_latents.py)")
+                if load_text_fea and entry.text_fea is None:
+                    raise DataFileError(f"line {entry.line}: no 'text_fea' path (run tools/extract_text_features.py "
+                                        "or train with --load_text_encoder)")
+                n = latent_frame_count(entry.latent)
+            except DataFileError as e:
+                self.excluded.append((str(entry.latent or entry.video), str(e)))
+                continue
+            self.entries.append(entry)
+            self.frames.append(min(n, max_frames))
+        if not self.entries:
+            shown = "\n  ".join(f"{p}: {r}" for p, r in self.excluded[:10])
+            raise DataFileError(f"no usable video latents ({len(self.excluded)} excluded):\n  {shown}")
+
+    def group_keys(self) -> list[int]:
+        return list(self.frames)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, index: int) -> dict:
+        entry = self.entries[index]
+        try:
+            latent = load_latent(entry.latent)[0, :, : self.max_frames].float()
+            if latent.shape[1] != self.frames[index]:
+                raise DataFileError(f"{entry.latent}: has {latent.shape[1]} latent frames, expected "
+                                    f"{self.frames[index]} (file changed since start-up?)")
+            if self.latent_size is not None and tuple(latent.shape[-2:]) != tuple(self.latent_size):
+                raise DataFileError(
+                    f"{entry.latent}: latent is {tuple(latent.shape[-2:])} (h, w) but --resolution implies "
+                    f"{tuple(self.latent_size)}; re-extract at the training resolution or change --resolution")
+            item = {"latents": latent, "text": entry.text, "path": str(entry.latent)}
+            if self.load_text_fea:
+                item.update(_text_item(load_text_features(entry.text_fea)))
+            return item
+        except DataFileError as e:
+            return _bad(entry.latent, str(e))
+
+
+def _text_item(fea: dict[str, torch.Tensor]) -> dict:
+    return {"prompt_embeds": fea["prompt_embed"].float(),
+            "prompt_attention_mask": fea["prompt_attention_mask"].long(),
+            "pooled_prompt_embeds": fea["pooled_prompt_embed"].float()}
+
+
+# ------------------------------------------------------------------------------------------------------- images
+
+
+def closest_bucket(width: int, height: int, buckets: Sequence[tuple[int, int]]) -> int:
+    """Index of the bucket whose aspect ratio (w / h) is closest to the image's."""
+    ratio = width / height
+    return int(np.argmin([abs(ratio - bw / bh) for bw, bh in buckets]))
+
+
+def resize_cover_center_crop(image: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    """float ``[3, H, W]`` -> ``[3, height, width]``: one scale factor that covers the target, then center crop."""
+    _, src_h, src_w = image.shape
+    scale = max(width / src_w, height / src_h)
+    new_w, new_h = max(width, math.ceil(src_w * scale)), max(height, math.ceil(src_h * scale))
+    image = F.interpolate(image[None], size=(new_h, new_w), mode="bicubic", align_corners=False, antialias=True)[0]
+    top, left = (new_h - height) // 2, (new_w - width) // 2
+    return image[:, top:top + height, left:left + width]
+
+
+class ImageDataset(Dataset):
+    """Images for text-to-image training, each resized and cropped to its closest aspect-ratio bucket.
+
+    Items are ``pixels [3, 1, H, W]`` in [-1, 1] (one frame, so the VAE encodes them as the first frame of a
+    video); the trainer encodes them with the VAE on the fly. Unreadable images at start-up are excluded and listed
+    in ``excluded``.
+    """
+
+    def __init__(self, entries: Sequence[ImageEntry], buckets: Sequence[tuple[int, int]],
+                 load_text_fea: bool = False) -> None:
+        from PIL import Image, UnidentifiedImageError
+
+        self.buckets = list(buckets)
+        self.load_text_fea = load_text_fea
+        self.entries: list[ImageEntry] = []
+        self.bucket_of: list[int] = []
+        self.excluded: list[tuple[str, str]] = []
+        for entry in entries:
+            try:
+                with Image.open(entry.image) as im:
+                    w, h = im.size
+            except (OSError, UnidentifiedImageError) as e:
+                self.excluded.append((str(entry.image), f"cannot read image: {e}"))
+                continue
+            if load_text_fea and entry.text_fea is None:
+                self.excluded.append((str(entry.image), f"line {entry.line}: no 'text_fea' path"))
+                continue
+            self.entries.append(entry)
+            self.bucket_of.append(closest_bucket(w, h, self.buckets))
+        if not self.entries:
+            shown = "\n  ".join(f"{p}: {r}" for p, r in self.excluded[:10])
+            raise DataFileError(f"no usable images ({len(self.excluded)} excluded):\n  {shown}")
+
+    def group_keys(self) -> list[int]:
+        return list(self.bucket_of)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, index: int) -> dict:
+        from PIL import Image, UnidentifiedImageError
+
+        entry = self.entries[index]
+        width, height = self.buckets[self.bucket_of[index]]
+        try:
+            with Image.open(entry.image) as im:
+                array = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
+            image = torch.from_numpy(array).permute(2, 0, 1)
+            pixels = resize_cover_center_crop(image, width, height) * 2.0 - 1.0
+            item = {"pixels": pixels[:, None], "text": entry.text, "path": str(entry.image)}
+            if self.load_text_fea:
+                item.update(_text_item(load_text_features(entry.text_fea)))
+            return item
+        except (OSError, UnidentifiedImageError, DataFileError) as e:
+            return _bad(entry.image, str(e))
