@@ -1,0 +1,716 @@
+"""Video generation with a (finetuned) Pyramid Flow DiT: text-to-video and image-to-video.
+
+How a video is sampled (the inference counterpart of :mod:`pyramid_dit.objective`):
+
+* The video is a sequence of *units* in latent time: the first latent frame alone, then groups of
+  ``frame_per_unit`` frames (1 for the released models). Units are generated one after another
+  (autoregressively); text-to-video generates unit 0 as an image with ``guidance_scale``, image-to-video takes
+  the VAE latent of the given image as unit 0. Later units use ``video_guidance_scale``.
+* Each unit runs through the spatial pyramid, lowest resolution first. Within a stage the scheduler takes plain
+  flow-matching Euler steps. Between stages the latent is upsampled 2x (nearest) and re-noised:
+  ``alpha * latent + beta * block_noise`` (correlated 2x2 noise, :mod:`pyramid_dit.block_noise`), which puts it
+  back on the next stage's flow at that stage's corrected start sigma.
+* While denoising a unit at stage ``k``, the DiT sees the already generated units as history clips, laid out by
+  :func:`pyramid_dit.pyramid.history_plan` exactly as in training: the newest unit at stage ``k``'s resolution,
+  older ones at one stage lower each, everything older at the lowest resolution. The history is clean here (the
+  training-time corruption only teaches robustness to the model's own errors).
+* Classifier-free guidance batches the negative prompt (first half) with the prompt (second half).
+
+Every random number comes from a :class:`NoiseSource`: the full-resolution initial noise (shrunk to the lowest
+stage like training noise), one block-noise draw per stage jump, and, for image-to-video, the VAE posterior
+sample of the image. :class:`GeneratorNoise` draws them from a seeded CPU generator, so a seed gives the same
+video on any device; :class:`ReplayNoise` replays recorded draws (used to check parity with the reference).
+
+The pipeline takes modules, not paths, so the trainer can sample validation videos from its in-memory DiT (live
+or EMA weights); :meth:`PyramidFlowPipeline.from_pretrained` builds one from the official model folder,
+optionally with a finetuned DiT. :func:`save_video` writes the result as mp4, gif or a png strip.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import uuid
+from pathlib import Path
+from typing import Iterator, List, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from pyramid_dit.block_noise import sample_block_noise
+from pyramid_dit.pyramid import (
+    LatentNormalization,
+    history_plan,
+    noise_pyramid,
+    num_units,
+    spatial_pyramid,
+    unit_frames,
+    upsample_nearest,
+)
+from pyramid_dit.scheduler import PyramidFlowMatchEulerDiscreteScheduler
+from pyramid_dit.text_encoder import TextFeatures
+
+# The released demo's negative prompt (the reference pipeline's default).
+DEFAULT_NEGATIVE_PROMPT = (
+    "cartoon style, worst quality, low quality, blurry, absolute black, absolute white, low res, extra limbs, "
+    "extra digits, misplaced objects, mutated anatomy, monochrome, horror"
+)
+# The reference appends this to every prompt ("to improve aesthetics"); the pipeline leaves prompts as given and
+# tools/generate.py appends it by default (--prompt_suffix).
+AESTHETIC_SUFFIX = ", hyper quality, Ultra HD, 8K"
+
+VAE_DOWNSAMPLE = 8  # pixels per latent cell
+OUTPUT_TYPES = ("latent", "pt", "uint8")
+
+ImageInput = Union["PIL.Image.Image", torch.Tensor]  # noqa: F821 (PIL is imported lazily)
+
+
+# ----------------------------------------------------------------------------------------------- noise sources
+class NoiseSource:
+    """Every random draw of one generation run. Subclass to record, replay or control the randomness.
+
+    Each method returns a float32 tensor of exactly ``shape`` (on any device; the pipeline moves it).
+    """
+
+    def initial(self, shape: Sequence[int]) -> torch.Tensor:
+        """Standard normal latent noise ``[B, C, T, H, W]`` at full latent resolution, drawn once per run."""
+        raise NotImplementedError
+
+    def block(self, shape: Sequence[int], gamma: float) -> torch.Tensor:
+        """Correlated 2x2 block noise (covariance ``(1 + gamma) I - gamma J`` per block), once per stage jump."""
+        raise NotImplementedError
+
+    def posterior(self, shape: Sequence[int]) -> torch.Tensor:
+        """Standard normal ``eps`` for sampling the VAE latent of an image-to-video input image."""
+        raise NotImplementedError
+
+
+class GeneratorNoise(NoiseSource):
+    """Draws from a CPU ``torch.Generator`` (seeded with ``seed``, or torch's global generator when ``None``).
+
+    Draws happen on the CPU and are moved to the device afterwards, so a seed gives the same noise, hence the
+    same video up to kernel rounding, on every device.
+    """
+
+    def __init__(self, seed: Optional[int] = None):
+        self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
+
+    def initial(self, shape: Sequence[int]) -> torch.Tensor:
+        return torch.randn(tuple(shape), generator=self.generator)
+
+    def block(self, shape: Sequence[int], gamma: float) -> torch.Tensor:
+        return sample_block_noise(shape, gamma, generator=self.generator)
+
+    def posterior(self, shape: Sequence[int]) -> torch.Tensor:
+        return torch.randn(tuple(shape), generator=self.generator)
+
+
+class ReplayNoise(NoiseSource):
+    """Returns recorded draws: ``initial``, then ``blocks`` in call order (and ``posterior`` for i2v).
+
+    Shapes are checked, and running out of recorded draws is an error, so a replay cannot silently diverge.
+    """
+
+    def __init__(self, initial: torch.Tensor, blocks: Sequence[torch.Tensor],
+                 posterior: Optional[torch.Tensor] = None):
+        self._initial = initial
+        self._blocks = list(blocks)
+        self._posterior = posterior
+        self.blocks_used = 0
+
+    @staticmethod
+    def _checked(what: str, tensor: Optional[torch.Tensor], shape: Sequence[int]) -> torch.Tensor:
+        if tensor is None:
+            raise ValueError(f"ReplayNoise: no recorded {what} draw")
+        if tuple(tensor.shape) != tuple(shape):
+            raise ValueError(f"ReplayNoise: recorded {what} has shape {tuple(tensor.shape)}, the pipeline asks "
+                             f"for {tuple(shape)}; the replayed run had different settings")
+        return tensor.float()
+
+    def initial(self, shape: Sequence[int]) -> torch.Tensor:
+        return self._checked("initial noise", self._initial, shape)
+
+    def block(self, shape: Sequence[int], gamma: float) -> torch.Tensor:
+        if self.blocks_used >= len(self._blocks):
+            raise ValueError(f"ReplayNoise: the pipeline asks for block noise #{self.blocks_used} but only "
+                             f"{len(self._blocks)} were recorded")
+        tensor = self._checked(f"block noise #{self.blocks_used}", self._blocks[self.blocks_used], shape)
+        self.blocks_used += 1
+        return tensor
+
+    def posterior(self, shape: Sequence[int]) -> torch.Tensor:
+        return self._checked("posterior noise", self._posterior, shape)
+
+
+# ------------------------------------------------------------------------------------------------- helpers
+def renoise_coefficients(scheduler: PyramidFlowMatchEulerDiscreteScheduler, stage: int) -> tuple[float, float]:
+    """``(alpha, beta)`` of the jump into ``stage``: ``x <- alpha * up(x) + beta * block_noise``.
+
+    At the jump the latent is ``s * data + (1 - s) * noise`` with ``s = 1 - ori_start_sigmas[stage]``, and nearest
+    upsampling makes its noise constant on 2x2 blocks (covariance ``J`` per block). With block noise of covariance
+    ``(1 + g) I - g J`` (g = gamma) and ``beta = alpha (1 - s) / sqrt(g)`` the ``J`` terms cancel, leaving white
+    noise of std ``alpha (1 - s) sqrt(1 + 1/g)``; ``alpha`` makes that std and the signal weight ``alpha * s`` sum
+    to 1, so the result lies on the stage's flow at the scheduler's corrected ``start_sigmas[stage] = 1 - alpha*s``.
+    """
+    if stage < 1:
+        raise ValueError(f"stage jumps start at stage 1, got {stage}")
+    gamma = scheduler.config.gamma
+    signal = 1 - scheduler.ori_start_sigmas[stage]
+    alpha = 1 / (math.sqrt(1 + 1 / gamma) * (1 - signal) + signal)
+    beta = alpha * (1 - signal) / math.sqrt(gamma)
+    return alpha, beta
+
+
+def _per_stage(steps: Union[int, Sequence[int]], num_stages: int, name: str) -> List[int]:
+    steps = [steps] * num_stages if isinstance(steps, int) else [int(s) for s in steps]
+    if len(steps) == 1:
+        steps = steps * num_stages
+    if len(steps) != num_stages or any(s < 1 for s in steps):
+        raise ValueError(f"{name} must be one positive step count or one per stage ({num_stages}), got {steps}")
+    return steps
+
+
+def _check_size(height: int, width: int, num_stages: int) -> None:
+    # The latent (pixels / 8) is halved num_stages - 1 times and the lowest stage must still be cut into 2x2
+    # patches: multiples of 8 * 2**(num_stages - 1) * 2 pixels (64 for the usual 3 stages).
+    multiple = VAE_DOWNSAMPLE * 2 ** num_stages
+    if height <= 0 or width <= 0 or height % multiple or width % multiple:
+        raise ValueError(f"height and width must be positive multiples of {multiple} pixels ({num_stages} pyramid "
+                         f"stages halve the latent {num_stages - 1} times, then 2x2 patches), got {height}x{width}")
+
+
+def _cat_rows(*features: TextFeatures) -> TextFeatures:
+    return TextFeatures(*(torch.cat(parts) for parts in zip(*(
+        (f.prompt_embeds, f.prompt_attention_mask, f.pooled_prompt_embeds) for f in features))))
+
+
+def _repeat_rows(features: TextFeatures, rows: int, name: str) -> TextFeatures:
+    have = features.prompt_embeds.shape[0]
+    if have == rows:
+        return features
+    if have != 1:
+        raise ValueError(f"{name} has {have} rows; expected 1 (shared) or {rows} (one per prompt)")
+    return TextFeatures(features.prompt_embeds.expand(rows, -1, -1), features.prompt_attention_mask.expand(rows, -1),
+                        features.pooled_prompt_embeds.expand(rows, -1))
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+def _dtype_of(module: nn.Module) -> torch.dtype:
+    return next(module.parameters()).dtype
+
+
+def _resolve_device(device: Union[str, torch.device]) -> torch.device:
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def image_to_tensor(image: ImageInput) -> torch.Tensor:
+    """A PIL image, ``[3, H, W]`` or ``[B, 3, H, W]`` float tensor in [0, 1] -> ``[B, 3, H, W]`` float32 in [0, 1]."""
+    if isinstance(image, torch.Tensor):
+        x = image.unsqueeze(0) if image.ndim == 3 else image
+        if x.ndim != 4 or x.shape[1] != 3 or not x.is_floating_point():
+            raise ValueError(f"image tensor must be float [3, H, W] or [B, 3, H, W] in [0, 1], got "
+                             f"{x.dtype} {tuple(image.shape)}")
+        return x.float()
+    from PIL import Image
+
+    if not isinstance(image, Image.Image):
+        raise TypeError(f"image must be a PIL image or a tensor, got {type(image).__name__}")
+    array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    return torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0).contiguous()
+
+
+def resize_center_crop(image: "PIL.Image.Image", width: int, height: int) -> "PIL.Image.Image":  # noqa: F821
+    """Scale ``image`` to cover ``width x height`` (Lanczos) and crop the centre, as the reference demo does."""
+    from PIL import Image
+
+    scale = max(width / image.width, height / image.height)
+    resized = image.resize((round(image.width * scale), round(image.height * scale)), resample=Image.LANCZOS)
+    left, top = (resized.width - width) // 2, (resized.height - height) // 2
+    return resized.crop((left, top, left + width, top + height))
+
+
+# ------------------------------------------------------------------------------------------------ pipeline
+class PyramidFlowPipeline:
+    """Samples videos from a Pyramid Flow DiT (see the module docstring for the algorithm).
+
+    Args:
+        dit: the DiT (``PyramidFluxTransformer``); may be the trainer's live or EMA model.
+        vae: the causal video VAE; needed to decode videos and for image-to-video, not for latents.
+        text_encoder: ``FluxTextEncoder``; needed only when prompts are given as strings.
+        model_name: selects the latent normalisation (``"pyramid_flux"``).
+        scheduler: the pyramid scheduler (default: 3 stages, shift 1, gamma 1/3, as the released models).
+        device: where sampling runs (default: the DiT's device).
+        dtype: compute dtype. Anything but float32 runs the DiT and VAE under ``torch.autocast`` with it; the
+            latents and Euler updates always stay float32. A DiT with bfloat16 / float16 weights needs that dtype
+            here (float32 would feed float32 inputs to low-precision weights).
+        cpu_offload: keep the modules on the CPU and move each to ``device`` only while it is used (text encoder,
+            then DiT, then VAE), trading transfer time for memory.
+        frame_per_unit: latent frames per autoregressive unit after the first (1 for the released models).
+
+    Modules are not moved at construction; without ``cpu_offload`` they must already be on ``device``.
+    """
+
+    def __init__(
+        self,
+        dit: nn.Module,
+        vae: Optional[nn.Module] = None,
+        text_encoder: Optional[nn.Module] = None,
+        *,
+        model_name: str = "pyramid_flux",
+        scheduler: Optional[PyramidFlowMatchEulerDiscreteScheduler] = None,
+        device: Union[str, torch.device, None] = None,
+        dtype: torch.dtype = torch.float32,
+        cpu_offload: bool = False,
+        frame_per_unit: int = 1,
+    ):
+        if frame_per_unit < 1:
+            raise ValueError(f"frame_per_unit must be >= 1, got {frame_per_unit}")
+        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"dtype must be torch.float32, bfloat16 or float16, got {dtype}")
+        if dtype == torch.float32 and _dtype_of(dit) != torch.float32:
+            raise ValueError(f"the DiT's weights are {_dtype_of(dit)} but dtype is float32; pass that dtype (the "
+                             "pipeline then runs it under autocast) or convert the DiT with .float()")
+        self.dit = dit
+        self.vae = vae
+        self.text_encoder = text_encoder
+        self.normalization = LatentNormalization.for_model(model_name)
+        self.scheduler = scheduler or PyramidFlowMatchEulerDiscreteScheduler()
+        self.num_stages = self.scheduler.config.stages
+        self.device = _resolve_device(device if device is not None else _device_of(dit))
+        self.dtype = dtype
+        self.cpu_offload = cpu_offload
+        self.frame_per_unit = frame_per_unit
+        self.latent_channels = getattr(dit, "latent_channels", None) or dit.config.in_channels // 4
+
+    # ---------------------------------------------------------------------------------------- loading
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_path: Union[str, os.PathLike],
+        *,
+        variant: str = "diffusion_transformer_384p",
+        dit_path: Union[str, os.PathLike, None] = None,
+        dit_weight: Union[str, os.PathLike, None] = None,
+        device: Union[str, torch.device] = "auto",
+        dtype: Optional[torch.dtype] = None,
+        cpu_offload: bool = False,
+        load_text_encoder: bool = True,
+        load_vae: bool = True,
+        model_name: str = "pyramid_flux",
+    ) -> "PyramidFlowPipeline":
+        """Load the official model folder (``rain1011/pyramid-flow-miniflux`` layout).
+
+        Args:
+            model_path: folder with ``causal_video_vae/``, the text encoders and ``diffusion_transformer_*/``.
+            variant: DiT subfolder of ``model_path``, e.g. ``diffusion_transformer_384p`` / ``_768p``.
+            dit_path: a finetuned DiT folder (``config.json`` + ``diffusion_pytorch_model.safetensors``, as the
+                trainer exports) used instead of the variant.
+            dit_weight: a single-file DiT state dict (``.safetensors``; ``.pt``/``.pth``/``.bin`` are read with
+                ``weights_only=True``) loaded into the variant's architecture. Not together with ``dit_path``.
+            device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"`` or a torch device.
+            dtype: weight and compute dtype; default bfloat16 on CUDA, float32 on the CPU.
+            cpu_offload: see the class docstring; needs a CUDA device.
+        """
+        from pyramid_dit.modeling_pyramid_flux import PyramidFluxTransformer
+
+        model_path = Path(model_path)
+        device = _pick_device(device)
+        dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        if cpu_offload and device.type != "cuda":
+            raise ValueError("cpu_offload moves modules between the CPU and a CUDA device; it needs device='cuda'")
+        if dit_path is not None and dit_weight is not None:
+            raise ValueError("give either dit_path (a finetuned DiT folder) or dit_weight (a state-dict file), "
+                             "not both")
+        if not model_path.is_dir():
+            raise FileNotFoundError(f"model folder {model_path} does not exist; download rain1011/pyramid-flow-"
+                                    "miniflux there, or build a tiny one with tools/build_tiny_checkpoint.py")
+
+        if dit_path is not None:
+            dit_folder = Path(dit_path)
+            if not (dit_folder / "config.json").is_file():
+                raise FileNotFoundError(f"dit_path {dit_folder} has no config.json; point it at a DiT folder "
+                                        "exported by the trainer (config.json + diffusion_pytorch_model.safetensors)")
+        else:
+            dit_folder = model_path / variant
+            if not (dit_folder / "config.json").is_file():
+                found = sorted(p.name for p in model_path.glob("diffusion_transformer_*") if p.is_dir())
+                raise FileNotFoundError(f"DiT variant folder {dit_folder} (config.json) not found; variants in "
+                                        f"{model_path}: {found or 'none'}")
+        dit = PyramidFluxTransformer.from_pretrained(dit_folder, torch_dtype=dtype)
+        if dit_weight is not None:
+            from trainer_misc.checkpoint import load_dit_weights
+
+            load_dit_weights(dit, dit_weight)
+        dit.requires_grad_(False).eval()
+
+        vae = None
+        if load_vae:
+            from video_vae.modeling_causal_vae import CausalVideoVAE
+
+            vae_folder = model_path / "causal_video_vae"
+            if not (vae_folder / "config.json").is_file():
+                raise FileNotFoundError(f"VAE folder {vae_folder} (config.json) not found in the model folder")
+            vae = CausalVideoVAE.from_pretrained(vae_folder, torch_dtype=dtype).requires_grad_(False).eval()
+
+        text_encoder = None
+        if load_text_encoder:
+            from pyramid_dit.text_encoder import FluxTextEncoder
+
+            text_encoder = FluxTextEncoder.from_pretrained(model_path, torch_dtype=dtype)
+
+        if not cpu_offload:
+            for module in (dit, vae, text_encoder):
+                if module is not None:
+                    module.to(device)
+        return cls(dit, vae, text_encoder, model_name=model_name, device=device, dtype=dtype,
+                   cpu_offload=cpu_offload)
+
+    # ----------------------------------------------------------------------------------- module handling
+    @contextlib.contextmanager
+    def _using(self, module: Optional[nn.Module], what: str) -> Iterator[nn.Module]:
+        """``module`` on ``self.device`` and in eval mode for the block; restores its mode (and, with cpu_offload,
+        moves it back to the CPU) afterwards, so a training DiT is left as it was found."""
+        if module is None:
+            raise ValueError(f"this pipeline has no {what}; construct it with one (from_pretrained loads it unless "
+                             f"told not to)")
+        if self.cpu_offload:
+            module.to(self.device)
+        elif _device_of(module) != self.device:
+            raise RuntimeError(f"the {what} is on {_device_of(module)} but the pipeline runs on {self.device}; move "
+                               "it there or enable cpu_offload")
+        was_training = module.training
+        module.eval()
+        try:
+            yield module
+        finally:
+            module.train(was_training)
+            if self.cpu_offload:
+                module.to("cpu")
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        return torch.autocast(device_type=self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+
+    # ------------------------------------------------------------------------------------------- text
+    def encode_prompt(self, prompts: Union[str, Sequence[str]]) -> TextFeatures:
+        """Text features of ``prompts`` on the pipeline's device (float32 embeddings, int64 mask)."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        with self._using(self.text_encoder, "text encoder") as encoder:
+            feats = encoder.encode(prompts, self.device)
+        return self._prepare_text(feats, "prompt features")
+
+    def _prepare_text(self, feats: TextFeatures, name: str) -> TextFeatures:
+        dims = (feats.prompt_embeds.ndim, feats.prompt_attention_mask.ndim, feats.pooled_prompt_embeds.ndim)
+        if dims != (3, 2, 2):
+            raise ValueError(f"{name}: expected prompt_embeds [B, L, D], prompt_attention_mask [B, L], "
+                             f"pooled_prompt_embeds [B, P], got {tuple(feats.prompt_embeds.shape)}, "
+                             f"{tuple(feats.prompt_attention_mask.shape)}, {tuple(feats.pooled_prompt_embeds.shape)}")
+        return TextFeatures(
+            feats.prompt_embeds.to(self.device, torch.float32),
+            feats.prompt_attention_mask.to(self.device, torch.int64),
+            feats.pooled_prompt_embeds.to(self.device, torch.float32),
+        )
+
+    def _text_inputs(self, prompt, prompt_features, negative_prompt, negative_features
+                     ) -> tuple[TextFeatures, TextFeatures]:
+        """(prompt, negative) features with the same rows; strings are encoded in one text-encoder pass."""
+        if (prompt is None) == (prompt_features is None):
+            raise ValueError("give exactly one of prompt (strings) and prompt_features (pre-computed TextFeatures)")
+        prompts = ([prompt] if isinstance(prompt, str) else list(prompt)) if prompt is not None else []
+        negatives = []
+        if negative_features is None:
+            negative_prompt = negative_prompt or ""
+            negatives = [negative_prompt] if isinstance(negative_prompt, str) else list(negative_prompt)
+        if (prompts or negatives) and self.text_encoder is None:
+            raise ValueError("this pipeline has no text encoder: pass prompt_features and negative_features "
+                             "(e.g. the empty-prompt features that tools/extract_text_features.py writes)")
+        encoded = self.encode_prompt(prompts + negatives) if prompts or negatives else None
+
+        def rows(start: int, stop: int) -> TextFeatures:
+            return TextFeatures(encoded.prompt_embeds[start:stop], encoded.prompt_attention_mask[start:stop],
+                                encoded.pooled_prompt_embeds[start:stop])
+
+        if prompt is not None:
+            positive = rows(0, len(prompts))
+        else:
+            positive = self._prepare_text(prompt_features, "prompt_features")
+        if negative_features is None:
+            negative = rows(len(prompts), len(prompts) + len(negatives))
+        else:
+            negative = self._prepare_text(negative_features, "negative_features")
+        negative = _repeat_rows(negative, positive.prompt_embeds.shape[0], "the negative prompt")
+        if negative.prompt_embeds.shape[1:] != positive.prompt_embeds.shape[1:]:
+            raise ValueError(f"negative prompt features {tuple(negative.prompt_embeds.shape)} do not match the "
+                             f"prompt features {tuple(positive.prompt_embeds.shape)} (same text length and width)")
+        return positive, negative
+
+    # -------------------------------------------------------------------------------------- sampling
+    @torch.no_grad()
+    def generate(
+        self,
+        prompt: Union[str, Sequence[str], None] = None,
+        *,
+        prompt_features: Optional[TextFeatures] = None,
+        negative_prompt: Union[str, Sequence[str], None] = DEFAULT_NEGATIVE_PROMPT,
+        negative_features: Optional[TextFeatures] = None,
+        image: Optional[ImageInput] = None,
+        height: Optional[int] = None,
+        width: Optional[int] = None,
+        temp: int = 16,
+        num_inference_steps: Union[int, Sequence[int]] = (20, 20, 20),
+        video_num_inference_steps: Union[int, Sequence[int]] = (10, 10, 10),
+        guidance_scale: float = 7.0,
+        video_guidance_scale: float = 5.0,
+        seed: Optional[int] = None,
+        noise: Optional[NoiseSource] = None,
+        output_type: str = "uint8",
+        decode_window: int = 1,
+        vae_tile_size: Optional[int] = 256,
+        progress: bool = True,
+    ) -> torch.Tensor:
+        """Generate a batch of videos (text-to-video, or image-to-video when ``image`` is given).
+
+        Args:
+            prompt: one prompt or a list (the batch), encoded with the text encoder; or instead
+            prompt_features: pre-computed ``TextFeatures`` (``[B, L, D]``, ``[B, L]``, ``[B, P]``).
+            negative_prompt / negative_features: the classifier-free-guidance negative (one row is shared by the
+                batch). ``None`` or ``""`` means the empty prompt.
+            image: image-to-video input (PIL image, or float tensor ``[3, H, W]`` / ``[B, 3, H, W]`` in [0, 1]) of
+                exactly ``height x width`` (default: its size); it becomes the first frame.
+            height, width: pixels, multiples of 64 (``8 * 2**stages``).
+            temp: latent frames, first frame included: the video has ``1 + 8 * (temp - 1)`` frames.
+            num_inference_steps: Euler steps per stage for the first frame (one int for all stages, or a list).
+            video_num_inference_steps: Euler steps per stage for every later unit.
+            guidance_scale / video_guidance_scale: guidance of the first frame / of later units. Guidance runs
+                when the scale is > 1; at <= 1 only the conditional prediction is used (scale 1 is equivalent).
+            seed: seeds a :class:`GeneratorNoise`; or give ``noise`` (any :class:`NoiseSource`), not both. With
+                neither, torch's global generator is used.
+            output_type: ``"latent"``: the normalised DiT latents ``[B, 16, temp, H/8, W/8]`` (float32, on the
+                pipeline device); ``"pt"``: decoded video ``[B, 3, F, H, W]`` float32 in [0, 1] on the CPU;
+                ``"uint8"``: the same as uint8 in [0, 255].
+            decode_window, vae_tile_size: see :meth:`decode_latents`.
+            progress: show a progress bar over units.
+        """
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        if seed is not None and noise is not None:
+            raise ValueError("give seed or noise, not both (a NoiseSource carries its own randomness)")
+        noise = noise or GeneratorNoise(seed)
+        if temp < 1 or (temp - 1) % self.frame_per_unit:
+            raise ValueError(f"temp={temp}: needs 1 + k * frame_per_unit ({self.frame_per_unit}) latent frames, k >= 0")
+        image_pixels = None
+        if image is not None:
+            image_pixels = image_to_tensor(image)
+            img_h, img_w = image_pixels.shape[-2:]
+            height, width = height or img_h, width or img_w
+            if (img_h, img_w) != (height, width):
+                raise ValueError(f"image is {img_w}x{img_h} but height x width is {width}x{height}; resize it "
+                                 "first (e.g. pyramid_dit.pipeline.resize_center_crop)")
+        if height is None or width is None:
+            raise ValueError("height and width are required for text-to-video")
+        _check_size(height, width, self.num_stages)
+        first_steps = _per_stage(num_inference_steps, self.num_stages, "num_inference_steps")
+        video_steps = _per_stage(video_num_inference_steps, self.num_stages, "video_num_inference_steps")
+
+        positive, negative = self._text_inputs(prompt, prompt_features, negative_prompt, negative_features)
+        batch = positive.prompt_embeds.shape[0]
+        cfg_text = _cat_rows(negative, positive)
+
+        shape = (batch, self.latent_channels, temp, height // VAE_DOWNSAMPLE, width // VAE_DOWNSAMPLE)
+        initial = noise.initial(shape).to(self.device, torch.float32)
+        lowest = noise_pyramid(initial, self.num_stages)[0]
+
+        generated: List[torch.Tensor] = []
+        if image_pixels is not None:
+            if image_pixels.shape[0] not in (1, batch):
+                raise ValueError(f"image batch {image_pixels.shape[0]} must be 1 or the prompt batch {batch}")
+            generated.append(self.encode_image(image_pixels.expand(batch, -1, -1, -1), noise))
+
+        units = num_units(temp, self.frame_per_unit)
+        with self._using(self.dit, "DiT"):
+            for unit in tqdm(range(len(generated), units), desc="units", disable=not progress):
+                first = unit == 0
+                latents = lowest[:, :, unit_frames(unit, unit + 1, self.frame_per_unit)]
+                history = self._history(generated, unit) if generated else [[] for _ in range(self.num_stages)]
+                generated.append(self._denoise_unit(
+                    latents, history, positive, cfg_text, first_steps if first else video_steps,
+                    guidance_scale if first else video_guidance_scale, noise,
+                ))
+        latents = torch.cat(generated, dim=2)
+        if output_type == "latent":
+            return latents
+        video = self.decode_latents(latents, window_size=decode_window, tile_size=vae_tile_size)
+        if output_type == "pt":
+            return video
+        return to_uint8(video)
+
+    def _history(self, generated: List[torch.Tensor], unit: int) -> List[List[torch.Tensor]]:
+        """Per stage, the clean history clips (oldest first) the DiT sees while denoising ``unit``."""
+        pyramid = spatial_pyramid(torch.cat(generated, dim=2), self.num_stages)
+        history = []
+        for stage in range(self.num_stages):
+            plan = history_plan(stage, unit + 1)  # newest first
+            clips = [pyramid[c.stage][:, :, unit_frames(c.first_unit, c.end_unit, self.frame_per_unit)]
+                     for c in reversed(plan)]
+            history.append(clips)
+        return history
+
+    def _denoise_unit(self, latents: torch.Tensor, history: List[List[torch.Tensor]], positive: TextFeatures,
+                      cfg_text: TextFeatures, steps: List[int], scale: float, noise: NoiseSource) -> torch.Tensor:
+        """Run one unit through every stage, starting from its lowest-stage noise; returns the clean latent."""
+        cfg = scale > 1
+        text = cfg_text if cfg else positive
+        rows = text.prompt_embeds.shape[0]
+        gamma = self.scheduler.config.gamma
+        for stage in range(self.num_stages):
+            if stage > 0:
+                alpha, beta = renoise_coefficients(self.scheduler, stage)
+                latents = upsample_nearest(latents)
+                block = noise.block(tuple(latents.shape), gamma).to(self.device, torch.float32)
+                latents = alpha * latents + beta * block
+            clips = [torch.cat([c, c]) if cfg else c for c in history[stage]]
+            self.scheduler.set_timesteps(steps[stage], stage, device=self.device)
+            for t in self.scheduler.timesteps:
+                model_input = torch.cat([latents, latents]) if cfg else latents
+                with self._autocast():
+                    pred = self.dit(
+                        sample=[clips + [model_input]],
+                        encoder_hidden_states=text.prompt_embeds,
+                        encoder_attention_mask=text.prompt_attention_mask,
+                        pooled_projections=text.pooled_prompt_embeds,
+                        timestep_ratio=t.expand(rows).to(torch.float32),
+                    )[0].float()
+                if cfg:
+                    uncond, cond = pred.chunk(2)
+                    pred = uncond + scale * (cond - uncond)
+                latents = self.scheduler.step(pred, t, latents).prev_sample
+        return latents
+
+    # --------------------------------------------------------------------------------------------- VAE
+    @torch.no_grad()
+    def encode_image(self, pixels: torch.Tensor, noise: NoiseSource) -> torch.Tensor:
+        """Normalised DiT latent ``[B, 16, 1, H/8, W/8]`` of images ``[B, 3, H, W]`` in [0, 1]: a sample of the
+        VAE posterior (as training latents are), with ``eps`` from ``noise.posterior``."""
+        with self._using(self.vae, "VAE") as vae, self._autocast():
+            x = (pixels * 2 - 1).unsqueeze(2).to(self.device, _dtype_of(vae))
+            posterior = vae.encode(x).latent_dist
+            eps = noise.posterior(tuple(posterior.mean.shape)).to(self.device, torch.float32)
+            latent = posterior.mean.float() + posterior.std.float() * eps
+        return self.normalization.normalize(latent)
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor, *, window_size: int = 1,
+                       tile_size: Optional[int] = 256) -> torch.Tensor:
+        """Decode normalised DiT latents ``[B, 16, T, h, w]`` into video ``[B, 3, 1 + 8(T-1), 8h, 8w]`` float32 in
+        [0, 1], on the CPU.
+
+        The VAE runs in temporal chunks of ``window_size`` latent frames (1 is the reference's low-memory
+        setting, 2 its fast one) and, when ``tile_size`` is set, in blended spatial tiles of that many pixels
+        (only frames larger than a tile are tiled; ``None`` or 0 disables tiling).
+        """
+        z = self.normalization.denormalize(latents.float())
+        with self._using(self.vae, "VAE") as vae, self._autocast():
+            previous_tiling = vae.use_tiling
+            vae.enable_tiling(bool(tile_size))
+            try:
+                pixels = vae.decode(z.to(self.device, _dtype_of(vae)), temporal_chunk=True, window_size=window_size,
+                                    tile_sample_min_size=tile_size or 256).sample
+            finally:
+                vae.enable_tiling(previous_tiling)
+        return ((pixels.float().cpu() + 1) / 2).clamp(0, 1)
+
+
+def _pick_device(device: Union[str, torch.device]) -> torch.device:
+    if isinstance(device, str) and device in ("auto", "cpu", "cuda"):
+        from trainer_misc.distributed import resolve_device
+
+        return _resolve_device(resolve_device(device))
+    return _resolve_device(device)
+
+
+# -------------------------------------------------------------------------------------------- video files
+def to_uint8(video: torch.Tensor) -> torch.Tensor:
+    """Float video in [0, 1] -> uint8 (``round(255 x)``; the reference truncates instead, at most 1 level lower)."""
+    return (video * 255).round().clamp(0, 255).to(torch.uint8)
+
+
+def _frames_hwc(video: torch.Tensor) -> np.ndarray:
+    """``[3, F, H, W]`` (uint8, or float in [0, 1]) -> ``[F, H, W, 3]`` uint8 numpy."""
+    if video.ndim != 4 or video.shape[0] != 3:
+        raise ValueError(f"save_video takes one video [3, frames, height, width], got {tuple(video.shape)}; "
+                         "index the batch first")
+    if video.dtype != torch.uint8:
+        video = to_uint8(video.float())
+    return np.ascontiguousarray(video.permute(1, 2, 3, 0).cpu().numpy())
+
+
+def _write_mp4(frames: np.ndarray, path: Path, fps: float) -> None:
+    import imageio_ffmpeg
+
+    _, h, w, _ = frames.shape
+    if h % 2 or w % 2:
+        raise ValueError(f"mp4 (H.264, yuv420p) needs an even height and width, got {w}x{h}; write a .gif or .png")
+    writer = imageio_ffmpeg.write_frames(str(path), (w, h), fps=fps, codec="libx264", pix_fmt_in="rgb24",
+                                         pix_fmt_out="yuv420p", macro_block_size=1, quality=8,
+                                         ffmpeg_log_level="error")
+    writer.send(None)  # start the encoder
+    for frame in frames:
+        writer.send(frame)
+    writer.close()
+
+
+def _write_gif(frames: np.ndarray, path: Path, fps: float) -> None:
+    from PIL import Image
+
+    images = [Image.fromarray(f) for f in frames]
+    images[0].save(path, format="GIF", save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0)
+
+
+def _write_png_strip(frames: np.ndarray, path: Path, max_frames: int) -> None:
+    from PIL import Image
+
+    picks = np.unique(np.linspace(0, len(frames) - 1, min(max_frames, len(frames))).round().astype(int))
+    Image.fromarray(np.concatenate([frames[i] for i in picks], axis=1)).save(path, format="PNG")
+
+
+VIDEO_SUFFIXES = (".mp4", ".gif", ".png")
+
+
+def save_video(video: torch.Tensor, path: Union[str, os.PathLike], fps: float = 24,
+               strip_frames: int = 8) -> Path:
+    """Write one video ``[3, F, H, W]`` (uint8, or float in [0, 1]) to ``path``; the suffix picks the format.
+
+    ``.mp4``: H.264 (yuv420p) through imageio-ffmpeg; ``.gif``: looping animation; ``.png``: a horizontal
+    strip of ``strip_frames`` evenly spaced frames (first and last included). The file appears atomically: it is
+    written under a temporary name in the same folder, then renamed.
+    """
+    path = Path(path)
+    if path.suffix.lower() not in VIDEO_SUFFIXES:
+        raise ValueError(f"{path}: unsupported video suffix {path.suffix!r}; use one of {VIDEO_SUFFIXES}")
+    if fps <= 0:
+        raise ValueError(f"fps must be positive, got {fps}")
+    frames = _frames_hwc(video)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # The temp name keeps the suffix: ffmpeg picks the container from it.
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp{path.suffix}")
+    try:
+        suffix = path.suffix.lower()
+        if suffix == ".mp4":
+            _write_mp4(frames, tmp, fps)
+        elif suffix == ".gif":
+            _write_gif(frames, tmp, fps)
+        else:
+            _write_png_strip(frames, tmp, strip_frames)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path

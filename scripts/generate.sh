@@ -1,0 +1,73 @@
+#!/bin/sh
+# Generate a video (text-to-video, or image-to-video with IMAGE) with tools/generate.py, from the official model
+# folder and optionally a finetuned DiT (DIT_PATH: a folder exported by the trainer; DIT_WEIGHT: a state-dict file).
+#
+# Every variable below can be set from the environment, e.g.
+#   MODEL_PATH=ckpt/pyramid-flow-miniflux DIT_PATH=output/run1/dit_ema PROMPT="a red ball on a beach" \
+#     OUTPUT=out/ball.mp4 sh scripts/generate.sh
+# The tiny test model (no GPU needed):
+#   python3 tools/build_tiny_checkpoint.py --out /tmp/tiny && MODEL_PATH=/tmp/tiny HEIGHT=64 WIDTH=64 TEMP=3 \
+#     NUM_INFERENCE_STEPS=2 VIDEO_NUM_INFERENCE_STEPS=1 PROMPT="a dog" sh scripts/generate.sh
+set -eu
+
+: "${MODEL_PATH:=}"                         # the downloaded model folder (causal_video_vae/, text encoders, DiTs)
+: "${VARIANT:=diffusion_transformer_384p}"  # DiT subfolder: diffusion_transformer_384p | diffusion_transformer_768p
+: "${DIT_PATH:=}"                           # finetuned DiT folder (config.json + diffusion_pytorch_model.safetensors)
+: "${DIT_WEIGHT:=}"                         # ... or a single state-dict file (.safetensors / .pt / .bin)
+: "${PROMPT:=}"                             # the prompt ...
+: "${PROMPT_FILE:=}"                        # ... or a file with one prompt per line (one video each)
+: "${IMAGE:=}"                              # image-to-video: the first frame
+: "${TEMP:=16}"                             # latent frames; video frames = 1 + 8 * (TEMP - 1) (16 -> 121, 5 s)
+: "${HEIGHT:=}"                             # pixels, multiple of 64 (default 384, or 768 for the 768p variant)
+: "${WIDTH:=}"                              # pixels, multiple of 64 (default 640, or 1280 for the 768p variant)
+: "${NUM_INFERENCE_STEPS:=20 20 20}"        # Euler steps per stage, first frame (one value or one per stage)
+: "${VIDEO_NUM_INFERENCE_STEPS:=10 10 10}"  # Euler steps per stage, later frames
+: "${GUIDANCE_SCALE:=7.0}"                  # guidance of the first frame (upstream advice: 7 for 384p, 7-9 for 768p)
+: "${VIDEO_GUIDANCE_SCALE:=5.0}"            # guidance of the later frames
+: "${SEED:=0}"                              # prompt i of PROMPT_FILE uses SEED + i
+: "${DEVICE:=auto}"                         # auto | cuda | cpu
+: "${DTYPE:=auto}"                          # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
+: "${CPU_OFFLOAD:=0}"                       # 1: keep models on the CPU, move each to the GPU while it runs
+: "${OUTPUT:=outputs/sample.mp4}"           # .mp4 | .gif | .png (frame strip); several prompts: OUTPUT stem + _000 ...
+: "${FPS:=24}"                              # frame rate of the written video (the released models: 24)
+: "${EXTRA_ARGS:=}"                         # more flags, e.g. "--decode_window 2 --vae_tile_size 0"
+# NEGATIVE_PROMPT and PROMPT_SUFFIX: when set (even to ""), replace tools/generate.py's defaults.
+
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+die() { echo "generate.sh: $*" >&2; exit 2; }
+is_uint() { case "$1" in ''|*[!0-9]*) return 1 ;; *) return 0 ;; esac; }
+
+[ -n "$MODEL_PATH" ] || die "set MODEL_PATH to the downloaded model folder (e.g. ckpt/pyramid-flow-miniflux)"
+[ -d "$MODEL_PATH" ] || die "MODEL_PATH=$MODEL_PATH is not a folder"
+[ -z "$DIT_PATH" ] || [ -z "$DIT_WEIGHT" ] || die "set DIT_PATH or DIT_WEIGHT, not both"
+[ -n "$DIT_PATH" ] || [ -f "$MODEL_PATH/$VARIANT/config.json" ] \
+    || die "no $VARIANT/config.json in MODEL_PATH=$MODEL_PATH; set VARIANT to one of its diffusion_transformer_* folders"
+[ -n "$PROMPT" ] || [ -n "$PROMPT_FILE" ] || die "set PROMPT (or PROMPT_FILE, one prompt per line)"
+[ -z "$PROMPT" ] || [ -z "$PROMPT_FILE" ] || die "set PROMPT or PROMPT_FILE, not both"
+
+case "$VARIANT" in
+    *768p*) : "${HEIGHT:=768}" "${WIDTH:=1280}" ;;
+    *) : "${HEIGHT:=384}" "${WIDTH:=640}" ;;
+esac
+is_uint "$HEIGHT" && [ "$HEIGHT" -gt 0 ] && [ $((HEIGHT % 64)) -eq 0 ] || die "HEIGHT=$HEIGHT must be a positive multiple of 64"
+is_uint "$WIDTH" && [ "$WIDTH" -gt 0 ] && [ $((WIDTH % 64)) -eq 0 ] || die "WIDTH=$WIDTH must be a positive multiple of 64"
+is_uint "$TEMP" && [ "$TEMP" -ge 1 ] || die "TEMP=$TEMP must be a positive integer (latent frames)"
+case "$CPU_OFFLOAD" in 0|1) ;; *) die "CPU_OFFLOAD=$CPU_OFFLOAD must be 0 or 1" ;; esac
+
+set -- "$REPO/tools/generate.py" --model_path "$MODEL_PATH" --variant "$VARIANT" \
+    --temp "$TEMP" --height "$HEIGHT" --width "$WIDTH" \
+    --guidance_scale "$GUIDANCE_SCALE" --video_guidance_scale "$VIDEO_GUIDANCE_SCALE" \
+    --seed "$SEED" --device "$DEVICE" --dtype "$DTYPE" --output "$OUTPUT" --fps "$FPS"
+# shellcheck disable=SC2086  # step lists are space-separated numbers
+set -- "$@" --num_inference_steps $NUM_INFERENCE_STEPS --video_num_inference_steps $VIDEO_NUM_INFERENCE_STEPS
+[ -z "$PROMPT" ] || set -- "$@" --prompt "$PROMPT"
+[ -z "$PROMPT_FILE" ] || set -- "$@" --prompt_file "$PROMPT_FILE"
+[ -z "$IMAGE" ] || set -- "$@" --image "$IMAGE"
+[ -z "$DIT_PATH" ] || set -- "$@" --dit_path "$DIT_PATH"
+[ -z "$DIT_WEIGHT" ] || set -- "$@" --dit_weight "$DIT_WEIGHT"
+[ "$CPU_OFFLOAD" = 0 ] || set -- "$@" --cpu_offload
+[ "${NEGATIVE_PROMPT+set}" != set ] || set -- "$@" --negative_prompt "$NEGATIVE_PROMPT"
+[ "${PROMPT_SUFFIX+set}" != set ] || set -- "$@" --prompt_suffix "$PROMPT_SUFFIX"
+
+# shellcheck disable=SC2086  # EXTRA_ARGS is a list of flags
+exec python3 "$@" $EXTRA_ARGS

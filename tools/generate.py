@@ -1,0 +1,200 @@
+"""Generate videos from a Pyramid Flow model folder, optionally with a finetuned DiT.
+
+Text-to-video::
+
+    python3 tools/generate.py --model_path PATH/pyramid-flow-miniflux --prompt "a red ball rolling on a beach" \
+        --output out/ball.mp4
+
+Image-to-video (the image is resized to cover ``--width x --height`` and centre-cropped)::
+
+    python3 tools/generate.py --model_path PATH/pyramid-flow-miniflux --image first_frame.png \
+        --prompt "FPV flying over the Great Wall" --output out/wall.mp4
+
+A finetuned DiT replaces the variant's: ``--dit_path`` for a folder exported by the trainer (``config.json`` +
+``diffusion_pytorch_model.safetensors``), ``--dit_weight`` for a single state-dict file. With ``--prompt_file``
+(one prompt per line) every prompt gets its own video, ``<output stem>_<index>.<suffix>``, prompt ``i`` seeded
+with ``--seed + i`` (so it equals a single run of that prompt with that seed). The output suffix picks the
+format: ``.mp4``, ``.gif`` or ``.png`` (a strip of frames). ``--temp`` counts latent frames: the video has
+``1 + 8 * (temp - 1)`` frames (16 -> 121 frames, 5 s at 24 fps).
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import argparse
+import time
+from typing import List, Optional, Sequence
+
+STAGES = 3  # the released models' pyramid
+SIZE_MULTIPLE = 8 * 2 ** STAGES  # latent halves twice and is then cut into 2x2 patches
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from pyramid_dit.pipeline import AESTHETIC_SUFFIX, DEFAULT_NEGATIVE_PROMPT
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("model")
+    g.add_argument("--model_path", required=True, help="official model folder (causal_video_vae/, text encoders, "
+                   "diffusion_transformer_*/)")
+    g.add_argument("--variant", default="diffusion_transformer_384p", help="DiT subfolder of --model_path")
+    g.add_argument("--dit_path", default=None, help="finetuned DiT folder (config.json + "
+                   "diffusion_pytorch_model.safetensors) used instead of --variant")
+    g.add_argument("--dit_weight", default=None, help="single-file DiT state dict (.safetensors, or .pt/.pth/.bin "
+                   "read with weights_only=True) loaded into the --variant architecture")
+    g = p.add_argument_group("what to generate")
+    g.add_argument("--prompt", default=None, help="the text prompt")
+    g.add_argument("--prompt_file", default=None, help="text file, one prompt per line (blank lines skipped)")
+    g.add_argument("--prompt_suffix", default=AESTHETIC_SUFFIX, help="appended to every prompt (the reference's "
+                   "aesthetic suffix); '' to disable")
+    g.add_argument("--negative_prompt", default=DEFAULT_NEGATIVE_PROMPT, help="classifier-free guidance negative")
+    g.add_argument("--image", default=None, help="image-to-video: the first frame (any format PIL reads)")
+    g.add_argument("--temp", type=int, default=16, help="latent frames (video frames = 1 + 8 * (temp - 1))")
+    g.add_argument("--height", type=int, default=384, help=f"pixels, a multiple of {SIZE_MULTIPLE} (384p: 384)")
+    g.add_argument("--width", type=int, default=640, help=f"pixels, a multiple of {SIZE_MULTIPLE} (384p: 640)")
+    g = p.add_argument_group("sampling")
+    g.add_argument("--num_inference_steps", type=int, nargs="+", default=[20, 20, 20],
+                   help="Euler steps per stage for the first frame (one value, or one per stage)")
+    g.add_argument("--video_num_inference_steps", type=int, nargs="+", default=[10, 10, 10],
+                   help="Euler steps per stage for every later latent frame")
+    g.add_argument("--guidance_scale", type=float, default=7.0, help="classifier-free guidance of the first frame "
+                   "(t2v); <= 1 turns guidance off (conditional prediction only)")
+    g.add_argument("--video_guidance_scale", type=float, default=5.0, help="guidance of the later frames")
+    g.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("runtime")
+    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    g.add_argument("--dtype", choices=("auto",) + tuple(DTYPES), default="auto",
+                   help="weights and autocast dtype (auto: bf16 on CUDA, fp32 on the CPU)")
+    g.add_argument("--cpu_offload", action="store_true", help="keep models on the CPU, move each to the GPU only "
+                   "while it runs (less GPU memory, slower)")
+    g.add_argument("--decode_window", type=int, default=1, help="latent frames per VAE decode chunk (2 is faster, "
+                   "needs more memory)")
+    g.add_argument("--vae_tile_size", type=int, default=256, help="VAE decode tile size in pixels; 0 disables "
+                   "tiling")
+    g = p.add_argument_group("output")
+    g.add_argument("--output", default="outputs/sample.mp4", help="output file; the suffix picks the format "
+                   "(.mp4, .gif, .png strip)")
+    g.add_argument("--fps", type=float, default=24.0)
+    return p
+
+
+def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Reject bad flag combinations before any model is loaded (argparse-style error, exit status 2)."""
+    from pyramid_dit.pipeline import VIDEO_SUFFIXES
+
+    if (args.prompt is None) == (args.prompt_file is None):
+        p.error("give exactly one of --prompt and --prompt_file")
+    if args.dit_path and args.dit_weight:
+        p.error("--dit_path (a DiT folder) and --dit_weight (a state-dict file) are alternatives; give one")
+    for name in ("height", "width"):
+        value = getattr(args, name)
+        if value <= 0 or value % SIZE_MULTIPLE:
+            p.error(f"--{name} {value} must be a positive multiple of {SIZE_MULTIPLE} (the latent, 1/8 of the "
+                    f"pixels, is halved twice by the pyramid and then cut into 2x2 patches); e.g. 384x640, 768x1280")
+    if args.temp < 1:
+        p.error(f"--temp {args.temp} must be >= 1 (latent frames, the first one included)")
+    for name in ("num_inference_steps", "video_num_inference_steps"):
+        steps = getattr(args, name)
+        if len(steps) not in (1, STAGES) or min(steps) < 1:
+            p.error(f"--{name} {steps}: give one positive step count or one per stage ({STAGES})")
+    if args.image is not None and args.temp < 2:
+        p.error("--image (image-to-video) needs --temp >= 2: the image is latent frame 0")
+    if Path(args.output).suffix.lower() not in VIDEO_SUFFIXES:
+        p.error(f"--output {args.output}: the suffix must be one of {', '.join(VIDEO_SUFFIXES)}")
+    if args.fps <= 0:
+        p.error("--fps must be positive")
+    if args.decode_window < 1:
+        p.error("--decode_window must be >= 1")
+    if args.vae_tile_size < 0 or (args.vae_tile_size and args.vae_tile_size % 8):
+        p.error("--vae_tile_size must be 0 (no tiling) or a positive multiple of 8")
+    if args.device == "cuda" or args.cpu_offload:
+        import torch
+
+        if not torch.cuda.is_available():
+            p.error(f"{'--device cuda' if args.device == 'cuda' else '--cpu_offload'} needs a GPU, but "
+                    "torch.cuda.is_available() is False (CPU-only torch build or no visible GPU); use --device cpu")
+    if args.cpu_offload and args.device == "cpu":
+        p.error("--cpu_offload moves models between the CPU and a GPU; it makes no sense with --device cpu")
+    if not Path(args.model_path).is_dir():
+        p.error(f"--model_path {args.model_path} is not a folder; download rain1011/pyramid-flow-miniflux there "
+                "(or build a tiny one: python3 tools/build_tiny_checkpoint.py --out DIR)")
+    for flag, path, kind in (("--prompt_file", args.prompt_file, "file"), ("--image", args.image, "file"),
+                             ("--dit_weight", args.dit_weight, "file"), ("--dit_path", args.dit_path, "folder")):
+        if path is not None and not (Path(path).is_dir() if kind == "folder" else Path(path).is_file()):
+            p.error(f"{flag} {path}: no such {kind}")
+
+
+def read_prompts(args: argparse.Namespace) -> List[str]:
+    if args.prompt is not None:
+        return [args.prompt]
+    prompts = [line.strip() for line in Path(args.prompt_file).read_text(encoding="utf-8").splitlines()]
+    prompts = [p for p in prompts if p]
+    if not prompts:
+        raise ValueError(f"--prompt_file {args.prompt_file} has no non-blank line")
+    return prompts
+
+
+def output_paths(output: str, count: int) -> List[Path]:
+    out = Path(output)
+    if count == 1:
+        return [out]
+    return [out.with_name(f"{out.stem}_{i:03d}{out.suffix}") for i in range(count)]
+
+
+def main(argv: Optional[Sequence[str]] = None) -> List[Path]:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_args(parser, args)
+
+    import torch
+
+    from pyramid_dit.pipeline import PyramidFlowPipeline, resize_center_crop, save_video
+
+    prompts = read_prompts(args)
+    image = None
+    if args.image is not None:
+        from PIL import Image
+
+        with Image.open(args.image) as img:
+            image = resize_center_crop(img.convert("RGB"), args.width, args.height)
+
+    start = time.time()
+    pipe = PyramidFlowPipeline.from_pretrained(
+        args.model_path, variant=args.variant, dit_path=args.dit_path, dit_weight=args.dit_weight,
+        device=args.device, dtype=None if args.dtype == "auto" else getattr(torch, DTYPES[args.dtype]),
+        cpu_offload=args.cpu_offload,
+    )
+    print(f"loaded {args.dit_path or args.dit_weight or Path(args.model_path) / args.variant} on {pipe.device} "
+          f"({str(pipe.dtype).replace('torch.', '')}) in {time.time() - start:.1f}s", flush=True)
+
+    written = []
+    for index, (prompt, path) in enumerate(zip(prompts, output_paths(args.output, len(prompts)))):
+        start = time.time()
+        video = pipe.generate(
+            prompt + args.prompt_suffix, negative_prompt=args.negative_prompt, image=image,
+            height=args.height, width=args.width, temp=args.temp,
+            num_inference_steps=args.num_inference_steps, video_num_inference_steps=args.video_num_inference_steps,
+            guidance_scale=args.guidance_scale, video_guidance_scale=args.video_guidance_scale,
+            seed=args.seed + index, output_type="uint8", decode_window=args.decode_window,
+            vae_tile_size=args.vae_tile_size or None,
+        )
+        save_video(video[0], path, fps=args.fps)
+        frames, height, width = video.shape[2:]
+        print(f"wrote {path} ({frames} frames, {width}x{height}, seed {args.seed + index}) in "
+              f"{time.time() - start:.1f}s", flush=True)
+        written.append(path)
+    return written
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        # Loading and validation errors carry the file / key / flag in their message; a traceback adds nothing.
+        print(f"generate.py: error: {e}", file=sys.stderr)
+        sys.exit(1)
