@@ -1,0 +1,193 @@
+"""Unit tests of the trainer's pure parts: optimizer groups, LR schedules, sampler, sync groups, sharded EMA."""
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from test_trainer_toy import ToyModel
+from trainer_misc.distributed import ensure_launcher_env, sync_group_position
+from trainer_misc.ema import ShardedEMA, local_chunk
+from trainer_misc.optim import LRSchedule, build_adamw, split_decay_groups
+from trainer_misc.sampler import ResumableBatchSampler
+
+
+# ----------------------------------------------------------------------------------------------------- optimizer
+
+def test_decay_groups_exempt_biases_norms_and_listed_names():
+    model = ToyModel()
+    model.no_weight_decay = lambda: {"mid.weight"}
+    model.inp.bias.requires_grad_(False)
+    decay, no_decay = split_decay_groups(model, weight_decay=0.05)
+    assert decay["names"] == ["inp.weight", "out.weight"] and decay["weight_decay"] == 0.05
+    assert no_decay["names"] == ["norm.weight", "norm.bias", "mid.weight", "mid.bias"]
+    assert no_decay["weight_decay"] == 0.0
+    assert all(p is dict(model.named_parameters())[n] for n, p in zip(decay["names"], decay["params"]))
+
+
+def test_adamw_hyperparameters():
+    opt = build_adamw(ToyModel(), lr=3e-4, betas=(0.9, 0.95), eps=1e-6, weight_decay=1e-4)
+    assert isinstance(opt, torch.optim.AdamW)
+    assert [g["weight_decay"] for g in opt.param_groups] == [1e-4, 0.0]
+    assert all(g["betas"] == (0.9, 0.95) and g["eps"] == 1e-6 and g["lr"] == 3e-4 for g in opt.param_groups)
+
+
+def _reference_constant(base, total, warmup, start=1e-6):
+    warm = np.linspace(start, base, warmup) if warmup > 0 else np.array([])
+    return np.concatenate((warm, np.array([base] * (total - warmup))))
+
+
+def _reference_cosine(base, final, total, warmup):
+    warm = np.linspace(0, base, warmup) if warmup > 0 else np.array([])
+    n = total - warmup
+    body = np.array([final + 0.5 * (base - final) * (1 + math.cos(math.pi * i / n)) for i in range(n)])
+    return np.concatenate((warm, body))
+
+
+@pytest.mark.parametrize("warmup", [0, 1, 2, 7])
+def test_lr_schedules_equal_the_reference_arrays(warmup):
+    total = 20
+    constant = LRSchedule("constant_with_warmup", 5e-5, total, warmup)
+    cosine = LRSchedule("cosine", 5e-5, total, warmup, min_lr=1e-5)
+    assert [constant(s) for s in range(total)] == _reference_constant(5e-5, total, warmup).tolist()
+    assert [cosine(s) for s in range(total)] == _reference_cosine(5e-5, 1e-5, total, warmup).tolist()
+    assert constant(total + 5) == constant(total - 1)  # past the end: last value
+
+
+def test_lr_schedule_rejects_bad_settings():
+    with pytest.raises(ValueError, match="lr_scheduler"):
+        LRSchedule("linear", 1e-4, 10)
+    with pytest.raises(ValueError, match="warmup_steps"):
+        LRSchedule("cosine", 1e-4, 10, warmup_steps=10)
+    short = LRSchedule("constant_with_warmup", 1e-4, 5, warmup_steps=11)  # warmup longer than the run
+    assert short(4) == pytest.approx(1e-6 + 4 * (1e-4 - 1e-6) / 10)
+
+
+# ----------------------------------------------------------------------------------------------------- sync groups
+
+def test_sync_group_layout():
+    pos = [sync_group_position(r, 8, 4) for r in range(8)]
+    assert [p.group_index for p in pos] == [0, 0, 0, 0, 1, 1, 1, 1]
+    assert [p.position for p in pos] == [0, 1, 2, 3, 0, 1, 2, 3]
+    assert {p.num_groups for p in pos} == {2}
+    with pytest.raises(ValueError, match="multiple of video_sync_group"):
+        sync_group_position(0, 6, 4)
+
+
+def test_partial_launcher_environment_is_an_error(monkeypatch):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    with pytest.raises(RuntimeError, match="incomplete launcher environment"):
+        ensure_launcher_env()
+
+
+# ----------------------------------------------------------------------------------------------------- sampler
+
+def _take(sampler, n):
+    it = iter(sampler)
+    return [next(it) for _ in range(n)]
+
+
+def test_sampler_sync_group_ranks_share_batches_and_groups_split_data():
+    world, group = 4, 2
+    streams = []
+    for rank in range(world):
+        pos = sync_group_position(rank, world, group)
+        s = ResumableBatchSampler(40, 4, num_replicas=pos.num_groups, replica=pos.group_index, seed=3)
+        streams.append(_take(s, s.batches_per_epoch))
+    assert streams[0] == streams[1] and streams[2] == streams[3]
+    a = {i for b in streams[0] for i in b}
+    b = {i for b in streams[2] for i in b}
+    assert not a & b and len(a | b) == 40  # one epoch covers the data once, split between the two groups
+
+
+def test_sampler_resume_position_continues_the_same_stream():
+    full = ResumableBatchSampler(30, 4, num_replicas=2, replica=1, seed=5)
+    assert full.batches_per_epoch == 3  # 7 full batches, 3 per stream
+    reference = _take(full, 10)  # crosses three epoch boundaries
+    for start in (0, 2, 3, 7):
+        resumed = ResumableBatchSampler(30, 4, num_replicas=2, replica=1, seed=5, start_batch=start)
+        assert _take(resumed, 10 - start) == reference[start:]
+    assert reference[:3] != reference[3:6]  # epochs are reshuffled
+
+
+def test_sampler_group_keys_make_uniform_batches():
+    keys = [i % 3 for i in range(50)]  # e.g. latent frame counts
+    streams = [ResumableBatchSampler(50, 4, num_replicas=2, replica=r, seed=0, group_keys=keys) for r in (0, 1)]
+    assert streams[0].batches_per_epoch == streams[1].batches_per_epoch == 6  # (4 + 4 + 4) // 2
+    for s in streams:
+        for batch in s.epoch_batches(0):
+            assert len(batch) == 4 and len({keys[i] for i in batch}) == 1
+    with pytest.raises(ValueError, match="not enough data"):
+        ResumableBatchSampler(7, 4, num_replicas=2, replica=0)
+
+
+# ----------------------------------------------------------------------------------------------------- EMA
+
+def test_local_chunks_partition_each_parameter():
+    p = nn.Parameter(torch.arange(10.0))
+    chunks = [local_chunk(p, r, 3) for r in range(3)]
+    assert [c.numel() for c in chunks] == [4, 4, 4]
+    assert torch.equal(torch.cat(chunks)[:10], p.detach())
+    assert torch.equal(chunks[2][2:], torch.zeros(2))  # padding
+
+
+def test_ema_update_rule_and_state_round_trip():
+    torch.manual_seed(0)
+    model = ToyModel()
+    named = list(model.named_parameters())
+    ema = ShardedEMA(named, decay=0.9, update_every=2, rank=0, world_size=1)
+    expected = {n: p.detach().clone() for n, p in named}
+    for _ in range(3):
+        with torch.no_grad():
+            for _, p in named:
+                p.add_(torch.randn_like(p))
+        ema.update()
+        for n, p in named:
+            expected[n] = expected[n] * 0.9 + (1 - 0.9) * p.detach()
+    full = ema.gather()
+    for n in expected:
+        torch.testing.assert_close(full[n], expected[n], rtol=1e-6, atol=1e-7)
+    assert [ema.should_update(s) for s in range(5)] == [True, False, True, False, True]
+
+    other = ShardedEMA(named, decay=0.9, rank=0, world_size=1)
+    other.load_state_dict(ema.state_dict())
+    assert all(torch.equal(other.gather()[n], full[n]) for n in full)
+    with pytest.raises(KeyError, match="EMA parameter names differ"):
+        other.load_state_dict({"nope": torch.zeros(1)})
+
+
+def test_ema_shards_of_two_ranks_reassemble():
+    torch.manual_seed(1)
+    model = ToyModel()
+    named = list(model.named_parameters())
+    shards = [ShardedEMA(named, decay=0.5, rank=r, world_size=2).state_dict() for r in (0, 1)]
+    for n, p in named:
+        assert torch.equal(torch.cat([shards[0][n], shards[1][n]])[:p.numel()].reshape(p.shape), p.detach())
+
+
+def test_init_process_group_from_launcher_env_and_teardown(monkeypatch):
+    import torch.distributed as dist
+
+    from trainer_misc.distributed import (all_reduce_sum, destroy_process_group, get_world_size,
+                                          init_process_group)
+
+    keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    for key in keys:  # setenv first so monkeypatch restores the original state afterwards
+        monkeypatch.setenv(key, "unset")
+        monkeypatch.delenv(key)
+    assert init_process_group(torch.device("cpu")) == (0, 1) and not dist.is_initialized()  # plain run: no group
+    assert ensure_launcher_env()  # fills a one-rank torchrun environment
+    assert all(key in os.environ for key in keys)
+    try:
+        assert init_process_group(torch.device("cpu")) == (0, 1) and dist.is_initialized()
+        assert dist.get_backend() == "gloo" and get_world_size() == 1
+        assert all_reduce_sum(torch.tensor([2.0])).item() == 2.0
+    finally:
+        destroy_process_group()
+    assert not dist.is_initialized()

@@ -1,0 +1,183 @@
+"""Process-group helpers: launcher environment, backend choice, rank helpers, video sync groups.
+
+Training is launched with ``torchrun`` (or ``python -m torch.distributed.run``); accelerate/DeepSpeed then create the
+default process group from the ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`` / ``MASTER_*`` variables. This module keeps
+the few facts every other module needs in one place:
+
+* which backend a device needs (``nccl`` for CUDA, ``gloo`` for CPU);
+* a single-process run (plain ``python train.py``) gets a complete one-rank environment, because DeepSpeed refuses to
+  start without one;
+* the *video sync group* layout of the autoregressive (temporal pyramid) path: ranks ``r`` with the same
+  ``r // video_sync_group`` read the same clip, and ``r % video_sync_group`` is the rank's position inside its group
+  (the objective uses it to pick which temporal unit this rank trains).
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import random
+import socket
+from dataclasses import dataclass
+import numpy as np
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    "SyncGroupPosition",
+    "backend_for_device",
+    "barrier",
+    "destroy_process_group",
+    "ensure_launcher_env",
+    "get_rank",
+    "get_world_size",
+    "init_process_group",
+    "is_dist_initialized",
+    "is_main_process",
+    "all_reduce_sum",
+    "resolve_device",
+    "seed_everything",
+    "sync_group_position",
+]
+
+
+def is_dist_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    """Global rank, 0 when no process group exists."""
+    return dist.get_rank() if is_dist_initialized() else 0
+
+
+def get_world_size() -> int:
+    """Number of processes, 1 when no process group exists."""
+    return dist.get_world_size() if is_dist_initialized() else 1
+
+
+def is_main_process() -> bool:
+    return get_rank() == 0
+
+
+def barrier() -> None:
+    if is_dist_initialized() and get_world_size() > 1:
+        dist.barrier()
+
+
+def destroy_process_group() -> None:
+    """Tear down the default group if one exists.
+
+    Leaving it to interpreter exit makes gloo abort now and then *after* all work is done
+    (``terminate called without an active exception``), which a launcher reports as a failure.
+    """
+    if is_dist_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    """Sum a small tensor over all ranks (in place on a copy) and return it; identity on one process."""
+    out = values.detach().clone()
+    if is_dist_initialized() and get_world_size() > 1:
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` picks this rank's CUDA device when CUDA is present, otherwise the CPU.
+
+    ``cuda`` without a GPU is an error rather than a silent CPU run.
+    """
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
+    if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError("device='cuda' was requested but torch.cuda.is_available() is False; "
+                           "use device='cpu' (or 'auto') on a machine without a GPU")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def backend_for_device(device: torch.device) -> str:
+    """NCCL for CUDA tensors, gloo for CPU tensors (NCCL cannot move CPU tensors)."""
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def init_process_group(device: torch.device, timeout_min: int = 60) -> tuple[int, int]:
+    """For scripts that do not go through accelerate (e.g. data tools): create the default group from the
+    ``torchrun`` environment and return ``(rank, world_size)``.
+
+    A plain single-process run (no ``WORLD_SIZE``) creates no group and returns ``(0, 1)``. On CUDA the rank's local
+    device is selected first, as NCCL requires. Pair with ``destroy_process_group()``.
+    """
+    if is_dist_initialized():
+        return get_rank(), get_world_size()
+    if "WORLD_SIZE" not in os.environ:
+        return 0, 1
+    if device.type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group(backend=backend_for_device(device), timeout=datetime.timedelta(minutes=timeout_min))
+    return get_rank(), get_world_size()
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def ensure_launcher_env() -> bool:
+    """Make a plain ``python script.py`` look like a one-process ``torchrun`` launch.
+
+    DeepSpeed (and accelerate's DeepSpeed path) only start when ``LOCAL_RANK`` etc. are set; without them accelerate
+    silently reports a non-distributed run. Returns True when the variables were filled in here. A partial
+    environment (some variables set, others not) is a launcher bug and raises.
+    """
+    keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+    present = [k for k in keys if k in os.environ]
+    if len(present) == len(keys):
+        return False
+    if present:
+        raise RuntimeError(f"incomplete launcher environment: {present} set but not "
+                           f"{[k for k in keys if k not in os.environ]}; launch with torchrun or set none of them")
+    os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"})
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    return True
+
+
+@dataclass(frozen=True)
+class SyncGroupPosition:
+    """Where a rank sits in the video-sync-group layout.
+
+    ``group_index`` selects the data shard (all ranks of a group read the same clips); ``position`` is the rank's
+    slot inside its group (the autoregressive objective trains a different temporal unit per slot).
+    """
+
+    group_size: int
+    group_index: int
+    position: int
+    num_groups: int
+
+
+def sync_group_position(rank: int, world_size: int, group_size: int) -> SyncGroupPosition:
+    """Layout of consecutive-rank sync groups; ``group_size`` 1 means every rank reads its own data."""
+    if group_size < 1:
+        raise ValueError(f"video_sync_group must be >= 1, got {group_size}")
+    if world_size % group_size != 0:
+        raise ValueError(f"the number of processes ({world_size}) must be a multiple of video_sync_group "
+                         f"({group_size}); set VIDEO_SYNC_GROUP to a divisor of GPUS")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside world of size {world_size}")
+    return SyncGroupPosition(group_size=group_size, group_index=rank // group_size,
+                             position=rank % group_size, num_groups=world_size // group_size)
+
+
+def seed_everything(seed: int, rank: int = 0) -> None:
+    """Seed python, numpy and torch (CPU and every CUDA device) with ``seed + rank``.
+
+    Each rank draws different noise, as the reference does (accelerate's ``set_seed(device_specific=True)``).
+    """
+    value = seed + rank
+    random.seed(value)
+    np.random.seed(value % 2**32)
+    torch.manual_seed(value)
