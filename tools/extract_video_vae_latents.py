@@ -1,0 +1,389 @@
+"""Encode the videos of an annotation file into causal-VAE latents, one safetensors file per line.
+
+Launch with ``sh scripts/extract_vae_latent.sh`` (torchrun over the visible GPUs, or CPU/gloo processes), or run
+directly as a single process::
+
+    python3 tools/extract_video_vae_latents.py --model_path PATH/causal_video_vae \
+        --anno_file annotation/video_text.jsonl --width 640 --height 384 --num_frames 121
+
+Per line: decode the needed frames with decord in one batched read (in DataLoader workers, so the next clip is
+decoded while the current one is encoded), resize to cover ``width x height`` (bicubic, antialiased) and
+center-crop, keep ``8k+1`` frames (at most ``--num_frames``, at least 9), scale to [-1, 1], encode with temporal
+chunking (window 16), and write the raw ``latent_dist.sample()`` ``[1, 16, T, h, w]`` under the key ``"latent"``
+to the line's ``latent`` path. The trainer applies the latent shift/scale, as in the reference.
+
+Resumable: outputs are written atomically and a rerun skips every output that already loads as a valid latent
+(``--overwrite`` redoes them). Failures (missing, corrupt, too short or non-video inputs; bad annotation lines;
+unwritable outputs) are reported per line, counted in the summary and in the jsonl report, and make the exit
+status 1 without stopping the other items.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import argparse
+import json
+import time
+from typing import Sequence
+
+import decord
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from tools.extraction_common import (DONE, FAILED, SKIPPED, DistContext, ItemResult, default_report_path, finish,
+                                     announce_failures, init_distributed, issue_results, parse_dtype, shard,
+                                     shutdown_distributed)
+from trainer_misc.annotation import IMAGE_SUFFIXES, AnnotationError, VideoEntry, parse_annotation, resolve_data_root
+from trainer_misc.io_utils import (LATENT_KEY, DataFileError, atomic_save_safetensors, load_latent,
+                                   read_safetensors_metadata, remove_stale_temps)
+
+FRAME_GROUP = 8          # the VAE compresses time by 8 after the first frame: clips are 8k+1 frames long
+SPATIAL_SCALE = 8        # ... and height and width by 8
+MIN_FRAMES = FRAME_GROUP + 1
+ENCODE_WINDOW = 16       # temporal chunk of the chunked encode (the reference tool's setting)
+
+
+class ClipError(ValueError):
+    """A video that cannot be turned into a clip; the message says why (reported per line, not raised out)."""
+
+
+# --------------------------------------------------------------------------------------------- frames / pixels
+
+
+def plan_frame_indices(num_available: int, num_frames: int, frames: Sequence[int] | None = None) -> list[int]:
+    """Frame indices to decode: ``frames`` (or ``0..``), cut to ``num_frames`` and then to the longest ``8k+1``.
+
+    Raises :class:`ClipError` when an explicit index is past the end or fewer than 9 frames are available.
+    """
+    if frames is None:
+        wanted = list(range(min(num_frames, num_available)))
+    else:
+        wanted = list(frames[:num_frames])
+        past = [f for f in wanted if f >= num_available]
+        if past:
+            raise ClipError(f"frame index {past[0]} is past the end of the video ({num_available} frames)")
+    if len(wanted) < MIN_FRAMES:
+        raise ClipError(f"only {len(wanted)} frame(s) available, need at least {MIN_FRAMES} "
+                        f"(the first frame plus one group of {FRAME_GROUP})")
+    keep = (len(wanted) - 1) // FRAME_GROUP * FRAME_GROUP + 1
+    return wanted[:keep]
+
+
+def read_frames(path: Path, num_frames: int, frames: Sequence[int] | None = None) -> torch.Tensor:
+    """Decode the planned frames of ``path`` in one batched decord read: uint8 ``[T, H, W, 3]``."""
+    if not path.exists():
+        raise ClipError(f"video file {path} does not exist")
+    if not path.is_file():
+        raise ClipError(f"video path {path} is not a file")
+    if path.stat().st_size == 0:
+        raise ClipError(f"video file {path} is empty (zero bytes)")
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        raise ClipError(f"{path} is an image, not a video; put it on an image line instead")
+    try:
+        reader = decord.VideoReader(str(path), num_threads=1)
+    except (RuntimeError, decord.DECORDError) as e:
+        raise ClipError(f"cannot open {path} as a video (corrupt, truncated or not a video): "
+                        f"{str(e).strip().splitlines()[0][:200]}") from None
+    try:
+        indices = plan_frame_indices(len(reader), num_frames, frames)
+    except ClipError as e:
+        raise ClipError(f"{path}: {e}") from None
+    try:
+        batch = reader.get_batch(indices).asnumpy()
+    except (RuntimeError, IndexError, decord.DECORDError) as e:
+        raise ClipError(f"decoding frames of {path} failed: {str(e).strip().splitlines()[0][:200]}") from None
+    if batch.ndim != 4 or batch.shape[-1] != 3:
+        raise ClipError(f"{path} decoded to an unexpected array of shape {batch.shape}")
+    return torch.from_numpy(batch)
+
+
+def cover_size(src_w: int, src_h: int, width: int, height: int) -> tuple[int, int]:
+    """Size ``(w, h)`` scaling the source by one factor so it covers ``width x height`` (the reference's rounding)."""
+    scale = max(width / src_w, height / src_h)
+    return round(src_w * scale), round(src_h * scale)
+
+
+def resize_cover_center_crop(frames: torch.Tensor, width: int, height: int, chunk: int = 16) -> torch.Tensor:
+    """uint8 ``[T, H, W, 3]`` -> float ``[T, 3, height, width]`` in [0, 1]: bicubic antialiased resize, center crop.
+
+    Works ``chunk`` frames at a time so a long high-resolution clip never exists as one float tensor.
+    Values may overshoot [0, 1] slightly (bicubic), as in the reference; no clamping.
+    """
+    t, src_h, src_w, _ = frames.shape
+    new_w, new_h = cover_size(src_w, src_h, width, height)
+    top = int(round((new_h - height) / 2.0))
+    left = int(round((new_w - width) / 2.0))
+    out = torch.empty(t, 3, height, width)
+    for start in range(0, t, chunk):
+        x = frames[start:start + chunk].permute(0, 3, 1, 2).float() / 255.0
+        if (new_h, new_w) != (src_h, src_w):
+            x = F.interpolate(x, size=(new_h, new_w), mode="bicubic", align_corners=False, antialias=True)
+        out[start:start + chunk] = x[:, :, top:top + height, left:left + width]
+    return out
+
+
+def load_clip(path: Path, width: int, height: int, num_frames: int,
+              frames: Sequence[int] | None = None) -> torch.Tensor:
+    """The VAE input for one video: float ``[3, T, height, width]`` in [-1, 1], ``T = 8k+1``."""
+    pixels = resize_cover_center_crop(read_frames(path, num_frames, frames), width, height)
+    return (pixels * 2.0 - 1.0).permute(1, 0, 2, 3).contiguous()
+
+
+# ----------------------------------------------------------------------------------------------------- dataset
+
+
+def latent_metadata(entry: VideoEntry, width: int, height: int, num_frames: int) -> dict[str, str]:
+    """The run settings a latent depends on, stored in its header so a rerun can tell whether it is still valid."""
+    return {"video": str(entry.video), "width": str(width), "height": str(height), "max_frames": str(num_frames),
+            "frames_spec": json.dumps(list(entry.frames)) if entry.frames is not None else ""}
+
+
+def stale_reason(entry: VideoEntry, width: int, height: int, num_frames: int) -> str | None:
+    """None when the existing latent of ``entry`` is valid for this run; else why it has to be redone."""
+    try:
+        latent = load_latent(entry.latent)
+        meta = read_safetensors_metadata(entry.latent)
+    except DataFileError as e:
+        return f"replaced an unreadable existing output ({e})"
+    want = (height // SPATIAL_SCALE, width // SPATIAL_SCALE)
+    if tuple(latent.shape[-2:]) != want:
+        return (f"replaced an existing latent of another size ({latent.shape[-1]}x{latent.shape[-2]}; this run "
+                f"makes {want[1]}x{want[0]} from {width}x{height})")
+    expected = latent_metadata(entry, width, height, num_frames)
+    changed = [k for k in ("max_frames", "frames_spec") if k in meta and meta[k] != expected[k]]
+    if changed:
+        return f"replaced an existing latent made with other settings ({', '.join(changed)} changed)"
+    return None
+
+
+class ClipDataset(Dataset):
+    """Decodes one annotation entry per item in DataLoader workers; never raises for bad data.
+
+    Returns ``{"entry", "action", "pixels", "reason", "decode_s"}`` where ``action`` is "encode" (``pixels`` is
+    ``[3, T, H, W]``), "skip" (a valid output exists) or "fail" (``reason`` says why).
+    """
+
+    def __init__(self, entries: Sequence[VideoEntry], width: int, height: int, num_frames: int,
+                 overwrite: bool = False):
+        self.entries = list(entries)
+        self.width, self.height, self.num_frames = width, height, num_frames
+        self.overwrite = overwrite
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, i: int) -> dict:
+        entry = self.entries[i]
+        item = {"entry": entry, "action": "encode", "pixels": None, "reason": None, "decode_s": 0.0}
+        if not self.overwrite and entry.latent is not None and entry.latent.exists():
+            item["reason"] = stale_reason(entry, self.width, self.height, self.num_frames)
+            if item["reason"] is None:
+                item["action"] = "skip"
+                return item
+        t0 = time.perf_counter()
+        try:
+            item["pixels"] = load_clip(entry.video, self.width, self.height, self.num_frames, entry.frames)
+        except ClipError as e:
+            item.update(action="fail", reason=str(e))
+        item["decode_s"] = time.perf_counter() - t0
+        return item
+
+
+def _no_collate(item: dict) -> dict:
+    return item
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)  # decode workers run side by side with the encoder; keep them to one core each
+
+
+def make_loader(dataset: ClipDataset, num_workers: int, prefetch: int = 2) -> DataLoader:
+    return DataLoader(dataset, batch_size=None, shuffle=False, num_workers=num_workers, collate_fn=_no_collate,
+                      worker_init_fn=_worker_init if num_workers > 0 else None,
+                      prefetch_factor=prefetch if num_workers > 0 else None,
+                      persistent_workers=False)
+
+
+# ----------------------------------------------------------------------------------------------------- encoding
+
+
+def load_vae(model_path: str | Path, device: torch.device, dtype: torch.dtype, tiling: bool = False):
+    """The frozen causal VAE in eval mode on ``device`` in ``dtype``."""
+    from video_vae.modeling_causal_vae import CausalVideoVAE
+
+    path = Path(model_path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"VAE folder {path} has no config.json; pass the causal_video_vae folder of the "
+                                "checkpoint (e.g. PATH/pyramid-flow-miniflux/causal_video_vae)")
+    vae = CausalVideoVAE.from_pretrained(str(path), torch_dtype=dtype)
+    vae = vae.to(device).eval().requires_grad_(False)
+    if tiling:
+        vae.enable_tiling()
+    return vae
+
+
+@torch.no_grad()
+def encode_clip(vae, pixels: torch.Tensor, *, generator: torch.Generator | None = None, latent_kind: str = "sample",
+                tile_sample_min_size: int = 256) -> torch.Tensor:
+    """Raw latent ``[1, 16, T', h, w]`` of float ``pixels`` ``[1, 3, T, H, W]`` on the VAE's device.
+
+    A half-precision VAE runs under autocast, as in the reference tool: convolutions in half precision, while
+    autocast keeps numerically sensitive ops (group norm, softmax) in float32.
+    """
+    if latent_kind not in ("sample", "mean"):
+        raise ValueError(f"latent_kind must be 'sample' or 'mean', got {latent_kind!r}")
+    half = vae.dtype != torch.float32
+    with torch.autocast(device_type=pixels.device.type, dtype=vae.dtype, enabled=half):
+        dist = vae.encode(pixels, temporal_chunk=True, window_size=ENCODE_WINDOW,
+                          tile_sample_min_size=tile_sample_min_size).latent_dist
+        return dist.sample(generator=generator) if latent_kind == "sample" else dist.mean
+
+
+def item_generator(seed: int, index: int) -> torch.Generator:
+    """Per-line CPU generator: a line's latent does not depend on the number of ranks or the device."""
+    return torch.Generator(device="cpu").manual_seed(seed + index)
+
+
+# --------------------------------------------------------------------------------------------------------- main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model_path", required=True, help="the causal_video_vae folder (holds config.json)")
+    p.add_argument("--anno_file", required=True, help="video annotation jsonl (lines need video, text, latent)")
+    p.add_argument("--data_root", default=None,
+                   help="root for relative paths (default: $PYRAMID_DATA_ROOT, else the annotation file's folder)")
+    p.add_argument("--width", type=int, default=640)
+    p.add_argument("--height", type=int, default=384)
+    p.add_argument("--num_frames", type=int, default=121, help="at most this many frames per clip; must be 8k+1")
+    p.add_argument("--model_dtype", default="bf16", choices=["bf16", "fp16", "fp32"],
+                   help="VAE weights/activations dtype; the latent is stored in this dtype")
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+    p.add_argument("--tiling", action="store_true", help="spatial tiling in the VAE encoder (less memory)")
+    p.add_argument("--tile_sample_min_size", type=int, default=256)
+    p.add_argument("--latent_kind", default="sample", choices=["sample", "mean"],
+                   help="store latent_dist.sample() (the reference) or its mean")
+    p.add_argument("--seed", type=int, default=0, help="line i samples with seed + i")
+    p.add_argument("--num_workers", type=int, default=2, help="decode workers per rank (0: decode inline)")
+    p.add_argument("--overwrite", action="store_true", help="redo outputs that already exist and are valid")
+    p.add_argument("--report", default=None,
+                   help="jsonl report path (default: <annotation stem>.latents_report.jsonl in the deepest folder "
+                        "holding all outputs)")
+    p.add_argument("--no_progress", action="store_true")
+    return p
+
+
+def check_args(args: argparse.Namespace) -> None:
+    if args.width <= 0 or args.height <= 0 or args.width % 8 or args.height % 8:
+        raise SystemExit(f"--width/--height must be positive multiples of 8 (the VAE downsamples by 8), "
+                         f"got {args.width}x{args.height}")
+    if args.num_frames < MIN_FRAMES or (args.num_frames - 1) % FRAME_GROUP:
+        raise SystemExit(f"--num_frames must be 8k+1 with k >= 1 (9, 17, ..., 121), got {args.num_frames}")
+    if args.num_workers < 0:
+        raise SystemExit(f"--num_workers must be >= 0, got {args.num_workers}")
+
+
+def plan_entries(entries: Sequence[VideoEntry]) -> tuple[list[VideoEntry], list[tuple[VideoEntry, str]]]:
+    """Split entries into workable ones and per-line failures that need no decoding (bad output names, two lines
+    writing the same latent)."""
+    ok: list[VideoEntry] = []
+    bad: list[tuple[VideoEntry, str]] = []
+    first_line: dict[Path, int] = {}
+    for e in entries:
+        assert e.latent is not None  # parse_annotation(require=("latent",)) guarantees it
+        if e.latent.suffix != ".safetensors":
+            bad.append((e, f"latent path {e.latent} must end with .safetensors (this tool writes safetensors; "
+                           "rename it in the annotation)"))
+        elif e.latent in first_line:
+            bad.append((e, f"latent path {e.latent} is also the output of line {first_line[e.latent]}; "
+                           "give every line its own latent file"))
+        else:
+            first_line[e.latent] = e.line
+            ok.append(e)
+    return ok, bad
+
+
+def run(args: argparse.Namespace, ctx: DistContext) -> tuple[list[ItemResult], Path]:
+    dtype = parse_dtype(args.model_dtype)
+    parsed = parse_annotation(args.anno_file, kind="video", require=("latent",), data_root=args.data_root)
+    if not parsed.entries and not parsed.issues:
+        raise AnnotationError(f"annotation file {args.anno_file} has no lines; nothing to extract")
+    entries, bad = plan_entries(parsed.entries)  # type: ignore[arg-type]
+    results = issue_results(parsed.issues, ctx.rank, ctx.world_size)
+    results += [ItemResult(line=e.line, status=FAILED, input=str(e.video), output=str(e.latent), reason=r,
+                           rank=ctx.rank) for e, r in shard(bad, ctx.rank, ctx.world_size, key=lambda b: b[0].index)]
+    announce_failures(args.anno_file, results)
+    report = Path(args.report) if args.report else default_report_path(
+        [e.latent for e in entries], resolve_data_root(args.anno_file, args.data_root),
+        f"{Path(args.anno_file).stem}.latents_report.jsonl")
+
+    mine = shard(entries, ctx.rank, ctx.world_size)
+    vae = load_vae(args.model_path, ctx.device, dtype, tiling=args.tiling)
+    loader = make_loader(ClipDataset(mine, args.width, args.height, args.num_frames, args.overwrite),
+                         args.num_workers)
+    bar = tqdm(total=len(mine), desc=f"latents rank {ctx.rank}", position=ctx.rank, unit="clip",
+               disable=args.no_progress, dynamic_ncols=True)
+    for item in loader:
+        entry: VideoEntry = item["entry"]
+        base = dict(line=entry.line, input=str(entry.video), output=str(entry.latent), rank=ctx.rank)
+        if item["action"] == "skip":
+            results.append(ItemResult(status=SKIPPED, reason="output exists and is valid", **base))
+        elif item["action"] == "fail":
+            results.append(ItemResult(status=FAILED, reason=item["reason"], **base))
+        else:
+            results.append(encode_and_write(vae, item, args, ctx, dtype, base))
+        announce_failures(args.anno_file, results[-1:])
+        bar.update(1)
+    bar.close()
+    return results, report
+
+
+def encode_and_write(vae, item: dict, args: argparse.Namespace, ctx: DistContext, dtype: torch.dtype,
+                     base: dict) -> ItemResult:
+    entry: VideoEntry = item["entry"]
+    t0 = time.perf_counter()
+    pixels = item["pixels"].unsqueeze(0).to(ctx.device)
+    try:
+        latent = encode_clip(vae, pixels, generator=item_generator(args.seed, entry.index),
+                             latent_kind=args.latent_kind, tile_sample_min_size=args.tile_sample_min_size)
+    except torch.cuda.OutOfMemoryError as e:
+        del pixels
+        torch.cuda.empty_cache()  # let the next (maybe smaller) clip start from a clean pool
+        hint = "" if args.tiling else "; retry with --tiling, or lower --num_frames"
+        return ItemResult(status=FAILED, reason=f"out of memory encoding a {args.width}x{args.height} clip of "
+                          f"{item['pixels'].shape[1]} frames{hint}: {e}", **base)
+    latent = latent.to(dtype)
+    remove_stale_temps(entry.latent)
+    meta = {**latent_metadata(entry, args.width, args.height, args.num_frames), "num_frames": str(pixels.shape[2]),
+            "latent_kind": args.latent_kind, "model_dtype": args.model_dtype}
+    try:
+        atomic_save_safetensors({LATENT_KEY: latent}, entry.latent, metadata=meta)
+    except OSError as e:
+        return ItemResult(status=FAILED, reason=f"cannot write latent {entry.latent}: {e}", **base)
+    return ItemResult(status=DONE, reason=item["reason"], seconds=round(time.perf_counter() - t0 + item["decode_s"], 4),
+                      extra={"frames": int(pixels.shape[2]), "shape": list(latent.shape)}, **base)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    check_args(args)
+    ctx = init_distributed(args.device)
+    try:
+        results, report = run(args, ctx)
+    except (AnnotationError, FileNotFoundError) as e:
+        # Run-level problems (no annotation file, no VAE folder): one clear line, no traceback.
+        print(f"ERROR (rank {ctx.rank}): {e}", file=sys.stderr, flush=True)
+        shutdown_distributed()
+        return 2
+    return finish(ctx, results, what="VAE latents", anno_file=args.anno_file, report_path=report)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
