@@ -13,6 +13,7 @@ objective (``pyramid_dit.objective``) and the loop (``trainer_misc.trainer``). T
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -134,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", default="auto", help="auto (newest complete checkpoint), never, or a folder")
     g.add_argument("--report_to", default="tensorboard", choices=["tensorboard", "none"])
     g.add_argument("--print_freq", type=int, default=20, help="accepted for compatibility (tqdm shows progress)")
+    g.add_argument("--trace_batches", action="store_true",
+                   help="each rank writes logs/trace_rank<r>.jsonl: per micro-batch the clip paths, its sync-group "
+                        "position and the AR units trained, and finally its sharding report (to check a setup)")
     return p
 
 
@@ -215,11 +219,13 @@ def build_dataset(args: argparse.Namespace):
 class PyramidFlowLoss:
     """``compute_loss`` for the trainer: text + latents -> objective -> DiT -> flow-matching loss."""
 
-    def __init__(self, objective: PyramidFlowObjective, use_temporal_pyramid: bool, vae=None, text_encoder=None):
+    def __init__(self, objective: PyramidFlowObjective, use_temporal_pyramid: bool, vae=None, text_encoder=None,
+                 trace: Optional["BatchTrace"] = None):
         self.objective = objective
         self.use_temporal_pyramid = use_temporal_pyramid
         self.vae = vae
         self.text_encoder = text_encoder
+        self.trace = trace
 
     def __call__(self, model: torch.nn.Module, batch: TrainBatch, ctx: StepContext) -> tuple[torch.Tensor, dict]:
         if batch.latents is not None:
@@ -246,7 +252,24 @@ class PyramidFlowLoss:
         # Tokens the DiT attended over: every row's text plus its clips' 2x2 patches.
         tokens = text.prompt_embeds.shape[0] * text.prompt_embeds.shape[1]
         tokens += sum(c.shape[0] * c.shape[2] * c.shape[3] * c.shape[4] // 4 for col in step.sample for c in col)
+        if self.trace is not None:
+            self.trace.write({"step": ctx.step, "micro_step": ctx.micro_step, "rank": ctx.rank,
+                              "world_size": ctx.world_size, "sync_rank": ctx.sync_rank,
+                              "sync_group_index": ctx.sync_group_index, "paths": batch.paths,
+                              "units_per_stage": step.units_per_stage, "loss": float(loss.detach())})
         return loss, {"tokens": tokens}
+
+
+class BatchTrace:
+    """``--trace_batches``: one jsonl file per rank under ``<output_dir>/logs/`` (appended to across resumes)."""
+
+    def __init__(self, output_dir: str, rank: int) -> None:
+        self.path = Path(output_dir) / "logs" / f"trace_rank{rank:05d}.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, record: dict) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
 
 
 def _cast_floats(obj: Any, dtype: torch.dtype) -> Any:
@@ -295,7 +318,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         frame_per_unit=args.frame_per_unit, max_temporal_length=args.max_frames,
         video_sync_group=args.video_sync_group if args.use_temporal_pyramid else 1,
         text_drop_rate=args.text_drop_rate, null_text=null_text)
-    compute_loss = PyramidFlowLoss(objective, args.use_temporal_pyramid, vae=vae, text_encoder=text_encoder)
+    trace = BatchTrace(args.output_dir, int(os.environ.get("RANK", "0"))) if args.trace_batches else None
+    compute_loss = PyramidFlowLoss(objective, args.use_temporal_pyramid, vae=vae, text_encoder=text_encoder,
+                                   trace=trace)
 
     max_steps = args.max_steps or args.epochs * args.iters_per_epoch
     warmup = args.warmup_steps if args.warmup_steps >= 0 else args.warmup_epochs * args.iters_per_epoch
@@ -312,12 +337,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         tensorboard=args.report_to == "tensorboard")
     try:
         result = train(dit, compute_loss, dataset, config, collate_fn=collate, group_keys=dataset.group_keys())
+        if trace is not None:
+            trace.write({"sharding": result.engine.sharding_report()})
         if result.engine.is_main:
             first = result.records[0].loss if result.records else float("nan")
             last = result.records[-1].loss if result.records else float("nan")
-            logger.info("done: %d steps (from %d), loss %.4f -> %.4f, world size %d; exported %s",
-                        result.final_step, result.start_step, first, last, get_world_size(),
-                        ", ".join(map(str, result.exported)) or "nothing")
+            logger.info("done: %d steps (from %d), loss %.4f -> %.4f, world size %d; %d unreadable samples "
+                        "skipped; exported %s", result.final_step, result.start_step, first, last, get_world_size(),
+                        result.bad_samples, ", ".join(map(str, result.exported)) or "nothing")
     finally:
         destroy_process_group()
     return 0

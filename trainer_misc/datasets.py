@@ -3,9 +3,9 @@
 Every item is a plain dict; :func:`collate` stacks a list of them into a :class:`TrainBatch`. A sample that cannot
 be read (missing, truncated or corrupt file, wrong shape) does not raise inside the DataLoader worker and is never
 replaced by another sample: the item carries the path and the reason, the batch carries the list of bad items, and
-:class:`SkipBadBatches` drops such a batch, logs every bad path and counts them. Dropping the *whole* batch keeps
-every batch at the configured size (the objective needs ``batch % sum(sample_ratios) == 0``) and keeps the ranks
-of a ``video_sync_group``, which read identical batches, in step with each other.
+the training loop (``trainer_misc.trainer``) skips such a batch on every rank, logging each bad path and counting
+it. Skipping the *whole* batch keeps every batch at the configured size (the objective needs
+``batch % sum(sample_ratios) == 0``).
 
 Batches only ever mix samples of equal shape: the sampler (:class:`trainer_misc.sampler.ResumableBatchSampler`)
 gets :meth:`VideoLatentDataset.group_keys` (latent frame count) or :meth:`ImageDataset.group_keys` (bucket).
@@ -16,7 +16,7 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -122,36 +122,6 @@ def collate(items: Sequence[dict]) -> TrainBatch:
         for key in ("prompt_embeds", "prompt_attention_mask", "pooled_prompt_embeds"):
             setattr(batch, key, torch.cat([it[key] for it in items]))
     return batch
-
-
-class SkipBadBatches:
-    """Wraps a batch iterator: drops batches with unreadable samples, logging each path and counting them.
-
-    ``skipped_samples`` / ``skipped_batches`` are this rank's totals (the trainer logs them). Raises if
-    ``max_consecutive`` batches in a row are bad: at that point the data set is broken, not a few files.
-    """
-
-    def __init__(self, batches: Iterable[TrainBatch], max_consecutive: int = 50) -> None:
-        self._batches = iter(batches)
-        self.max_consecutive = max_consecutive
-        self.skipped_samples = 0
-        self.skipped_batches = 0
-
-    def __iter__(self) -> Iterator[TrainBatch]:
-        return self
-
-    def __next__(self) -> TrainBatch:
-        for _ in range(self.max_consecutive):
-            batch = next(self._batches)
-            if not batch.bad:
-                return batch
-            self.skipped_batches += 1
-            self.skipped_samples += len(batch.bad)
-            for path, reason in batch.bad:
-                logger.warning("skipping batch: bad sample %s: %s (skipped so far: %d samples)",
-                               path, reason, self.skipped_samples)
-        raise RuntimeError(f"{self.max_consecutive} consecutive batches had unreadable samples; "
-                           "check the data set (see the warnings above for the paths)")
 
 
 # ------------------------------------------------------------------------------------------------ video latents

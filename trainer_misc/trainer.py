@@ -184,6 +184,7 @@ class StepRecord:
     step_time: float
     samples_per_sec: float
     tokens_per_sec: Optional[float]
+    bad_samples: int  # unreadable samples so far (all ranks); their batches were skipped
     stats: dict[str, float] = field(default_factory=dict)
 
 
@@ -194,6 +195,7 @@ class TrainResult:
     final_step: int
     skipped_updates: int
     dropped_micro_batches: int
+    bad_samples: int                   # unreadable samples met in the whole run (all ranks, resumes included)
     resumed_from: Optional[Path]
     checkpoints: list[Path]
     exported: list[Path]
@@ -203,6 +205,9 @@ class TrainResult:
 def _to_device(obj: Any, device: torch.device, non_blocking: bool) -> Any:
     if isinstance(obj, torch.Tensor):
         return obj.to(device, non_blocking=non_blocking)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.replace(obj, **{f.name: _to_device(getattr(obj, f.name), device, non_blocking)
+                                           for f in dataclasses.fields(obj) if f.init})
     if isinstance(obj, dict):
         return {k: _to_device(v, device, non_blocking) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
@@ -253,7 +258,7 @@ class _MetricsLog:
             return
         scalars = {"train/loss": record.loss, "train/lr": record.lr, "train/samples_per_sec": record.samples_per_sec,
                    "train/skipped_updates": skipped_total, "train/dropped_micro_batches": dropped_total,
-                   "train/step_time": record.step_time}
+                   "train/step_time": record.step_time, "train/bad_samples": record.bad_samples}
         if record.grad_norm is not None:
             scalars["train/grad_norm"] = record.grad_norm
         if record.tokens_per_sec is not None:
@@ -283,10 +288,12 @@ class _StepRunner:
     """Runs one optimizer step (its ``grad_accum_steps`` micro-batches) and keeps the run's counters."""
 
     def __init__(self, engine: TrainEngine, compute_loss: ComputeLoss, data_iter, config: TrainConfig, sync,
-                 micro_step: int, skipped_total: int, dropped_total: int) -> None:
+                 micro_step: int, skipped_total: int, dropped_total: int, data_position: int,
+                 bad_samples: int) -> None:
         self.engine, self.compute_loss, self.data_iter, self.config, self.sync = (engine, compute_loss, data_iter,
                                                                                   config, sync)
         self.micro_step, self.skipped_total, self.dropped_total = micro_step, skipped_total, dropped_total
+        self.data_position, self.bad_samples = data_position, bad_samples
         self.schedule = config.schedule()
 
     def _context(self, step: int, k: int) -> StepContext:
@@ -295,9 +302,35 @@ class _StepRunner:
                            world_size=e.world_size, sync_rank=sync.position, sync_group=sync.group_size,
                            sync_group_index=sync.group_index, device=e.device, dtype=e.param_dtype, module=e.module)
 
+    def _next_batch(self, step: int) -> Any:
+        """The next batch in which every sample loaded, skipping bad batches on all ranks together.
+
+        A batch object with a non-empty ``bad`` list of ``(path, reason)`` (see ``trainer_misc.datasets``) had
+        unreadable samples. Its paths are logged and counted, and *every* rank moves on to its next batch: one
+        all-reduce per micro-batch decides, so ranks never disagree on how many forward/backward passes a step
+        has (a rank that skipped alone would leave the others waiting in the gradient reduction), and the data
+        position (batches consumed) stays the same on all ranks.
+        """
+        for _ in range(self.MAX_CONSECUTIVE_BAD):
+            batch = next(self.data_iter)
+            self.data_position += 1
+            bad = list(getattr(batch, "bad", None) or [])
+            for path, reason in bad:
+                logger.warning("rank %d step %d: bad sample %s: %s; skipping its batch", self.engine.rank, step,
+                               path, reason)
+            n_bad = int(all_reduce_sum(torch.tensor([float(len(bad))], dtype=torch.float64,
+                                                    device=self.engine.device)).item())
+            if n_bad == 0:
+                return batch
+            self.bad_samples += n_bad
+        raise RuntimeError(f"{self.MAX_CONSECUTIVE_BAD} consecutive batches had unreadable samples; the data set "
+                           "is broken (see the warnings above for the paths)")
+
+    MAX_CONSECUTIVE_BAD = 50
+
     def _forward(self, step: int, k: int) -> tuple[torch.Tensor, float, Optional[float], dict[str, float]]:
         """Fetch a micro-batch, compute its loss, and average the loss (and sum the tokens) over ranks."""
-        batch = _to_device(next(self.data_iter), self.engine.device, non_blocking=self.config.pin_memory)
+        batch = _to_device(self._next_batch(step), self.engine.device, non_blocking=self.config.pin_memory)
         loss, stats = self.compute_loss(self.engine.model, batch, self._context(step, k))
         self.micro_step += 1
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1 or not isinstance(stats, dict):
@@ -354,7 +387,8 @@ class _StepRunner:
                           grad_norm=outcome.grad_norm if outcome is not None else None, skipped=kept == 0,
                           applied=outcome is not None and outcome.applied, dropped_micro_batches=ga - kept,
                           step_time=elapsed, samples_per_sec=samples / elapsed,
-                          tokens_per_sec=tokens_sum / elapsed if tokens_sum is not None else None, stats=stats)
+                          tokens_per_sec=tokens_sum / elapsed if tokens_sum is not None else None,
+                          bad_samples=self.bad_samples, stats=stats)
 
 
 def _build_loader(dataset: Dataset, config: TrainConfig, sync, start_batch: int, collate_fn, group_keys,
@@ -402,20 +436,22 @@ def train(model: nn.Module, compute_loss: ComputeLoss, dataset: Dataset, config:
                          device=torch.device("cpu") if config.ema_on_cpu else None)
 
     resumed_from = _resolve_resume(config, checkpoint_root)
-    state = {"step": 0, "micro_step": 0, "skipped_updates": 0, "dropped_micro_batches": 0}
+    state = {"step": 0, "micro_step": 0, "skipped_updates": 0, "dropped_micro_batches": 0, "data_position": 0,
+             "bad_samples": 0}
     if resumed_from is not None:
         state = load_checkpoint(resumed_from, engine, ema, restore_rng=False)
         logger.info("resumed from %s at step %d", resumed_from, state["step"])
     start_step = int(state["step"])
 
-    sampler, loader = _build_loader(dataset, config, sync, int(state["micro_step"]), collate_fn, group_keys,
-                                    engine.device)
+    data_position = int(state.get("data_position", state["micro_step"]))
+    sampler, loader = _build_loader(dataset, config, sync, data_position, collate_fn, group_keys, engine.device)
     if resumed_from is not None and state.get("sampler") != sampler.state_dict():
         raise ValueError(f"{resumed_from}: the data layout changed since the checkpoint (saved {state.get('sampler')}"
                          f", now {sampler.state_dict()}); the data position cannot be restored. Resume with the same "
                          "dataset, batch size, seed and number of processes, or start a new OUTPUT_DIR.")
     runner = _StepRunner(engine, compute_loss, iter(loader), config, sync, int(state["micro_step"]),
-                         int(state["skipped_updates"]), int(state["dropped_micro_batches"]))
+                         int(state["skipped_updates"]), int(state["dropped_micro_batches"]), data_position,
+                         int(state.get("bad_samples", 0)))
 
     # RNG last, so nothing above (model wrapping, DataLoader set-up) shifts the streams the objective draws from.
     if resumed_from is not None:
@@ -424,7 +460,8 @@ def train(model: nn.Module, compute_loss: ComputeLoss, dataset: Dataset, config:
         seed_everything(config.seed, rank)
 
     def trainer_state(step_done: int) -> dict:
-        return {"step": step_done, "micro_step": runner.micro_step, "skipped_updates": runner.skipped_total,
+        return {"step": step_done, "micro_step": runner.micro_step, "data_position": runner.data_position,
+                "bad_samples": runner.bad_samples, "skipped_updates": runner.skipped_total,
                 "dropped_micro_batches": runner.dropped_total, "world_size": world, "strategy": config.strategy,
                 "mixed_precision": config.mixed_precision, "grad_accum_steps": config.grad_accum_steps,
                 "sampler": sampler.state_dict(), "config": dataclasses.asdict(config)}
@@ -467,4 +504,5 @@ def train(model: nn.Module, compute_loss: ComputeLoss, dataset: Dataset, config:
                                 dtype=_EXPORT_DTYPES[config.export_dtype])
     return TrainResult(records=records, start_step=start_step, final_step=max(start_step, config.max_steps),
                        skipped_updates=runner.skipped_total, dropped_micro_batches=runner.dropped_total,
+                       bad_samples=runner.bad_samples,
                        resumed_from=resumed_from, checkpoints=checkpoints, exported=exported, engine=engine)
