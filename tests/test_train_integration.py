@@ -99,7 +99,8 @@ def test_ar_zero3_two_ranks_share_clip_train_different_units(workspace):
         "GPUS": "2", "VIDEO_SYNC_GROUP": "2", "SHARD_STRATEGY": "zero3", "MODEL_PATH": str(workspace["model"]),
         "OUTPUT_DIR": str(out), "ANNO_FILE": str(anno), "RESOLUTION": "64x64", "NUM_FRAMES": "4",
         "BATCH_SIZE": "4", "GRAD_ACCU_STEPS": "1", "ITERS_PER_EPOCH": "4", "SAVE_CKPT_FREQ": "4",
-        "EXTRA_ARGS": "--trace_batches"})
+        "EXTRA_ARGS": "--trace_batches --validation_every 2 --validation_prompts 1 --validation_temp 2 "
+                      "--validation_steps 1 1 1"})
     by_rank = traces(out)
     assert sorted(by_rank) == [0, 1]
     steps = {r: [x for x in lines if "micro_step" in x] for r, lines in by_rank.items()}
@@ -123,6 +124,16 @@ def test_ar_zero3_two_ranks_share_clip_train_different_units(workspace):
     assert [m["step"] for m in log] == [1, 2, 3, 4] and log[-1]["bad_samples"] >= 1
     assert all(m["loss"] == m["loss"] for m in log)
     assert_reloads(out / "export" / "transformer", workspace["model"], "diffusion_transformer_384p")
+    # Validation samples from the gathered ZeRO-3 weights, every 2 steps, as mp4 and in tensorboard.
+    import decord
+    for step in (2, 4):
+        video = decord.VideoReader(str(out / "samples" / f"step-{step:06d}" / "prompt0.mp4"))
+        assert (len(video), *video[0].shape) == (9, 64, 64, 3)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    tags = set()
+    for events in (out / "logs").glob("events.out.tfevents.*"):
+        tags |= set(EventAccumulator(str(events)).Reload().Tags()["images"])
+    assert "validation/prompt0" in tags
 
 
 def test_full_sequence_t2v_zero2(workspace):

@@ -135,6 +135,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", default="auto", help="auto (newest complete checkpoint), never, or a folder")
     g.add_argument("--report_to", default="tensorboard", choices=["tensorboard", "none"])
     g.add_argument("--print_freq", type=int, default=20, help="accepted for compatibility (tqdm shows progress)")
+    g.add_argument("--validation_every", type=int, default=0,
+                   help="every N optimizer steps rank 0 samples videos of fixed prompts (EMA weights with "
+                        "--ema_update) into <output_dir>/samples/ and tensorboard; 0 = off")
+    g.add_argument("--validation_prompts", type=int, default=2,
+                   help="how many prompts: the captions of the first N annotation lines")
+    g.add_argument("--validation_temp", type=int, default=0, help="latent frames per sample (0: --max_frames)")
+    g.add_argument("--validation_steps", type=int, nargs=3, default=[10, 10, 10], metavar="N",
+                   help="Euler steps per stage (the later frames use half, at least 1)")
     g.add_argument("--trace_batches", action="store_true",
                    help="each rank writes logs/trace_rank<r>.jsonl: per micro-batch the clip paths, its sync-group "
                         "position and the AR units trained, and finally its sharding report (to check a setup)")
@@ -272,6 +280,66 @@ class BatchTrace:
             f.write(json.dumps(record) + "\n")
 
 
+class ValidationSampler:
+    """``--validation_every``: rank 0 samples the captions of the first annotation lines with the current weights.
+
+    Writes ``<output_dir>/samples/step-<step>/prompt<i>.mp4`` and logs a frame strip per prompt to tensorboard
+    (``validation/prompt<i>``). Runs on a fresh DiT built from the gathered weights, so the training model (and its
+    ZeRO partitions) is never touched.
+    """
+
+    def __init__(self, args: argparse.Namespace, dit_config: dict, dataset, null_text: Optional[TextConditioning],
+                 device: torch.device) -> None:
+        from pyramid_dit.text_encoder import FluxTextEncoder, TextFeatures
+        from video_vae.modeling_causal_vae import CausalVideoVAE
+
+        self.args, self.dit_config, self.device = args, dit_config, device
+        self.out = Path(args.output_dir) / "samples"
+        self.width, self.height = (IMAGE_BUCKETS.get(args.resolution) or [parse_resolution(args.resolution)])[0] \
+            if args.task == "t2i" else parse_resolution(args.resolution)
+        self.temp = 1 if args.task == "t2i" else (args.validation_temp or args.max_frames)
+        self.vae = CausalVideoVAE.from_pretrained(Path(args.model_path) / "causal_video_vae").to(device).eval()
+        n = min(args.validation_prompts, len(dataset))
+        items = [dataset[i] for i in range(n)]
+        self.captions = [item.get("text", "") for item in items]
+        if args.load_text_encoder or "prompt_embeds" not in items[0]:
+            encoder = FluxTextEncoder.from_pretrained(args.model_path).to(device)
+            self.prompts = [encoder.encode([c], device) for c in self.captions]
+            self.negative = encoder.encode([""], device)
+            del encoder
+        else:
+            self.prompts = [TextFeatures(it["prompt_embeds"], it["prompt_attention_mask"], it["pooled_prompt_embeds"])
+                            for it in items]
+            assert null_text is not None
+            self.negative = TextFeatures(*null_text)  # [1, L, D], [1, L], [1, P] as stored
+
+    def __call__(self, step: int, state: dict[str, torch.Tensor]) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        from pyramid_dit.modeling_pyramid_flux import PyramidFluxTransformer
+        from pyramid_dit.pipeline import PyramidFlowPipeline, save_video
+
+        dit = PyramidFluxTransformer.from_config(self.dit_config)
+        dit.load_state_dict({k: v.float() for k, v in state.items()})
+        pipe = PyramidFlowPipeline(dit.to(self.device).eval(), vae=self.vae, device=self.device,
+                                   dtype=torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        folder = self.out / f"step-{step:06d}"
+        writer = SummaryWriter(str(Path(self.args.output_dir) / "logs")) if self.args.report_to == "tensorboard" \
+            else None
+        for i, features in enumerate(self.prompts):
+            video = pipe.generate(prompt_features=features, negative_features=self.negative, height=self.height,
+                                  width=self.width, temp=self.temp, num_inference_steps=self.args.validation_steps,
+                                  video_num_inference_steps=[max(1, n // 2) for n in self.args.validation_steps],
+                                  seed=i, progress=False)[0]
+            path = save_video(video, folder / f"prompt{i}.mp4" if self.temp > 1 else folder / f"prompt{i}.png")
+            logger.info("validation sample for %r -> %s", self.captions[i], path)
+            if writer is not None:
+                strip = video[:, :: max(1, video.shape[1] // 8)]  # [3, F', H, W] -> frames side by side
+                writer.add_image(f"validation/prompt{i}", strip.permute(0, 2, 1, 3).flatten(2), step)
+        if writer is not None:
+            writer.close()
+
+
 def _cast_floats(obj: Any, dtype: torch.dtype) -> Any:
     if isinstance(obj, torch.Tensor):
         return obj.to(dtype) if obj.is_floating_point() else obj
@@ -334,9 +402,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         seed=args.seed, video_sync_group=args.video_sync_group if args.sync_video_input else 1,
         num_workers=args.num_workers, checkpoint_every=args.save_ckpt_freq,
         keep_last_checkpoints=args.keep_last_checkpoints, resume=args.resume,
-        tensorboard=args.report_to == "tensorboard")
+        tensorboard=args.report_to == "tensorboard", validate_every=args.validation_every)
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    validate = ValidationSampler(args, dict(dit.config), dataset, null_text, device) \
+        if args.validation_every and is_main else None
     try:
-        result = train(dit, compute_loss, dataset, config, collate_fn=collate, group_keys=dataset.group_keys())
+        result = train(dit, compute_loss, dataset, config, collate_fn=collate, group_keys=dataset.group_keys(),
+                       validate=validate)
         if trace is not None:
             trace.write({"sharding": result.engine.sharding_report()})
         if result.engine.is_main:

@@ -43,6 +43,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "CHECKPOINT_PREFIX", "COMPLETE_MARKER", "capture_rng_state", "export_model", "export_pretrained",
+    "gather_full_weights",
     "find_latest_checkpoint", "list_checkpoints", "load_checkpoint", "load_dit_weights", "optimizer_state_from_flat",
     "optimizer_state_to_flat", "read_json", "restore_rank_rng", "restore_rng_state", "save_checkpoint", "write_json_atomic",
 ]
@@ -296,29 +297,43 @@ def export_pretrained(module: nn.Module, state_dict: Mapping[str, torch.Tensor],
     return out_dir
 
 
+def gather_full_weights(engine: "TrainEngine", ema: Optional["ShardedEMA"] = None
+                        ) -> tuple[Optional[dict[str, torch.Tensor]], Optional[dict[str, torch.Tensor]]]:
+    """``(model state dict, EMA state dict)`` on rank 0, ``(None, None)`` on the others. Collective.
+
+    ZeRO-3 partitions and EMA chunks are gathered to rank 0. The EMA dict is the model's state dict with every
+    EMA-tracked parameter replaced by its average, in the dtype of the model's tensor; None without ``ema``.
+    """
+    state = engine.full_state_dict()
+    ema_full = ema.gather(comm_device=engine.device) if ema is not None else None
+    if not engine.is_main:
+        return None, None
+    assert state is not None
+    if ema_full is None:
+        return state, None
+    missing = sorted(set(ema_full) - set(state))
+    if missing:
+        raise KeyError(f"EMA parameters not in the model's state dict: {missing[:5]}")
+    return state, {k: ema_full[k].to(v.dtype) if k in ema_full else v for k, v in state.items()}
+
+
 def export_model(engine: "TrainEngine", out_dir: Path, ema: Optional["ShardedEMA"] = None,
                  dtype: Optional[torch.dtype] = None) -> list[Path]:
     """Export the trained model to ``out_dir`` and, with ``ema``, its EMA to ``out_dir`` + ``_ema``.
 
-    Collective (ZeRO-3 partitions and EMA chunks are gathered to rank 0); rank 0 writes and returns the folders,
-    other ranks return ``[]``. The EMA export is the model's state dict with every EMA-tracked parameter replaced
-    by its average, cast to the dtype of the model's tensor. ``dtype`` casts floating tensors of both.
+    Collective (see :func:`gather_full_weights`); rank 0 writes and returns the folders, other ranks return ``[]``.
+    ``dtype`` casts floating tensors of both.
     """
     out_dir = Path(out_dir)
-    state = engine.full_state_dict()
-    ema_full = ema.gather(comm_device=engine.device) if ema is not None else None
+    state, ema_state = gather_full_weights(engine, ema)
     written: list[Path] = []
     if engine.is_main:
-        assert state is not None
         def cast(t: torch.Tensor) -> torch.Tensor:
             return t.to(dtype) if dtype is not None and t.is_floating_point() else t
         written.append(export_pretrained(engine.module, {k: cast(v) for k, v in state.items()}, out_dir))
-        if ema_full is not None:
-            missing = sorted(set(ema_full) - set(state))
-            if missing:
-                raise KeyError(f"EMA parameters not in the model's state dict: {missing[:5]}")
-            ema_state = {k: cast(ema_full[k].to(v.dtype) if k in ema_full else v) for k, v in state.items()}
-            written.append(export_pretrained(engine.module, ema_state, out_dir.with_name(out_dir.name + "_ema")))
+        if ema_state is not None:
+            written.append(export_pretrained(engine.module, {k: cast(v) for k, v in ema_state.items()},
+                                             out_dir.with_name(out_dir.name + "_ema")))
     barrier()
     return written
 

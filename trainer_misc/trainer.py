@@ -51,8 +51,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from .checkpoint import export_model, find_latest_checkpoint, load_checkpoint, restore_rank_rng, save_checkpoint
-from .distributed import all_reduce_sum, seed_everything, sync_group_position
+from .checkpoint import export_model, gather_full_weights, find_latest_checkpoint, load_checkpoint, restore_rank_rng, save_checkpoint
+from .distributed import all_reduce_sum, barrier, seed_everything, sync_group_position
 from .ema import ShardedEMA
 from .engine import PRECISIONS, STRATEGIES, EngineConfig, TrainEngine
 from .optim import LRSchedule, build_adamw
@@ -110,6 +110,8 @@ class TrainConfig:
     export: bool = True
     export_name: str = "transformer"           # folder under output_dir/export (EMA: <name>_ema)
     export_dtype: Optional[str] = None         # None keeps the training dtype; bf16 | fp16 | fp32
+    # validation samples: every N steps (0 = off) train() calls its ``validate`` on rank 0 with the weights
+    validate_every: int = 0
     # logging
     tensorboard: bool = True
     progress_bar: bool = True
@@ -405,12 +407,15 @@ def _build_loader(dataset: Dataset, config: TrainConfig, sync, start_batch: int,
 
 def train(model: nn.Module, compute_loss: ComputeLoss, dataset: Dataset, config: TrainConfig, *,
           collate_fn: Optional[Callable] = None, group_keys: Optional[Sequence[Hashable]] = None,
-          on_step_end: Optional[Callable[[StepRecord], None]] = None) -> TrainResult:
+          on_step_end: Optional[Callable[[StepRecord], None]] = None,
+          validate: Optional[Callable[[int, dict[str, torch.Tensor]], None]] = None) -> TrainResult:
     """Train ``model`` with ``compute_loss`` on ``dataset``; see the module docstring.
 
     ``model`` should be on the CPU or its device already, with pretrained weights loaded (``load_dit_weights``)
     and gradient checkpointing configured. ``on_step_end`` is called on every rank after each step. Returns the
-    per-step records of this call and what was written.
+    per-step records of this call and what was written. ``validate(step, state_dict)`` runs on rank 0 every
+    ``config.validate_every`` steps with the full weights (the EMA's when EMA is on) while the other ranks wait;
+    only rank 0 needs to pass it.
     """
     if isinstance(dataset, IterableDataset):
         raise TypeError("train() needs a map-style dataset (len + __getitem__) so the data position can be "
@@ -492,6 +497,11 @@ def train(model: nn.Module, compute_loss: ComputeLoss, dataset: Dataset, config:
             if (config.checkpoint_every and done % config.checkpoint_every == 0) or done == config.max_steps:
                 checkpoints.append(save_checkpoint(checkpoint_root, done, engine, trainer_state(done), ema,
                                                    config.keep_last_checkpoints))
+            if config.validate_every and done % config.validate_every == 0:
+                state, ema_state = gather_full_weights(engine, ema)  # collective: every rank takes part
+                if engine.is_main and validate is not None:
+                    validate(done, ema_state if ema_state is not None else state)
+                barrier()
     finally:
         if progress is not None:
             progress.close()
