@@ -9,6 +9,8 @@
 #   python3 tools/build_tiny_checkpoint.py --out /tmp/tiny && MODEL_PATH=/tmp/tiny HEIGHT=64 WIDTH=64 TEMP=3 \
 #     NUM_INFERENCE_STEPS=2 VIDEO_NUM_INFERENCE_STEPS=1 PROMPT="a dog" sh scripts/generate.sh
 set -eu
+SCRIPT_NAME=generate.sh
+. "$(dirname "$0")/_common.sh"
 
 : "${MODEL_PATH:=}"                         # the downloaded model folder (causal_video_vae/, text encoders, DiTs)
 : "${VARIANT:=diffusion_transformer_384p}"  # DiT subfolder: diffusion_transformer_384p | diffusion_transformer_768p
@@ -33,9 +35,6 @@ set -eu
 : "${EXTRA_ARGS:=}"                         # more flags, e.g. "--decode_window 2 --vae_tile_size 0"
 # NEGATIVE_PROMPT and PROMPT_SUFFIX: when set (even to ""), replace tools/generate.py's defaults.
 
-REPO=$(cd "$(dirname "$0")/.." && pwd)
-die() { echo "generate.sh: $*" >&2; exit 2; }
-is_uint() { case "$1" in ''|*[!0-9]*) return 1 ;; *) return 0 ;; esac; }
 
 [ -n "$MODEL_PATH" ] || die "set MODEL_PATH to the downloaded model folder (e.g. ckpt/pyramid-flow-miniflux)"
 [ -d "$MODEL_PATH" ] || die "MODEL_PATH=$MODEL_PATH is not a folder"
