@@ -1,0 +1,257 @@
+"""Time one training step (forward + backward) of PyramidFluxTransformer on a small autoregressive batch.
+
+Workload (fixed, so numbers compare across runs and machines):
+
+* model: 6 heads x 64 (width 384), 2 double-stream + 4 single-stream blocks, text width 128, pooled width
+  128, RoPE axes [16, 24, 24]: 20.3 M parameters, weights N(0, 0.02) from seed 0;
+* one batch row per column, four columns shaped like the pipeline's autoregressive (temporal pyramid)
+  training batch, latent frames as ``t x h x w`` (tokens are 2x2 patches):
+
+  ====== ================== ====================================================== ========
+  column stage              clips (history first, trained clip last)               tokens
+  ====== ================== ====================================================== ========
+  0      low                1x6x10, 1x6x10, 1x6x10                                 32 + 45
+  1      mid                1x6x10, 1x12x20, 1x12x20                               32 + 135
+  2      mid                1x6x10, 1x12x20, 1x12x20                               32 + 135
+  3      high               3x6x10, 1x12x20, 1x24x40, 1x24x40                      32 + 585
+  ====== ================== ====================================================== ========
+
+* text: 32 tokens per row, rows padded at the end by 0, 4, 8, 12 tokens; timesteps uniform in [0, 1000);
+* loss: mean squared output (its value is irrelevant; the backward pass is what costs).
+
+Reported: median (and min) seconds per step over ``--steps`` timed steps after one warm-up, with the
+process CPU time per step (steadier than wall-clock when other jobs share the cores); tokens per second
+(text tokens, padding included, plus video tokens); FLOPs of one step counted by
+``torch.utils.flop_counter.FlopCounterMode`` (the CPU flash-attention op is not in torch's table, so its
+forward/backward get torch's SDPA formulas here) and the achieved GFLOP/s; this machine's float32 matmul
+GFLOP/s (1024^3) measured in the same run; the bytes of tensors kept for backward (deduplicated by storage),
+standing in for activation memory, which CPU torch cannot report.
+
+``--reference /path/to/Pyramid-Flow`` also times the reference implementation's class (imported from that
+checkout at run time) with the same weights and inputs, alternating steps with ours, and prints the output
+difference between the two.
+
+    python tools/benchmark_dit.py --steps 7
+    python tools/benchmark_dit.py --steps 7 --reference /tmp/ref
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import statistics
+import sys
+import time
+import types
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from pyramid_dit.modeling_pyramid_flux import PyramidFluxTransformer  # noqa: E402
+
+CONFIG = dict(num_layers=2, num_single_layers=4, attention_head_dim=64, num_attention_heads=6,
+              joint_attention_dim=128, pooled_projection_dim=128, axes_dims_rope=[16, 24, 24])
+COLUMNS = [
+    [(1, 6, 10)] * 3,
+    [(1, 6, 10), (1, 12, 20), (1, 12, 20)],
+    [(1, 6, 10), (1, 12, 20), (1, 12, 20)],
+    [(3, 6, 10), (1, 12, 20), (1, 24, 40), (1, 24, 40)],
+]
+TEXT_LEN, TEXT_PADDING = 32, (0, 4, 8, 12)
+
+
+def make_inputs(device: torch.device, dtype: torch.dtype) -> dict:
+    g = torch.Generator().manual_seed(1)
+    rows = len(COLUMNS)
+    mask = torch.ones(rows, TEXT_LEN, dtype=torch.int64)
+    for r, pad in enumerate(TEXT_PADDING):
+        if pad:
+            mask[r, TEXT_LEN - pad:] = 0
+    inputs = dict(
+        sample=[[torch.randn(1, 16, *shape, generator=g) for shape in col] for col in COLUMNS],
+        encoder_hidden_states=torch.randn(rows, TEXT_LEN, CONFIG["joint_attention_dim"], generator=g),
+        encoder_attention_mask=mask,
+        pooled_projections=torch.randn(rows, CONFIG["pooled_projection_dim"], generator=g),
+        timestep_ratio=torch.rand(rows, generator=g) * 1000,
+    )
+    cast = lambda t: t.to(device, dtype) if t.is_floating_point() and t.ndim > 1 else t.to(device)  # noqa: E731
+    return {k: ([[cast(c) for c in col] for col in v] if k == "sample" else cast(v)) for k, v in inputs.items()}
+
+
+def n_tokens(inputs: dict) -> int:
+    video = sum(c.shape[0] * c.shape[2] * (c.shape[3] // 2) * (c.shape[4] // 2)
+                for col in inputs["sample"] for c in col)
+    return video + inputs["encoder_attention_mask"].numel()
+
+
+def train_step(model: torch.nn.Module, inputs: dict) -> list[torch.Tensor]:
+    model.zero_grad(set_to_none=True)
+    out = model(**inputs)
+    torch.stack([o.float().pow(2).mean() for o in out]).mean().backward()
+    return out
+
+
+def _sdpa_formulas() -> dict:
+    """FLOP formulas for the CPU flash-attention ops, which torch's flop counter does not list."""
+    try:
+        from torch.utils.flop_counter import sdpa_backward_flop_count, sdpa_flop_count
+    except ImportError:
+        print("note: this torch has no SDPA flop formulas; attention FLOPs are not counted")
+        return {}
+    aten = torch.ops.aten
+    table = {}
+    if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
+        table[aten._scaled_dot_product_flash_attention_for_cpu] = (
+            lambda q, k, v, *args, out_shape=None, **kw: sdpa_flop_count(q, k, v))
+        table[aten._scaled_dot_product_flash_attention_for_cpu_backward] = (
+            lambda grad, q, k, v, *args, out_shape=None, **kw: sdpa_backward_flop_count(grad, q, k, v))
+    return table
+
+
+def count_flops(step: Callable[[], object]) -> tuple[int, int]:
+    """(total FLOPs, attention FLOPs) of one call of ``step``."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    custom = _sdpa_formulas()
+    with FlopCounterMode(display=False, custom_mapping=custom) as counter:
+        step()
+    per_op = counter.get_flop_counts()["Global"]
+    attention = sum(v for op, v in per_op.items() if "scaled_dot_product" in str(op))
+    return counter.get_total_flops(), attention
+
+
+def saved_activation_bytes(model: torch.nn.Module, inputs: dict) -> int:
+    """Bytes of distinct storages autograd keeps for backward during one step (parameters excluded)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        train_step(model, inputs)
+    return sum(seen.values())
+
+
+def matmul_gflops(device: torch.device, dtype: torch.dtype, n: int = 1024, repeats: int = 10) -> float:
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    times = []
+    for _ in range(repeats + 1):
+        _sync(device)
+        t0 = time.perf_counter()
+        a @ b
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return 2 * n ** 3 / statistics.median(times[1:]) / 1e9
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def load_reference_class(ref_root: Path):
+    """The reference PyramidFluxTransformer, imported from a Pyramid-Flow checkout without its package init.
+
+    Its modules import sequence-parallel helpers from a top-level ``trainer_misc``; a stub that reports
+    "not initialised" stands in while they import (and our own ``trainer_misc``, if loaded, is restored).
+    """
+    flux_dir = ref_root / "pyramid_dit" / "flux_modules"
+    if not (flux_dir / "modeling_pyramid_flux.py").is_file():
+        raise FileNotFoundError(f"--reference {ref_root}: no pyramid_dit/flux_modules/modeling_pyramid_flux.py there")
+    stub = types.ModuleType("trainer_misc")
+    stub.is_sequence_parallel_initialized = lambda: False
+
+    def _unavailable(*_args, **_kwargs):
+        raise RuntimeError("sequence parallelism is not available in the benchmark stub")
+
+    for name in ("get_sequence_parallel_group", "get_sequence_parallel_world_size", "get_sequence_parallel_rank",
+                 "all_to_all"):
+        setattr(stub, name, _unavailable)
+    package = types.ModuleType("_reference_flux")
+    package.__path__ = [str(flux_dir)]
+    saved = sys.modules.get("trainer_misc")
+    sys.modules["_reference_flux"], sys.modules["trainer_misc"] = package, stub
+    try:
+        module = importlib.import_module("_reference_flux.modeling_pyramid_flux")
+    finally:
+        if saved is None:
+            del sys.modules["trainer_misc"]
+        else:
+            sys.modules["trainer_misc"] = saved
+    return module.PyramidFluxTransformer
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per model (median reported)")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--reference", type=Path, help="Pyramid-Flow checkout to time its class as well")
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    torch.manual_seed(0)
+    ours = PyramidFluxTransformer(**CONFIG)
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.normal_(0.0, 0.02)
+    models = {"ours": ours}
+    if args.reference is not None:
+        reference = load_reference_class(args.reference)(**CONFIG)
+        reference.load_state_dict(ours.state_dict())
+        models["reference"] = reference
+    for m in models.values():
+        m.to(device).train()
+        if dtype != torch.float32:
+            m.to(dtype)
+    inputs = make_inputs(device, dtype)
+    tokens = n_tokens(inputs)
+    n_params = sum(p.numel() for p in ours.parameters())
+    print(f"device {device} ({torch.get_num_threads()} threads), {args.dtype}, torch {torch.__version__}; "
+          f"{n_params / 1e6:.1f} M parameters, {tokens} tokens per step")
+
+    outputs = {name: [o.detach().float() for o in train_step(m, inputs)] for name, m in models.items()}  # warm-up
+    if "reference" in outputs:
+        err = max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(outputs["ours"], outputs["reference"]))
+        print(f"max |ours - reference| / max |reference| over outputs: {err:.2e}")
+
+    times: dict[str, list[float]] = {name: [] for name in models}
+    cpu_times: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(args.steps):  # alternate models so both see the same machine load
+        for name, m in models.items():
+            _sync(device)
+            t0, c0 = time.perf_counter(), time.process_time()
+            train_step(m, inputs)
+            _sync(device)
+            times[name].append(time.perf_counter() - t0)
+            cpu_times[name].append(time.process_time() - c0)
+    mm = matmul_gflops(device, dtype)
+
+    print(f"matmul {dtype}: {mm:.1f} GFLOP/s (1024^3, median of 10)")
+    for name, m in models.items():
+        flops, attn_flops = count_flops(lambda: train_step(m, inputs))
+        saved = saved_activation_bytes(m, inputs)
+        sec = statistics.median(times[name])
+        print(f"{name:>9}: {sec:.3f} s/step (median of {args.steps}; min {min(times[name]):.3f}; "
+              f"process CPU {statistics.median(cpu_times[name]):.3f} s), {tokens / sec:,.0f} tokens/s, "
+              f"{flops / 1e9:.1f} GFLOP/step ({attn_flops / 1e9:.1f} in attention), "
+              f"{flops / sec / 1e9:.1f} GFLOP/s achieved, {saved / 2**20:.0f} MiB kept for backward")
+    if "reference" in times:
+        ratio = lambda d: statistics.median(d["reference"]) / statistics.median(d["ours"])  # noqa: E731
+        print(f"speed-up (reference / ours, medians): {ratio(times):.2f}x wall-clock, "
+              f"{ratio(cpu_times):.2f}x process CPU time (steadier on a shared machine)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
