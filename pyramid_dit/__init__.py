@@ -1,0 +1,27 @@
+"""Pyramid Flow DiT: model, scheduler, training objective, text encoder and sampling pipeline.
+
+``from pyramid_dit import PyramidFluxTransformer`` etc. work; submodules are imported on first use so that light
+users (the objective, the scripts' ``--help``) do not pay for importing transformers.
+"""
+from importlib import import_module
+
+_EXPORTS = {
+    "PyramidFluxTransformer": "pyramid_dit.modeling_pyramid_flux",
+    "PyramidFlowMatchEulerDiscreteScheduler": "pyramid_dit.scheduler",
+    "PyramidFlowObjective": "pyramid_dit.objective",
+    "TextConditioning": "pyramid_dit.objective",
+    "flow_matching_loss": "pyramid_dit.objective",
+    "LatentNormalization": "pyramid_dit.pyramid",
+    "FluxTextEncoder": "pyramid_dit.text_encoder",
+    "TextFeatures": "pyramid_dit.text_encoder",
+    "PyramidFlowPipeline": "pyramid_dit.pipeline",
+    "save_video": "pyramid_dit.pipeline",
+    "sample_block_noise": "pyramid_dit.block_noise",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'pyramid_dit' has no attribute {name!r}")
+    return getattr(import_module(_EXPORTS[name]), name)
