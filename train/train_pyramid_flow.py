@@ -236,24 +236,24 @@ class PyramidFlowLoss:
         self.trace = trace
 
     def __call__(self, model: torch.nn.Module, batch: TrainBatch, ctx: StepContext) -> tuple[torch.Tensor, dict]:
-        if batch.latents is not None:
-            latents = batch.latents.float()
-        else:
-            with torch.no_grad():
-                pixels = batch.pixels.to(self.vae.dtype)
-                latents = self.vae.encode(pixels).latent_dist.sample().float()
+        # Random draws in the reference's order: caption dropout, then the VAE posterior sample, then the noise.
         if self.text_encoder is not None:
             dropped = self.objective.sample_text_dropout(len(batch.captions))
             captions = ["" if d else c for c, d in zip(batch.captions, dropped.tolist())]
             fea = self.text_encoder.encode(captions, ctx.device)
-            text = TextConditioning(fea.prompt_embeds.float(), fea.prompt_attention_mask, fea.pooled_prompt_embeds.float())
-            step = self.objective.noise_latents(latents, use_temporal_pyramid=self.use_temporal_pyramid,
-                                                rank=ctx.sync_rank, step=ctx.micro_step)
-            step.text = text
+            text = TextConditioning(fea.prompt_embeds.float(), fea.prompt_attention_mask,
+                                    fea.pooled_prompt_embeds.float())
         else:
-            text = TextConditioning(batch.prompt_embeds, batch.prompt_attention_mask, batch.pooled_prompt_embeds)
-            step = self.objective.prepare_batch(latents, text, use_temporal_pyramid=self.use_temporal_pyramid,
-                                                rank=ctx.sync_rank, step=ctx.micro_step)
+            text, _ = self.objective.drop_text(
+                TextConditioning(batch.prompt_embeds, batch.prompt_attention_mask, batch.pooled_prompt_embeds))
+        if batch.latents is not None:
+            latents = batch.latents.float()
+        else:
+            with torch.no_grad():
+                latents = self.vae.encode(batch.pixels.to(self.vae.dtype)).latent_dist.sample().float()
+        step = self.objective.noise_latents(latents, use_temporal_pyramid=self.use_temporal_pyramid,
+                                            rank=ctx.sync_rank, step=ctx.micro_step)
+        step.text = text
         inputs = _cast_floats(step.dit_inputs(), ctx.dtype)
         preds = model(**inputs)
         loss = self.objective.loss(preds, step.targets)
