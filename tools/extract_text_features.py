@@ -30,8 +30,8 @@ from typing import Sequence
 import torch
 from tqdm import tqdm
 
-from tools.extraction_common import (DONE, FAILED, SKIPPED, DistContext, ItemResult, default_report_path, finish,
-                                     announce_failures, init_distributed, issue_results, parse_dtype, shard, shutdown_distributed)
+from tools.extraction_common import (DONE, FAILED, SKIPPED, DistContext, ItemResult, default_report_path,
+                                     announce_failures, issue_results, parse_dtype, run_extraction, shard)
 from trainer_misc.annotation import AnnotationError, Entry, parse_annotation, resolve_data_root
 from trainer_misc.io_utils import (DataFileError, atomic_save_safetensors, default_empty_prompt_path,
                                    load_text_features, read_safetensors_metadata, remove_stale_temps)
@@ -212,14 +212,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.batch_size < 1:
         raise SystemExit(f"--batch_size must be >= 1, got {args.batch_size}")
-    ctx = init_distributed(args.device)
-    try:
-        results, report = run(args, ctx)
-    except (AnnotationError, FileNotFoundError) as e:
-        print(f"ERROR (rank {ctx.rank}): {e}", file=sys.stderr, flush=True)
-        shutdown_distributed()
-        return 2
-    return finish(ctx, results, what="text features", anno_file=args.anno_file, report_path=report)
+    return run_extraction(run, args, what="text features")
 
 
 if __name__ == "__main__":

@@ -36,9 +36,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from tools.extraction_common import (DONE, FAILED, SKIPPED, DistContext, ItemResult, default_report_path, finish,
-                                     announce_failures, init_distributed, issue_results, parse_dtype, shard,
-                                     shutdown_distributed)
+from tools.extraction_common import (DONE, FAILED, SKIPPED, DistContext, ItemResult, default_report_path,
+                                     announce_failures, issue_results, parse_dtype, run_extraction, shard)
 from trainer_misc.annotation import IMAGE_SUFFIXES, AnnotationError, VideoEntry, parse_annotation, resolve_data_root
 from trainer_misc.io_utils import (LATENT_KEY, DataFileError, atomic_save_safetensors, load_latent,
                                    read_safetensors_metadata, remove_stale_temps)
@@ -350,6 +349,7 @@ def encode_and_write(vae, item: dict, args: argparse.Namespace, ctx: DistContext
     entry: VideoEntry = item["entry"]
     t0 = time.perf_counter()
     pixels = item["pixels"].unsqueeze(0).to(ctx.device)
+    frames = int(pixels.shape[2])
     try:
         latent = encode_clip(vae, pixels, generator=item_generator(args.seed, entry.index),
                              latent_kind=args.latent_kind, tile_sample_min_size=args.tile_sample_min_size)
@@ -358,31 +358,23 @@ def encode_and_write(vae, item: dict, args: argparse.Namespace, ctx: DistContext
         torch.cuda.empty_cache()  # let the next (maybe smaller) clip start from a clean pool
         hint = "" if args.tiling else "; retry with --tiling, or lower --num_frames"
         return ItemResult(status=FAILED, reason=f"out of memory encoding a {args.width}x{args.height} clip of "
-                          f"{item['pixels'].shape[1]} frames{hint}: {e}", **base)
+                          f"{frames} frames{hint}: {e}", **base)
     latent = latent.to(dtype)
     remove_stale_temps(entry.latent)
-    meta = {**latent_metadata(entry, args.width, args.height, args.num_frames), "num_frames": str(pixels.shape[2]),
+    meta = {**latent_metadata(entry, args.width, args.height, args.num_frames), "num_frames": str(frames),
             "latent_kind": args.latent_kind, "model_dtype": args.model_dtype}
     try:
         atomic_save_safetensors({LATENT_KEY: latent}, entry.latent, metadata=meta)
     except OSError as e:
         return ItemResult(status=FAILED, reason=f"cannot write latent {entry.latent}: {e}", **base)
     return ItemResult(status=DONE, reason=item["reason"], seconds=round(time.perf_counter() - t0 + item["decode_s"], 4),
-                      extra={"frames": int(pixels.shape[2]), "shape": list(latent.shape)}, **base)
+                      extra={"frames": frames, "shape": list(latent.shape)}, **base)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     check_args(args)
-    ctx = init_distributed(args.device)
-    try:
-        results, report = run(args, ctx)
-    except (AnnotationError, FileNotFoundError) as e:
-        # Run-level problems (no annotation file, no VAE folder): one clear line, no traceback.
-        print(f"ERROR (rank {ctx.rank}): {e}", file=sys.stderr, flush=True)
-        shutdown_distributed()
-        return 2
-    return finish(ctx, results, what="VAE latents", anno_file=args.anno_file, report_path=report)
+    return run_extraction(run, args, what="VAE latents")
 
 
 if __name__ == "__main__":

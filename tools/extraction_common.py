@@ -14,12 +14,12 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Iterable, Sequence, TypeVar
+from typing import Callable, Iterable, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
 
-from trainer_misc.annotation import AnnotationIssue
+from trainer_misc.annotation import AnnotationError, AnnotationIssue
 
 T = TypeVar("T")
 
@@ -199,3 +199,20 @@ def finish(ctx: DistContext, results: list[ItemResult], *, what: str, anno_file:
         status = int(flag.item())
     shutdown_distributed()
     return status
+
+
+def run_extraction(run: Callable[[object, DistContext], tuple[list[ItemResult], Path | None]], args, *,
+                   what: str) -> int:
+    """Start the process group, run one tool over this rank's share, then summarise (see :func:`finish`).
+
+    Run-level problems (no annotation file, no model folder) print one clear line per rank, no traceback, and
+    return exit status 2; per-item problems are results, reported by :func:`finish`.
+    """
+    ctx = init_distributed(args.device)
+    try:
+        results, report = run(args, ctx)
+    except (AnnotationError, FileNotFoundError) as e:
+        print(f"ERROR (rank {ctx.rank}): {e}", file=sys.stderr, flush=True)
+        shutdown_distributed()
+        return 2
+    return finish(ctx, results, what=what, anno_file=args.anno_file, report_path=report)
