@@ -64,3 +64,19 @@ def test_python_entrypoint_help_documents_reference_flags():
                  "--gradient_checkpointing", "--dit_pretrained_weight", "--ema_update", "--iters_per_epoch",
                  "--save_ckpt_freq", "--schedule_shift", "--corrupt_ratio", "--clip_grad", "--opt_beta2"):
         assert flag in out, flag
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--resolution", "65x64"], "must be positive multiples of 64"),
+    (["--batch_size", "6"], "must be a multiple of 4"),
+    (["--use_temporal_pyramid", "--sync_video_input", "--max_frames", "12", "--video_sync_group", "8"],
+     "--max_frames 12 must be a multiple of --video_sync_group 8"),
+    (["--use_temporal_pyramid", "--max_frames", "8", "--video_sync_group", "4"], "needs --sync_video_input"),
+    (["--task", "t2i", "--use_temporal_pyramid"], "drop --use_temporal_pyramid"),
+])
+def test_entrypoint_rejects_bad_flags_before_loading(fake_model, flags, message):
+    from train.train_pyramid_flow import main
+    with pytest.raises(SystemExit) as info:
+        main(["--model_path", fake_model["MODEL_PATH"], "--anno_file", fake_model["ANNO_FILE"],
+              "--output_dir", fake_model["OUTPUT_DIR"], *flags])
+    assert message in str(info.value)

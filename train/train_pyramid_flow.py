@@ -163,7 +163,10 @@ def check_args(args: argparse.Namespace, world_size: int) -> None:
         raise SystemExit(f"--model_path {args.model_path}: no {args.model_variant}/config.json there; point "
                          "--model_path at the downloaded checkpoint folder and --model_variant at one of its "
                          f"diffusion_transformer_* subfolders")
-    parse_resolution(args.resolution) if args.task == "t2v" else None
+    try:
+        parse_resolution(args.resolution)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     if args.task == "t2i" and args.use_temporal_pyramid:
         raise SystemExit("--task t2i trains single frames: drop --use_temporal_pyramid")
     if args.use_temporal_pyramid:
