@@ -5,11 +5,11 @@ its own text rows, its own video tokens and its own conditioning vector; attenti
 To keep the matrix multiplies large, tokens of all columns are packed along the sequence axis and only the
 column-dependent steps (adaptive-norm modulation, attention) loop over columns.
 
-Layouts (``B`` = rows per column, ``n`` = columns, ``T`` = text tokens, ``D`` = width):
+Layouts (``B`` = rows per column, ``n`` = columns, ``D`` = width; column ``c`` has ``T_c`` text tokens, its
+text trimmed to the longest prompt among its rows, and ``L_c`` video tokens):
 
-* double-stream blocks: video ``[B, sum(L_c), D]`` (column after column) and text ``[B*n, T, D]`` with row
-  ``b*n + c`` belonging to column ``c`` (the caller's interleaved row order);
-* single-stream blocks: ``[B, sum(T + L_c), D]`` where each column's segment is its text then its video.
+* double-stream blocks: video ``[B, sum(L_c), D]`` and text ``[B, sum(T_c), D]``, column after column;
+* single-stream blocks: ``[B, sum(T_c + L_c), D]`` where each column's segment is its text then its video.
 
 Parameter names mirror the released checkpoint (``attn.to_q``, ``ff.net.0.proj``, ``norm1.linear``, ...).
 """
@@ -33,8 +33,8 @@ from pyramid_dit.embeddings import apply_rope
 class AttentionGroup:
     """The next ``n_queries`` queries of a column segment attend keys ``[0, k_end)`` of that segment.
 
-    ``mask`` is ``None`` (all those keys visible) or a boolean ``[B, 1, n_queries or 1, k_end]`` (True =
-    visible), shared by every layer of the forward call.
+    ``mask`` is ``None`` (all those keys visible) or a boolean ``[B, 1, 1, k_end]`` (True = visible: not text
+    padding), shared by every layer of the forward call.
     """
 
     n_queries: int
@@ -53,7 +53,7 @@ class PackedSequence:
     """
 
     batch: int
-    text_len: int
+    text_lens: list[int]
     video_lens: list[int]
     last_lens: list[int]
     groups: list[list[AttentionGroup]]
@@ -68,7 +68,7 @@ class PackedSequence:
 
     @property
     def joint_lens(self) -> list[int]:
-        return [self.text_len + n for n in self.video_lens]
+        return [t + v for t, v in zip(self.text_lens, self.video_lens)]
 
 
 def modulate(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, seg_lens: Sequence[int]) -> torch.Tensor:
@@ -103,7 +103,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: Sequence[A
     """Attention within one column segment. ``q, k, v``: ``[B, L, H, d]`` -> ``[B, L, H*d]``.
 
     Each group is one ``scaled_dot_product_attention`` call over its key prefix: keys past the prefix are
-    ones the temporal-causal mask forbids for every query of the group, so they are skipped, not masked.
+    ones the temporal-causal rule forbids for every query of the group, so they are skipped, not masked.
     """
     k, v = k.transpose(1, 2), v.transpose(1, 2)
     outs = []
@@ -225,40 +225,39 @@ class FluxTransformerBlock(nn.Module):
 
     def forward(self, video: torch.Tensor, text: torch.Tensor, temb: torch.Tensor, seq: PackedSequence
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        B, n, T, lens = seq.batch, seq.n_columns, seq.text_len, seq.video_lens
+        B, lens, t_lens = seq.batch, seq.video_lens, seq.text_lens
         a = self.attn
-
-        # Video stream: one modulation set per column, broadcast over that column's tokens.
+        # One modulation set per column (= per text row), broadcast over that column's tokens.
         v_shift, v_scale, v_gate, v_shift2, v_scale2, v_gate2 = (per_column(c, B) for c in self.norm1.chunks(temb))
-        # Text stream: one set per row.
-        t_shift, t_scale, t_gate, t_shift2, t_scale2, t_gate2 = (c[:, None] for c in self.norm1_context.chunks(temb))
+        t_shift, t_scale, t_gate, t_shift2, t_scale2, t_gate2 = (
+            per_column(c, B) for c in self.norm1_context.chunks(temb))
 
         h = modulate(self.norm1.norm(video), v_scale, v_shift, lens)
         v_q = norm_rope(heads(a.to_q, h, a.heads), a.norm_q, seq.rope_video)
         v_k = norm_rope(heads(a.to_k, h, a.heads), a.norm_k, seq.rope_video)
         v_v = heads(a.to_v, h, a.heads)
-        h = self.norm1_context.norm(text) * (1 + t_scale) + t_shift
+        h = modulate(self.norm1_context.norm(text), t_scale, t_shift, t_lens)
         t_q = norm_rope(heads(a.add_q_proj, h, a.heads), a.norm_added_q, None)  # text: no rotation
         t_k = norm_rope(heads(a.add_k_proj, h, a.heads), a.norm_added_k, None)
         t_v = heads(a.add_v_proj, h, a.heads)
 
-        # Attention per column over its text rows followed by its video tokens.
-        t_q, t_k, t_v = (t.unflatten(0, (B, n)).unbind(1) for t in (t_q, t_k, t_v))
+        # Attention per column over its text followed by its video tokens.
+        t_q, t_k, t_v = (t.split(t_lens, dim=1) for t in (t_q, t_k, t_v))
         v_q, v_k, v_v = (t.split(lens, dim=1) for t in (v_q, v_k, v_v))
         video_out, text_out = [], []
-        for c in range(n):
+        for c in range(seq.n_columns):
             q, k, v = (torch.cat([t[c], vid[c]], dim=1) for t, vid in ((t_q, v_q), (t_k, v_k), (t_v, v_v)))
-            o_text, o_video = attend(q, k, v, seq.groups[c]).split([T, lens[c]], dim=1)
+            o_text, o_video = attend(q, k, v, seq.groups[c]).split([t_lens[c], lens[c]], dim=1)
             text_out.append(o_text)
             video_out.append(o_video)
-        video_attn = a.to_out[0](torch.cat(video_out, dim=1))
-        text_attn = a.to_add_out(torch.stack(text_out, dim=1).flatten(0, 1))
+        video = gated_residual(video, v_gate, a.to_out[0](torch.cat(video_out, dim=1)), lens)
+        text = gated_residual(text, t_gate, a.to_add_out(torch.cat(text_out, dim=1)), t_lens)
 
-        video = gated_residual(video, v_gate, video_attn, lens)
         video = gated_residual(video, v_gate2, self.ff(modulate(self.norm1.norm(video), v_scale2, v_shift2, lens)),
                                lens)
-        text = text + t_gate * text_attn
-        text = text + t_gate2 * self.ff_context(self.norm1_context.norm(text) * (1 + t_scale2) + t_shift2)
+        text = gated_residual(text, t_gate2,
+                              self.ff_context(modulate(self.norm1_context.norm(text), t_scale2, t_shift2, t_lens)),
+                              t_lens)
         return video, text
 
 

@@ -13,8 +13,10 @@ layers run as few large matrix multiplies), and attention runs per column with
   text tokens sit at (0, 0, 0);
 * text padding hidden from every query;
 * a block-causal mask by frame (``use_temporal_causal``): a token sees the text and the tokens of its own
-  and earlier frames. Since tokens are sorted by frame, a column's history queries simply get the key prefix
-  that ends with the history, and only multi-frame query groups need an explicit (boolean) mask.
+  and earlier frames. Since tokens are sorted by frame, each frame's queries simply get the key prefix that
+  ends with their frame: keys they may not see are skipped, not masked, and the only mask is a compact
+  ``[B, 1, 1, K]`` text-padding row (no ``L x L`` mask is ever built).
+* text trimmed, per column, to the longest prompt among the column's rows (the rest is padding everywhere).
 
 Because only the last clips are returned, the final single-stream block computes queries, MLP and output for
 their tokens alone (keys and values still come from the whole column); outputs and gradients are unchanged.
@@ -25,7 +27,7 @@ The parameter names, config keys and numerics follow the released checkpoint
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
@@ -84,7 +86,9 @@ class PyramidFluxTransformer(ModelMixin, ConfigMixin):
         interp_condition_pos: resize lower-resolution clips' positions onto the last clip's grid. The
             reference implementation ignores this flag and always resizes; so does the released config.
         use_gradient_checkpointing, gradient_checkpointing_ratio: recompute the first
-            ``ceil(ratio * n)`` blocks of each kind in the backward pass (training mode only).
+            ``ceil(ratio * n)`` blocks of each kind in the backward pass (training mode only). The reference
+            takes ``int(ratio * n) + 1``; the counts agree unless ``ratio * n`` is a whole number (0.6 of the
+            released 8 + 16 blocks: 5 and 10 either way).
     """
 
     _supports_gradient_checkpointing = True
@@ -165,7 +169,7 @@ class PyramidFluxTransformer(ModelMixin, ConfigMixin):
     # Gradient checkpointing
     # ----------------------------------------------------------------------------------------------------
 
-    def enable_gradient_checkpointing(self, ratio: Optional[float] = None, **_: Any) -> None:
+    def enable_gradient_checkpointing(self, ratio: Optional[float] = None) -> None:
         """Recompute the first ``ceil(ratio * n)`` double- and single-stream blocks during backward.
 
         ``ratio`` defaults to the configured ``gradient_checkpointing_ratio``. Only applies in training mode.
@@ -246,12 +250,17 @@ class PyramidFluxTransformer(ModelMixin, ConfigMixin):
 
     @torch.no_grad()
     def _pack(self, columns: list[list[torch.Tensor]], text_mask: torch.Tensor) -> PackedSequence:
-        """Positions, rotary tables and attention groups of the packed sequence (built once per call)."""
+        """Positions, rotary tables and attention groups of the packed sequence (built once per call).
+
+        Each column keeps its text up to the last valid token of its longest row: later positions are padding
+        in every row of the column, and padding never influences a valid token, so dropping them changes no
+        output and saves their compute (T5 prompts are mostly padding).
+        """
         device = text_mask.device
         batch, n, T = columns[0][-1].shape[0], len(columns), text_mask.shape[1]
-        text_valid = text_mask.view(batch, n, T).bool()
-        padded = (~text_valid).any(dim=2).any(dim=0).tolist()  # per column; the call's only host sync
-        video_pos, joint_pos, groups, last_groups = [], [], [], []
+        valid_host = text_mask.view(batch, n, T).bool().cpu()  # the call's only device -> host copy
+        kept = (valid_host * torch.arange(1, T + 1)).amax(dim=(0, 2)).tolist()  # per column: 1 + last valid
+        video_pos, joint_pos, last_pos, groups, last_groups = [], [], [], [], []
         for c, clips in enumerate(columns):
             grid_h, grid_w = clips[-1].shape[3] // PATCH, clips[-1].shape[4] // PATCH
             pos, frame_sizes = [], []
@@ -261,63 +270,56 @@ class PyramidFluxTransformer(ModelMixin, ConfigMixin):
                 pos.append(clip_positions(t, h, w, gh, gw, len(frame_sizes), device))
                 frame_sizes += [h * w] * t
             video_pos.append(torch.cat(pos))
-            joint_pos += [torch.zeros(T, 3, device=device), video_pos[-1]]
-            column_groups = self._attention_groups(T, text_valid[:, c] if padded[c] else None, frame_sizes,
-                                                   len(frame_sizes) - clips[-1].shape[2], device)
-            groups.append(column_groups)
-            last_groups.append([self._last_clip_group(column_groups[-1], pos[-1].shape[0])])
-        last_pos = [p[p.shape[0] - g[0].n_queries:] for p, g in zip(video_pos, last_groups)]
+            last_pos.append(pos[-1])
+            joint_pos += [torch.zeros(kept[c], 3, device=device), video_pos[-1]]
+            padded = not bool(valid_host[:, c, :kept[c]].all())
+            text_valid = text_mask.view(batch, n, T)[:, c, :kept[c]].bool() if padded else None
+            groups.append(self._attention_groups(kept[c], text_valid, frame_sizes))
+            first_last = kept[c] + video_pos[-1].shape[0] - last_pos[-1].shape[0]  # where the last clip starts
+            last_groups.append(self._queries_from(groups[-1], first_last))
         return PackedSequence(
-            batch=batch, text_len=T, video_lens=[p.shape[0] for p in video_pos],
+            batch=batch, text_lens=kept, video_lens=[p.shape[0] for p in video_pos],
             last_lens=[p.shape[0] for p in last_pos], groups=groups, last_groups=last_groups,
             rope_video=rope_tables(torch.cat(video_pos), self.axes_dims_rope),
             rope_joint=rope_tables(torch.cat(joint_pos), self.axes_dims_rope),
             rope_last=rope_tables(torch.cat(last_pos), self.axes_dims_rope),
         )
 
-    def _attention_groups(self, T: int, text_valid: Optional[torch.Tensor], frame_sizes: list[int],
-                          history_frames: int, device: torch.device) -> list[AttentionGroup]:
+    def _attention_groups(self, T: int, text_valid: Optional[torch.Tensor], frame_sizes: list[int]
+                          ) -> list[AttentionGroup]:
         """How one column's queries attend: its ``T`` text tokens (``text_valid`` ``[B, T]``, or ``None`` when
-        none is padding) followed by frames of ``frame_sizes`` tokens, the first ``history_frames`` of them
-        history.
+        none is padding) followed by frames of ``frame_sizes`` tokens.
 
         A query sees a key when the key is not text padding and, with ``use_temporal_causal``, the key's frame
         is not later than the query's (text counts as frame 0). For padding text queries this differs from the
         reference, which lets them see only each other; no valid token ever reads them, so outputs are equal.
 
-        Tokens are sorted by frame, so the history (text + earlier clips) never sees the last clip: its queries
-        get the key prefix that ends with the history, and the last clip's queries get all keys. A group whose
-        queries lie in one frame needs only the ``[B, 1, 1, K]`` padding mask; otherwise a ``[B, 1, Q, K]``
-        block-causal mask is built once here and shared by all layers.
+        Tokens are sorted by frame, so the temporal-causal rule is a key *prefix*: each frame's queries (the
+        text joins frame 0) attend to the keys up to the end of their frame. No query-by-key mask is needed;
+        the only mask is the ``[B, 1, 1, K]`` text-padding row, shared by all groups and layers.
         """
-        ends = torch.tensor(frame_sizes).cumsum(0).tolist()  # end of each frame, text excluded
         key_valid = None
         if text_valid is not None:
-            key_valid = torch.cat([text_valid, text_valid.new_ones(text_valid.shape[0], ends[-1])], dim=1)
-        frame_of = torch.repeat_interleave(torch.arange(len(frame_sizes), device=device),
-                                           torch.tensor(frame_sizes, device=device))
-        times = torch.cat([torch.zeros(T, dtype=frame_of.dtype, device=device), frame_of])
-
-        def group(f0: int, f1: int) -> AttentionGroup:  # queries of frames [f0, f1), plus the text if f0 == 0
-            q0, q1 = (0 if f0 == 0 else T + ends[f0 - 1]), T + ends[f1 - 1]
-            mask = None if key_valid is None else key_valid[:, None, None, :q1]
-            if self.use_temporal_causal and f1 - f0 > 1:
-                causal = (times[None, :q1] <= times[q0:q1, None])[None, None]
-                mask = causal if mask is None else mask & causal
-            return AttentionGroup(n_queries=q1 - q0, k_end=q1, mask=mask)
-
-        n_frames = len(frame_sizes)
-        if self.use_temporal_causal and history_frames > 0:
-            return [group(0, history_frames), group(history_frames, n_frames)]
-        return [group(0, n_frames)]
+            key_valid = torch.cat([text_valid, text_valid.new_ones(text_valid.shape[0], sum(frame_sizes))], dim=1)
+        ends = (T + torch.tensor(frame_sizes).cumsum(0)).tolist()
+        if not self.use_temporal_causal:
+            ends = ends[-1:]
+        return [AttentionGroup(n_queries=end - start, k_end=end,
+                               mask=None if key_valid is None else key_valid[:, None, None, :end])
+                for start, end in zip([0] + ends[:-1], ends)]
 
     @staticmethod
-    def _last_clip_group(group: AttentionGroup, n_last: int) -> AttentionGroup:
-        """A column's final group restricted to its last ``n_last`` queries (the last clip)."""
-        mask = group.mask
-        if mask is not None and mask.shape[2] > 1:
-            mask = mask[:, :, -n_last:]
-        return AttentionGroup(n_queries=n_last, k_end=group.k_end, mask=mask)
+    def _queries_from(groups: list[AttentionGroup], first: int) -> list[AttentionGroup]:
+        """The groups restricted to queries ``first`` onwards (masks only depend on keys, so they carry over)."""
+        out, start = [], 0
+        for g in groups:
+            end = start + g.n_queries
+            if end > first:
+                out.append(AttentionGroup(n_queries=end - max(start, first), k_end=g.k_end, mask=g.mask))
+            start = end
+        return out
+
+
 
     def forward(
         self,
@@ -343,10 +345,11 @@ class PyramidFluxTransformer(ModelMixin, ConfigMixin):
         columns = self._check_inputs(sample, encoder_hidden_states, encoder_attention_mask, pooled_projections,
                                      timestep_ratio)
         seq = self._pack(columns, encoder_attention_mask)
-        B, n, T = seq.batch, seq.n_columns, seq.text_len
+        B, n = seq.batch, seq.n_columns
 
         temb = self.time_text_embed(timestep_ratio, pooled_projections)
-        text = self.context_embedder(encoder_hidden_states)
+        text = encoder_hidden_states.view(B, n, *encoder_hidden_states.shape[1:])
+        text = self.context_embedder(torch.cat([text[:, c, :t] for c, t in enumerate(seq.text_lens)], dim=1))
         video = self.x_embedder(torch.cat([patchify(clip) for clips in columns for clip in clips], dim=1))
 
         for i, block in enumerate(self.transformer_blocks):
@@ -356,8 +359,7 @@ class PyramidFluxTransformer(ModelMixin, ConfigMixin):
                 video, text = block(video, text, temb, seq)
 
         # Single-stream layout: each column's text then its video.
-        text = text.view(B, n, T, -1)
-        x = torch.cat([part for t, v in zip(text.unbind(1), video.split(seq.video_lens, dim=1))
+        x = torch.cat([part for t, v in zip(text.split(seq.text_lens, dim=1), video.split(seq.video_lens, dim=1))
                        for part in (t, v)], dim=1)
         n_single = len(self.single_transformer_blocks)
         for i, block in enumerate(self.single_transformer_blocks):

@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from pyramid_dit.embeddings import apply_rope, clip_positions, rope_tables
 from pyramid_dit.modeling_pyramid_flux import PyramidFluxTransformer, patchify, unpatchify
 
 TINY = dict(patch_size=1, in_channels=64, num_layers=2, num_single_layers=2, attention_head_dim=16,
@@ -118,6 +119,26 @@ def test_flash_attn_flag_is_accepted(model):
         assert torch.equal(a, b)
 
 
+def test_history_positions_are_resized_onto_the_last_clip_grid():
+    pos = clip_positions(frames=2, height=4, width=2, grid_height=8, grid_width=8, first_frame=5).view(2, 4, 2, 3)
+    assert pos[:, 0, 0, 0].tolist() == [5.0, 6.0]  # running frame index
+    assert pos[0, :, 0, 1].tolist() == [0.5, 2.5, 4.5, 6.5]  # half-pixel linear resize of 0..7
+    assert pos[0, 0, :, 2].tolist() == [1.5, 5.5]
+
+
+def test_rope_rotates_pairs_by_float64_angles():
+    positions = torch.tensor([[0.0, 0.0, 0.0], [7.0, 300.5, 2.0]])
+    cos, signed_sin = rope_tables(positions, [4, 6, 6])
+    x = torch.randn(2, 16)
+    y = apply_rope(x, cos, signed_sin)
+    assert torch.equal(y[0], x[0])  # position 0: identity (text tokens)
+    freqs = torch.cat([1.0 / 10000.0 ** (torch.arange(0, d, 2, dtype=torch.float64) / d) for d in (4, 6, 6)])
+    angle = torch.tensor([7.0] * 2 + [300.5] * 3 + [2.0] * 3, dtype=torch.float64) * freqs
+    c, s_ = torch.cos(angle).float(), torch.sin(angle).float()
+    x0, x1 = x[1, 0::2], x[1, 1::2]
+    assert torch.equal(y[1, 0::2], x0 * c - x1 * s_) and torch.equal(y[1, 1::2], x1 * c + x0 * s_)
+
+
 def test_patchify_round_trip():
     x = torch.randn(2, 16, 3, 8, 12)
     tokens = patchify(x)
@@ -184,19 +205,30 @@ def test_text_padding_content_is_ignored(model):
 
 
 def test_attention_masks_are_compact(model):
-    """No dense L x L mask where a column's queries share a frame; dense only over multi-frame query groups."""
-    inputs = make_inputs(AR_COLUMNS, batch=2)
+    """Each frame's queries see the key prefix ending with their frame; the only mask is a [B, 1, 1, K] row."""
+    inputs = make_inputs(AR_COLUMNS, batch=2)  # rows b*3 + c: padding (0, 5), (3, 2), (1, 0) per column
     seq = model._pack(inputs["sample"], inputs["encoder_attention_mask"])
-    T = 10
+    assert seq.text_lens == [10, 8, 10]  # text trimmed to each column's longest prompt
     for c, col in enumerate(AR_COLUMNS):
-        tokens = [t * (h // 2) * (w // 2) for t, h, w in col]
-        history = T + sum(tokens[:-1])
-        prefix, last = seq.groups[c]
-        assert (prefix.n_queries, prefix.k_end) == (history, history)
-        assert (last.n_queries, last.k_end) == (tokens[-1], history + tokens[-1])
-        assert tuple(last.mask.shape) == (2, 1, 1, history + tokens[-1])  # single-frame last clip
-        assert tuple(prefix.mask.shape) == (2, 1, history, history)  # text + 2-3 history frames: block-causal
-        assert seq.last_groups[c][0].mask is last.mask
+        frames = [(h // 2) * (w // 2) for t, h, w in col for _ in range(t)]
+        ends = torch.tensor(frames).cumsum(0).add(seq.text_lens[c]).tolist()
+        groups = seq.groups[c]
+        assert [g.k_end for g in groups] == ends
+        assert [g.n_queries for g in groups] == [ends[0]] + frames[1:]  # the text joins frame 0
+        assert all(tuple(g.mask.shape) == (2, 1, 1, g.k_end) for g in groups)
+        last = seq.last_groups[c]  # the last clip (one frame here) only
+        assert len(last) == 1 and last[0].n_queries == frames[-1] and last[0].k_end == ends[-1]
+
+
+def test_fully_padded_prompt(model):
+    """A column whose rows are all padding has no text tokens at all; its video still gets a prediction."""
+    inputs = make_inputs(AR_COLUMNS)
+    inputs["encoder_attention_mask"][1] = 0
+    out = run(model, inputs)
+    assert model._pack(inputs["sample"], inputs["encoder_attention_mask"]).text_lens[1] == 0
+    assert all(torch.isfinite(o).all() for o in out)
+    inputs["encoder_hidden_states"][1] += 5.0
+    assert all(torch.equal(a, b) for a, b in zip(run(model, inputs), out))
 
 
 def test_non_causal_mode_lets_later_frames_in():

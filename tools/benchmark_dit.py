@@ -16,7 +16,8 @@ Workload (fixed, so numbers compare across runs and machines):
   3      high               3x6x10, 1x12x20, 1x24x40, 1x24x40                      32 + 585
   ====== ================== ====================================================== ========
 
-* text: 32 tokens per row, rows padded at the end by 0, 4, 8, 12 tokens; timesteps uniform in [0, 1000);
+* text: 32 tokens per row, rows padded at the end by 0, 4, 8, 12 tokens (``--padding``); timesteps uniform
+  in [0, 1000);
 * loss: mean squared output (its value is irrelevant; the backward pass is what costs).
 
 Reported: median (and min) seconds per step over ``--steps`` timed steps after one warm-up, with the
@@ -64,11 +65,13 @@ COLUMNS = [
 TEXT_LEN, TEXT_PADDING = 32, (0, 4, 8, 12)
 
 
-def make_inputs(device: torch.device, dtype: torch.dtype) -> dict:
+def make_inputs(device: torch.device, dtype: torch.dtype, padding: tuple[int, ...] = TEXT_PADDING) -> dict:
     g = torch.Generator().manual_seed(1)
     rows = len(COLUMNS)
+    if len(padding) != rows or not all(0 <= p <= TEXT_LEN for p in padding):
+        raise ValueError(f"--padding needs {rows} counts in [0, {TEXT_LEN}], got {padding}")
     mask = torch.ones(rows, TEXT_LEN, dtype=torch.int64)
-    for r, pad in enumerate(TEXT_PADDING):
+    for r, pad in enumerate(padding):
         if pad:
             mask[r, TEXT_LEN - pad:] = 0
     inputs = dict(
@@ -196,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--reference", type=Path, help="Pyramid-Flow checkout to time its class as well")
+    parser.add_argument("--padding", default=",".join(map(str, TEXT_PADDING)),
+                        help="padding tokens at the end of each column's text row (4 comma-separated counts)")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -214,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         m.to(device).train()
         if dtype != torch.float32:
             m.to(dtype)
-    inputs = make_inputs(device, dtype)
+    inputs = make_inputs(device, dtype, tuple(int(p) for p in args.padding.split(",")))
     tokens = n_tokens(inputs)
     n_params = sum(p.numel() for p in ours.parameters())
     print(f"device {device} ({torch.get_num_threads()} threads), {args.dtype}, torch {torch.__version__}; "
