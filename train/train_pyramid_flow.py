@@ -35,7 +35,7 @@ from trainer_misc.datasets import (  # noqa: E402
     collate,
     parse_resolution,
 )
-from trainer_misc.distributed import destroy_process_group, get_world_size  # noqa: E402
+from trainer_misc.distributed import destroy_process_group, get_world_size, resolve_device  # noqa: E402
 from trainer_misc.io_utils import default_empty_prompt_path, load_text_features  # noqa: E402
 from trainer_misc.trainer import StepContext, TrainConfig, train  # noqa: E402
 
@@ -372,7 +372,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         dit.enable_gradient_checkpointing(args.gradient_checkpointing_ratio)
 
     vae = text_encoder = None
-    device = torch.device("cuda" if args.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+    device = resolve_device(args.device)  # this rank's GPU (LOCAL_RANK), as the engine uses
     encode_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.model_dtype]
     if args.load_vae or args.task == "t2i":
         from video_vae.modeling_causal_vae import CausalVideoVAE

@@ -105,6 +105,13 @@ class TrainBatch:
         return len(self.paths)
 
 
+def _require_entries(entries: list, excluded: list[tuple[str, str]], what: str) -> None:
+    """Raise, listing the first exclusions, when start-up left no usable sample."""
+    if not entries:
+        shown = "\n  ".join(f"{p}: {r}" for p, r in excluded[:10])
+        raise DataFileError(f"no usable {what} ({len(excluded)} excluded):\n  {shown}")
+
+
 def _bad(path: object, reason: str) -> dict:
     return {"bad": (str(path), reason)}
 
@@ -165,9 +172,7 @@ class VideoLatentDataset(Dataset):
                 continue
             self.entries.append(entry)
             self.frames.append(min(n, max_frames))
-        if not self.entries:
-            shown = "\n  ".join(f"{p}: {r}" for p, r in self.excluded[:10])
-            raise DataFileError(f"no usable video latents ({len(self.excluded)} excluded):\n  {shown}")
+        _require_entries(self.entries, self.excluded, "video latents")
 
     def group_keys(self) -> list[int]:
         return list(self.frames)
@@ -248,9 +253,7 @@ class ImageDataset(Dataset):
                 continue
             self.entries.append(entry)
             self.bucket_of.append(closest_bucket(w, h, self.buckets))
-        if not self.entries:
-            shown = "\n  ".join(f"{p}: {r}" for p, r in self.excluded[:10])
-            raise DataFileError(f"no usable images ({len(self.excluded)} excluded):\n  {shown}")
+        _require_entries(self.entries, self.excluded, "images")
 
     def group_keys(self) -> list[int]:
         return list(self.bucket_of)
