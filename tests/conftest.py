@@ -1,25 +1,24 @@
 """Shared fixtures.
 
-`golden_dir` points at the reference-written vectors in ``../shared/golden`` (see its README). A user's clone has
-no ``../shared`` beside it; tests that need it skip with a reason instead of failing.
+`golden_dir` points at the reference-written vectors in ``tests/golden`` (see its README: they were produced by
+running the public reference implementation on CPU; data only, no reference code). They ship with the repository,
+so every clone runs the parity tests; a missing golden folder or file is a failure, never a skip.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-GOLDEN_DIR = Path(os.environ.get("PYRAMID_GOLDEN_DIR", REPO_ROOT.parent / "shared" / "golden"))
+GOLDEN_DIR = Path(__file__).resolve().parent / "golden"
 
 
 @pytest.fixture(scope="session")
 def golden_dir() -> Path:
-    if not GOLDEN_DIR.is_dir():
-        pytest.skip(f"golden vectors not found at {GOLDEN_DIR} (CI places ../shared beside the clone; "
-                    "set PYRAMID_GOLDEN_DIR to point elsewhere)")
+    assert GOLDEN_DIR.is_dir(), (f"golden vectors missing at {GOLDEN_DIR}: they are part of the repository "
+                                 "(restore them with `git checkout -- tests/golden`)")
     return GOLDEN_DIR
 
 
