@@ -3,7 +3,7 @@
 #   is_uint V          true when V is a non-negative integer
 #   detect_gpus        sets GPUS (if unset) to the visible GPU count, or 1 without GPUs; sets HAVE_GPU=0|1
 #   launch SCRIPT ...  python3 when one process on one node, else torchrun (multi-node via NNODES, NODE_RANK,
-#                      MASTER_ADDR, MASTER_PORT)
+#                      MASTER_ADDR, MASTER_PORT; with NNODES>1 the first two must be set)
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 
 die() { echo "$SCRIPT_NAME: $*" >&2; exit 2; }
@@ -17,7 +17,7 @@ detect_gpus() {
 }
 
 launch() {
-    : "${NNODES:=1}" "${NODE_RANK:=0}" "${MASTER_ADDR:=127.0.0.1}" "${MASTER_PORT:=29500}"
+    : "${NNODES:=1}" "${MASTER_PORT:=29500}"
     is_uint "$NNODES" && [ "$NNODES" -gt 0 ] || die "NNODES=$NNODES must be a positive integer"
     if [ "$GPUS" -eq 1 ] && [ "$NNODES" -eq 1 ]; then
         exec python3 "$@"
@@ -27,6 +27,13 @@ launch() {
         # shellcheck disable=SC2086  # RUN may be several words
         exec $RUN --standalone --nproc_per_node "$GPUS" "$@"
     fi
+    # Several nodes: a default address or rank would make a node wait on its own localhost or claim rank 0
+    # a second time (a hang, not an error), so both must be given on every node.
+    [ -n "${MASTER_ADDR:-}" ] && [ -n "${NODE_RANK:-}" ] \
+        || die "NNODES=$NNODES needs MASTER_ADDR (address of the node with NODE_RANK=0, reachable from every node) and NODE_RANK (0..$((NNODES - 1)), different on each node) set on every node; got MASTER_ADDR='${MASTER_ADDR:-}' NODE_RANK='${NODE_RANK:-}'"
+    is_uint "$NODE_RANK" && [ "$NODE_RANK" -lt "$NNODES" ] || die "NODE_RANK=$NODE_RANK must be in 0..$((NNODES - 1)) (NNODES=$NNODES)"
+    is_uint "$MASTER_PORT" || die "MASTER_PORT=$MASTER_PORT must be a port number"
+    echo "$SCRIPT_NAME: rendezvous $MASTER_ADDR:$MASTER_PORT, this is node $NODE_RANK of $NNODES, $GPUS processes per node ($((NNODES * GPUS)) in all)" >&2
     # shellcheck disable=SC2086
     exec $RUN --nnodes "$NNODES" --node_rank "$NODE_RANK" --master_addr "$MASTER_ADDR" \
         --master_port "$MASTER_PORT" --nproc_per_node "$GPUS" "$@"

@@ -80,3 +80,52 @@ def test_entrypoint_rejects_bad_flags_before_loading(fake_model, flags, message)
         main(["--model_path", fake_model["MODEL_PATH"], "--anno_file", fake_model["ANNO_FILE"],
               "--output_dir", fake_model["OUTPUT_DIR"], *flags])
     assert message in str(info.value)
+
+
+@pytest.fixture()
+def fake_torchrun(tmp_path) -> Path:
+    """A ``torchrun`` first on PATH that records its arguments instead of launching."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = tmp_path / "torchrun_args"
+    script = bin_dir / "torchrun"
+    script.write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > "{log}"\n')
+    script.chmod(0o755)
+    return log
+
+
+def _multinode_env(fake_model, fake_torchrun, **env) -> dict[str, str]:
+    full = {**fake_model, "GPUS": "2", "NNODES": "2", "VIDEO_SYNC_GROUP": "4",
+            "PATH": f"{fake_torchrun.parent / 'bin'}{os.pathsep}{os.environ['PATH']}", **env}
+    return full
+
+
+@pytest.mark.parametrize("env", [{}, {"MASTER_ADDR": "10.0.0.1"}, {"NODE_RANK": "1"}],
+                         ids=["neither", "no-node-rank", "no-master-addr"])
+def test_multinode_launch_refuses_without_master_addr_and_node_rank(fake_model, fake_torchrun, env, monkeypatch):
+    for name in ("MASTER_ADDR", "NODE_RANK", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    result = run_script(AR, _multinode_env(fake_model, fake_torchrun, **env))
+    assert result.returncode == 2, result.stderr
+    assert "NNODES=2 needs MASTER_ADDR" in result.stderr and "NODE_RANK" in result.stderr
+    assert not fake_torchrun.exists()  # nothing was launched
+
+
+def test_multinode_launch_rejects_node_rank_out_of_range(fake_model, fake_torchrun, monkeypatch):
+    monkeypatch.delenv("MASTER_PORT", raising=False)
+    result = run_script(AR, _multinode_env(fake_model, fake_torchrun, MASTER_ADDR="10.0.0.1", NODE_RANK="2"))
+    assert result.returncode == 2 and "NODE_RANK=2 must be in 0..1" in result.stderr
+    assert not fake_torchrun.exists()
+
+
+def test_multinode_launch_passes_rendezvous_and_prints_it_once(fake_model, fake_torchrun, monkeypatch):
+    monkeypatch.delenv("MASTER_PORT", raising=False)
+    result = run_script(AR, _multinode_env(fake_model, fake_torchrun, MASTER_ADDR="10.0.0.1", NODE_RANK="1"))
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("rendezvous") == 1
+    assert "rendezvous 10.0.0.1:29500, this is node 1 of 2, 2 processes per node (4 in all)" in result.stderr
+    args = fake_torchrun.read_text().split("\n")
+    launcher = args[: args.index("--nproc_per_node") + 2]
+    assert launcher == ["--nnodes", "2", "--node_rank", "1", "--master_addr", "10.0.0.1", "--master_port", "29500",
+                        "--nproc_per_node", "2"]
+    assert args[args.index("--nproc_per_node") + 2].endswith("train/train_pyramid_flow.py")
