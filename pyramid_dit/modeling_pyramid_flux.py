@@ -26,6 +26,7 @@ The parameter names, config keys and numerics follow the released checkpoint
 """
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Optional, Sequence, Union
 
@@ -34,6 +35,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import logging
 from torch import nn
+from torch._subclasses.fake_tensor import is_fake
 from torch.utils.checkpoint import checkpoint
 
 from pyramid_dit.embeddings import TimestepTextEmbedding, clip_positions, rope_tables
@@ -53,6 +55,11 @@ logger = logging.get_logger(__name__)
 PATCH = 2  # the model always patchifies 2x2; `in_channels` counts latent channels x 4
 
 Column = Union[torch.Tensor, Sequence[torch.Tensor]]
+
+
+def _has_no_data(t: torch.Tensor) -> bool:
+    """True for meta and fake tensors (shape-only tracing), whose values cannot be copied to the host."""
+    return t.is_meta or is_fake(t)
 
 
 def patchify(clip: torch.Tensor) -> torch.Tensor:
@@ -258,8 +265,14 @@ class PyramidFluxTransformer(ModelMixin, ConfigMixin):
         """
         device = text_mask.device
         batch, n, T = columns[0][-1].shape[0], len(columns), text_mask.shape[1]
-        valid_host = text_mask.view(batch, n, T).bool().cpu()  # the call's only device -> host copy
-        kept = (valid_host * torch.arange(1, T + 1)).amax(dim=(0, 2)).tolist()  # per column: 1 + last valid
+        if _has_no_data(text_mask):
+            # Meta / fake tensors (FLOP counting, memory planning) have no values to read: keep all T text
+            # tokens and always apply the mask, so the traced cost is that of untrimmed text.
+            kept, fully_valid = [T] * n, [False] * n
+        else:
+            valid_host = text_mask.view(batch, n, T).bool().cpu()  # the call's only device -> host copy
+            kept = (valid_host * torch.arange(1, T + 1)).amax(dim=(0, 2)).tolist()  # per column: 1 + last valid
+            fully_valid = [bool(valid_host[:, c, :kept[c]].all()) for c in range(n)]
         video_pos, joint_pos, last_pos, groups, last_groups = [], [], [], [], []
         for c, clips in enumerate(columns):
             grid_h, grid_w = clips[-1].shape[3] // PATCH, clips[-1].shape[4] // PATCH
@@ -272,8 +285,7 @@ class PyramidFluxTransformer(ModelMixin, ConfigMixin):
             video_pos.append(torch.cat(pos))
             last_pos.append(pos[-1])
             joint_pos += [torch.zeros(kept[c], 3, device=device), video_pos[-1]]
-            padded = not bool(valid_host[:, c, :kept[c]].all())
-            text_valid = text_mask.view(batch, n, T)[:, c, :kept[c]].bool() if padded else None
+            text_valid = None if fully_valid[c] else text_mask.view(batch, n, T)[:, c, :kept[c]].bool()
             groups.append(self._attention_groups(kept[c], text_valid, frame_sizes))
             first_last = kept[c] + video_pos[-1].shape[0] - last_pos[-1].shape[0]  # where the last clip starts
             last_groups.append(self._queries_from(groups[-1], first_last))
@@ -301,7 +313,7 @@ class PyramidFluxTransformer(ModelMixin, ConfigMixin):
         key_valid = None
         if text_valid is not None:
             key_valid = torch.cat([text_valid, text_valid.new_ones(text_valid.shape[0], sum(frame_sizes))], dim=1)
-        ends = (T + torch.tensor(frame_sizes).cumsum(0)).tolist()
+        ends = [T + s for s in itertools.accumulate(frame_sizes)]
         if not self.use_temporal_causal:
             ends = ends[-1:]
         return [AttentionGroup(n_queries=end - start, k_end=end,
@@ -318,8 +330,6 @@ class PyramidFluxTransformer(ModelMixin, ConfigMixin):
                 out.append(AttentionGroup(n_queries=end - max(start, first), k_end=g.k_end, mask=g.mask))
             start = end
         return out
-
-
 
     def forward(
         self,

@@ -370,3 +370,47 @@ def test_bfloat16(model, mode):
     for a, b in zip(out, ref):
         assert torch.isfinite(a).all()
         assert rel_err(a, b) < 5e-2
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Shape-only tracing (meta / fake tensors): what the planner counts FLOPs and memory with
+# ------------------------------------------------------------------------------------------------------------
+
+def _train_step_flops(model: PyramidFluxTransformer, inputs: dict) -> dict[str, int]:
+    from trainer_misc.planner import flop_counter_mode
+    with flop_counter_mode() as counter:
+        outputs = model(**inputs)
+        torch.stack([o.float().pow(2).mean() for o in outputs]).sum().backward()
+    return {str(op).split(".")[1]: n for op, n in counter.get_flop_counts()["Global"].items()}
+
+
+TRACE_COLUMNS = [[(2, 2, 4), (1, 4, 6)], [(1, 2, 4), (1, 4, 6)]]
+
+
+def test_forward_and_backward_trace_on_meta_and_fake_tensors_with_the_real_flop_count():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    unpadded = make_inputs(TRACE_COLUMNS, pad=(0,))
+    real = _train_step_flops(tiny_model(), unpadded)
+    assert set(real) == {"mm", "addmm", "_scaled_dot_product_flash_attention_for_cpu",
+                         "_scaled_dot_product_flash_attention_for_cpu_backward"}
+
+    # Fake CPU tensors take the same kernels as real ones: the same count, op by op.
+    with FakeTensorMode() as mode:
+        fake = {k: ([[mode.from_tensor(c) for c in col] for col in v] if k == "sample" else mode.from_tensor(v))
+                for k, v in unpadded.items()}
+        fake_model = PyramidFluxTransformer(**TINY)
+        assert _train_step_flops(fake_model, fake) == real
+        assert all(p.grad is not None for p in fake_model.parameters())
+
+    # Meta tensors run attention as plain matmuls (bmm); every linear layer is counted the same.
+    on_meta = {k: ([[c.to("meta") for c in col] for col in v] if k == "sample" else v.to("meta"))
+               for k, v in unpadded.items()}
+    with torch.device("meta"):
+        meta_model = PyramidFluxTransformer(**TINY)
+    meta = _train_step_flops(meta_model, on_meta)
+    assert (meta["mm"], meta["addmm"]) == (real["mm"], real["addmm"]) and meta["bmm"] > 0
+
+    # Real tensors still trim text padding: a padded batch costs less than the untrimmed (traced) count.
+    padded = _train_step_flops(tiny_model(), make_inputs(TRACE_COLUMNS, pad=(4,)))
+    assert sum(padded.values()) < sum(real.values())
