@@ -99,6 +99,9 @@ class PyramidFluxTransformer(ModelMixin, ConfigMixin):
     """
 
     _supports_gradient_checkpointing = True
+    # Forward inputs a trainer must not cast to a low-precision parameter dtype: the timestep is embedded through
+    # sinusoids, and bf16 would round it (999 -> 1000).
+    fp32_inputs = ("timestep_ratio",)
 
     @register_to_config
     def __init__(

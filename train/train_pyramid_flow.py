@@ -127,6 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--shard_strategy", default=None, choices=["ddp", "zero2", "zero3"],
                    help="ddp (replicated), zero2 (optimizer+gradients sharded), zero3 (parameters too)")
     g.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+    g.add_argument("--grad_reduce_dtype", default="fp32", choices=["fp32", "model"],
+                   help="dtype of the cross-rank gradient reduction and of the accumulation over micro-batches: "
+                        "fp32 (default, exact enough for many ranks) or model (the training dtype, e.g. bf16: "
+                        "half the gradient traffic, as the reference)")
 
     g = p.add_argument_group("output")
     g.add_argument("--output_dir", required=True, help="checkpoints, tensorboard logs and the exported DiT")
@@ -257,7 +261,7 @@ class PyramidFlowLoss:
         step = self.objective.noise_latents(latents, use_temporal_pyramid=self.use_temporal_pyramid,
                                             rank=ctx.sync_rank, step=ctx.micro_step)
         step.text = text
-        inputs = _cast_floats(step.dit_inputs(), ctx.dtype)
+        inputs = dit_inputs_in_dtype(step.dit_inputs(), ctx.module, ctx.dtype)
         preds = model(**inputs)
         loss = self.objective.loss(preds, step.targets)
         # Tokens the DiT attended over: every row's text plus its clips' 2x2 patches.
@@ -343,6 +347,18 @@ class ValidationSampler:
             writer.close()
 
 
+def dit_inputs_in_dtype(inputs: dict[str, Any], model: torch.nn.Module, dtype: torch.dtype) -> dict[str, Any]:
+    """The DiT's keyword inputs with float tensors cast to ``dtype`` (the parameters' dtype: DeepSpeed bf16 needs
+    it), except those the model lists in ``fp32_inputs``.
+
+    Rule: an input the model embeds through sinusoids (the timestep) stays fp32. Rounded to bf16, timesteps near
+    1000 move by up to 4 (999 -> 1000, 997 -> 996), so the model would train on other timesteps than the sampler
+    (which keeps them fp32) uses; the embedding computes its sinusoids in fp32 itself.
+    """
+    keep = set(getattr(model, "fp32_inputs", ()))
+    return {k: v if k in keep else _cast_floats(v, dtype) for k, v in inputs.items()}
+
+
 def _cast_floats(obj: Any, dtype: torch.dtype) -> Any:
     if isinstance(obj, torch.Tensor):
         return obj.to(dtype) if obj.is_floating_point() else obj
@@ -397,7 +413,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     warmup = args.warmup_steps if args.warmup_steps >= 0 else args.warmup_epochs * args.iters_per_epoch
     config = TrainConfig(
         output_dir=args.output_dir, max_steps=max_steps, batch_size=args.batch_size, strategy=strategy_of(args),
-        mixed_precision=args.model_dtype, device=args.device, grad_accum_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.model_dtype, grad_reduce_dtype=args.grad_reduce_dtype, device=args.device, grad_accum_steps=args.gradient_accumulation_steps,
         lr=args.lr, betas=(args.opt_beta1, args.opt_beta2), eps=args.opt_eps, weight_decay=args.weight_decay,
         lr_scheduler=args.lr_scheduler, warmup_steps=min(warmup, max_steps), warmup_start_lr=args.warmup_lr,
         min_lr=args.min_lr, max_grad_norm=args.clip_grad or None, skip_loss_threshold=args.skip_loss_threshold,

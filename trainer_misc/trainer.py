@@ -79,6 +79,7 @@ class TrainConfig:
     batch_size: int
     strategy: str = "ddp"                      # [--fsdp_shard_strategy] ddp | zero2 | zero3
     mixed_precision: str = "bf16"              # [--model_dtype] bf16 | fp16 | fp32
+    grad_reduce_dtype: str = "fp32"            # fp32 | model: gradient reduction/accumulation (EngineConfig)
     device: str = "auto"                       # auto | cuda | cpu
     grad_accum_steps: int = 1
     # optimizer [--lr --opt_beta1 --opt_beta2 --opt_eps --weight_decay]
@@ -428,7 +429,8 @@ def train(model: nn.Module, compute_loss: ComputeLoss, dataset: Dataset, config:
                          EngineConfig(strategy=config.strategy, mixed_precision=config.mixed_precision,
                                       device=config.device, grad_accum_steps=config.grad_accum_steps,
                                       max_grad_norm=config.max_grad_norm, micro_batch_size=config.batch_size,
-                                      find_unused_parameters=config.find_unused_parameters))
+                                      find_unused_parameters=config.find_unused_parameters,
+                                      grad_reduce_dtype=config.grad_reduce_dtype))
     rank, world = engine.rank, engine.world_size
     sync = sync_group_position(rank, world, config.video_sync_group)
     if engine.is_main:

@@ -1,0 +1,89 @@
+"""What a first GPU run depends on, checked on CPU: gradient reduction dtype, fp32 timesteps, memory defaults.
+
+The two-process ZeRO-3 load-memory check lives in ``test_zero3_load.py``.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from trainer_misc.engine import DEEPSPEED_BUCKET_ELEMENTS, EngineConfig, deepspeed_config  # noqa: E402
+
+CPU, CUDA = torch.device("cpu"), torch.device("cuda", 0)
+
+
+# --------------------------------------------------------------------------- gradient reduction / accumulation
+
+@pytest.mark.parametrize("strategy", ["zero2", "zero3"])
+def test_deepspeed_reduces_and_accumulates_bf16_gradients_in_fp32_by_default(strategy):
+    cfg = deepspeed_config(EngineConfig(strategy=strategy, mixed_precision="bf16", grad_accum_steps=2), CUDA)
+    assert cfg["bf16"]["enabled"]
+    assert cfg["communication_data_type"] == "fp32"
+    assert cfg["data_types"] == {"grad_accum_dtype": "fp32"}
+    fast = deepspeed_config(EngineConfig(strategy=strategy, mixed_precision="bf16", grad_reduce_dtype="model"), CUDA)
+    assert fast["communication_data_type"] == "bf16" and fast["data_types"] == {"grad_accum_dtype": "bf16"}
+
+
+def test_deepspeed_buckets_are_sized_for_the_dit_not_the_5e8_default():
+    largest_released_tensor = (1920 + 4 * 1920) * 1920  # a single block's proj_out (mlp + attention -> dim)
+    for strategy in ("zero2", "zero3"):
+        zero = deepspeed_config(EngineConfig(strategy=strategy), CUDA)["zero_optimization"]
+        assert zero["reduce_bucket_size"] == DEEPSPEED_BUCKET_ELEMENTS
+        assert zero["overlap_comm"] is True
+        key = "allgather_bucket_size" if strategy == "zero2" else "stage3_prefetch_bucket_size"
+        assert zero[key] == DEEPSPEED_BUCKET_ELEMENTS
+    assert largest_released_tensor < DEEPSPEED_BUCKET_ELEMENTS < 5e8
+    assert deepspeed_config(EngineConfig(strategy="zero2"), CPU)["zero_optimization"]["overlap_comm"] is False
+
+
+def test_grad_reduce_dtype_is_checked():
+    with pytest.raises(ValueError, match="grad_reduce_dtype"):
+        EngineConfig(grad_reduce_dtype="bf16")
+
+
+# --------------------------------------------------------------------------- timesteps stay fp32
+
+@pytest.mark.parametrize("engine", ["deepspeed_bf16", "ddp_bf16"])
+def test_timesteps_reach_the_embedding_in_fp32_unrounded(golden_dir, engine):
+    """DeepSpeed bf16 casts the DiT (and so the inputs) to bf16; DDP keeps fp32 weights under autocast. Either way
+    the timestep embedding must see the objective's fp32 timesteps exactly."""
+    from pyramid_dit.modeling_pyramid_flux import PyramidFluxTransformer
+    from pyramid_dit.objective import PyramidFlowObjective
+    from pyramid_dit.scheduler import PyramidFlowMatchEulerDiscreteScheduler
+    from train.train_pyramid_flow import PyramidFlowLoss
+    from trainer_misc.datasets import TrainBatch
+    from trainer_misc.trainer import StepContext
+
+    dit = PyramidFluxTransformer.from_pretrained(golden_dir / "flux_tiny")
+    if engine == "deepspeed_bf16":
+        dit = dit.to(torch.bfloat16)  # what DeepSpeed's bf16 engine does to the module
+    objective = PyramidFlowObjective(PyramidFlowMatchEulerDiscreteScheduler(), "pyramid_flux", text_drop_rate=0.0,
+                                     max_temporal_length=2, video_sync_group=1)
+    drawn, reached = [], []
+    noise_latents = objective.noise_latents
+    objective.noise_latents = lambda *a, **k: drawn.append(noise_latents(*a, **k)) or drawn[-1]
+    dit.time_text_embed.register_forward_pre_hook(lambda module, args: reached.append(args[0].detach().clone()))
+
+    g = torch.Generator().manual_seed(0)
+    batch = TrainBatch(captions=[""] * 4, paths=[""] * 4, latents=torch.randn(4, 16, 2, 16, 16, generator=g),
+                       prompt_embeds=torch.randn(4, 8, 32, generator=g),
+                       prompt_attention_mask=torch.ones(4, 8, dtype=torch.long),
+                       pooled_prompt_embeds=torch.randn(4, 24, generator=g))
+    param_dtype = next(dit.parameters()).dtype
+    ctx = StepContext(step=0, micro_step=0, micro_index=0, rank=0, world_size=1, sync_rank=0, sync_group=1,
+                      sync_group_index=0, device=CPU, dtype=param_dtype, module=dit)
+    torch.manual_seed(0)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=engine == "ddp_bf16"):
+        loss, _ = PyramidFlowLoss(objective, use_temporal_pyramid=False)(dit, batch, ctx)
+    assert torch.isfinite(loss)
+    drawn_t = drawn[0].timestep_ratio
+    assert drawn_t.dtype == torch.float32
+    assert (drawn_t != drawn_t.bfloat16().float()).any(), "no timestep here would be changed by bf16 rounding"
+    assert len(reached) == 1 and reached[0].dtype == torch.float32
+    assert torch.equal(reached[0], drawn_t)
