@@ -109,3 +109,28 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> 
     """
     swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
     return x * cos + swapped * signed_sin
+
+
+# --------------------------------------------------------------------------------------------------------
+# Fixed 2-D sin-cos patch positions (SD3 kind)
+# --------------------------------------------------------------------------------------------------------
+
+def sincos_table_2d(embed_dim: int, grid_size: int, base_size: int) -> torch.Tensor:
+    """The SD3 kind's fixed ``[grid_size**2, embed_dim]`` float32 position table, row-major over (row, col).
+
+    Coordinates are ``arange(grid_size) / (grid_size / base_size)`` in float32; the first half of the channels
+    encodes the column, the second half the row, each as ``[sin, cos]`` of the coordinate times
+    ``10000 ** (-i / (embed_dim / 4))`` (angles in float64, rounded once).
+    """
+    if embed_dim % 4:
+        raise ValueError(f"the sin-cos position table needs a width divisible by 4, got {embed_dim}")
+    coord = torch.arange(grid_size, dtype=torch.float32) / (grid_size / base_size)
+    quarter = embed_dim // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+
+    def encode(pos: torch.Tensor) -> torch.Tensor:
+        angle = pos.to(torch.float64)[:, None] * omega[None, :]
+        return torch.cat([torch.sin(angle), torch.cos(angle)], dim=-1)
+
+    rows, cols = torch.meshgrid(coord, coord, indexing="ij")
+    return torch.cat([encode(cols.reshape(-1)), encode(rows.reshape(-1))], dim=-1).float()

@@ -1,0 +1,207 @@
+"""Layers shared by both DiT kinds, and the joint (MMDiT / double-stream) block they both stack.
+
+The SD3 kind's ``JointTransformerBlock`` and the miniFLUX kind's double-stream block are the same computation:
+text and video keep separate weights (adaptive norms, projections, MLPs) and meet only inside one attention
+over each column's text followed by its video. They differ in the queries'/keys' RMS-norm epsilon, in the
+checkpoint names of the text-side norms (``norm_added_q`` for miniFLUX, ``norm_add_q`` for SD3), in the rotary
+tables they are given, and in the SD3 kind's last block, which updates only the video stream
+(``context_pre_only``: a 2-vector adaptive norm for the text and no text output or MLP).
+
+Tensors are in the packed layout of :mod:`pyramid_dit.packing`: video ``[B, sum(L_c), D]`` and text
+``[B, sum(T_c), D]``, column after column. Parameter names mirror the released checkpoints.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pyramid_dit.embeddings import apply_rope
+from pyramid_dit.packing import PackedSequence, attend, gated_residual, modulate, per_column, queries_from, tails
+
+
+def _rms(x: torch.Tensor, eps: float) -> torch.Tensor:
+    if hasattr(F, "rms_norm"):  # torch >= 2.4: fused, same float32 result as the formula below
+        return F.rms_norm(x, x.shape[-1:], eps=eps)
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+class RMSNorm(nn.Module):
+    """RMS norm over the last axis with a learned scale (queries and keys, per head), computed in float32."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.normalize_fp32(x)).to(x.dtype)
+
+    def normalize_fp32(self, x: torch.Tensor) -> torch.Tensor:
+        return _rms(x.float(), self.eps) * self.weight.float()
+
+
+def heads(linear: nn.Linear, x: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """``linear(x)`` split into heads: ``[B, L, D] -> [B, L, H, d]``."""
+    return linear(x).unflatten(-1, (n_heads, -1))
+
+
+def norm_rope(x: torch.Tensor, norm: RMSNorm, rope: Optional[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """RMS-normalise queries or keys ``[B, L, H, d]`` and rotate them by ``rope`` (tables ``[L, d]``).
+
+    Runs in float32 and rounds once to the activation dtype. ``rope=None`` means no rotation (text tokens sit
+    at position 0, where the rotation is the identity, or the model has no rotary positions).
+    """
+    y = norm.normalize_fp32(x)
+    if rope is not None:
+        y = apply_rope(y, rope[0][:, None], rope[1][:, None])
+    return y.to(x.dtype)
+
+
+class GELUProj(nn.Module):
+    """Linear followed by tanh-approximated GELU (checkpoint name ``ff.net.0.proj``)."""
+
+    def __init__(self, dim_in: int, dim_out: int):
+        super().__init__()
+        self.proj = nn.Linear(dim_in, dim_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(self.proj(x), approximate="tanh")
+
+
+class FeedForward(nn.Module):
+    """MLP with 4x expansion. ``net.1`` is a zero-rate dropout slot kept so the checkpoint's ``net.2`` lines up."""
+
+    def __init__(self, dim: int, mult: int = 4):
+        super().__init__()
+        self.net = nn.ModuleList([GELUProj(dim, dim * mult), nn.Dropout(0.0), nn.Linear(dim * mult, dim)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.net:
+            x = layer(x)
+        return x
+
+
+class AdaNorm(nn.Module):
+    """Parameter-free LayerNorm plus ``linear(silu(cond))`` producing ``n_chunks`` modulation vectors."""
+
+    def __init__(self, dim: int, n_chunks: int, eps: float = 1e-6):
+        super().__init__()
+        self.linear = nn.Linear(dim, n_chunks * dim)
+        self.n_chunks = n_chunks
+        self.eps = eps
+
+    def chunks(self, cond: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.linear(F.silu(cond)).chunk(self.n_chunks, dim=-1)
+
+    def norm(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, x.shape[-1:], eps=self.eps)
+
+
+class JointAttention(nn.Module):
+    """Projections of the joint attention (video: ``to_*``, text: ``add_*``); the math lives in the block.
+
+    ``text_norm`` names the text-side query/key norms (``<text_norm>_q``, ``<text_norm>_k``); ``text_out``
+    is False for a block whose text output is never used (no ``to_add_out``).
+    """
+
+    def __init__(self, dim: int, heads: int, head_dim: int, eps: float = 1e-6, text_norm: str = "norm_added",
+                 text_out: bool = True):
+        super().__init__()
+        self.heads = heads
+        inner = heads * head_dim
+        self.norm_q, self.norm_k = RMSNorm(head_dim, eps), RMSNorm(head_dim, eps)
+        self.to_q, self.to_k, self.to_v = nn.Linear(dim, inner), nn.Linear(dim, inner), nn.Linear(dim, inner)
+        self.add_k_proj, self.add_v_proj = nn.Linear(dim, inner), nn.Linear(dim, inner)
+        self.add_q_proj = nn.Linear(dim, inner)
+        self.to_out = nn.ModuleList([nn.Linear(inner, dim), nn.Dropout(0.0)])
+        if text_out:
+            self.to_add_out = nn.Linear(inner, dim)
+        self._text_norm = text_norm
+        setattr(self, f"{text_norm}_q", RMSNorm(head_dim, eps))
+        setattr(self, f"{text_norm}_k", RMSNorm(head_dim, eps))
+
+    @property
+    def text_norm_q(self) -> RMSNorm:
+        return getattr(self, f"{self._text_norm}_q")
+
+    @property
+    def text_norm_k(self) -> RMSNorm:
+        return getattr(self, f"{self._text_norm}_k")
+
+
+class JointTransformerBlock(nn.Module):
+    """MMDiT block: text and video keep separate weights and meet only inside attention (see module docstring).
+
+    ``forward(..., last_only=True)`` computes only each column's last-clip video tokens (the queries whose
+    result is returned; keys and values still come from the whole column) and no text: use it for the final
+    block of a stack. With ``context_pre_only`` the text is never updated and ``forward`` returns ``None`` for it.
+    """
+
+    def __init__(self, dim: int, num_attention_heads: int, attention_head_dim: int, qk_norm_eps: float = 1e-6,
+                 text_norm: str = "norm_added", context_pre_only: bool = False):
+        super().__init__()
+        self.context_pre_only = context_pre_only
+        self.norm1 = AdaNorm(dim, 6)  # (shift, scale, gate) for attention, then for the MLP
+        self.norm1_context = AdaNorm(dim, 2 if context_pre_only else 6)  # pre-only: (scale, shift)
+        self.attn = JointAttention(dim, num_attention_heads, attention_head_dim, qk_norm_eps, text_norm,
+                                   text_out=not context_pre_only)
+        self.ff = FeedForward(dim)
+        if not context_pre_only:
+            self.ff_context = FeedForward(dim)
+        else:
+            # The checkpoint keeps the text-query projection and norm of a pre-only block, but no output ever
+            # depends on them (the reference computes text queries and discards what they produce: zero
+            # gradient). They are frozen so distributed training sees no trainable parameter without a gradient.
+            self.attn.add_q_proj.requires_grad_(False)
+            self.attn.text_norm_q.requires_grad_(False)
+
+    def forward(self, video: torch.Tensor, text: torch.Tensor, temb: torch.Tensor, seq: PackedSequence,
+                last_only: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        B, lens, t_lens = seq.batch, seq.video_lens, seq.text_lens
+        a = self.attn
+        update_text = not (self.context_pre_only or last_only)
+        # One modulation set per column (= per text row), broadcast over that column's tokens.
+        v_shift, v_scale, v_gate, v_shift2, v_scale2, v_gate2 = (per_column(c, B) for c in self.norm1.chunks(temb))
+        t_mod = [per_column(c, B) for c in self.norm1_context.chunks(temb)]
+        t_scale, t_shift = t_mod[:2] if self.context_pre_only else (t_mod[1], t_mod[0])
+
+        h = modulate(self.norm1.norm(video), v_scale, v_shift, lens)
+        v_k = norm_rope(heads(a.to_k, h, a.heads), a.norm_k, seq.rope_video)
+        v_v = heads(a.to_v, h, a.heads)
+        if last_only:  # the last clips' tokens are the only video queries whose result is used
+            video, h = tails(video, lens, seq.last_lens), tails(h, lens, seq.last_lens)
+            q_lens, q_rope, q_groups = seq.last_lens, seq.rope_last, seq.last_groups
+        else:
+            q_lens, q_rope = lens, seq.rope_video
+            q_groups = seq.groups if update_text else [queries_from(g, t) for g, t in zip(seq.groups, t_lens)]
+        v_q = norm_rope(heads(a.to_q, h, a.heads), a.norm_q, q_rope)
+        ht = modulate(self.norm1_context.norm(text), t_scale, t_shift, t_lens)
+        t_k = norm_rope(heads(a.add_k_proj, ht, a.heads), a.text_norm_k, None)  # text: no rotation
+        t_v = heads(a.add_v_proj, ht, a.heads)
+
+        # Attention per column over its text followed by its video tokens.
+        keys = [torch.cat(kv, dim=1) for kv in zip(t_k.split(t_lens, dim=1), v_k.split(lens, dim=1))]
+        values = [torch.cat(kv, dim=1) for kv in zip(t_v.split(t_lens, dim=1), v_v.split(lens, dim=1))]
+        queries = list(v_q.split(q_lens, dim=1))
+        if update_text:
+            t_q = norm_rope(heads(a.add_q_proj, ht, a.heads), a.text_norm_q, None)
+            queries = [torch.cat(tq_vq, dim=1) for tq_vq in zip(t_q.split(t_lens, dim=1), queries)]
+        outs = [attend(q, k, v, g) for q, k, v, g in zip(queries, keys, values, q_groups)]
+        if update_text:
+            text_out, video_out = zip(*(o.split([t, length], dim=1) for o, t, length in zip(outs, t_lens, lens)))
+        else:
+            video_out = outs
+        video = gated_residual(video, v_gate, a.to_out[0](torch.cat(video_out, dim=1)), q_lens)
+        video = gated_residual(video, v_gate2, self.ff(modulate(self.norm1.norm(video), v_scale2, v_shift2, q_lens)),
+                               q_lens)
+        if not update_text:
+            return video, None
+        t_gate, t_shift2, t_scale2, t_gate2 = t_mod[2:]
+        text = gated_residual(text, t_gate, a.to_add_out(torch.cat(text_out, dim=1)), t_lens)
+        text = gated_residual(text, t_gate2,
+                              self.ff_context(modulate(self.norm1_context.norm(text), t_scale2, t_shift2, t_lens)),
+                              t_lens)
+        return video, text

@@ -1,0 +1,333 @@
+"""How both DiT kinds pack pyramid columns into one token sequence, and the ops that work on that packing.
+
+A DiT forward call carries several *columns* (pyramid stages, or autoregressive units) at once. A column is a
+list of latent clips ``[B, C, t, h, w]``: compressed history first (possibly at lower resolutions), the clip
+being denoised last. Each column has its own text rows and timestep; rows are interleaved, row ``r`` belonging
+to column ``r % n_columns``. The call returns, per column, the prediction for its last clip only.
+
+Tokens of all columns are packed along the sequence axis (so the linear layers run as few large matrix
+multiplies); only the column-dependent steps (adaptive-norm modulation, attention) loop over columns. Attention
+inside a column follows the released models:
+
+* text padding is hidden from every query;
+* with ``use_temporal_causal`` a token sees the text and the tokens of its own and earlier frames (text counts
+  as frame 0). Tokens are sorted by frame, so each frame's queries get the key *prefix* ending with their frame:
+  keys they may not see are skipped, not masked, and the only mask is a compact ``[B, 1, 1, K]`` text-padding
+  row (no ``L x L`` mask is ever built);
+* text is trimmed, per column, to the longest prompt among the column's rows (the rest is padding everywhere).
+
+Rotary positions are (frame, row, col) per token: the frame index runs over the column's clips, history
+first; a lower-resolution clip's row/col positions are the last clip's grid resized to it (half-pixel linear).
+The miniFLUX kind rotates by all three axes, the SD3 kind by the frame index alone.
+
+:class:`PackedDiTMixin` holds what both model classes share around this: input checks, strict loading and
+ratio gradient checkpointing.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch._subclasses.fake_tensor import is_fake
+
+from pyramid_dit.embeddings import clip_positions, rope_tables
+
+Column = Union[torch.Tensor, Sequence[torch.Tensor]]
+
+
+def patchify(clip: torch.Tensor, patch: int = 2) -> torch.Tensor:
+    """``[B, C, t, H, W] -> [B, t*(H/p)*(W/p), p*p*C]``, channels ordered (row-in-patch, col-in-patch, C)."""
+    B, C, t, H, W = clip.shape
+    x = clip.reshape(B, C, t, H // patch, patch, W // patch, patch)
+    return x.permute(0, 2, 3, 5, 4, 6, 1).reshape(B, t * (H // patch) * (W // patch), patch * patch * C)
+
+
+def unpatchify(tokens: torch.Tensor, t: int, h: int, w: int, patch: int = 2) -> torch.Tensor:
+    """Inverse of :func:`patchify` for a clip of ``t x h x w`` tokens."""
+    B = tokens.shape[0]
+    x = tokens.reshape(B, t, h, w, patch, patch, -1)
+    return x.permute(0, 6, 1, 2, 4, 3, 5).reshape(B, -1, t, h * patch, w * patch)
+
+
+def _has_no_data(t: torch.Tensor) -> bool:
+    """True for meta and fake tensors (shape-only tracing), whose values cannot be copied to the host."""
+    return t.is_meta or is_fake(t)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Packed-sequence bookkeeping, built once per forward call
+# --------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class AttentionGroup:
+    """The next ``n_queries`` queries of a column segment attend keys ``[0, k_end)`` of that segment.
+
+    ``mask`` is ``None`` (all those keys visible) or a boolean ``[B, 1, 1, k_end]`` (True = visible: not text
+    padding), shared by every layer of the forward call.
+    """
+
+    n_queries: int
+    k_end: int
+    mask: Optional[torch.Tensor]
+
+
+@dataclass
+class PackedSequence:
+    """Everything the blocks need to know about how the columns are packed (no parameters, no grads).
+
+    ``groups[c]`` splits column ``c``'s queries (text first, then video) into consecutive runs with their key
+    prefix and mask. ``last_groups[c]`` is the same for the queries of the column's last clip alone
+    (``last_lens[c]`` tokens, at the end of the segment): the final block computes only those, since nothing
+    else is returned. Rotary tables are ``None`` for a model without rotary positions.
+    """
+
+    batch: int
+    text_lens: list[int]
+    video_lens: list[int]
+    last_lens: list[int]
+    groups: list[list[AttentionGroup]]
+    last_groups: list[list[AttentionGroup]]
+    rope_video: Optional[tuple[torch.Tensor, torch.Tensor]]  # rope_tables() of the packed video tokens
+    rope_joint: Optional[tuple[torch.Tensor, torch.Tensor]]  # ... of the text-then-video layout (text: angle 0)
+    rope_last: Optional[tuple[torch.Tensor, torch.Tensor]]  # ... of the last clips' tokens
+
+    @property
+    def n_columns(self) -> int:
+        return len(self.video_lens)
+
+    @property
+    def joint_lens(self) -> list[int]:
+        return [t + v for t, v in zip(self.text_lens, self.video_lens)]
+
+
+def attention_groups(T: int, text_valid: Optional[torch.Tensor], frame_sizes: list[int], temporal_causal: bool
+                     ) -> list[AttentionGroup]:
+    """How one column's queries attend: its ``T`` text tokens (``text_valid`` ``[B, T]``, or ``None`` when none
+    is padding) followed by frames of ``frame_sizes`` tokens.
+
+    A query sees a key when the key is not text padding and, with ``temporal_causal``, the key's frame is not
+    later than the query's (text counts as frame 0). For padding text queries this differs from the reference,
+    which lets them see only each other; no valid token ever reads them, so outputs are equal.
+    """
+    key_valid = None
+    if text_valid is not None:
+        key_valid = torch.cat([text_valid, text_valid.new_ones(text_valid.shape[0], sum(frame_sizes))], dim=1)
+    ends = [T + s for s in itertools.accumulate(frame_sizes)]
+    if not temporal_causal:
+        ends = ends[-1:]
+    return [AttentionGroup(n_queries=end - start, k_end=end,
+                           mask=None if key_valid is None else key_valid[:, None, None, :end])
+            for start, end in zip([0] + ends[:-1], ends)]
+
+
+def queries_from(groups: list[AttentionGroup], first: int) -> list[AttentionGroup]:
+    """The groups restricted to queries ``first`` onwards (masks only depend on keys, so they carry over)."""
+    out, start = [], 0
+    for g in groups:
+        end = start + g.n_queries
+        if end > first:
+            out.append(AttentionGroup(n_queries=end - max(start, first), k_end=g.k_end, mask=g.mask))
+        start = end
+    return out
+
+
+@torch.no_grad()
+def pack_columns(columns: list[list[torch.Tensor]], text_mask: torch.Tensor, *, patch: int,
+                 rope_axes: Optional[Sequence[int]], joint_rope: bool, interp_condition_pos: bool,
+                 temporal_causal: bool) -> PackedSequence:
+    """Positions, rotary tables and attention groups of the packed sequence (built once per call).
+
+    ``rope_axes``: rotary channels per position axis, over the first ``len(rope_axes)`` of (frame, row, col);
+    ``None`` for no rotary positions. ``joint_rope`` also builds the table of the text-then-video layout (the
+    single-stream blocks need it).
+
+    Each column keeps its text up to the last valid token of its longest row: later positions are padding in
+    every row of the column, and padding never influences a valid token, so dropping them changes no output and
+    saves their compute (T5 prompts are mostly padding).
+    """
+    device = text_mask.device
+    batch, n, T = columns[0][-1].shape[0], len(columns), text_mask.shape[1]
+    if _has_no_data(text_mask):
+        # Meta / fake tensors (FLOP counting, memory planning) have no values to read: keep all T text tokens
+        # and always apply the mask, so the traced cost is that of untrimmed text.
+        kept, fully_valid = [T] * n, [False] * n
+    else:
+        valid_host = text_mask.view(batch, n, T).bool().cpu()  # the call's only device -> host copy
+        kept = (valid_host * torch.arange(1, T + 1)).amax(dim=(0, 2)).tolist()  # per column: 1 + last valid
+        fully_valid = [bool(valid_host[:, c, :kept[c]].all()) for c in range(n)]
+    n_axes = len(rope_axes) if rope_axes is not None else 0
+    video_pos, joint_pos, last_pos, groups, last_groups = [], [], [], [], []
+    for c, clips in enumerate(columns):
+        grid_h, grid_w = clips[-1].shape[3] // patch, clips[-1].shape[4] // patch
+        pos, frame_sizes = [], []
+        for clip in clips:
+            t, h, w = clip.shape[2], clip.shape[3] // patch, clip.shape[4] // patch
+            gh, gw = (grid_h, grid_w) if interp_condition_pos else (h, w)
+            pos.append(clip_positions(t, h, w, gh, gw, len(frame_sizes), device)[:, :n_axes])
+            frame_sizes += [h * w] * t
+        video_pos.append(torch.cat(pos))
+        last_pos.append(pos[-1])
+        if joint_rope:
+            joint_pos += [torch.zeros(kept[c], n_axes, device=device), video_pos[-1]]
+        text_valid = None if fully_valid[c] else text_mask.view(batch, n, T)[:, c, :kept[c]].bool()
+        groups.append(attention_groups(kept[c], text_valid, frame_sizes, temporal_causal))
+        first_last = kept[c] + video_pos[-1].shape[0] - last_pos[-1].shape[0]  # where the last clip starts
+        last_groups.append(queries_from(groups[-1], first_last))
+
+    def tables(positions: list[torch.Tensor]) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        return rope_tables(torch.cat(positions), rope_axes) if n_axes and positions else None
+
+    return PackedSequence(
+        batch=batch, text_lens=kept, video_lens=[p.shape[0] for p in video_pos],
+        last_lens=[p.shape[0] for p in last_pos], groups=groups, last_groups=last_groups,
+        rope_video=tables(video_pos), rope_joint=tables(joint_pos), rope_last=tables(last_pos),
+    )
+
+
+# --------------------------------------------------------------------------------------------------------
+# Ops on the packed layout
+# --------------------------------------------------------------------------------------------------------
+
+def modulate(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, seg_lens: Sequence[int]) -> torch.Tensor:
+    """``x * (1 + scale_c) + shift_c`` on each column segment of the packed ``x`` ``[B, S, D]``.
+
+    ``scale``/``shift`` are ``[B, n, D]``. Broadcasting per segment avoids materialising a per-token copy of
+    the modulation vectors.
+    """
+    parts = x.split(list(seg_lens), dim=1)
+    scales, shifts = (1 + scale).unsqueeze(2).unbind(1), shift.unsqueeze(2).unbind(1)
+    return torch.cat([p * s + b for p, s, b in zip(parts, scales, shifts)], dim=1)
+
+
+def gated_residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, seg_lens: Sequence[int]) -> torch.Tensor:
+    """``x + gate_c * y`` on each column segment; ``gate`` is ``[B, n, D]``."""
+    xs, ys = x.split(list(seg_lens), dim=1), y.split(list(seg_lens), dim=1)
+    return torch.cat([xp + g * yp for xp, g, yp in zip(xs, gate.unsqueeze(2).unbind(1), ys)], dim=1)
+
+
+def tails(x: torch.Tensor, seg_lens: Sequence[int], tail_lens: Sequence[int]) -> torch.Tensor:
+    """The last ``tail_lens[c]`` tokens of each column segment of the packed ``x``, packed again."""
+    split = [m for length, tail in zip(seg_lens, tail_lens) for m in (length - tail, tail)]
+    return torch.cat(x.split(split, dim=1)[1::2], dim=1)
+
+
+def per_column(emb: torch.Tensor, batch: int) -> torch.Tensor:
+    """Row-interleaved ``[B*n, K]`` -> ``[B, n, K]`` (row ``b*n + c`` is column ``c`` of batch item ``b``)."""
+    return emb.view(batch, -1, emb.shape[-1])
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: Sequence[AttentionGroup]) -> torch.Tensor:
+    """Attention within one column segment. ``q, k, v``: ``[B, L, H, d]`` -> ``[B, L, H*d]``.
+
+    Each group is one ``scaled_dot_product_attention`` call over its key prefix: keys past the prefix are
+    ones the temporal-causal rule forbids for every query of the group, so they are skipped, not masked.
+    """
+    k, v = k.transpose(1, 2), v.transpose(1, 2)
+    outs = []
+    for g, q_g in zip(groups, q.split([g.n_queries for g in groups], dim=1)):
+        k_g, v_g = (k, v) if g.k_end == k.shape[2] else (k[:, :, : g.k_end], v[:, :, : g.k_end])
+        outs.append(F.scaled_dot_product_attention(q_g.transpose(1, 2), k_g, v_g, attn_mask=g.mask).transpose(1, 2))
+    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+    return out.flatten(2)
+
+
+# --------------------------------------------------------------------------------------------------------
+# What both model classes share around the packing
+# --------------------------------------------------------------------------------------------------------
+
+def check_columns(sample: Sequence[Column], encoder_hidden_states: torch.Tensor,
+                  encoder_attention_mask: torch.Tensor, pooled_projections: torch.Tensor,
+                  timestep_ratio: torch.Tensor, *, latent_channels: int, patch: int, text_dim: int,
+                  pooled_dim: int) -> list[list[torch.Tensor]]:
+    """Validate a forward call's inputs (see the module docstring); returns the columns as lists of clips."""
+    if isinstance(sample, torch.Tensor) or len(sample) == 0:
+        raise ValueError("sample must be a non-empty list of columns, each a list of clips [B, C, t, h, w]")
+    columns = [[col] if isinstance(col, torch.Tensor) else list(col) for col in sample]
+    batch = columns[0][-1].shape[0]
+    for c, clips in enumerate(columns):
+        if not clips:
+            raise ValueError(f"sample column {c} has no clips")
+        for k, clip in enumerate(clips):
+            if clip.ndim != 5 or clip.shape[0] != batch or clip.shape[1] != latent_channels:
+                raise ValueError(f"sample[{c}][{k}] has shape {tuple(clip.shape)}; expected "
+                                 f"[{batch}, {latent_channels}, t, h, w] (same batch in every clip)")
+            if clip.shape[3] % patch or clip.shape[4] % patch:
+                raise ValueError(f"sample[{c}][{k}]: height and width {tuple(clip.shape[3:])} must be multiples "
+                                 f"of the patch size {patch} (even for 2x2 patches)")
+    rows = batch * len(columns)
+    T = encoder_hidden_states.shape[1] if encoder_hidden_states.ndim == 3 else -1
+    expected = {
+        "encoder_hidden_states": (encoder_hidden_states, (rows, T, text_dim)),
+        "encoder_attention_mask": (encoder_attention_mask, (rows, T)),
+        "pooled_projections": (pooled_projections, (rows, pooled_dim)),
+        "timestep_ratio": (timestep_ratio, (rows,)),
+    }
+    for name, (tensor, shape) in expected.items():
+        if tuple(tensor.shape) != shape:
+            raise ValueError(f"{name} has shape {tuple(tensor.shape)}, expected {shape}: {len(columns)} "
+                             f"columns x batch {batch} = {rows} rows, row r belonging to column r % {len(columns)}")
+    return columns
+
+
+def packed_text(encoder_hidden_states: torch.Tensor, seq: PackedSequence) -> torch.Tensor:
+    """Rows ``[B*n, T, D]`` -> the packed, per-column trimmed text ``[B, sum(text_lens), D]``."""
+    text = encoder_hidden_states.view(seq.batch, seq.n_columns, *encoder_hidden_states.shape[1:])
+    return torch.cat([text[:, c, :t] for c, t in enumerate(seq.text_lens)], dim=1)
+
+
+class PackedDiTMixin:
+    """Loading and gradient checkpointing shared by the DiT classes (mixed in before ``ModelMixin``).
+
+    A class defines ``_checkpointed_blocks(n)``: the indices, among ``n`` blocks of one kind, that are
+    recomputed in the backward pass at the current ``gradient_checkpointing_ratio`` (each kind follows the rule
+    of its reference implementation).
+    """
+
+    gradient_checkpointing: bool
+    gradient_checkpointing_ratio: float
+
+    def enable_gradient_checkpointing(self, ratio: Optional[float] = None) -> None:
+        """Recompute a ``ratio`` share of the blocks during backward (training mode only).
+
+        ``ratio`` defaults to the configured ``gradient_checkpointing_ratio``.
+        """
+        if ratio is not None:
+            if not 0.0 <= ratio <= 1.0:
+                raise ValueError(f"gradient checkpointing ratio {ratio} must be in [0, 1]")
+            self.gradient_checkpointing_ratio = float(ratio)
+        self.gradient_checkpointing = True
+
+    def disable_gradient_checkpointing(self) -> None:
+        self.gradient_checkpointing = False
+
+    def _checkpointed_blocks(self, n_blocks: int) -> range:
+        raise NotImplementedError
+
+    def _checkpointed(self, index: int, n_blocks: int) -> bool:
+        return (self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+                and index in self._checkpointed_blocks(n_blocks))
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """diffusers ``from_pretrained`` that refuses incomplete or foreign checkpoints.
+
+        diffusers only logs a warning for missing or unexpected weights and leaves the missing ones at their
+        random (or meta) init; a DiT silently half-loaded is worse than an error, so this raises instead.
+        """
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(pretrained_model_name_or_path, output_loading_info=True, **kwargs)
+        problems = []
+        if info["missing_keys"]:
+            problems.append(f"missing from the checkpoint: {sorted(info['missing_keys'])}")
+        if info["unexpected_keys"]:
+            problems.append(f"in the checkpoint but not in the model: {sorted(info['unexpected_keys'])}")
+        if problems:
+            raise ValueError(f"{cls.__name__}.from_pretrained({pretrained_model_name_or_path!r}, "
+                             f"subfolder={kwargs.get('subfolder')!r}): weights do not match the model; "
+                             + "; ".join(problems)
+                             + f". Check that the folder holds a {cls.__name__} checkpoint and that config.json "
+                             "matches it.")
+        return (model, info) if want_info else model
