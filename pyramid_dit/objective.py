@@ -22,8 +22,9 @@ Two ways to use it, sharing that one routine (:meth:`PyramidFlowObjective._noise
 Random draws, all from torch's global generators, in this order (identical to the reference implementation
 jy0205/Pyramid-Flow, so the same seed gives the same batch):
 
-1. text dropout (:meth:`PyramidFlowObjective.prepare_batch` / :meth:`~PyramidFlowObjective.sample_text_dropout`
-   only): ``torch.rand(batch)`` on the CPU, a row is dropped when its draw is ``<= text_drop_rate``;
+1. text dropout (:meth:`~PyramidFlowObjective.sample_text_dropout`, called by the training loss
+   ``trainer_misc.pyramid_loss.PyramidFlowLoss`` before it calls :meth:`~PyramidFlowObjective.noise_latents`):
+   ``torch.rand(batch)`` on the CPU, a row is dropped when its draw is ``<= text_drop_rate``;
 2. ``torch.randn_like(latents)``: the noise, on the latents' device;
 3. per column, lowest stage first: ``torch.rand(rows)`` on the CPU (timestep index), then
    ``torch.rand(rows)`` on the latents' device (history corruption level; drawn in both modes), then in AR
@@ -82,7 +83,7 @@ class PyramidTrainingBatch:
     def dit_inputs(self) -> Dict[str, Any]:
         """Keyword arguments for the DiT forward: ``preds = dit(**batch.dit_inputs())``."""
         if self.text is None:
-            raise ValueError("this batch was built without text; use prepare_batch(latents, text) for DiT inputs")
+            raise ValueError("this batch has no text yet: set batch.text (see trainer_misc.pyramid_loss)")
         return {
             "sample": self.sample,
             "timestep_ratio": self.timestep_ratio,
@@ -127,7 +128,7 @@ class PyramidFlowObjective:
         video_sync_group: ranks that receive the same video in AR training.
         text_drop_rate: probability that a caption is replaced by the empty prompt (classifier-free guidance).
         null_text: empty-prompt features (``[L, D]`` or ``[1, L, D]``, ``[L]`` or ``[1, L]``, ``[P]`` or
-            ``[1, P]``); required for :meth:`prepare_batch` when ``text_drop_rate > 0``.
+            ``[1, P]``); required by :meth:`drop_text` when ``text_drop_rate > 0``.
     """
 
     def __init__(
@@ -178,31 +179,6 @@ class PyramidFlowObjective:
         self.null_text = _squeeze_null_text(null_text) if null_text is not None else None
 
     # ------------------------------------------------------------------------------------------ public API
-    def prepare_batch(
-        self,
-        latents: torch.Tensor,
-        text: TextConditioning,
-        *,
-        use_temporal_pyramid: bool,
-        rank: int = 0,
-        step: int = 0,
-    ) -> PyramidTrainingBatch:
-        """One training step's DiT inputs and targets from VAE latents and caption features.
-
-        Args:
-            latents: ``[B, 16, T, H, W]`` VAE latents as encoded (not normalised); ``T = 1`` for images.
-            text: the batch's caption features, ``B`` rows.
-            use_temporal_pyramid: AR temporal-pyramid training (True) or full-sequence training (False).
-            rank: this process's rank (its position in the sync group is ``rank % video_sync_group``); AR only.
-            step: 0-based count of this process's previous calls (micro-batches); AR only.
-        """
-        if text.prompt_embeds.shape[0] != latents.shape[0]:
-            raise ValueError(f"text has {text.prompt_embeds.shape[0]} rows but latents {latents.shape[0]}")
-        text, dropped = self.drop_text(text)
-        batch = self.noise_latents(latents, use_temporal_pyramid=use_temporal_pyramid, rank=rank, step=step)
-        batch.text, batch.text_dropped = text, dropped
-        return batch
-
     def sample_text_dropout(self, batch: int) -> torch.Tensor:
         """``[B]`` bool: which captions to replace by the empty prompt.
 
@@ -241,7 +217,7 @@ class PyramidFlowObjective:
     def noise_latents(
         self, latents: torch.Tensor, *, use_temporal_pyramid: bool, rank: int = 0, step: int = 0
     ) -> PyramidTrainingBatch:
-        """Normalise, build the pyramids, noise every column; the batch has no text (see :meth:`prepare_batch`)."""
+        """Normalise, build the pyramids, noise every column; the caller sets ``.text`` (after :meth:`drop_text`)."""
         latents = self.normalization.normalize(latents)
         batch, frames = latents.shape[0], latents.shape[2]
         columns = len(self.column_stages)

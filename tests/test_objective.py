@@ -254,33 +254,97 @@ def _null_text() -> TextConditioning:
     return TextConditioning(torch.zeros(1, 5, 8), torch.tensor([[1, 0, 0, 0, 0]]), torch.zeros(1, 6))
 
 
-def test_prepare_batch_draw_order_and_rows():
-    objective = _objective(null_text=_null_text(), text_drop_rate=0.5)
-    latents, text = torch.randn(8, 2, 3, 8, 8), _text(8)
+class _Recording(torch.nn.Module):
+    """Wraps a DiT and keeps the keyword arguments of each forward."""
 
-    torch.manual_seed(5)
-    batch = objective.prepare_batch(latents, text, use_temporal_pyramid=False)
-    torch.manual_seed(5)
-    expected_drop = torch.rand(8) <= 0.5
-    expected = objective.noise_latents(latents, use_temporal_pyramid=False)
+    def __init__(self, dit):
+        super().__init__()
+        self.dit, self.calls = dit, []
 
-    assert torch.equal(batch.text_dropped, expected_drop) and 0 < int(expected_drop.sum()) < 8
-    assert torch.equal(batch.timestep_ratio, expected.timestep_ratio)
-    for got, want in zip(batch.sample, expected.sample):
-        assert torch.equal(got[0], want[0])
-    for row in range(8):
-        source = _null_text() if expected_drop[row] else TextConditioning(*(t[row:row + 1] for t in text))
-        for got, want in zip(batch.text, source):
-            assert torch.equal(got[row], want[0])
-    inputs = batch.dit_inputs()
-    assert set(inputs) == {"sample", "timestep_ratio", "encoder_hidden_states", "encoder_attention_mask",
-                           "pooled_projections"}
-    # Row r belongs to column r % 4 (ratios [1, 2, 1]): its timestep comes from that column's table range.
-    sched = objective.scheduler
+    def forward(self, **inputs):
+        self.calls.append(inputs)
+        return self.dit(**inputs)
+
+
+def _ctx(sync_rank: int = 0, micro_step: int = 0):
+    from trainer_misc.step import StepContext
+    return StepContext(step=0, micro_step=micro_step, micro_index=0, rank=sync_rank, world_size=4,
+                       sync_rank=sync_rank, sync_group=4, sync_group_index=0, device=torch.device("cpu"),
+                       dtype=torch.float32, module=torch.nn.Identity())
+
+
+def _entry_point_args(*extra: str):
+    from train.train_pyramid_flow import build_parser
+    return build_parser().parse_args(["--model_path", "unused", "--anno_file", "unused", "--output_dir", "unused",
+                                      *extra])
+
+
+def test_entry_point_objective_has_the_reference_pipeline_constants(objective_json):
+    """The objective the training script builds from its default flags uses the reference's constants."""
+    from train.train_pyramid_flow import build_objective
+
+    golden = objective_json["pipeline_constants"]
+    objective = build_objective(_entry_point_args(), null_text=_null_text())
+    assert objective.text_drop_rate == golden["cfg_rate"]
+    assert objective.corrupt_ratio == golden["corrupt_ratio"]
+    assert objective.sample_ratios == golden["training_sample_ratios"]
+    assert objective.num_stages == len(golden["stages"])
+    assert objective.scheduler.config.num_train_timesteps == 1000
+
+
+@pytest.mark.parametrize("case", ["case_nonar", "case_ar"])
+def test_production_loss_path_draws_in_order_and_feeds_the_dit(golden_dir, case):
+    """trainer_misc.pyramid_loss.PyramidFlowLoss, the trainer's compute_loss, on the golden tiny DiT: caption
+    dropout (one CPU rand(B)) comes first, then exactly the objective's noising (pinned to the reference by
+    test_reproduces_golden_dit_inputs); dropped rows carry the empty prompt; the loss is the flow-matching loss
+    of the DiT's predictions for those inputs."""
+    from pyramid_dit.modeling_pyramid_flux import PyramidFluxTransformer
+    from trainer_misc.datasets import TrainBatch
+    from trainer_misc.pyramid_loss import PyramidFlowLoss
+
+    meta, tensors, _, _ = _golden_case_batch(golden_dir / "flux_tiny", case, "pyramid_flux")
+    ar = case == "case_ar"
+    null = TextConditioning(torch.zeros(10, 32), torch.tensor([1] + [0] * 9), torch.zeros(24))
+    kwargs = (dict(sample_ratios=[1, 2, 1], max_temporal_length=8, frame_per_unit=1, video_sync_group=4) if ar
+              else dict(sample_ratios=[1, 1, 1]))
+    objective = _objective("pyramid_flux", text_drop_rate=0.5, null_text=null, **kwargs)
+    raw = (torch.randn(8, 16, 8, 16, 24, generator=torch.Generator().manual_seed(200)) if ar
+           else tensors["raw_latent"])
+    rows = raw.shape[0]
+    text = TextConditioning(tensors["encoder_hidden_states"], tensors["encoder_attention_mask"],
+                            tensors["pooled_projections"])
+    batch = TrainBatch(captions=["x"] * rows, paths=[f"clip{i}" for i in range(rows)], latents=raw,
+                       prompt_embeds=text.prompt_embeds, prompt_attention_mask=text.attention_mask,
+                       pooled_prompt_embeds=text.pooled_embeds)
+    model = _Recording(PyramidFluxTransformer.from_pretrained(golden_dir / "flux_tiny").eval())
+
+    torch.manual_seed(7)
+    with torch.no_grad():
+        loss, stats = PyramidFlowLoss(objective, ar)(model, batch, _ctx(sync_rank=1 if ar else 0))
+    torch.manual_seed(7)
+    dropped = torch.rand(rows) <= 0.5
+    expected = objective.noise_latents(raw, use_temporal_pyramid=ar, rank=1, step=0)
+
+    assert 0 < int(dropped.sum()) < rows
+    (inputs,) = model.calls
+    assert [[c.shape for c in col] for col in inputs["sample"]] == [[c.shape for c in col] for col in expected.sample]
+    for got, want in zip(inputs["sample"], expected.sample):
+        assert all(torch.equal(g, w) for g, w in zip(got, want))
+    assert torch.equal(inputs["timestep_ratio"], expected.timestep_ratio)
+    for row in range(rows):
+        source = null if dropped[row] else TextConditioning(*(t[row] for t in text))
+        assert torch.equal(inputs["encoder_hidden_states"][row], source.prompt_embeds)
+        assert torch.equal(inputs["encoder_attention_mask"][row], source.attention_mask)
+        assert torch.equal(inputs["pooled_projections"][row], source.pooled_embeds)
+    # Row r belongs to column r % columns: its timestep comes from that column's stage table.
+    stages = objective.column_stages
     for row, t in enumerate(inputs["timestep_ratio"].tolist()):
-        stage = [0, 1, 1, 2][row % 4]
-        table = sched.timesteps_per_stage[stage]
+        table = objective.scheduler.timesteps_per_stage[stages[row % len(stages)]]
         assert table[-1].item() <= t <= table[0].item()
+    with torch.no_grad():
+        preds = model.dit(**inputs)
+    assert torch.equal(loss, flow_matching_loss(preds, expected.targets))
+    assert stats["tokens"] == sum(_tokens([c[:1] for c in col], 10) * col[0].shape[0] for col in expected.sample)
 
 
 def test_rejects_bad_input():
@@ -290,7 +354,7 @@ def test_rejects_bad_input():
     with pytest.raises(ValueError, match="not divisible by 4"):
         objective.noise_latents(torch.randn(4, 2, 1, 6, 8), use_temporal_pyramid=False)
     with pytest.raises(ValueError, match="needs null_text"):
-        objective.prepare_batch(torch.randn(4, 2, 1, 8, 8), _text(4), use_temporal_pyramid=False)
+        _objective(text_drop_rate=0.1).drop_text(_text(4))
     with pytest.raises(ValueError, match="video_sync_group"):
         _objective(max_temporal_length=4, video_sync_group=8).noise_latents(
             torch.randn(4, 2, 4, 8, 8), use_temporal_pyramid=True)

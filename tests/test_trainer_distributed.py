@@ -166,7 +166,7 @@ def _launch(tmp: Path, name: str, config: dict, **extra) -> list[dict]:
 def _base_config(out: Path, strategy: str, **kw) -> dict:
     cfg = dict(output_dir=str(out), max_steps=6, batch_size=4, strategy=strategy, mixed_precision="fp32",
                device="cpu", grad_accum_steps=2, lr=1e-2, weight_decay=0.1, max_grad_norm=1.0,
-               lr_scheduler="constant_with_warmup", warmup_steps=2, progress_bar=False, seed=7)
+               lr_scheduler="constant_with_warmup", warmup_steps=2, seed=7)
     cfg.update(kw)
     return cfg
 

@@ -23,7 +23,7 @@ def _fresh_accelerate():
 
 def _config(out, **kw) -> TrainConfig:
     base = dict(output_dir=str(out), max_steps=6, batch_size=4, strategy="ddp", mixed_precision="fp32", device="cpu",
-                grad_accum_steps=2, lr=1e-2, weight_decay=0.1, warmup_steps=3, progress_bar=False, seed=3)
+                grad_accum_steps=2, lr=1e-2, weight_decay=0.1, warmup_steps=3, seed=3)
     base.update(kw)
     return TrainConfig(**base)
 
@@ -74,7 +74,7 @@ def test_resume_from_newest_complete_checkpoint_continues_the_same_curve(tmp_pat
 
 
 def test_resume_refuses_a_checkpoint_of_another_run_shape(tmp_path):
-    _run(_config(tmp_path, max_steps=2, export=False))
+    _run(_config(tmp_path, max_steps=2))
     state_file = tmp_path / "checkpoints" / "checkpoint-2" / "trainer_state.json"
     state = json.loads(state_file.read_text())
     state_file.write_text(json.dumps({**state, "world_size": 8}))
@@ -113,7 +113,7 @@ def test_abnormal_loss_drops_micro_batches_and_skips_updates(tmp_path, caplog):
 
     original, trainer_mod.TrainEngine = trainer_mod.TrainEngine, Capturing
     try:
-        with caplog.at_level(logging.WARNING, logger="trainer_misc.trainer"):
+        with caplog.at_level(logging.WARNING, logger="trainer_misc"):
             result = _run(_config(tmp_path, max_steps=4, batch_size=2, shuffle=False, skip_loss_threshold=50.0,
                                   warmup_steps=0, checkpoint_every=2, keep_last_checkpoints=1), data=data,
                           on_step_end=on_step_end)
@@ -165,11 +165,10 @@ def test_diffusers_model_is_exported_loadable_with_from_pretrained(tmp_path):
     def loss_fn(m, batch, ctx):
         return m(batch["x"].to(ctx.dtype)).square().mean(), {}
 
-    cfg = _config(tmp_path, max_steps=2, ema_decay=0.5, ema_update_every=1, export_name="diffusion_transformer_384p",
-                  export_dtype="bf16")
+    cfg = _config(tmp_path, max_steps=2, ema_decay=0.5, ema_update_every=1, export_dtype="bf16")
     result = train(model, loss_fn, ToyDataset(16), cfg)
-    folder = tmp_path / "export" / "diffusion_transformer_384p"
-    assert result.exported == [folder, tmp_path / "export" / "diffusion_transformer_384p_ema"]
+    folder = tmp_path / "export" / "transformer"
+    assert result.exported == [folder, tmp_path / "export" / "transformer_ema"]
     reloaded = cls.from_pretrained(folder, torch_dtype=torch.bfloat16)
     for k, v in result.engine.module.state_dict().items():
         assert torch.equal(reloaded.state_dict()[k], v.to(torch.bfloat16)), k

@@ -6,8 +6,10 @@ Launch with torchrun (the scripts in ``scripts/`` do it for you)::
         --model_variant diffusion_transformer_384p --anno_file annotation/video_text.jsonl --output_dir out \\
         --use_temporal_pyramid --sync_video_input --video_sync_group 8 --max_frames 16 --batch_size 4
 
-This file only wires the pieces together: model loading (``pyramid_dit``), data (``trainer_misc.datasets``), the
-objective (``pyramid_dit.objective``) and the loop (``trainer_misc.trainer``). The reference's flags are accepted
+This file only wires the pieces together, top to bottom in :func:`main`: flags and their checks, the dataset
+(``trainer_misc.datasets``), the model side by kind (:func:`build_model_side`), the loss
+(``trainer_misc.pyramid_loss`` over ``pyramid_dit.objective``), validation samples (``trainer_misc.validation``)
+and the loop (``trainer_misc.trainer``). The reference's flags are accepted
 (``--use_fsdp`` and ``--fsdp_shard_strategy`` select the sharding strategy, which is ZeRO through DeepSpeed here).
 """
 from __future__ import annotations
@@ -18,7 +20,8 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from dataclasses import dataclass
+from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -27,17 +30,12 @@ import torch  # noqa: E402
 from pyramid_dit.objective import PyramidFlowObjective, TextConditioning  # noqa: E402
 from pyramid_dit.scheduler import PyramidFlowMatchEulerDiscreteScheduler  # noqa: E402
 from trainer_misc.annotation import load_annotation, resolve_data_root  # noqa: E402
-from trainer_misc.datasets import (  # noqa: E402
-    IMAGE_BUCKETS,
-    ImageDataset,
-    TrainBatch,
-    VideoLatentDataset,
-    collate,
-    parse_resolution,
-)
+from trainer_misc.datasets import IMAGE_BUCKETS, ImageDataset, VideoLatentDataset, collate, parse_resolution  # noqa
 from trainer_misc.distributed import destroy_process_group, get_world_size, resolve_device  # noqa: E402
 from trainer_misc.io_utils import default_empty_prompt_path, load_text_features  # noqa: E402
-from trainer_misc.trainer import StepContext, TrainConfig, train  # noqa: E402
+from trainer_misc.metrics import BatchTrace  # noqa: E402
+from trainer_misc.pyramid_loss import PyramidFlowLoss  # noqa: E402
+from trainer_misc.trainer import TrainConfig, train  # noqa: E402
 
 logger = logging.getLogger("train_pyramid_flow")
 
@@ -94,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="empty-prompt features for caption dropout (default: <data root>/"
                         "empty_prompt_text_fea.safetensors, written by tools/extract_text_features.py)")
     g.add_argument("--num_workers", type=int, default=4, help="DataLoader workers per process")
+    g.add_argument("--no_shuffle", action="store_true",
+                   help="read samples in annotation order instead of a seeded shuffle (to reproduce a data problem)")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--batch_size", type=int, default=4, help="per-process batch; a multiple of 4 (columns 1:2:1)")
@@ -136,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--output_dir", required=True, help="checkpoints, tensorboard logs and the exported DiT")
     g.add_argument("--save_ckpt_freq", type=int, default=0, help="checkpoint every N optimizer steps (0: at end)")
     g.add_argument("--keep_last_checkpoints", type=int, default=None)
+    g.add_argument("--export_dtype", default=None, choices=["bf16", "fp16", "fp32"],
+                   help="dtype of the exported DiT in <output_dir>/export/transformer (default: the training dtype)")
     g.add_argument("--resume", default="auto", help="auto (newest complete checkpoint), never, or a folder")
     g.add_argument("--report_to", default="tensorboard", choices=["tensorboard", "none"])
     g.add_argument("--print_freq", type=int, default=20, help="accepted for compatibility (tqdm shows progress)")
@@ -231,155 +233,24 @@ def build_dataset(args: argparse.Namespace):
     return dataset
 
 
-class PyramidFlowLoss:
-    """``compute_loss`` for the trainer: text + latents -> objective -> DiT -> flow-matching loss."""
+@dataclass
+class ModelSide:
+    """What the model kind decides: the DiT to train and the encoders that run during training (None when their
+    outputs were extracted beforehand)."""
 
-    def __init__(self, objective: PyramidFlowObjective, use_temporal_pyramid: bool, vae=None, text_encoder=None,
-                 trace: Optional["BatchTrace"] = None):
-        self.objective = objective
-        self.use_temporal_pyramid = use_temporal_pyramid
-        self.vae = vae
-        self.text_encoder = text_encoder
-        self.trace = trace
-
-    def __call__(self, model: torch.nn.Module, batch: TrainBatch, ctx: StepContext) -> tuple[torch.Tensor, dict]:
-        # Random draws in the reference's order: caption dropout, then the VAE posterior sample, then the noise.
-        if self.text_encoder is not None:
-            dropped = self.objective.sample_text_dropout(len(batch.captions))
-            captions = ["" if d else c for c, d in zip(batch.captions, dropped.tolist())]
-            fea = self.text_encoder.encode(captions, ctx.device)
-            text = TextConditioning(fea.prompt_embeds.float(), fea.prompt_attention_mask,
-                                    fea.pooled_prompt_embeds.float())
-        else:
-            text, _ = self.objective.drop_text(
-                TextConditioning(batch.prompt_embeds, batch.prompt_attention_mask, batch.pooled_prompt_embeds))
-        if batch.latents is not None:
-            latents = batch.latents.float()
-        else:
-            with torch.no_grad():
-                latents = self.vae.encode(batch.pixels.to(self.vae.dtype)).latent_dist.sample().float()
-        step = self.objective.noise_latents(latents, use_temporal_pyramid=self.use_temporal_pyramid,
-                                            rank=ctx.sync_rank, step=ctx.micro_step)
-        step.text = text
-        inputs = dit_inputs_in_dtype(step.dit_inputs(), ctx.module, ctx.dtype)
-        preds = model(**inputs)
-        loss = self.objective.loss(preds, step.targets)
-        # Tokens the DiT attended over: every row's text plus its clips' 2x2 patches.
-        tokens = text.prompt_embeds.shape[0] * text.prompt_embeds.shape[1]
-        tokens += sum(c.shape[0] * c.shape[2] * c.shape[3] * c.shape[4] // 4 for col in step.sample for c in col)
-        if self.trace is not None:
-            self.trace.write({"step": ctx.step, "micro_step": ctx.micro_step, "rank": ctx.rank,
-                              "world_size": ctx.world_size, "sync_rank": ctx.sync_rank,
-                              "sync_group_index": ctx.sync_group_index, "paths": batch.paths,
-                              "units_per_stage": step.units_per_stage, "loss": float(loss.detach())})
-        return loss, {"tokens": tokens}
+    dit: torch.nn.Module
+    vae: Optional[torch.nn.Module] = None
+    text_encoder: Optional[object] = None
 
 
-class BatchTrace:
-    """``--trace_batches``: one jsonl file per rank under ``<output_dir>/logs/`` (appended to across resumes)."""
+def build_model_side(args: argparse.Namespace, device: torch.device) -> ModelSide:
+    """Load the DiT (and the VAE / text encoder when they run during training) for ``--model_name``.
 
-    def __init__(self, output_dir: str, rank: int) -> None:
-        self.path = Path(output_dir) / "logs" / f"trace_rank{rank:05d}.jsonl"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-
-    def write(self, record: dict) -> None:
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
-
-
-class ValidationSampler:
-    """``--validation_every``: rank 0 samples the captions of the first annotation lines with the current weights.
-
-    Writes ``<output_dir>/samples/step-<step>/prompt<i>.mp4`` and logs a frame strip per prompt to tensorboard
-    (``validation/prompt<i>``). Runs on a fresh DiT built from the gathered weights, so the training model (and its
-    ZeRO partitions) is never touched.
+    The one place that knows the model kinds: a new kind adds its branch here.
     """
-
-    def __init__(self, args: argparse.Namespace, dit_config: dict, dataset, null_text: Optional[TextConditioning],
-                 device: torch.device) -> None:
-        from pyramid_dit.text_encoder import FluxTextEncoder, TextFeatures
-        from video_vae.modeling_causal_vae import CausalVideoVAE
-
-        self.args, self.dit_config, self.device = args, dit_config, device
-        self.out = Path(args.output_dir) / "samples"
-        self.width, self.height = (IMAGE_BUCKETS.get(args.resolution) or [parse_resolution(args.resolution)])[0] \
-            if args.task == "t2i" else parse_resolution(args.resolution)
-        self.temp = 1 if args.task == "t2i" else (args.validation_temp or args.max_frames)
-        self.vae = CausalVideoVAE.from_pretrained(Path(args.model_path) / "causal_video_vae").to(device).eval()
-        n = min(args.validation_prompts, len(dataset))
-        items = [dataset[i] for i in range(n)]
-        self.captions = [item.get("text", "") for item in items]
-        if args.load_text_encoder or "prompt_embeds" not in items[0]:
-            encoder = FluxTextEncoder.from_pretrained(args.model_path).to(device)
-            self.prompts = [encoder.encode([c], device) for c in self.captions]
-            self.negative = encoder.encode([""], device)
-            del encoder
-        else:
-            self.prompts = [TextFeatures(it["prompt_embeds"], it["prompt_attention_mask"], it["pooled_prompt_embeds"])
-                            for it in items]
-            assert null_text is not None
-            self.negative = TextFeatures(*null_text)  # [1, L, D], [1, L], [1, P] as stored
-
-    def __call__(self, step: int, state: dict[str, torch.Tensor]) -> None:
-        from torch.utils.tensorboard import SummaryWriter
-
-        from pyramid_dit.modeling_pyramid_flux import PyramidFluxTransformer
-        from pyramid_dit.pipeline import PyramidFlowPipeline, save_video
-
-        dit = PyramidFluxTransformer.from_config(self.dit_config)
-        dit.load_state_dict({k: v.float() for k, v in state.items()})
-        pipe = PyramidFlowPipeline(dit.to(self.device).eval(), vae=self.vae, device=self.device,
-                                   dtype=torch.bfloat16 if self.device.type == "cuda" else torch.float32)
-        folder = self.out / f"step-{step:06d}"
-        writer = SummaryWriter(str(Path(self.args.output_dir) / "logs")) if self.args.report_to == "tensorboard" \
-            else None
-        for i, features in enumerate(self.prompts):
-            video = pipe.generate(prompt_features=features, negative_features=self.negative, height=self.height,
-                                  width=self.width, temp=self.temp, num_inference_steps=self.args.validation_steps,
-                                  video_num_inference_steps=[max(1, n // 2) for n in self.args.validation_steps],
-                                  seed=i, progress=False)[0]
-            path = save_video(video, folder / f"prompt{i}.mp4" if self.temp > 1 else folder / f"prompt{i}.png")
-            logger.info("validation sample for %r -> %s", self.captions[i], path)
-            if writer is not None:
-                strip = video[:, :: max(1, video.shape[1] // 8)]  # [3, F', H, W] -> frames side by side
-                writer.add_image(f"validation/prompt{i}", strip.permute(0, 2, 1, 3).flatten(2), step)
-        if writer is not None:
-            writer.close()
-
-
-def dit_inputs_in_dtype(inputs: dict[str, Any], model: torch.nn.Module, dtype: torch.dtype) -> dict[str, Any]:
-    """The DiT's keyword inputs with float tensors cast to ``dtype`` (the parameters' dtype: DeepSpeed bf16 needs
-    it), except those the model lists in ``fp32_inputs``.
-
-    Rule: an input the model embeds through sinusoids (the timestep) stays fp32. Rounded to bf16, timesteps near
-    1000 move by up to 4 (999 -> 1000, 997 -> 996), so the model would train on other timesteps than the sampler
-    (which keeps them fp32) uses; the embedding computes its sinusoids in fp32 itself.
-    """
-    keep = set(getattr(model, "fp32_inputs", ()))
-    return {k: v if k in keep else _cast_floats(v, dtype) for k, v in inputs.items()}
-
-
-def _cast_floats(obj: Any, dtype: torch.dtype) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.to(dtype) if obj.is_floating_point() else obj
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_cast_floats(o, dtype) for o in obj)
-    if isinstance(obj, dict):
-        return {k: _cast_floats(v, dtype) for k, v in obj.items()}
-    return obj
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    check_args(args, world_size)
-
     from pyramid_dit.modeling_pyramid_flux import PyramidFluxTransformer
     from trainer_misc.checkpoint import load_dit_weights
 
-    dataset = build_dataset(args)
-    null_text = load_null_text(args)
     dit = PyramidFluxTransformer.from_pretrained(args.model_path, subfolder=args.model_variant,
                                                  torch_dtype=torch.float32)
     if args.dit_pretrained_weight:
@@ -387,46 +258,68 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.gradient_checkpointing:
         dit.enable_gradient_checkpointing(args.gradient_checkpointing_ratio)
 
-    vae = text_encoder = None
-    device = resolve_device(args.device)  # this rank's GPU (LOCAL_RANK), as the engine uses
+    side = ModelSide(dit)
     encode_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.model_dtype]
     if args.load_vae or args.task == "t2i":
         from video_vae.modeling_causal_vae import CausalVideoVAE
-        vae = CausalVideoVAE.from_pretrained(Path(args.model_path) / "causal_video_vae").to(device, encode_dtype).eval()
-        vae.requires_grad_(False)
+        side.vae = CausalVideoVAE.from_pretrained(Path(args.model_path) / "causal_video_vae").to(device,
+                                                                                                  encode_dtype).eval()
+        side.vae.requires_grad_(False)
     if args.load_text_encoder:
         from pyramid_dit.text_encoder import FluxTextEncoder
-        text_encoder = FluxTextEncoder.from_pretrained(args.model_path, torch_dtype=encode_dtype).to(device)
+        side.text_encoder = FluxTextEncoder.from_pretrained(args.model_path, torch_dtype=encode_dtype).to(device)
+    return side
 
+
+def build_objective(args: argparse.Namespace, null_text: Optional[TextConditioning]) -> PyramidFlowObjective:
     scheduler = PyramidFlowMatchEulerDiscreteScheduler(shift=args.schedule_shift, stages=3,
                                                         stage_range=(0, 1 / 3, 2 / 3, 1))
-    objective = PyramidFlowObjective(
+    return PyramidFlowObjective(
         scheduler, args.model_name, sample_ratios=SAMPLE_RATIOS, corrupt_ratio=args.corrupt_ratio,
         frame_per_unit=args.frame_per_unit, max_temporal_length=args.max_frames,
         video_sync_group=args.video_sync_group if args.use_temporal_pyramid else 1,
         text_drop_rate=args.text_drop_rate, null_text=null_text)
-    trace = BatchTrace(args.output_dir, int(os.environ.get("RANK", "0"))) if args.trace_batches else None
-    compute_loss = PyramidFlowLoss(objective, args.use_temporal_pyramid, vae=vae, text_encoder=text_encoder,
-                                   trace=trace)
 
+
+def train_config(args: argparse.Namespace) -> TrainConfig:
+    """The loop's settings from the flags (step counts resolved from epochs where the flags say so)."""
     max_steps = args.max_steps or args.epochs * args.iters_per_epoch
     warmup = args.warmup_steps if args.warmup_steps >= 0 else args.warmup_epochs * args.iters_per_epoch
-    config = TrainConfig(
+    return TrainConfig(
         output_dir=args.output_dir, max_steps=max_steps, batch_size=args.batch_size, strategy=strategy_of(args),
-        mixed_precision=args.model_dtype, grad_reduce_dtype=args.grad_reduce_dtype, device=args.device, grad_accum_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.model_dtype, grad_reduce_dtype=args.grad_reduce_dtype, device=args.device,
+        grad_accum_steps=args.gradient_accumulation_steps,
         lr=args.lr, betas=(args.opt_beta1, args.opt_beta2), eps=args.opt_eps, weight_decay=args.weight_decay,
         lr_scheduler=args.lr_scheduler, warmup_steps=min(warmup, max_steps), warmup_start_lr=args.warmup_lr,
         min_lr=args.min_lr, max_grad_norm=args.clip_grad or None, skip_loss_threshold=args.skip_loss_threshold,
         ema_decay=args.ema_decay if args.ema_update else None, ema_update_every=args.ema_update_every,
         seed=args.seed, video_sync_group=args.video_sync_group if args.sync_video_input else 1,
-        num_workers=args.num_workers, checkpoint_every=args.save_ckpt_freq,
-        keep_last_checkpoints=args.keep_last_checkpoints, resume=args.resume,
+        shuffle=not args.no_shuffle, num_workers=args.num_workers, checkpoint_every=args.save_ckpt_freq,
+        keep_last_checkpoints=args.keep_last_checkpoints, resume=args.resume, export_dtype=args.export_dtype,
         tensorboard=args.report_to == "tensorboard", validate_every=args.validation_every)
-    is_main = int(os.environ.get("RANK", "0")) == 0
-    validate = ValidationSampler(args, dict(dit.config), dataset, null_text, device) \
-        if args.validation_every and is_main else None
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    check_args(args, world_size)
+    config = train_config(args)
+
+    dataset = build_dataset(args)
+    null_text = load_null_text(args)
+    device = resolve_device(args.device)  # this rank's GPU (LOCAL_RANK), as the engine uses
+    side = build_model_side(args, device)
+    trace = BatchTrace(args.output_dir, rank) if args.trace_batches else None
+    compute_loss = PyramidFlowLoss(build_objective(args, null_text), args.use_temporal_pyramid, vae=side.vae,
+                                   text_encoder=side.text_encoder, trace=trace)
+    validate = None
+    if args.validation_every and rank == 0:
+        from trainer_misc.validation import ValidationSampler
+        validate = ValidationSampler(args, dict(side.dit.config), dataset, null_text, device)
     try:
-        result = train(dit, compute_loss, dataset, config, collate_fn=collate, group_keys=dataset.group_keys(),
+        result = train(side.dit, compute_loss, dataset, config, collate_fn=collate, group_keys=dataset.group_keys(),
                        validate=validate)
         if trace is not None:
             trace.write({"sharding": result.engine.sharding_report()})

@@ -1,0 +1,70 @@
+"""Where a run starts: a fresh start, or the newest complete checkpoint with everything needed to continue the same
+loss curve (model, optimizer, EMA, every rank's RNG, the data position and the loop's counters).
+
+The checkpoint files themselves are written and read by ``trainer_misc.checkpoint``; this module decides which
+checkpoint, turns its trainer state into the loop's counters, and refuses a checkpoint whose data layout differs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Optional
+
+from .checkpoint import find_latest_checkpoint, load_checkpoint
+from .config import TrainConfig
+from .ema import ShardedEMA
+from .engine import TrainEngine
+from .sampler import ResumableBatchSampler
+from .step import RunCounters
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["resolve_resume", "load_resume_state", "check_data_layout", "trainer_state"]
+
+
+def resolve_resume(config: TrainConfig, checkpoint_root: Path) -> Optional[Path]:
+    """The checkpoint folder to resume from (``config.resume``: auto | never | a folder), or None."""
+    if config.resume == "never":
+        return None
+    if config.resume == "auto":
+        return find_latest_checkpoint(checkpoint_root)
+    path = Path(config.resume)
+    if not path.is_dir():
+        raise FileNotFoundError(f"resume={config.resume!r}: no such checkpoint folder")
+    return path
+
+
+def load_resume_state(path: Optional[Path], engine: TrainEngine, ema: Optional[ShardedEMA]
+                      ) -> tuple[int, RunCounters, dict]:
+    """``(start_step, counters, saved trainer state)``; restores model/optimizer/EMA in place (not the RNG: that
+    comes last, once nothing else can draw from it)."""
+    if path is None:
+        return 0, RunCounters(), {}
+    state = load_checkpoint(path, engine, ema, restore_rng=False)
+    logger.info("resumed from %s at step %d", path, state["step"])
+    counters = RunCounters(micro_step=int(state["micro_step"]),
+                           data_position=int(state.get("data_position", state["micro_step"])),
+                           bad_samples=int(state.get("bad_samples", 0)),
+                           skipped_updates=int(state["skipped_updates"]),
+                           dropped_micro_batches=int(state["dropped_micro_batches"]))
+    return int(state["step"]), counters, state
+
+
+def check_data_layout(path: Optional[Path], saved: dict, sampler: ResumableBatchSampler) -> None:
+    """Refuse to resume when the data position of the checkpoint means other samples now."""
+    if path is not None and saved.get("sampler") != sampler.state_dict():
+        raise ValueError(f"{path}: the data layout changed since the checkpoint (saved {saved.get('sampler')}"
+                         f", now {sampler.state_dict()}); the data position cannot be restored. Resume with the same "
+                         "dataset, batch size, seed and number of processes, or start a new OUTPUT_DIR.")
+
+
+def trainer_state(step_done: int, counters: RunCounters, config: TrainConfig, world_size: int,
+                  sampler: ResumableBatchSampler) -> dict:
+    """The loop's part of a checkpoint (``trainer_state.json``)."""
+    return {"step": step_done, "micro_step": counters.micro_step, "data_position": counters.data_position,
+            "bad_samples": counters.bad_samples, "skipped_updates": counters.skipped_updates,
+            "dropped_micro_batches": counters.dropped_micro_batches, "world_size": world_size,
+            "strategy": config.strategy, "mixed_precision": config.mixed_precision,
+            "grad_accum_steps": config.grad_accum_steps, "sampler": sampler.state_dict(),
+            "config": dataclasses.asdict(config)}

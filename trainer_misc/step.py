@@ -1,0 +1,176 @@
+"""One optimizer step: ``grad_accum_steps`` micro-batches of fetch -> ``compute_loss`` -> backward, then the update.
+
+**Bad batches**: a batch with unreadable samples is skipped by *every* rank together (one all-reduce decides), so
+ranks never disagree on the number of forward/backward passes, and the data position stays equal on all ranks.
+
+**Abnormal-loss skip** (the reference hard-codes: no update when the step's loss is >= 2.0; opt-in here): with
+``skip_loss_threshold`` set, a micro-batch whose loss averaged over ranks reaches the threshold gets no backward; a
+window whose micro-batches were all dropped makes no optimizer step at all (parameters, Adam moments and step count
+untouched; the learning-rate schedule still advances, as in the reference). All ranks decide on the same averaged
+value, so they stay in step. When only some micro-batches of a window are dropped, the update is made from the
+others (a dropped micro-batch contributes zero gradient), which with one micro-batch per step is exactly the
+reference's behaviour. A non-finite averaged loss stops the run with an error (as the reference does).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+from torch import nn
+
+from .config import TrainConfig
+from .distributed import SyncGroupPosition, all_reduce_sum
+from .engine import TrainEngine
+from .metrics import StepRecord, as_number
+from .tree import to_device
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["StepContext", "ComputeLoss", "StepRunner"]
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """Passed to ``compute_loss`` with every micro-batch.
+
+    ``step``: 0-based index of the optimizer step being accumulated (the reference's ``global_step``; also the LR
+    schedule index). ``micro_step``: 0-based index of this micro-batch since the start of training (continues across
+    resumes; the AR objective's call counter). ``micro_index``: position inside the accumulation window.
+    ``sync_rank`` / ``sync_group``: this rank's position inside its video sync group and the group size.
+    ``dtype``: the dtype of the model's parameters (bf16 under DeepSpeed bf16: cast inputs to it).
+    ``module``: the unwrapped model, for attribute access (call ``model`` for the forward).
+    """
+
+    step: int
+    micro_step: int
+    micro_index: int
+    rank: int
+    world_size: int
+    sync_rank: int
+    sync_group: int
+    sync_group_index: int
+    device: torch.device
+    dtype: torch.dtype
+    module: nn.Module
+
+
+ComputeLoss = Callable[[nn.Module, Any, StepContext], "tuple[torch.Tensor, dict[str, Any]]"]
+
+
+@dataclass
+class RunCounters:
+    """What the loop counts across steps; all of it is saved in checkpoints and restored on resume."""
+
+    micro_step: int = 0        # micro-batches trained (the AR objective's call counter)
+    data_position: int = 0     # batches consumed from the sampler (bad ones included)
+    bad_samples: int = 0       # unreadable samples met (all ranks)
+    skipped_updates: int = 0   # optimizer steps skipped for an abnormal loss
+    dropped_micro_batches: int = 0
+
+
+class StepRunner:
+    """Runs one optimizer step (its ``grad_accum_steps`` micro-batches) and keeps the run's counters."""
+
+    MAX_CONSECUTIVE_BAD = 50
+
+    def __init__(self, engine: TrainEngine, compute_loss: ComputeLoss, data_iter: Iterator, config: TrainConfig,
+                 sync: SyncGroupPosition, counters: RunCounters) -> None:
+        self.engine, self.compute_loss, self.data_iter, self.config, self.sync = (engine, compute_loss, data_iter,
+                                                                                  config, sync)
+        self.counters = counters
+        self.schedule = config.schedule()
+
+    def _context(self, step: int, k: int) -> StepContext:
+        e, sync = self.engine, self.sync
+        return StepContext(step=step, micro_step=self.counters.micro_step, micro_index=k, rank=e.rank,
+                           world_size=e.world_size, sync_rank=sync.position, sync_group=sync.group_size,
+                           sync_group_index=sync.group_index, device=e.device, dtype=e.param_dtype, module=e.module)
+
+    def _next_batch(self, step: int) -> Any:
+        """The next batch in which every sample loaded, skipping bad batches on all ranks together.
+
+        A batch object with a non-empty ``bad`` list of ``(path, reason)`` (see ``trainer_misc.datasets``) had
+        unreadable samples. Its paths are logged and counted, and *every* rank moves on to its next batch: one
+        all-reduce per micro-batch decides, so ranks never disagree on how many forward/backward passes a step
+        has (a rank that skipped alone would leave the others waiting in the gradient reduction).
+        """
+        for _ in range(self.MAX_CONSECUTIVE_BAD):
+            batch = next(self.data_iter)
+            self.counters.data_position += 1
+            bad = list(getattr(batch, "bad", None) or [])
+            for path, reason in bad:
+                logger.warning("rank %d step %d: bad sample %s: %s; skipping its batch", self.engine.rank, step,
+                               path, reason)
+            n_bad = int(all_reduce_sum(torch.tensor([float(len(bad))], dtype=torch.float64,
+                                                    device=self.engine.device)).item())
+            if n_bad == 0:
+                return batch
+            self.counters.bad_samples += n_bad
+        raise RuntimeError(f"{self.MAX_CONSECUTIVE_BAD} consecutive batches had unreadable samples; the data set "
+                           "is broken (see the warnings above for the paths)")
+
+    def _forward(self, step: int, k: int) -> tuple[torch.Tensor, float, Optional[float], dict[str, float]]:
+        """Fetch a micro-batch, compute its loss, and average the loss (and sum the tokens) over ranks."""
+        batch = to_device(self._next_batch(step), self.engine.device)
+        loss, stats = self.compute_loss(self.engine.model, batch, self._context(step, k))
+        self.counters.micro_step += 1
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1 or not isinstance(stats, dict):
+            raise TypeError("compute_loss must return (a one-element loss tensor, a dict of stats), got "
+                            f"({type(loss).__name__}, {type(stats).__name__})")
+        tokens = as_number(stats["tokens"], "tokens") if "tokens" in stats else None
+        reduced = all_reduce_sum(torch.tensor([loss.detach().float().item(), tokens or 0.0], dtype=torch.float64,
+                                              device=self.engine.device))
+        global_loss = float(reduced[0]) / self.engine.world_size
+        if not math.isfinite(global_loss):
+            raise FloatingPointError(f"loss is {global_loss} (mean over ranks) at step {step}, micro-batch {k}; "
+                                     "stopping. Lower the learning rate or check the data.")
+        others = {name: as_number(value, name) for name, value in stats.items() if name != "tokens"}
+        return loss, global_loss, (float(reduced[1]) if tokens is not None else None), others
+
+    def run(self, step: int) -> StepRecord:
+        cfg, engine, ga, counters = self.config, self.engine, self.config.grad_accum_steps, self.counters
+        t0 = time.perf_counter()
+        lr = self.schedule(step)
+        engine.set_lr(lr)
+        loss_sum, tokens_sum, kept, outcome = 0.0, None, 0, None
+        stats: dict[str, float] = {}
+        for k in range(ga):
+            last = k == ga - 1
+            with engine.accumulate():
+                loss, global_loss, tokens, micro_stats = self._forward(step, k)
+                loss_sum += global_loss
+                if tokens is not None:
+                    tokens_sum = (tokens_sum or 0.0) + tokens
+                for name, value in micro_stats.items():
+                    stats[name] = stats.get(name, 0.0) + value / ga
+                if cfg.skip_loss_threshold is not None and global_loss >= cfg.skip_loss_threshold:
+                    counters.dropped_micro_batches += 1
+                    logger.warning("step %d micro-batch %d: loss %.4f (mean over ranks) >= skip_loss_threshold "
+                                   "%.4g, no update from this micro-batch", step, k, global_loss,
+                                   cfg.skip_loss_threshold)
+                    if last and kept > 0:
+                        # The boundary backward makes DDP / DeepSpeed reduce and apply the kept micro-batches.
+                        engine.backward(loss * 0.0)
+                else:
+                    engine.backward(loss)
+                    kept += 1
+                if last and kept > 0:
+                    outcome = engine.step()
+        if kept == 0:
+            counters.skipped_updates += 1
+            logger.warning("step %d: every micro-batch dropped, optimizer step skipped (%d so far)", step,
+                           counters.skipped_updates)
+        elif not outcome.applied:
+            logger.warning("step %d: update not applied (fp16 loss-scale overflow)", step)
+        elapsed = time.perf_counter() - t0
+        samples = cfg.batch_size * engine.world_size * ga
+        return StepRecord(step=step + 1, loss=loss_sum / ga, lr=lr,
+                          grad_norm=outcome.grad_norm if outcome is not None else None, skipped=kept == 0,
+                          applied=outcome is not None and outcome.applied, dropped_micro_batches=ga - kept,
+                          step_time=elapsed, samples_per_sec=samples / elapsed,
+                          tokens_per_sec=tokens_sum / elapsed if tokens_sum is not None else None,
+                          bad_samples=counters.bad_samples, stats=stats)
