@@ -7,6 +7,9 @@ from importlib import import_module
 
 _EXPORTS = {
     "PyramidFluxTransformer": "pyramid_dit.modeling_pyramid_flux",
+    "PyramidDiffusionMMDiT": "pyramid_dit.modeling_pyramid_mmdit",
+    "SD3TextEncoder": "pyramid_dit.text_encoder_sd3",
+    "get_kind": "pyramid_dit.kinds",
     "PyramidFlowMatchEulerDiscreteScheduler": "pyramid_dit.scheduler",
     "PyramidFlowObjective": "pyramid_dit.objective",
     "TextConditioning": "pyramid_dit.objective",

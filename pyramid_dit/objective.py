@@ -37,8 +37,8 @@ from typing import Any, Dict, List, NamedTuple, Optional, Sequence
 
 import torch
 
+from pyramid_dit.kinds import MODEL_NAMES
 from pyramid_dit.pyramid import (
-    MODEL_NAMES,
     LatentNormalization,
     column_stages,
     history_plan,

@@ -40,8 +40,8 @@ from torch import nn
 from tqdm import tqdm
 
 from pyramid_dit.block_noise import sample_block_noise
+from pyramid_dit.kinds import get_kind, kind_of_dit
 from pyramid_dit.pyramid import (
-    LatentNormalization,
     history_plan,
     noise_pyramid,
     num_units,
@@ -242,10 +242,11 @@ class PyramidFlowPipeline:
     """Samples videos from a Pyramid Flow DiT (see the module docstring for the algorithm).
 
     Args:
-        dit: the DiT (``PyramidFluxTransformer``); may be the trainer's live or EMA model.
+        dit: the DiT (``PyramidFluxTransformer`` or ``PyramidDiffusionMMDiT``); may be the trainer's live or EMA
+            model.
         vae: the causal video VAE; needed to decode videos and for image-to-video, not for latents.
-        text_encoder: ``FluxTextEncoder``; needed only when prompts are given as strings.
-        model_name: selects the latent normalisation (``"pyramid_flux"``).
+        text_encoder: the kind's text encoder; needed only when prompts are given as strings.
+        model_name: the model kind (selects the latent normalisation); default: the kind of ``dit``.
         scheduler: the pyramid scheduler (default: 3 stages, shift 1, gamma 1/3, as the released models).
         device: where sampling runs (default: the DiT's device).
         dtype: compute dtype. Anything but float32 runs the DiT and VAE under ``torch.autocast`` with it; the
@@ -264,7 +265,7 @@ class PyramidFlowPipeline:
         vae: Optional[nn.Module] = None,
         text_encoder: Optional[nn.Module] = None,
         *,
-        model_name: str = "pyramid_flux",
+        model_name: Optional[str] = None,
         scheduler: Optional[PyramidFlowMatchEulerDiscreteScheduler] = None,
         device: Union[str, torch.device, None] = None,
         dtype: torch.dtype = torch.float32,
@@ -281,7 +282,7 @@ class PyramidFlowPipeline:
         self.dit = dit
         self.vae = vae
         self.text_encoder = text_encoder
-        self.normalization = LatentNormalization.for_model(model_name)
+        self.normalization = (kind_of_dit(dit) if model_name is None else get_kind(model_name)).normalization
         self.scheduler = scheduler or PyramidFlowMatchEulerDiscreteScheduler()
         self.num_stages = self.scheduler.config.stages
         self.device = _resolve_device(device if device is not None else _device_of(dit))
@@ -319,8 +320,9 @@ class PyramidFlowPipeline:
             dtype: weight and compute dtype; default bfloat16 on CUDA, float32 on the CPU.
             cpu_offload: see the class docstring; needs a CUDA device.
         """
-        from pyramid_dit.modeling_pyramid_flux import PyramidFluxTransformer
+        from pyramid_dit.kinds import get_kind
 
+        kind = get_kind(model_name)
         model_path = Path(model_path)
         device = _pick_device(device)
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -330,8 +332,8 @@ class PyramidFlowPipeline:
             raise ValueError("give either dit_path (a finetuned DiT folder) or dit_weight (a state-dict file), "
                              "not both")
         if not model_path.is_dir():
-            raise FileNotFoundError(f"model folder {model_path} does not exist; download rain1011/pyramid-flow-"
-                                    "miniflux there, or build a tiny one with tools/build_tiny_checkpoint.py")
+            raise FileNotFoundError(f"model folder {model_path} does not exist; download {kind.hub_repo} there, "
+                                    f"or build a tiny one with tools/build_tiny_checkpoint.py --kind {kind.name}")
 
         if dit_path is not None:
             dit_folder = Path(dit_path)
@@ -344,7 +346,7 @@ class PyramidFlowPipeline:
                 found = sorted(p.name for p in model_path.glob("diffusion_transformer_*") if p.is_dir())
                 raise FileNotFoundError(f"DiT variant folder {dit_folder} (config.json) not found; variants in "
                                         f"{model_path}: {found or 'none'}")
-        dit = PyramidFluxTransformer.from_pretrained(dit_folder, torch_dtype=dtype)
+        dit = kind.dit().from_pretrained(dit_folder, torch_dtype=dtype)
         if dit_weight is not None:
             from trainer_misc.checkpoint import load_dit_weights
 
@@ -362,9 +364,7 @@ class PyramidFlowPipeline:
 
         text_encoder = None
         if load_text_encoder:
-            from pyramid_dit.text_encoder import FluxTextEncoder
-
-            text_encoder = FluxTextEncoder.from_pretrained(model_path, torch_dtype=dtype)
+            text_encoder = kind.load_text_encoder(model_path, torch_dtype=dtype)
 
         if not cpu_offload:
             for module in (dit, vae, text_encoder):

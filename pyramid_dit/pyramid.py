@@ -11,13 +11,10 @@ resolution first, as the DiT expects its columns.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, NamedTuple, Optional, Sequence
+from typing import List, NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
-
-MODEL_NAMES = ("pyramid_flux", "pyramid_mmdit")
-
 
 # --------------------------------------------------------------------------------------------- normalisation
 @dataclass(frozen=True)
@@ -36,10 +33,11 @@ class LatentNormalization:
 
     @classmethod
     def for_model(cls, model_name: str) -> "LatentNormalization":
-        """Constants the released checkpoints were trained with (the image pair depends on the DiT kind)."""
-        if model_name not in _NORMALIZATION:
-            raise ValueError(f"unknown model_name {model_name!r}; expected one of {MODEL_NAMES}")
-        return _NORMALIZATION[model_name]
+        """Constants the released checkpoints were trained with (the image pair depends on the DiT kind; the
+        values live with the other per-kind facts in :mod:`pyramid_dit.kinds`)."""
+        from pyramid_dit.kinds import get_kind
+
+        return get_kind(model_name).normalization
 
     def normalize(self, latents: torch.Tensor) -> torch.Tensor:
         """VAE latents ``[B, C, T, H, W]`` -> DiT latents: ``(z - shift) * scale`` per frame group."""
@@ -61,12 +59,6 @@ class LatentNormalization:
         out[:, :, :1] = latents[:, :, :1] / self.image_scale + self.image_shift
         out[:, :, 1:] = latents[:, :, 1:] / self.video_scale + self.video_shift
         return out
-
-
-_NORMALIZATION: Dict[str, LatentNormalization] = {
-    "pyramid_flux": LatentNormalization(image_shift=-0.04, image_scale=1 / 1.8726),
-    "pyramid_mmdit": LatentNormalization(image_shift=0.1490, image_scale=1 / 1.8415),
-}
 
 
 # ------------------------------------------------------------------------------------------------- pyramids

@@ -39,6 +39,15 @@ launch() {
         --master_port "$MASTER_PORT" --nproc_per_node "$GPUS" "$@"
 }
 
+# MODEL_NAME -> the kind's text subfolders (TEXT_SUBFOLDERS); pyramid_dit/kinds.py is the Python side of this table.
+check_model_name() {
+    case "$MODEL_NAME" in
+        pyramid_flux) TEXT_SUBFOLDERS="text_encoder text_encoder_2 tokenizer tokenizer_2" ;;
+        pyramid_mmdit) TEXT_SUBFOLDERS="text_encoder text_encoder_2 text_encoder_3 tokenizer tokenizer_2 tokenizer_3" ;;
+        *) die "MODEL_NAME=$MODEL_NAME must be pyramid_flux (rain1011/pyramid-flow-miniflux) or pyramid_mmdit (rain1011/pyramid-flow-sd3)" ;;
+    esac
+}
+
 # Checks shared by the two training scripts; each message names the variable to change.
 check_train_vars() {
     [ -n "$MODEL_PATH" ] || die "set MODEL_PATH to the downloaded checkpoint folder (e.g. /data/pyramid-flow-miniflux)"
@@ -51,11 +60,7 @@ check_train_vars() {
     is_uint "$GRAD_ACCU_STEPS" && [ "$GRAD_ACCU_STEPS" -gt 0 ] || die "GRAD_ACCU_STEPS=$GRAD_ACCU_STEPS must be a positive integer"
     is_uint "$NUM_FRAMES" && [ "$NUM_FRAMES" -gt 0 ] || die "NUM_FRAMES=$NUM_FRAMES must be a positive integer (latent frames: 16 for 5 s, 32 for 10 s)"
     case "$SHARD_STRATEGY" in ddp|zero2|zero3) ;; *) die "SHARD_STRATEGY=$SHARD_STRATEGY must be ddp, zero2 or zero3" ;; esac
-    case "$MODEL_NAME" in
-        pyramid_flux) ;;
-        pyramid_mmdit) die "MODEL_NAME=pyramid_mmdit is not supported yet; use pyramid_flux (rain1011/pyramid-flow-miniflux)" ;;
-        *) die "MODEL_NAME=$MODEL_NAME must be pyramid_flux" ;;
-    esac
+    check_model_name
     case "$RESOLUTION:$VARIANT" in
         384p:diffusion_transformer_384p|768p:diffusion_transformer_768p|768p:diffusion_transformer_image) ;;
         384p:*|768p:*) die "RESOLUTION=$RESOLUTION does not match VARIANT=$VARIANT: use 384p with diffusion_transformer_384p, 768p with diffusion_transformer_768p or diffusion_transformer_image" ;;

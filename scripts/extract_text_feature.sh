@@ -8,7 +8,8 @@
 # A rerun skips the features that already exist and load correctly; add EXTRA_ARGS=--overwrite to redo them.
 set -eu
 
-: "${MODEL_PATH:=}"             # the downloaded model folder (text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/)
+: "${MODEL_NAME:=pyramid_flux}" # pyramid_flux (CLIP-L + T5) | pyramid_mmdit (SD3: CLIP-L + CLIP-G + T5)
+: "${MODEL_PATH:=}"             # the downloaded model folder (text_encoder*/ and tokenizer*/ of that kind)
 : "${ANNO_FILE:=annotation/video_text.jsonl}"   # lines with "text" and "text_fea"
 : "${KIND:=video}"              # video | image: the kind of lines in ANNO_FILE
 : "${DATA_ROOT:=}"              # root for relative paths in ANNO_FILE (default: the annotation file's folder)
@@ -22,9 +23,10 @@ set -eu
 SCRIPT_NAME=extract_text_feature.sh
 . "$(dirname "$0")/_common.sh"   # die, is_uint, detect_gpus, launch
 
-[ -n "$MODEL_PATH" ] || die "set MODEL_PATH to the model folder (with text_encoder/ text_encoder_2/ tokenizer/ tokenizer_2/)"
-for sub in text_encoder text_encoder_2 tokenizer tokenizer_2; do
-    [ -d "$MODEL_PATH/$sub" ] || die "MODEL_PATH=$MODEL_PATH has no $sub/ folder; point it at the downloaded model folder"
+check_model_name
+[ -n "$MODEL_PATH" ] || die "set MODEL_PATH to the model folder (with $TEXT_SUBFOLDERS)"
+for sub in $TEXT_SUBFOLDERS; do
+    [ -d "$MODEL_PATH/$sub" ] || die "MODEL_PATH=$MODEL_PATH has no $sub/ folder; point it at the downloaded $MODEL_NAME model folder (or set MODEL_NAME to its kind)"
 done
 [ -f "$ANNO_FILE" ] || die "annotation file ANNO_FILE=$ANNO_FILE not found; set ANNO_FILE to your annotation jsonl"
 case "$KIND" in video|image) ;; *) die "KIND=$KIND must be video or image" ;; esac
@@ -36,7 +38,7 @@ if [ -z "$MODEL_DTYPE" ]; then
 fi
 
 set -- "$REPO/tools/extract_text_features.py" \
-    --model_path "$MODEL_PATH" --anno_file "$ANNO_FILE" --kind "$KIND" \
+    --model_name "$MODEL_NAME" --model_path "$MODEL_PATH" --anno_file "$ANNO_FILE" --kind "$KIND" \
     --batch_size "$BATCH_SIZE" --model_dtype "$MODEL_DTYPE"
 [ -z "$DATA_ROOT" ] || set -- "$@" --data_root "$DATA_ROOT"
 [ -z "$EMPTY_PROMPT_FEA" ] || set -- "$@" --empty_prompt_fea "$EMPTY_PROMPT_FEA"

@@ -12,6 +12,7 @@ set -eu
 SCRIPT_NAME=generate.sh
 . "$(dirname "$0")/_common.sh"
 
+: "${MODEL_NAME:=pyramid_flux}"             # pyramid_flux (pyramid-flow-miniflux) | pyramid_mmdit (pyramid-flow-sd3)
 : "${MODEL_PATH:=}"                         # the downloaded model folder (causal_video_vae/, text encoders, DiTs)
 : "${VARIANT:=diffusion_transformer_384p}"  # DiT subfolder: diffusion_transformer_384p | diffusion_transformer_768p
 : "${DIT_PATH:=}"                           # finetuned DiT folder (config.json + diffusion_pytorch_model.safetensors)
@@ -36,6 +37,7 @@ SCRIPT_NAME=generate.sh
 # NEGATIVE_PROMPT and PROMPT_SUFFIX: when set (even to ""), replace tools/generate.py's defaults.
 
 
+check_model_name
 [ -n "$MODEL_PATH" ] || die "set MODEL_PATH to the downloaded model folder (e.g. ckpt/pyramid-flow-miniflux)"
 [ -d "$MODEL_PATH" ] || die "MODEL_PATH=$MODEL_PATH is not a folder"
 [ -z "$DIT_PATH" ] || [ -z "$DIT_WEIGHT" ] || die "set DIT_PATH or DIT_WEIGHT, not both"
@@ -53,7 +55,7 @@ is_uint "$WIDTH" && [ "$WIDTH" -gt 0 ] && [ $((WIDTH % 64)) -eq 0 ] || die "WIDT
 is_uint "$TEMP" && [ "$TEMP" -ge 1 ] || die "TEMP=$TEMP must be a positive integer (latent frames)"
 case "$CPU_OFFLOAD" in 0|1) ;; *) die "CPU_OFFLOAD=$CPU_OFFLOAD must be 0 or 1" ;; esac
 
-set -- "$REPO/tools/generate.py" --model_path "$MODEL_PATH" --variant "$VARIANT" \
+set -- "$REPO/tools/generate.py" --model_name "$MODEL_NAME" --model_path "$MODEL_PATH" --variant "$VARIANT" \
     --temp "$TEMP" --height "$HEIGHT" --width "$WIDTH" \
     --guidance_scale "$GUIDANCE_SCALE" --video_guidance_scale "$VIDEO_GUIDANCE_SCALE" \
     --seed "$SEED" --device "$DEVICE" --dtype "$DTYPE" --output "$OUTPUT" --fps "$FPS"

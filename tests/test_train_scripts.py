@@ -43,7 +43,7 @@ CASES = [
     (NON_AR, {"TASK": "i2v"}, "TASK=i2v must be t2i or t2v"),
     (AR, {"SHARD_STRATEGY": "fsdp"}, "SHARD_STRATEGY=fsdp must be ddp, zero2 or zero3"),
     (AR, {"ANNO_FILE": "/nonexistent.jsonl"}, "ANNO_FILE=/nonexistent.jsonl not found"),
-    (AR, {"MODEL_NAME": "pyramid_mmdit"}, "MODEL_NAME=pyramid_mmdit is not supported yet"),
+    (AR, {"MODEL_NAME": "sd3"}, "MODEL_NAME=sd3 must be pyramid_flux (rain1011/pyramid-flow-miniflux) or pyramid_mmdit"),
 ]
 
 

@@ -14,7 +14,13 @@ The weights are random and the output is meaningless; the point is exercising tr
 for real. The tokenizers are built offline from a small list of caption words, so ordinary English captions map
 to mostly known ids instead of a column of unknown tokens.
 
-Usage: ``python tools/build_tiny_checkpoint.py --out DIR [--seed 0] [--overwrite]``.
+With ``--kind pyramid_mmdit`` it writes the layout of ``rain1011/pyramid-flow-sd3`` instead: the VAE,
+``diffusion_transformer_384p/`` and ``_768p/`` holding ``PyramidDiffusionMMDiT``, and three text encoders —
+``text_encoder/`` + ``tokenizer/`` (CLIP-L) and ``text_encoder_2/`` + ``tokenizer_2/`` (CLIP-G), both
+``CLIPTextModelWithProjection``, and ``text_encoder_3/`` + ``tokenizer_3/`` (T5).
+
+Usage: ``python tools/build_tiny_checkpoint.py --out DIR [--kind pyramid_flux|pyramid_mmdit] [--seed 0]
+[--overwrite]``.
 """
 from __future__ import annotations
 
@@ -104,6 +110,34 @@ VAE_CONFIG: dict[str, Any] = {
     "scaling_factor": 0.13025,
 }
 
+# SD3 kind: CLIP-L and CLIP-G projected widths add up to the DiT's pooled width.
+SD3_CLIP_PROJECTIONS = {"text_encoder": (CLIP_HIDDEN_SIZE, 8), "text_encoder_2": (32, 16)}  # (hidden, projection)
+MMDIT_TRANSFORMER_CONFIG: dict[str, Any] = {  # the golden mmdit_tiny geometry, with the pipeline's overrides
+    "sample_size": 32,
+    "patch_size": 2,
+    "in_channels": 16,
+    "num_layers": 3,
+    "attention_head_dim": 16,
+    "num_attention_heads": 2,
+    "caption_projection_dim": 32,
+    "pooled_projection_dim": sum(proj for _, proj in SD3_CLIP_PROJECTIONS.values()),
+    "pos_embed_max_size": 64,  # tokens per side: up to 1024x1024 pixels
+    "max_num_frames": 200,
+    "qk_norm": "rms_norm",
+    "pos_embed_type": "sincos",
+    "temp_pos_embed_type": "rope",
+    "joint_attention_dim": T5_D_MODEL,
+    "use_gradient_checkpointing": False,
+    "use_flash_attn": False,
+    "use_temporal_causal": True,
+    "use_t5_mask": True,
+    "add_temp_pos_embed": True,
+    "interp_condition_pos": True,
+    "gradient_checkpointing_ratio": 0.6,
+}
+MMDIT_TRANSFORMER_SUBFOLDERS: tuple[str, ...] = ("diffusion_transformer_384p", "diffusion_transformer_768p")
+KINDS: tuple[str, ...] = ("pyramid_flux", "pyramid_mmdit")
+
 TRANSFORMER_SUBFOLDERS: tuple[str, ...] = (
     "diffusion_transformer_384p",
     "diffusion_transformer_768p",
@@ -119,14 +153,16 @@ _SEED_OFFSETS = {
     "diffusion_transformer_384p": 4,
     "diffusion_transformer_768p": 5,
     "diffusion_transformer_image": 6,
+    "text_encoder_3": 7,
 }
 _SEED_STRIDE = 1000
 
-_README = """# Tiny random Pyramid Flow (miniFLUX) checkpoint
+_README = """# Tiny random Pyramid Flow ({kind}) checkpoint
 
-Written by `tools/build_tiny_checkpoint.py` (seed {seed}). Same folder layout as rain1011/pyramid-flow-miniflux,
+Written by `tools/build_tiny_checkpoint.py --kind {kind}` (seed {seed}). Same folder layout as {repo},
 random weights, tiny widths: for tests and smoke runs only; it generates noise.
 """
+_REPOS = {"pyramid_flux": "rain1011/pyramid-flow-miniflux", "pyramid_mmdit": "rain1011/pyramid-flow-sd3"}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -325,22 +361,62 @@ def build_text_components(out_dir: str | Path, seed: int = 0) -> Path:
     return out_dir
 
 
-def _build_components(out_dir: Path, seed: int) -> None:
+def build_sd3_text_components(out_dir: str | Path, seed: int = 0) -> Path:
+    """Write the SD3 kind's ``text_encoder*/`` and ``tokenizer*/`` (CLIP-L, CLIP-G, T5) into ``out_dir``."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    clip_tokenizer = build_clip_tokenizer()
+    for folder, (hidden, projection) in SD3_CLIP_PROJECTIONS.items():
+        tok_dir = out_dir / folder.replace("text_encoder", "tokenizer")
+        clip_tokenizer.save_pretrained(tok_dir)
+        _save_clip_vocab_files(clip_tokenizer, tok_dir)
+        config = CLIPTextConfig(
+            vocab_size=len(clip_tokenizer), hidden_size=hidden, intermediate_size=4 * hidden,
+            projection_dim=projection, num_hidden_layers=2, num_attention_heads=2,
+            max_position_embeddings=CLIP_MAX_LENGTH, hidden_act="quick_gelu" if folder == "text_encoder" else "gelu",
+            bos_token_id=clip_tokenizer.bos_token_id, eos_token_id=clip_tokenizer.eos_token_id,
+            pad_token_id=clip_tokenizer.pad_token_id)
+        clip = _construct(CLIPTextModelWithProjection, config).eval()
+        randomize_parameters_(clip, _generator(seed, folder))
+        clip.save_pretrained(out_dir / folder)
+
+    t5_tokenizer = build_t5_tokenizer()
+    t5_tokenizer.save_pretrained(out_dir / "tokenizer_3")
+    t5_config = T5Config(
+        vocab_size=len(t5_tokenizer), d_model=T5_D_MODEL, d_kv=8, d_ff=2 * T5_D_MODEL, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=32, relative_attention_max_distance=128, feed_forward_proj="gated-gelu",
+        tie_word_embeddings=False, pad_token_id=t5_tokenizer.pad_token_id, eos_token_id=t5_tokenizer.eos_token_id,
+        decoder_start_token_id=t5_tokenizer.pad_token_id)
+    t5 = _construct(T5EncoderModel, t5_config).eval()
+    randomize_parameters_(t5, _generator(seed, "text_encoder_3"))
+    t5.save_pretrained(out_dir / "text_encoder_3")
+    return out_dir
+
+
+def _build_components(out_dir: Path, seed: int, kind: str = "pyramid_flux") -> None:
     from pyramid_dit.modeling_pyramid_flux import PyramidFluxTransformer
+    from pyramid_dit.modeling_pyramid_mmdit import PyramidDiffusionMMDiT
     from video_vae.modeling_causal_vae import CausalVideoVAE
 
-    build_text_components(out_dir, seed)
+    if kind == "pyramid_mmdit":
+        build_sd3_text_components(out_dir, seed)
+        dit_class, dit_config, dit_subfolders = PyramidDiffusionMMDiT, MMDIT_TRANSFORMER_CONFIG, MMDIT_TRANSFORMER_SUBFOLDERS
+    else:
+        build_text_components(out_dir, seed)
+        dit_class, dit_config, dit_subfolders = PyramidFluxTransformer, TRANSFORMER_CONFIG, TRANSFORMER_SUBFOLDERS
 
     vae = _construct(CausalVideoVAE, **VAE_CONFIG).eval()
     randomize_parameters_(vae, _generator(seed, "causal_video_vae"))
     vae.save_pretrained(out_dir / "causal_video_vae", safe_serialization=True)
 
-    for subfolder in TRANSFORMER_SUBFOLDERS:
-        dit = _construct(PyramidFluxTransformer, **TRANSFORMER_CONFIG).eval()
+    for subfolder in dit_subfolders:
+        dit = _construct(dit_class, **dit_config).eval()
         randomize_parameters_(dit, _generator(seed, subfolder))
         dit.save_pretrained(out_dir / subfolder, safe_serialization=True)
 
-    (out_dir / "README.md").write_text(_README.format(seed=seed), encoding="utf-8")
+    (out_dir / "README.md").write_text(_README.format(seed=seed, kind=kind, repo=_REPOS[kind]), encoding="utf-8")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -361,7 +437,8 @@ def _make_world_readable(root: Path) -> None:
         path.chmod(0o755 if path.is_dir() else 0o644)
 
 
-def build_tiny_checkpoint(out_dir: str | Path, seed: int = 0, overwrite: bool = False) -> Path:
+def build_tiny_checkpoint(out_dir: str | Path, seed: int = 0, overwrite: bool = False,
+                          kind: str = "pyramid_flux") -> Path:
     """Write the tiny model folder to ``out_dir`` and return its path.
 
     Deterministic: the same ``seed`` gives byte-identical files. Atomic: everything is written into a temporary
@@ -374,7 +451,9 @@ def build_tiny_checkpoint(out_dir: str | Path, seed: int = 0, overwrite: bool = 
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     old_dir: Path | None = None
     try:
-        _build_components(tmp_dir, seed)
+        if kind not in KINDS:
+            raise ValueError(f"kind={kind!r} must be one of {KINDS}")
+        _build_components(tmp_dir, seed, kind)
         _make_world_readable(tmp_dir)
         _refuse_existing(out_dir, overwrite)  # again: another process may have written it meanwhile
         if out_dir.is_dir() and any(out_dir.iterdir()):
@@ -400,12 +479,14 @@ def build_tiny_checkpoint(out_dir: str | Path, seed: int = 0, overwrite: bool = 
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, type=Path, help="model folder to create")
+    parser.add_argument("--kind", default="pyramid_flux", choices=KINDS,
+                        help="layout: pyramid_flux (pyramid-flow-miniflux, default) or pyramid_mmdit (pyramid-flow-sd3)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out folder")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     try:
-        path = build_tiny_checkpoint(args.out, seed=args.seed, overwrite=args.overwrite)
+        path = build_tiny_checkpoint(args.out, seed=args.seed, overwrite=args.overwrite, kind=args.kind)
     except FileExistsError as err:
         parser.error(str(err))  # exits with status 2 and the message, no traceback
     print(f"wrote {path} in {time.perf_counter() - start:.1f} s")

@@ -37,11 +37,13 @@ from trainer_misc.io_utils import (DataFileError, atomic_save_safetensors, defau
                                    load_text_features, read_safetensors_metadata, remove_stale_temps)
 
 
-def load_text_encoder(model_path: str | Path, device: torch.device, dtype: torch.dtype):
-    """The frozen CLIP + T5 encoders of a model folder (``text_encoder/``, ``text_encoder_2/``, tokenizers)."""
-    from pyramid_dit.text_encoder import FluxTextEncoder
+def load_text_encoder(model_path: str | Path, device: torch.device, dtype: torch.dtype,
+                      model_name: str = "pyramid_flux"):
+    """The frozen text encoders of a model folder, as the kind uses them (miniFLUX: CLIP-L + T5 in
+    ``text_encoder/``, ``text_encoder_2/``; SD3: CLIP-L + CLIP-G + T5 in ``text_encoder/`` .. ``text_encoder_3/``)."""
+    from pyramid_dit.kinds import get_kind
 
-    return FluxTextEncoder.from_pretrained(model_path, torch_dtype=dtype).to(device)
+    return get_kind(model_name).load_text_encoder(model_path, torch_dtype=dtype).to(device)
 
 
 def encode_texts(encoder, texts: list[str], device: torch.device, dtype: torch.dtype):
@@ -145,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model_path", required=True,
                    help="model folder with text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/")
+    p.add_argument("--model_name", default="pyramid_flux", choices=["pyramid_flux", "pyramid_mmdit"],
+                   help="model kind: pyramid_flux (rain1011/pyramid-flow-miniflux) or pyramid_mmdit (pyramid-flow-sd3)")
     p.add_argument("--anno_file", required=True, help="annotation jsonl (lines need text and text_fea)")
     p.add_argument("--kind", default="video", choices=["video", "image"], help="kind of annotation lines")
     p.add_argument("--data_root", default=None,
@@ -181,7 +185,7 @@ def run(args: argparse.Namespace, ctx: DistContext) -> tuple[list[ItemResult], P
         outputs, root, f"{Path(args.anno_file).stem}.text_fea_report.jsonl")
 
     model_path = str(args.model_path)
-    encoder = load_text_encoder(args.model_path, ctx.device, dtype)
+    encoder = load_text_encoder(args.model_path, ctx.device, dtype, args.model_name)
     if ctx.is_main:
         results.append(write_empty_prompt(encoder, empty_path, ctx, dtype, args.overwrite, model_path))
         announce_failures(args.anno_file, results[-1:])

@@ -42,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("model")
     g.add_argument("--model_path", required=True, help="official model folder (causal_video_vae/, text encoders, "
                    "diffusion_transformer_*/)")
+    g.add_argument("--model_name", default="pyramid_flux", choices=["pyramid_flux", "pyramid_mmdit"],
+                   help="model kind: pyramid_flux (rain1011/pyramid-flow-miniflux) or pyramid_mmdit (pyramid-flow-sd3)")
     g.add_argument("--variant", default="diffusion_transformer_384p", help="DiT subfolder of --model_path")
     g.add_argument("--dit_path", default=None, help="finetuned DiT folder (config.json + "
                    "diffusion_pytorch_model.safetensors) used instead of --variant")
@@ -121,8 +123,10 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.cpu_offload and args.device == "cpu":
         p.error("--cpu_offload moves models between the CPU and a GPU; it makes no sense with --device cpu")
     if not Path(args.model_path).is_dir():
-        p.error(f"--model_path {args.model_path} is not a folder; download rain1011/pyramid-flow-miniflux there "
-                "(or build a tiny one: python3 tools/build_tiny_checkpoint.py --out DIR)")
+        from pyramid_dit.kinds import get_kind
+
+        p.error(f"--model_path {args.model_path} is not a folder; download {get_kind(args.model_name).hub_repo} there "
+                f"(or build a tiny one: python3 tools/build_tiny_checkpoint.py --kind {args.model_name} --out DIR)")
     for flag, path, kind in (("--prompt_file", args.prompt_file, "file"), ("--image", args.image, "file"),
                              ("--dit_weight", args.dit_weight, "file"), ("--dit_path", args.dit_path, "folder")):
         if path is not None and not (Path(path).is_dir() if kind == "folder" else Path(path).is_file()):
@@ -167,7 +171,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Path]:
     pipe = PyramidFlowPipeline.from_pretrained(
         args.model_path, variant=args.variant, dit_path=args.dit_path, dit_weight=args.dit_weight,
         device=args.device, dtype=None if args.dtype == "auto" else getattr(torch, DTYPES[args.dtype]),
-        cpu_offload=args.cpu_offload,
+        cpu_offload=args.cpu_offload, model_name=args.model_name,
     )
     print(f"loaded {args.dit_path or args.dit_weight or Path(args.model_path) / args.variant} on {pipe.device} "
           f"({str(pipe.dtype).replace('torch.', '')}) in {time.time() - start:.1f}s", flush=True)

@@ -1,0 +1,127 @@
+"""Frozen text conditioning of the SD3-kind DiT (``rain1011/pyramid-flow-sd3``): CLIP-L + CLIP-G + T5.
+
+It returns the project's one text-feature type, filled the way the released pipeline's SD3 encoder fills it
+(which is not stock SD3: no CLIP token features are mixed into the sequence):
+
+* ``prompt_embeds`` — T5 last hidden states, padded to ``max_sequence_length`` (128) tokens;
+* ``prompt_attention_mask`` — 1 for real T5 tokens (the prompt and its ``</s>``), 0 for padding;
+* ``pooled_prompt_embeds`` — the *projected* pooled embeddings (``text_embeds``) of CLIP-L and of CLIP-G,
+  concatenated in that order (768 + 1280 = 2048 = the DiT's ``pooled_projection_dim``).
+
+Both CLIP tokenizers pad and truncate to the first tokenizer's ``model_max_length`` (77), as the release does.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pyramid_dit.text_encoder import TextFeatures, _dtype_kwarg
+
+# Subfolders of an official SD3-kind model folder holding the text side, and what each holds.
+SD3_TEXT_SUBFOLDERS: dict[str, str] = {
+    "tokenizer": "CLIPTokenizer (CLIP-L)",
+    "text_encoder": "CLIPTextModelWithProjection (CLIP-L)",
+    "tokenizer_2": "CLIPTokenizer (CLIP-G)",
+    "text_encoder_2": "CLIPTextModelWithProjection (CLIP-G)",
+    "tokenizer_3": "T5TokenizerFast",
+    "text_encoder_3": "T5EncoderModel",
+}
+
+
+def _check_prompts(prompts: str | list[str]) -> list[str]:
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if not prompts:
+        raise ValueError("encode() needs at least one prompt")
+    bad = [i for i, p in enumerate(prompts) if not isinstance(p, str)]
+    if bad:
+        raise TypeError(f"prompts must be strings; item {bad[0]} is {type(prompts[bad[0]]).__name__}")
+    return list(prompts)
+
+
+class SD3TextEncoder(nn.Module):
+    """CLIP-L, CLIP-G and T5 encoders, frozen and always in eval mode (see the module docstring).
+
+    Build with :meth:`from_pretrained`; call :meth:`encode` (or the module itself) with a list of prompts.
+    """
+
+    def __init__(self, tokenizer, text_encoder: nn.Module, tokenizer_2, text_encoder_2: nn.Module, tokenizer_3,
+                 text_encoder_3: nn.Module, max_sequence_length: int = 128) -> None:
+        super().__init__()
+        if max_sequence_length < 1:
+            raise ValueError(f"max_sequence_length must be positive, got {max_sequence_length}")
+        self.clip_length = tokenizer.model_max_length
+        for name, encoder in (("text_encoder", text_encoder), ("text_encoder_2", text_encoder_2)):
+            if self.clip_length > encoder.config.max_position_embeddings:
+                raise ValueError(f"the CLIP tokenizer pads to model_max_length={self.clip_length} tokens but "
+                                 f"{name} has {encoder.config.max_position_embeddings} positions; set "
+                                 "model_max_length in tokenizer/tokenizer_config.json to match")
+        self.tokenizer, self.text_encoder = tokenizer, text_encoder
+        self.tokenizer_2, self.text_encoder_2 = tokenizer_2, text_encoder_2
+        self.tokenizer_3, self.text_encoder_3 = tokenizer_3, text_encoder_3
+        self.max_sequence_length = max_sequence_length
+        self.requires_grad_(False)
+        self.train(False)
+
+    @classmethod
+    def from_pretrained(cls, model_path: str | Path, torch_dtype: torch.dtype = torch.float32,
+                        max_sequence_length: int = 128) -> SD3TextEncoder:
+        """Load from a model folder with the official ``tokenizer*/ text_encoder*/`` subfolders (see
+        ``SD3_TEXT_SUBFOLDERS``); ``torch_dtype`` goes to the transformers loaders, as in the release."""
+        from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
+
+        model_path = Path(model_path)
+        missing = [name for name in SD3_TEXT_SUBFOLDERS if not (model_path / name).is_dir()]
+        if missing:
+            layout = ", ".join(f"{name}/ ({kind})" for name, kind in SD3_TEXT_SUBFOLDERS.items())
+            raise FileNotFoundError(
+                f"text encoder folder(s) {', '.join(m + '/' for m in missing)} not found in {model_path}; an SD3-kind "
+                f"model folder needs the layout of rain1011/pyramid-flow-sd3: {layout} (build a tiny one with "
+                "tools/build_tiny_checkpoint.py --kind pyramid_mmdit)")
+        dtype = _dtype_kwarg(torch_dtype)
+        return cls(
+            tokenizer=CLIPTokenizer.from_pretrained(model_path / "tokenizer"),
+            text_encoder=CLIPTextModelWithProjection.from_pretrained(model_path / "text_encoder", **dtype),
+            tokenizer_2=CLIPTokenizer.from_pretrained(model_path / "tokenizer_2"),
+            text_encoder_2=CLIPTextModelWithProjection.from_pretrained(model_path / "text_encoder_2", **dtype),
+            tokenizer_3=T5TokenizerFast.from_pretrained(model_path / "tokenizer_3"),
+            text_encoder_3=T5EncoderModel.from_pretrained(model_path / "text_encoder_3", **dtype),
+            max_sequence_length=max_sequence_length,
+        )
+
+    def train(self, mode: bool = True) -> SD3TextEncoder:
+        """Frozen module: stays in eval mode whatever ``mode`` says (T5 dropout would make features random)."""
+        return super().train(False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.text_encoder_3.device
+
+    @torch.no_grad()
+    def encode(self, prompts: str | list[str], device: torch.device | str | None = None) -> TextFeatures:
+        """Encode ``prompts`` (an empty string is valid: the unconditional input for classifier-free guidance).
+        ``device`` is where the token ids go and must hold the weights; it defaults to the weights' device."""
+        prompts = _check_prompts(prompts)
+        device = self.device if device is None else torch.device(device)
+
+        t5_inputs = self.tokenizer_3(prompts, padding="max_length", max_length=self.max_sequence_length,
+                                     truncation=True, return_tensors="pt")
+        mask = t5_inputs.attention_mask.to(device=device, dtype=torch.int64)
+        prompt_embeds = self.text_encoder_3(t5_inputs.input_ids.to(device), attention_mask=mask)[0]
+
+        pooled = []
+        for tokenizer, encoder in ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2)):
+            ids = tokenizer(prompts, padding="max_length", max_length=self.clip_length, truncation=True,
+                            return_tensors="pt").input_ids
+            pooled.append(encoder(ids.to(device)).text_embeds.to(dtype=self.text_encoder.dtype))
+
+        return TextFeatures(
+            prompt_embeds=prompt_embeds.to(dtype=self.text_encoder_3.dtype),
+            prompt_attention_mask=mask,
+            pooled_prompt_embeds=torch.cat(pooled, dim=-1),
+        )
+
+    def forward(self, prompts: str | list[str], device: torch.device | str | None = None) -> TextFeatures:
+        return self.encode(prompts, device)
