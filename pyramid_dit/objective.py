@@ -50,14 +50,8 @@ from pyramid_dit.pyramid import (
     upsample_nearest,
 )
 from pyramid_dit.scheduler import PyramidFlowMatchEulerDiscreteScheduler
-
-
-class TextConditioning(NamedTuple):
-    """Pre-extracted text features of a batch (one row per sample)."""
-
-    prompt_embeds: torch.Tensor  # [B, L, D]
-    attention_mask: torch.Tensor  # [B, L], 1 = token, 0 = padding
-    pooled_embeds: torch.Tensor  # [B, P]
+from pyramid_dit.text_features import FIELDS as TEXT_FIELDS
+from pyramid_dit.text_features import TextFeatures
 
 
 @dataclass
@@ -76,7 +70,7 @@ class PyramidTrainingBatch:
     sample: List[List[torch.Tensor]]
     timestep_ratio: torch.Tensor
     targets: List[torch.Tensor]
-    text: Optional[TextConditioning] = None
+    text: Optional[TextFeatures] = None
     text_dropped: Optional[torch.Tensor] = None
     units_per_stage: Optional[List[int]] = None
 
@@ -84,13 +78,7 @@ class PyramidTrainingBatch:
         """Keyword arguments for the DiT forward: ``preds = dit(**batch.dit_inputs())``."""
         if self.text is None:
             raise ValueError("this batch has no text yet: set batch.text (see trainer_misc.pyramid_loss)")
-        return {
-            "sample": self.sample,
-            "timestep_ratio": self.timestep_ratio,
-            "encoder_hidden_states": self.text.prompt_embeds,
-            "encoder_attention_mask": self.text.attention_mask,
-            "pooled_projections": self.text.pooled_embeds,
-        }
+        return {"sample": self.sample, "timestep_ratio": self.timestep_ratio, **self.text.dit_kwargs()}
 
 
 def flow_matching_loss(preds: Sequence[torch.Tensor], targets: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -143,7 +131,7 @@ class PyramidFlowObjective:
         max_temporal_length: int = 16,
         video_sync_group: int = 8,
         text_drop_rate: float = 0.1,
-        null_text: Optional[TextConditioning] = None,
+        null_text: Optional[TextFeatures] = None,
     ):
         if model_name not in MODEL_NAMES:
             raise ValueError(f"unknown model_name {model_name!r}; expected one of {MODEL_NAMES}")
@@ -192,7 +180,7 @@ class PyramidFlowObjective:
             return torch.zeros(batch, dtype=torch.bool)
         return draws <= self.text_drop_rate
 
-    def drop_text(self, text: TextConditioning) -> tuple[TextConditioning, torch.Tensor]:
+    def drop_text(self, text: TextFeatures) -> tuple[TextFeatures, torch.Tensor]:
         """Replace the rows chosen by :meth:`sample_text_dropout` by ``null_text``.
 
         Returns the new features (the inputs are not modified) and the ``[B]`` bool mask of dropped rows.
@@ -203,7 +191,7 @@ class PyramidFlowObjective:
         if self.null_text is None:
             raise ValueError("text_drop_rate > 0 needs null_text (the empty prompt's features) at construction")
         replaced = []
-        for name, rows, empty in zip(TextConditioning._fields, text, self.null_text):
+        for name, rows, empty in zip(TEXT_FIELDS, text, self.null_text):
             if empty.shape != rows.shape[1:]:
                 raise ValueError(
                     f"null_text.{name} has shape {tuple(empty.shape)} but one row of the batch's {name} is "
@@ -211,7 +199,7 @@ class PyramidFlowObjective:
                 )
             keep_empty = dropped.to(rows.device).view(-1, *[1] * empty.ndim)
             replaced.append(torch.where(keep_empty, empty.to(rows), rows))
-        return TextConditioning(*replaced), dropped
+        return TextFeatures(*replaced), dropped
 
     @torch.no_grad()
     def noise_latents(
@@ -320,7 +308,7 @@ class PyramidFlowObjective:
         return clips
 
 
-def _squeeze_null_text(null_text: TextConditioning) -> TextConditioning:
+def _squeeze_null_text(null_text: TextFeatures) -> TextFeatures:
     """Accept the empty prompt with or without a leading batch dimension of 1."""
     def one_row(t: torch.Tensor, ndim: int, name: str) -> torch.Tensor:
         if t.ndim == ndim + 1 and t.shape[0] == 1:
@@ -329,8 +317,8 @@ def _squeeze_null_text(null_text: TextConditioning) -> TextConditioning:
             raise ValueError(f"null_text.{name} must have {ndim} dims (one row), got shape {tuple(t.shape)}")
         return t
 
-    return TextConditioning(
+    return TextFeatures(
         one_row(null_text.prompt_embeds, 2, "prompt_embeds"),
-        one_row(null_text.attention_mask, 1, "attention_mask"),
-        one_row(null_text.pooled_embeds, 1, "pooled_embeds"),
+        one_row(null_text.prompt_attention_mask, 1, "prompt_attention_mask"),
+        one_row(null_text.pooled_prompt_embeds, 1, "pooled_prompt_embeds"),
     )

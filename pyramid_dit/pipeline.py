@@ -50,7 +50,7 @@ from pyramid_dit.pyramid import (
     upsample_nearest,
 )
 from pyramid_dit.scheduler import PyramidFlowMatchEulerDiscreteScheduler
-from pyramid_dit.text_encoder import TextFeatures
+from pyramid_dit.text_features import TextFeatures
 
 # The released demo's negative prompt (the reference pipeline's default).
 DEFAULT_NEGATIVE_PROMPT = (
@@ -179,21 +179,6 @@ def _check_size(height: int, width: int, num_stages: int) -> None:
     if height <= 0 or width <= 0 or height % multiple or width % multiple:
         raise ValueError(f"height and width must be positive multiples of {multiple} pixels ({num_stages} pyramid "
                          f"stages halve the latent {num_stages - 1} times, then 2x2 patches), got {height}x{width}")
-
-
-def _cat_rows(*features: TextFeatures) -> TextFeatures:
-    return TextFeatures(*(torch.cat(parts) for parts in zip(*(
-        (f.prompt_embeds, f.prompt_attention_mask, f.pooled_prompt_embeds) for f in features))))
-
-
-def _repeat_rows(features: TextFeatures, rows: int, name: str) -> TextFeatures:
-    have = features.prompt_embeds.shape[0]
-    if have == rows:
-        return features
-    if have != 1:
-        raise ValueError(f"{name} has {have} rows; expected 1 (shared) or {rows} (one per prompt)")
-    return TextFeatures(features.prompt_embeds.expand(rows, -1, -1), features.prompt_attention_mask.expand(rows, -1),
-                        features.pooled_prompt_embeds.expand(rows, -1))
 
 
 def _device_of(module: nn.Module) -> torch.device:
@@ -414,11 +399,7 @@ class PyramidFlowPipeline:
             raise ValueError(f"{name}: expected prompt_embeds [B, L, D], prompt_attention_mask [B, L], "
                              f"pooled_prompt_embeds [B, P], got {tuple(feats.prompt_embeds.shape)}, "
                              f"{tuple(feats.prompt_attention_mask.shape)}, {tuple(feats.pooled_prompt_embeds.shape)}")
-        return TextFeatures(
-            feats.prompt_embeds.to(self.device, torch.float32),
-            feats.prompt_attention_mask.to(self.device, torch.int64),
-            feats.pooled_prompt_embeds.to(self.device, torch.float32),
-        )
+        return TextFeatures(*feats).to(self.device, torch.float32)
 
     def _text_inputs(self, prompt, prompt_features, negative_prompt, negative_features
                      ) -> tuple[TextFeatures, TextFeatures]:
@@ -436,8 +417,7 @@ class PyramidFlowPipeline:
         encoded = self.encode_prompt(prompts + negatives) if prompts or negatives else None
 
         def rows(start: int, stop: int) -> TextFeatures:
-            return TextFeatures(encoded.prompt_embeds[start:stop], encoded.prompt_attention_mask[start:stop],
-                                encoded.pooled_prompt_embeds[start:stop])
+            return encoded.rows(slice(start, stop))
 
         if prompt is not None:
             positive = rows(0, len(prompts))
@@ -447,7 +427,7 @@ class PyramidFlowPipeline:
             negative = rows(len(prompts), len(prompts) + len(negatives))
         else:
             negative = self._prepare_text(negative_features, "negative_features")
-        negative = _repeat_rows(negative, positive.prompt_embeds.shape[0], "the negative prompt")
+        negative = negative.expand_rows(positive.batch_size, "the negative prompt")
         if negative.prompt_embeds.shape[1:] != positive.prompt_embeds.shape[1:]:
             raise ValueError(f"negative prompt features {tuple(negative.prompt_embeds.shape)} do not match the "
                              f"prompt features {tuple(positive.prompt_embeds.shape)} (same text length and width)")
@@ -523,7 +503,7 @@ class PyramidFlowPipeline:
 
         positive, negative = self._text_inputs(prompt, prompt_features, negative_prompt, negative_features)
         batch = positive.prompt_embeds.shape[0]
-        cfg_text = _cat_rows(negative, positive)
+        cfg_text = TextFeatures.cat([negative, positive])
 
         shape = (batch, self.latent_channels, temp, height // VAE_DOWNSAMPLE, width // VAE_DOWNSAMPLE)
         initial = noise.initial(shape).to(self.device, torch.float32)
@@ -584,9 +564,7 @@ class PyramidFlowPipeline:
                 with self._autocast():
                     pred = self.dit(
                         sample=[clips + [model_input]],
-                        encoder_hidden_states=text.prompt_embeds,
-                        encoder_attention_mask=text.prompt_attention_mask,
-                        pooled_projections=text.pooled_prompt_embeds,
+                        **text.dit_kwargs(),
                         timestep_ratio=t.expand(rows).to(torch.float32),
                     )[0].float()
                 if cfg:

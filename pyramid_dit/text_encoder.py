@@ -1,6 +1,7 @@
 """Frozen text conditioning of the miniFLUX DiT: CLIP-L pooled embedding + T5 sequence features.
 
-The DiT takes three text inputs per prompt (as FLUX does):
+The DiT takes three text inputs per prompt (as FLUX does), returned as one
+:class:`~pyramid_dit.text_features.TextFeatures`:
 
 * ``prompt_embeds`` — T5 encoder last hidden states, padded to ``max_sequence_length`` tokens (128 for
   Pyramid Flow), the DiT's ``encoder_hidden_states``;
@@ -15,11 +16,12 @@ Prompts longer than the limits are truncated, as in the original pipeline.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from pyramid_dit.text_features import TextFeatures
 
 # Subfolders of an official model folder (e.g. rain1011/pyramid-flow-miniflux) holding the text side.
 TEXT_SUBFOLDERS: dict[str, str] = {
@@ -28,22 +30,6 @@ TEXT_SUBFOLDERS: dict[str, str] = {
     "tokenizer_2": "T5TokenizerFast",
     "text_encoder_2": "T5EncoderModel",
 }
-
-
-@dataclass
-class TextFeatures:
-    """Text conditioning for a batch of prompts."""
-
-    prompt_embeds: torch.Tensor  # [B, L, D] T5 features (D = joint_attention_dim of the DiT)
-    prompt_attention_mask: torch.Tensor  # [B, L] int64, 1 = token, 0 = padding (padding at the end)
-    pooled_prompt_embeds: torch.Tensor  # [B, Dp] CLIP pooled features (Dp = pooled_projection_dim)
-
-    def to(self, device: torch.device | str) -> TextFeatures:
-        return TextFeatures(
-            self.prompt_embeds.to(device),
-            self.prompt_attention_mask.to(device),
-            self.pooled_prompt_embeds.to(device),
-        )
 
 
 def _dtype_kwarg(dtype: torch.dtype) -> dict[str, torch.dtype]:

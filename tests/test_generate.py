@@ -18,7 +18,7 @@ from pyramid_dit.pipeline import (
     ReplayNoise,
     save_video,
 )
-from pyramid_dit.text_encoder import TextFeatures
+from pyramid_dit.text_features import TextFeatures
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(num_inference_steps=1, video_num_inference_steps=1, progress=False)

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pyramid_dit.objective import PyramidFlowObjective, TextConditioning, flow_matching_loss
+from pyramid_dit.objective import PyramidFlowObjective, flow_matching_loss
 from pyramid_dit.pyramid import (
     LatentNormalization,
     history_plan,
@@ -22,6 +22,7 @@ from pyramid_dit.pyramid import (
     spatial_pyramid,
 )
 from pyramid_dit.scheduler import PyramidFlowMatchEulerDiscreteScheduler
+from pyramid_dit.text_features import TextFeatures
 
 MODELS = {"flux_tiny": "pyramid_flux", "mmdit_tiny": "pyramid_mmdit"}
 
@@ -244,14 +245,14 @@ def test_image_latents_train_in_both_modes():
 
 
 # ------------------------------------------------------------------------------ batch layout and text
-def _text(batch: int, seed: int = 0) -> TextConditioning:
+def _text(batch: int, seed: int = 0) -> TextFeatures:
     g = torch.Generator().manual_seed(seed)
-    return TextConditioning(torch.randn(batch, 5, 8, generator=g), torch.ones(batch, 5, dtype=torch.int64),
+    return TextFeatures(torch.randn(batch, 5, 8, generator=g), torch.ones(batch, 5, dtype=torch.int64),
                             torch.randn(batch, 6, generator=g))
 
 
-def _null_text() -> TextConditioning:
-    return TextConditioning(torch.zeros(1, 5, 8), torch.tensor([[1, 0, 0, 0, 0]]), torch.zeros(1, 6))
+def _null_text() -> TextFeatures:
+    return TextFeatures(torch.zeros(1, 5, 8), torch.tensor([[1, 0, 0, 0, 0]]), torch.zeros(1, 6))
 
 
 class _Recording(torch.nn.Module):
@@ -304,18 +305,17 @@ def test_production_loss_path_draws_in_order_and_feeds_the_dit(golden_dir, case)
 
     meta, tensors, _, _ = _golden_case_batch(golden_dir / "flux_tiny", case, "pyramid_flux")
     ar = case == "case_ar"
-    null = TextConditioning(torch.zeros(10, 32), torch.tensor([1] + [0] * 9), torch.zeros(24))
+    null = TextFeatures(torch.zeros(10, 32), torch.tensor([1] + [0] * 9), torch.zeros(24))
     kwargs = (dict(sample_ratios=[1, 2, 1], max_temporal_length=8, frame_per_unit=1, video_sync_group=4) if ar
               else dict(sample_ratios=[1, 1, 1]))
     objective = _objective("pyramid_flux", text_drop_rate=0.5, null_text=null, **kwargs)
     raw = (torch.randn(8, 16, 8, 16, 24, generator=torch.Generator().manual_seed(200)) if ar
            else tensors["raw_latent"])
     rows = raw.shape[0]
-    text = TextConditioning(tensors["encoder_hidden_states"], tensors["encoder_attention_mask"],
+    text = TextFeatures(tensors["encoder_hidden_states"], tensors["encoder_attention_mask"],
                             tensors["pooled_projections"])
     batch = TrainBatch(captions=["x"] * rows, paths=[f"clip{i}" for i in range(rows)], latents=raw,
-                       prompt_embeds=text.prompt_embeds, prompt_attention_mask=text.attention_mask,
-                       pooled_prompt_embeds=text.pooled_embeds)
+                       text_features=text)
     model = _Recording(PyramidFluxTransformer.from_pretrained(golden_dir / "flux_tiny").eval())
 
     torch.manual_seed(7)
@@ -332,10 +332,10 @@ def test_production_loss_path_draws_in_order_and_feeds_the_dit(golden_dir, case)
         assert all(torch.equal(g, w) for g, w in zip(got, want))
     assert torch.equal(inputs["timestep_ratio"], expected.timestep_ratio)
     for row in range(rows):
-        source = null if dropped[row] else TextConditioning(*(t[row] for t in text))
+        source = null if dropped[row] else TextFeatures(*(t[row] for t in text))
         assert torch.equal(inputs["encoder_hidden_states"][row], source.prompt_embeds)
-        assert torch.equal(inputs["encoder_attention_mask"][row], source.attention_mask)
-        assert torch.equal(inputs["pooled_projections"][row], source.pooled_embeds)
+        assert torch.equal(inputs["encoder_attention_mask"][row], source.prompt_attention_mask)
+        assert torch.equal(inputs["pooled_projections"][row], source.pooled_prompt_embeds)
     # Row r belongs to column r % columns: its timestep comes from that column's stage table.
     stages = objective.column_stages
     for row, t in enumerate(inputs["timestep_ratio"].tolist()):
@@ -382,4 +382,4 @@ def test_text_drop_rate_extremes():
     assert torch.equal(after, torch.rand(1)), "drop_text must draw rand(B) even at rate 0"
 
     with pytest.raises(ValueError, match="null_text.prompt_embeds"):
-        _objective(null_text=TextConditioning(torch.zeros(7, 8), torch.ones(5), torch.zeros(6))).drop_text(text)
+        _objective(null_text=TextFeatures(torch.zeros(7, 8), torch.ones(5), torch.zeros(6))).drop_text(text)

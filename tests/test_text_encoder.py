@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pyramid_dit.text_encoder import FluxTextEncoder, TextFeatures
+from pyramid_dit.text_encoder import FluxTextEncoder
+from pyramid_dit.text_features import TextFeatures
 from tools.build_tiny_checkpoint import CLIP_HIDDEN_SIZE, T5_D_MODEL, build_text_components
 
 LONG = "a red square moving left"  # 5 words, all whole tokens of the tiny vocabularies

@@ -52,15 +52,6 @@ def encode_texts(encoder, texts: list[str], device: torch.device, dtype: torch.d
         return encoder.encode(texts, device)
 
 
-def features_of_row(feats, row: int) -> dict[str, torch.Tensor]:
-    """Row ``row`` of a batched ``TextFeatures`` as the per-file dict (each tensor keeps a batch dim of 1)."""
-    return {
-        "prompt_embed": feats.prompt_embeds[row:row + 1],
-        "prompt_attention_mask": feats.prompt_attention_mask[row:row + 1].to(torch.int64),
-        "pooled_prompt_embed": feats.pooled_prompt_embeds[row:row + 1],
-    }
-
-
 def valid_existing(path: Path, text: str) -> tuple[bool, str | None]:
     """(True, None) when ``path`` holds valid features of ``text``; (False, why) when it exists but must be redone
     (unreadable, or written for another caption: the text is kept in the file's metadata)."""
@@ -114,7 +105,7 @@ def write_empty_prompt(encoder, path: Path, ctx: DistContext, dtype: torch.dtype
     feats = encode_texts(encoder, [""], ctx.device, dtype)
     remove_stale_temps(path)
     try:
-        atomic_save_safetensors(features_of_row(feats, 0), path, metadata={"text": "", "model_path": model_path})
+        atomic_save_safetensors(feats.file_row(0), path, metadata={"text": "", "model_path": model_path})
     except OSError as e:
         return ItemResult(status=FAILED, reason=f"cannot write the empty-prompt features {path}: {e}; pass "
                           "--empty_prompt_fea with a writable path", **base)
@@ -131,7 +122,7 @@ def encode_batch(encoder, batch: list[tuple[Entry, str | None]], ctx: DistContex
         base = dict(line=e.line, output=str(e.text_fea), rank=ctx.rank)
         remove_stale_temps(e.text_fea)
         try:
-            atomic_save_safetensors(features_of_row(feats, row), e.text_fea,
+            atomic_save_safetensors(feats.file_row(row), e.text_fea,
                                     metadata={"text": e.text, "model_path": model_path})
         except OSError as err:
             results.append(ItemResult(status=FAILED, reason=f"cannot write text features {e.text_fea}: {err}",

@@ -27,8 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from pyramid_dit.objective import PyramidFlowObjective, TextConditioning  # noqa: E402
+from pyramid_dit.objective import PyramidFlowObjective  # noqa: E402
 from pyramid_dit.scheduler import PyramidFlowMatchEulerDiscreteScheduler  # noqa: E402
+from pyramid_dit.text_features import TextFeatures  # noqa: E402
 from trainer_misc.annotation import load_annotation, resolve_data_root  # noqa: E402
 from trainer_misc.datasets import IMAGE_BUCKETS, ImageDataset, VideoLatentDataset, collate, parse_resolution  # noqa
 from trainer_misc.distributed import destroy_process_group, get_world_size, resolve_device  # noqa: E402
@@ -195,7 +196,7 @@ def strategy_of(args: argparse.Namespace) -> str:
     return "zero2" if args.use_fsdp else "ddp"
 
 
-def load_null_text(args: argparse.Namespace) -> Optional[TextConditioning]:
+def load_null_text(args: argparse.Namespace) -> Optional[TextFeatures]:
     """Empty-prompt features for caption dropout; None when the text encoder runs during training."""
     if args.load_text_encoder or args.text_drop_rate == 0:
         return None
@@ -206,8 +207,7 @@ def load_null_text(args: argparse.Namespace) -> Optional[TextConditioning]:
                          "tools/extract_text_features.py (it writes them), pass --empty_prompt_fea, "
                          "use --load_text_encoder, or set --text_drop_rate 0")
     fea = load_text_features(path)
-    return TextConditioning(fea["prompt_embed"].float(), fea["prompt_attention_mask"].long(),
-                            fea["pooled_prompt_embed"].float())
+    return TextFeatures.from_file(fea)
 
 
 def build_dataset(args: argparse.Namespace):
@@ -271,7 +271,7 @@ def build_model_side(args: argparse.Namespace, device: torch.device) -> ModelSid
     return side
 
 
-def build_objective(args: argparse.Namespace, null_text: Optional[TextConditioning]) -> PyramidFlowObjective:
+def build_objective(args: argparse.Namespace, null_text: Optional[TextFeatures]) -> PyramidFlowObjective:
     scheduler = PyramidFlowMatchEulerDiscreteScheduler(shift=args.schedule_shift, stages=3,
                                                         stage_range=(0, 1 / 3, 2 / 3, 1))
     return PyramidFlowObjective(

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from torch.utils.data import Dataset
 
+from pyramid_dit.text_features import TextFeatures
 from trainer_misc.annotation import ImageEntry, VideoEntry
 from trainer_misc.io_utils import (
     LATENT_KEY,
@@ -88,7 +89,7 @@ class TrainBatch:
     """What the objective needs for one step. Exactly one of ``latents`` / ``pixels`` is set.
 
     ``latents``: raw VAE latents ``[B, 16, T, h, w]``; ``pixels``: ``[B, 3, T, H, W]`` in [-1, 1] (encoded on the
-    fly by the VAE); text: pre-extracted features (``prompt_embeds`` etc.) or, when the text encoder runs during
+    fly by the VAE); text: pre-extracted ``text_features`` or, when the text encoder runs during
     training, only ``captions``.
     """
 
@@ -96,9 +97,7 @@ class TrainBatch:
     paths: list[str]
     latents: Optional[torch.Tensor] = None
     pixels: Optional[torch.Tensor] = None
-    prompt_embeds: Optional[torch.Tensor] = None
-    prompt_attention_mask: Optional[torch.Tensor] = None
-    pooled_prompt_embeds: Optional[torch.Tensor] = None
+    text_features: Optional[TextFeatures] = None
     bad: list[tuple[str, str]] = field(default_factory=list)
 
     def __len__(self) -> int:
@@ -125,9 +124,8 @@ def collate(items: Sequence[dict]) -> TrainBatch:
     for key in ("latents", "pixels"):
         if key in items[0]:
             setattr(batch, key, torch.stack([it[key] for it in items]))
-    if "prompt_embeds" in items[0]:
-        for key in ("prompt_embeds", "prompt_attention_mask", "pooled_prompt_embeds"):
-            setattr(batch, key, torch.cat([it[key] for it in items]))
+    if "text_features" in items[0]:
+        batch.text_features = TextFeatures.cat([it["text_features"] for it in items])
     return batch
 
 
@@ -193,16 +191,10 @@ class VideoLatentDataset(Dataset):
                     f"{tuple(self.latent_size)}; re-extract at the training resolution or change --resolution")
             item = {"latents": latent, "text": entry.text, "path": str(entry.latent)}
             if self.load_text_fea:
-                item.update(_text_item(load_text_features(entry.text_fea)))
+                item["text_features"] = TextFeatures.from_file(load_text_features(entry.text_fea))
             return item
         except DataFileError as e:
             return _bad(entry.latent, str(e))
-
-
-def _text_item(fea: dict[str, torch.Tensor]) -> dict:
-    return {"prompt_embeds": fea["prompt_embed"].float(),
-            "prompt_attention_mask": fea["prompt_attention_mask"].long(),
-            "pooled_prompt_embeds": fea["pooled_prompt_embed"].float()}
 
 
 # ------------------------------------------------------------------------------------------------------- images
@@ -273,7 +265,7 @@ class ImageDataset(Dataset):
             pixels = resize_cover_center_crop(image, width, height) * 2.0 - 1.0
             item = {"pixels": pixels[:, None], "text": entry.text, "path": str(entry.image)}
             if self.load_text_fea:
-                item.update(_text_item(load_text_features(entry.text_fea)))
+                item["text_features"] = TextFeatures.from_file(load_text_features(entry.text_fea))
             return item
         except (OSError, UnidentifiedImageError, DataFileError) as e:
             return _bad(entry.image, str(e))

@@ -11,7 +11,8 @@ from typing import Any, Optional
 
 import torch
 
-from pyramid_dit.objective import PyramidFlowObjective, TextConditioning
+from pyramid_dit.objective import PyramidFlowObjective
+from pyramid_dit.text_features import TextFeatures
 from trainer_misc.datasets import TrainBatch
 from trainer_misc.metrics import BatchTrace
 from trainer_misc.step import StepContext
@@ -52,16 +53,13 @@ class PyramidFlowLoss:
         self.text_encoder = text_encoder
         self.trace = trace
 
-    def text(self, batch: TrainBatch, device: torch.device) -> TextConditioning:
+    def text(self, batch: TrainBatch, device: torch.device) -> TextFeatures:
         """The batch's caption features after caption dropout (draws one CPU ``rand(B)``)."""
         if self.text_encoder is not None:
             dropped = self.objective.sample_text_dropout(len(batch.captions))
             captions = ["" if d else c for c, d in zip(batch.captions, dropped.tolist())]
-            fea = self.text_encoder.encode(captions, device)
-            return TextConditioning(fea.prompt_embeds.float(), fea.prompt_attention_mask,
-                                    fea.pooled_prompt_embeds.float())
-        text, _ = self.objective.drop_text(
-            TextConditioning(batch.prompt_embeds, batch.prompt_attention_mask, batch.pooled_prompt_embeds))
+            return self.text_encoder.encode(captions, device).to(dtype=torch.float32)
+        text, _ = self.objective.drop_text(batch.text_features)
         return text
 
     def latents(self, batch: TrainBatch) -> torch.Tensor:

@@ -9,7 +9,7 @@ from typing import Optional
 
 import torch
 
-from pyramid_dit.objective import TextConditioning
+from pyramid_dit.text_features import TextFeatures
 from trainer_misc.datasets import IMAGE_BUCKETS, parse_resolution
 
 logger = logging.getLogger(__name__)
@@ -25,9 +25,9 @@ class ValidationSampler:
     ZeRO partitions) is never touched.
     """
 
-    def __init__(self, args: argparse.Namespace, dit_config: dict, dataset, null_text: Optional[TextConditioning],
+    def __init__(self, args: argparse.Namespace, dit_config: dict, dataset, null_text: Optional[TextFeatures],
                  device: torch.device) -> None:
-        from pyramid_dit.text_encoder import FluxTextEncoder, TextFeatures
+        from pyramid_dit.text_encoder import FluxTextEncoder
         from video_vae.modeling_causal_vae import CausalVideoVAE
 
         self.args, self.dit_config, self.device = args, dit_config, device
@@ -39,16 +39,15 @@ class ValidationSampler:
         n = min(args.validation_prompts, len(dataset))
         items = [dataset[i] for i in range(n)]
         self.captions = [item.get("text", "") for item in items]
-        if args.load_text_encoder or "prompt_embeds" not in items[0]:
+        if args.load_text_encoder or "text_features" not in items[0]:
             encoder = FluxTextEncoder.from_pretrained(args.model_path).to(device)
             self.prompts = [encoder.encode([c], device) for c in self.captions]
             self.negative = encoder.encode([""], device)
             del encoder
         else:
-            self.prompts = [TextFeatures(it["prompt_embeds"], it["prompt_attention_mask"], it["pooled_prompt_embeds"])
-                            for it in items]
+            self.prompts = [it["text_features"] for it in items]
             assert null_text is not None
-            self.negative = TextFeatures(*null_text)  # [1, L, D], [1, L], [1, P] as stored
+            self.negative = null_text  # [1, L, D], [1, L], [1, P] as stored
 
     def __call__(self, step: int, state: dict[str, torch.Tensor]) -> None:
         from torch.utils.tensorboard import SummaryWriter
