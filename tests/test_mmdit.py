@@ -12,7 +12,7 @@ from test_dit import AR_COLUMNS, make_inputs, rel_err, run
 from pyramid_dit.embeddings import sincos_table_2d
 from pyramid_dit.modeling_pyramid_mmdit import PyramidDiffusionMMDiT
 from pyramid_dit.pipeline import PyramidFlowPipeline, ReplayNoise
-from pyramid_dit.text_encoder import TextFeatures
+from pyramid_dit.text_features import TextFeatures
 
 PARITY = 1e-5  # relative to max |reference|, float32
 TINY = dict(sample_size=32, patch_size=2, in_channels=16, num_layers=3, attention_head_dim=16, num_attention_heads=2,
