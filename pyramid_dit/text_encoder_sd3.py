@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pyramid_dit.text_encoder import TextFeatures, _dtype_kwarg
+from pyramid_dit.text_encoder import _dtype_kwarg
+from pyramid_dit.text_features import TextFeatures
 
 # Subfolders of an official SD3-kind model folder holding the text side, and what each holds.
 SD3_TEXT_SUBFOLDERS: dict[str, str] = {

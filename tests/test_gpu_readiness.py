@@ -56,6 +56,7 @@ def test_timesteps_reach_the_embedding_in_fp32_unrounded(golden_dir, engine):
     from pyramid_dit.modeling_pyramid_flux import PyramidFluxTransformer
     from pyramid_dit.objective import PyramidFlowObjective
     from pyramid_dit.scheduler import PyramidFlowMatchEulerDiscreteScheduler
+    from pyramid_dit.text_features import TextFeatures
     from train.train_pyramid_flow import PyramidFlowLoss
     from trainer_misc.datasets import TrainBatch
     from trainer_misc.trainer import StepContext
@@ -72,9 +73,8 @@ def test_timesteps_reach_the_embedding_in_fp32_unrounded(golden_dir, engine):
 
     g = torch.Generator().manual_seed(0)
     batch = TrainBatch(captions=[""] * 4, paths=[""] * 4, latents=torch.randn(4, 16, 2, 16, 16, generator=g),
-                       prompt_embeds=torch.randn(4, 8, 32, generator=g),
-                       prompt_attention_mask=torch.ones(4, 8, dtype=torch.long),
-                       pooled_prompt_embeds=torch.randn(4, 24, generator=g))
+                       text_features=TextFeatures(torch.randn(4, 8, 32, generator=g),
+                                                  torch.ones(4, 8, dtype=torch.long), torch.randn(4, 24, generator=g)))
     param_dtype = next(dit.parameters()).dtype
     ctx = StepContext(step=0, micro_step=0, micro_index=0, rank=0, world_size=1, sync_rank=0, sync_group=1,
                       sync_group_index=0, device=CPU, dtype=param_dtype, module=dit)
