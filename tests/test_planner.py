@@ -1,0 +1,57 @@
+"""tools/plan.py's engine (trainer_misc/planner.py): FLOPs equal torch's count on real tensors, and predicted
+memory matches the live bytes of a real CPU training step."""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from pyramid_dit.modeling_pyramid_flux import PyramidFluxTransformer
+from trainer_misc.planner import (Launch, _loss, count_flops, dit_inputs, flop_counter_mode, flops_per_step,
+                                  measure_step, predict_memory, rank_shapes)
+
+TINY = dict(patch_size=1, in_channels=64, num_layers=3, num_single_layers=3, attention_head_dim=16,
+            num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=24, axes_dims_rope=[4, 6, 6])
+SMALL = Launch("pyramid_flux", TINY, task="ar", width=64, height=64, num_frames=4, batch_size=4, gpus=2,
+               shard_strategy="ddp", dtype="fp32", video_sync_group=2)
+
+
+def test_flops_equal_flop_counter_on_real_tensors_and_add_up_over_ranks():
+    shapes = rank_shapes(SMALL)
+    assert shapes[0] != shapes[1]  # the two AR ranks train different units
+    torch.manual_seed(0)
+    model = PyramidFluxTransformer(**TINY)
+    real = []
+    for s in shapes:
+        inputs = dit_inputs(SMALL, s, torch.float32, device="cpu")
+        for t in inputs["sample"][0] + [inputs["encoder_hidden_states"]]:
+            t.normal_()
+        with flop_counter_mode() as counter:  # real CPU tensors, torch's own kernels
+            _loss(model(**inputs)).backward()
+        real.append(counter.get_total_flops())
+        # The planner traces depth-1/2 models on meta tensors and extends to depth 3 x 3.
+        assert count_flops(SMALL, s) == real[-1]
+    assert flops_per_step(SMALL) == sum(real)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_predicted_memory_matches_a_real_training_step(checkpointing):
+    launch = replace(SMALL, model_config={**TINY, "num_layers": 2, "num_single_layers": 2}, num_frames=2, gpus=1,
+                     video_sync_group=1, gradient_checkpointing=checkpointing)
+    r = measure_step(launch)
+    predicted, measured = r["predicted"], r["measured"]
+    assert predicted["params"] == measured["params"]
+    assert abs(predicted["optimizer"] / measured["optimizer"] - 1) < 0.01
+    assert abs(predicted["activations"] / measured["activations"] - 1) < 0.10
+
+
+def test_memory_grows_with_resolution_and_checkpointing_lowers_activations():
+    def peak(**changes):
+        parts, _ = predict_memory(replace(SMALL, **changes))
+        return parts
+    base = peak(gpus=8, video_sync_group=4, shard_strategy="zero2", dtype="bf16")
+    assert sum(peak(gpus=8, video_sync_group=4, shard_strategy="zero2", dtype="bf16", width=128,
+                    height=128).values()) > sum(base.values())
+    ckpt = peak(gpus=8, video_sync_group=4, shard_strategy="zero2", dtype="bf16", gradient_checkpointing=True)
+    assert ckpt["activations"] < base["activations"]
