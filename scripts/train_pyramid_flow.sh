@@ -5,8 +5,10 @@
 # Every variable below can be set from the environment, e.g.
 #   GPUS=8 MODEL_PATH=/data/pyramid-flow-miniflux OUTPUT_DIR=runs/ar ANNO_FILE=data/video_text.jsonl \
 #     sh scripts/train_pyramid_flow.sh
-# Constraints (checked before launch): NUM_FRAMES % VIDEO_SYNC_GROUP == 0, (GPUS*NNODES) % VIDEO_SYNC_GROUP == 0,
-# BATCH_SIZE % 4 == 0. For 768p add GRADIENT_CHECKPOINTING=1. A rerun with the same OUTPUT_DIR resumes.
+# Constraints (checked before launch): NUM_FRAMES % VIDEO_SYNC_GROUP == 0, BATCH_SIZE % 4 == 0, and GPUS*NNODES and
+# VIDEO_SYNC_GROUP divide one another: GPUS=8 VIDEO_SYNC_GROUP=8 trains one slot (temporal unit) per process;
+# GPUS=1 VIDEO_SYNC_GROUP=8 (a virtual group) trains all 8 slots in turn on one process, accumulated into the same
+# optimizer step: the same update, 8x the time per step. For 768p add GRADIENT_CHECKPOINTING=1. A rerun with the same OUTPUT_DIR resumes.
 set -eu
 SCRIPT_NAME=train_pyramid_flow.sh
 . "$(dirname "$0")/_common.sh"
@@ -14,7 +16,7 @@ SCRIPT_NAME=train_pyramid_flow.sh
 : "${GPUS:=}"                         # processes per node (default: visible GPUs, or 1 on CPU)
 : "${NNODES:=1}"                      # multi-node: also NODE_RANK, MASTER_ADDR, MASTER_PORT
 : "${SHARD_STRATEGY:=zero2}"          # zero2 | zero3 (DeepSpeed ZeRO) | ddp
-: "${VIDEO_SYNC_GROUP:=8}"            # processes sharing one clip: 4, 8 or 16
+: "${VIDEO_SYNC_GROUP:=8}"            # slots sharing one clip: 4, 8 or 16 (may exceed GPUS*NNODES, see above)
 : "${MODEL_NAME:=pyramid_flux}"       # pyramid_flux (rain1011/pyramid-flow-miniflux) | pyramid_mmdit (rain1011/pyramid-flow-sd3)
 : "${MODEL_PATH:=}"                   # the downloaded checkpoint folder
 : "${VARIANT:=diffusion_transformer_384p}"   # DiT subfolder to finetune
@@ -41,8 +43,8 @@ is_uint "$VIDEO_SYNC_GROUP" && [ "$VIDEO_SYNC_GROUP" -gt 0 ] || die "VIDEO_SYNC_
 [ $((NUM_FRAMES % VIDEO_SYNC_GROUP)) -eq 0 ] \
     || die "NUM_FRAMES=$NUM_FRAMES must be a multiple of VIDEO_SYNC_GROUP=$VIDEO_SYNC_GROUP (change either)"
 WORLD=$((GPUS * NNODES))
-[ $((WORLD % VIDEO_SYNC_GROUP)) -eq 0 ] \
-    || die "GPUS*NNODES=$WORLD processes must be a multiple of VIDEO_SYNC_GROUP=$VIDEO_SYNC_GROUP; set VIDEO_SYNC_GROUP to a divisor of $WORLD (or add GPUs)"
+[ $((WORLD % VIDEO_SYNC_GROUP)) -eq 0 ] || [ $((VIDEO_SYNC_GROUP % WORLD)) -eq 0 ] \
+    || die "GPUS*NNODES=$WORLD processes and VIDEO_SYNC_GROUP=$VIDEO_SYNC_GROUP must divide one another: a multiple of VIDEO_SYNC_GROUP gives each process one slot of a group, a divisor of it makes each process train VIDEO_SYNC_GROUP/processes slots of the clip in turn (same update, more time per step)"
 
 set -- "$REPO/train/train_pyramid_flow.py" --task t2v --use_temporal_pyramid --sync_video_input \
     --video_sync_group "$VIDEO_SYNC_GROUP" --shard_strategy "$SHARD_STRATEGY" \

@@ -35,7 +35,7 @@ CASES = [
     (AR, {"BATCH_SIZE": "6"}, "BATCH_SIZE=6 must be a positive multiple of 4"),
     (NON_AR, {"BATCH_SIZE": "2"}, "BATCH_SIZE=2 must be a positive multiple of 4"),
     (AR, {"NUM_FRAMES": "12", "VIDEO_SYNC_GROUP": "8"}, "NUM_FRAMES=12 must be a multiple of VIDEO_SYNC_GROUP=8"),
-    (AR, {"GPUS": "6", "VIDEO_SYNC_GROUP": "4"}, "GPUS*NNODES=6 processes must be a multiple of VIDEO_SYNC_GROUP=4"),
+    (AR, {"GPUS": "6", "VIDEO_SYNC_GROUP": "4"}, "GPUS*NNODES=6 processes and VIDEO_SYNC_GROUP=4 must divide one another"),
     (AR, {"VARIANT": "diffusion_transformer_999p"}, "has no diffusion_transformer_999p/config.json"),
     (NON_AR, {"MODEL_PATH": ""}, "set MODEL_PATH"),
     (AR, {"RESOLUTION": "768p"}, "RESOLUTION=768p does not match VARIANT=diffusion_transformer_384p"),

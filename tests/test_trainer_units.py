@@ -74,8 +74,18 @@ def test_sync_group_layout():
     assert [p.group_index for p in pos] == [0, 0, 0, 0, 1, 1, 1, 1]
     assert [p.position for p in pos] == [0, 1, 2, 3, 0, 1, 2, 3]
     assert {p.num_groups for p in pos} == {2}
-    with pytest.raises(ValueError, match="multiple of video_sync_group"):
+    with pytest.raises(ValueError, match="must divide one another"):
         sync_group_position(0, 6, 4)
+
+
+def test_virtual_sync_group_spreads_every_slot_over_the_processes():
+    # GPUS=1 VIDEO_SYNC_GROUP=8: one process trains all 8 slots; GPUS=2: 4 consecutive slots each.
+    assert sync_group_position(0, 1, 8).positions == tuple(range(8))
+    two = [sync_group_position(r, 2, 8) for r in range(2)]
+    assert [p.positions for p in two] == [(0, 1, 2, 3), (4, 5, 6, 7)]
+    assert {(p.group_index, p.num_groups, p.virtual) for p in two} == {(0, 1, 4)}
+    # A real group (processes a multiple of the group) keeps one slot per rank, as before.
+    assert [sync_group_position(r, 4, 2).positions for r in range(4)] == [(0,), (1,), (0,), (1,)]
 
 
 def test_partial_launcher_environment_is_an_error(monkeypatch):

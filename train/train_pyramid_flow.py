@@ -77,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sync_video_input", action="store_true",
                    help="ranks of one --video_sync_group read the same clip (needed for AR training)")
     g.add_argument("--video_sync_group", type=int, default=8,
-                   help="processes sharing one clip in AR training (4, 8 or 16; divides --max_frames and world size)")
+                   help="slots sharing one clip in AR training (4, 8 or 16; divides --max_frames; a divisor of the "
+                        "world size, one process per slot, or a multiple of it: each process trains several slots)")
 
     g = p.add_argument_group("data")
     g.add_argument("--anno_file", required=True, help="annotation jsonl (see README: annotation format)")
@@ -183,9 +184,11 @@ def check_args(args: argparse.Namespace, world_size: int) -> None:
         if not args.sync_video_input:
             raise SystemExit("--use_temporal_pyramid needs --sync_video_input: the ranks of a sync group train "
                              "different units of the same clip")
-    if args.sync_video_input and world_size % args.video_sync_group:
-        raise SystemExit(f"{world_size} processes is not a multiple of --video_sync_group {args.video_sync_group} "
-                         "(GPUS * NNODES % VIDEO_SYNC_GROUP == 0)")
+    if args.sync_video_input and world_size % args.video_sync_group and args.video_sync_group % world_size:
+        raise SystemExit(f"{world_size} processes and --video_sync_group {args.video_sync_group} must divide one "
+                         "another: GPUS * NNODES a multiple of VIDEO_SYNC_GROUP (one slot per process), or "
+                         "VIDEO_SYNC_GROUP a multiple of GPUS * NNODES (a virtual group: each process trains "
+                         "VIDEO_SYNC_GROUP / processes slots of the clip in turn, the same update)")
 
 
 def strategy_of(args: argparse.Namespace) -> str:

@@ -44,7 +44,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "CHECKPOINT_PREFIX", "COMPLETE_MARKER", "capture_rng_state", "export_model", "export_pretrained",
     "gather_full_weights",
-    "find_latest_checkpoint", "list_checkpoints", "load_checkpoint", "load_dit_weights", "optimizer_state_from_flat",
+    "find_latest_checkpoint", "list_checkpoints", "load_checkpoint", "load_rank_tensors", "load_dit_weights", "optimizer_state_from_flat",
     "optimizer_state_to_flat", "read_json", "restore_rank_rng", "restore_rng_state", "save_checkpoint", "write_json_atomic",
 ]
 
@@ -181,11 +181,13 @@ def find_latest_checkpoint(root: Path) -> Optional[Path]:
 # ------------------------------------------------------------------------------------------------- save / load
 
 def save_checkpoint(root: Path, step: int, engine: "TrainEngine", trainer_state: Mapping,
-                    ema: Optional["ShardedEMA"] = None, keep_last: Optional[int] = None) -> Path:
+                    ema: Optional["ShardedEMA"] = None, keep_last: Optional[int] = None,
+                    rank_tensors: Optional[Mapping[str, Mapping[str, torch.Tensor]]] = None) -> Path:
     """Write ``root/checkpoint-<step>`` atomically. Collective: every rank must call it with the same arguments.
 
     ``trainer_state`` (JSON-serialisable: step, data position, counters) is written by rank 0. ``keep_last``
-    deletes older complete checkpoints beyond the newest ``keep_last``.
+    deletes older complete checkpoints beyond the newest ``keep_last``. ``rank_tensors`` (name -> tensors) are this
+    rank's extra files, ``rank_<r>/<name>.safetensors`` (read back with :func:`load_rank_tensors`).
     """
     root = Path(root)
     final = root / f"{CHECKPOINT_PREFIX}{step}"
@@ -206,6 +208,8 @@ def save_checkpoint(root: Path, step: int, engine: "TrainEngine", trainer_state:
     write_json_atomic(rng_meta, rank_dir / "rng.json")
     if ema is not None:
         atomic_save_safetensors(ema.state_dict(), rank_dir / "ema.safetensors")
+    for name, tensors in (rank_tensors or {}).items():
+        atomic_save_safetensors(dict(tensors), rank_dir / f"{name}.safetensors")
     if engine.is_main:
         write_json_atomic(dict(trainer_state), tmp / TRAINER_STATE)
     barrier()
@@ -254,6 +258,15 @@ def load_checkpoint(path: Path, engine: "TrainEngine", ema: Optional["ShardedEMA
     if restore_rng:
         restore_rank_rng(path, engine.rank, engine.device)
     return state
+
+
+def load_rank_tensors(path: Path, rank: int, name: str) -> dict[str, torch.Tensor]:
+    """A file ``save_checkpoint(..., rank_tensors={name: ...})`` wrote for ``rank``; a clear error when absent."""
+    file = _rank_dir(Path(path), rank) / f"{name}.safetensors"
+    if not file.is_file():
+        raise FileNotFoundError(f"{file} missing: the checkpoint was written by a run with another set-up "
+                                "(e.g. another VIDEO_SYNC_GROUP); resume with the same settings or a new OUTPUT_DIR")
+    return load_tensor_file(file)
 
 
 def restore_rank_rng(path: Path, rank: int, device: Optional[torch.device] = None) -> None:

@@ -149,27 +149,53 @@ def ensure_launcher_env() -> bool:
 class SyncGroupPosition:
     """Where a rank sits in the video-sync-group layout.
 
-    ``group_index`` selects the data shard (all ranks of a group read the same clips); ``position`` is the rank's
-    slot inside its group (the autoregressive objective trains a different temporal unit per slot).
+    ``group_index`` selects the data shard (all ranks of a group read the same clips); ``positions`` are the slots
+    of the group this rank trains, in order (the autoregressive objective trains a different temporal unit per
+    slot). A *real* group (processes a multiple of the group size) gives each rank one slot. A *virtual* group
+    (group size a multiple of the processes) spreads all slots over the processes: each trains
+    ``group_size // world_size`` consecutive slots of the same clip one after the other, accumulated into the same
+    optimizer step, so one GPU performs the update of a whole group.
     """
 
     group_size: int
     group_index: int
-    position: int
+    positions: tuple[int, ...]
     num_groups: int
+
+    @property
+    def position(self) -> int:
+        """The first (with a real group: the only) slot of this rank."""
+        return self.positions[0]
+
+    @property
+    def virtual(self) -> int:
+        """Slots this rank trains per micro-batch (1 for a real group)."""
+        return len(self.positions)
 
 
 def sync_group_position(rank: int, world_size: int, group_size: int) -> SyncGroupPosition:
-    """Layout of consecutive-rank sync groups; ``group_size`` 1 means every rank reads its own data."""
+    """Sync-group layout: the one place that decides which group slots each process trains.
+
+    ``world_size % group_size == 0``: consecutive ranks form real groups, rank ``r`` is slot ``r % group_size`` of
+    group ``r // group_size``. ``group_size % world_size == 0`` (more slots than processes): one virtual group, rank
+    ``r`` trains slots ``r * v .. r * v + v - 1`` with ``v = group_size // world_size``. ``group_size`` 1 means
+    every rank reads its own data.
+    """
     if group_size < 1:
         raise ValueError(f"video_sync_group must be >= 1, got {group_size}")
-    if world_size % group_size != 0:
-        raise ValueError(f"the number of processes ({world_size}) must be a multiple of video_sync_group "
-                         f"({group_size}); set VIDEO_SYNC_GROUP to a divisor of GPUS")
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside world of size {world_size}")
-    return SyncGroupPosition(group_size=group_size, group_index=rank // group_size,
-                             position=rank % group_size, num_groups=world_size // group_size)
+    if world_size % group_size == 0:
+        return SyncGroupPosition(group_size=group_size, group_index=rank // group_size,
+                                 positions=(rank % group_size,), num_groups=world_size // group_size)
+    if group_size % world_size == 0:
+        per_rank = group_size // world_size
+        return SyncGroupPosition(group_size=group_size, group_index=0,
+                                 positions=tuple(range(rank * per_rank, (rank + 1) * per_rank)), num_groups=1)
+    raise ValueError(f"the number of processes ({world_size}) and video_sync_group ({group_size}) must divide one "
+                     f"another: a multiple of the group gives real groups (one slot per process), a divisor of it a "
+                     f"virtual group (each process trains group/processes slots in turn); set VIDEO_SYNC_GROUP to "
+                     f"a divisor or a multiple of GPUS*NNODES={world_size}")
 
 
 def seed_everything(seed: int, rank: int = 0) -> None:

@@ -13,6 +13,7 @@ reference's behaviour. A non-finite averaged loss stops the run with an error (a
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -26,6 +27,7 @@ from .config import TrainConfig
 from .distributed import SyncGroupPosition, all_reduce_sum
 from .engine import TrainEngine
 from .metrics import StepRecord, as_number
+from .slot_rng import SlotStreams
 from .tree import to_device
 
 logger = logging.getLogger(__name__)
@@ -40,7 +42,8 @@ class StepContext:
     ``step``: 0-based index of the optimizer step being accumulated (the reference's ``global_step``; also the LR
     schedule index). ``micro_step``: 0-based index of this micro-batch since the start of training (continues across
     resumes; the AR objective's call counter). ``micro_index``: position inside the accumulation window.
-    ``sync_rank`` / ``sync_group``: this rank's position inside its video sync group and the group size.
+    ``sync_rank`` / ``sync_group``: the sync-group slot being trained (this rank's position in a real group; one
+    of its slots in a virtual group) and the group size.
     ``dtype``: the dtype of the model's parameters (bf16 under DeepSpeed bf16: cast inputs to it).
     ``module``: the unwrapped model, for attribute access (call ``model`` for the forward).
     """
@@ -78,17 +81,29 @@ class StepRunner:
     MAX_CONSECUTIVE_BAD = 50
 
     def __init__(self, engine: TrainEngine, compute_loss: ComputeLoss, data_iter: Iterator, config: TrainConfig,
-                 sync: SyncGroupPosition, counters: RunCounters) -> None:
+                 sync: SyncGroupPosition, counters: RunCounters, streams: Optional[SlotStreams] = None) -> None:
         self.engine, self.compute_loss, self.data_iter, self.config, self.sync = (engine, compute_loss, data_iter,
                                                                                   config, sync)
         self.counters = counters
+        self.streams = streams
+        if sync.virtual > 1 and config.skip_loss_threshold is not None:
+            raise ValueError("skip_loss_threshold needs every slot's loss before the first backward, which a virtual "
+                             "sync group (VIDEO_SYNC_GROUP > processes) does not have; drop --skip_loss_threshold or "
+                             "use one process per slot")
+        if engine.cfg.grad_accum_steps != config.grad_accum_steps * sync.virtual:
+            raise ValueError(f"the engine accumulates {engine.cfg.grad_accum_steps} backward passes per step, expected "
+                             f"grad_accum_steps ({config.grad_accum_steps}) x slots per process ({sync.virtual})")
         self.schedule = config.schedule()
 
-    def _context(self, step: int, k: int) -> StepContext:
+    def _context(self, step: int, k: int, slot: int) -> StepContext:
         e, sync = self.engine, self.sync
         return StepContext(step=step, micro_step=self.counters.micro_step, micro_index=k, rank=e.rank,
-                           world_size=e.world_size, sync_rank=sync.position, sync_group=sync.group_size,
+                           world_size=e.world_size, sync_rank=slot, sync_group=sync.group_size,
                            sync_group_index=sync.group_index, device=e.device, dtype=e.param_dtype, module=e.module)
+
+    def _slot_stream(self, slot: int):
+        """The slot's own random stream in a virtual group; the process's stream (its only slot) otherwise."""
+        return self.streams.use(slot) if self.streams is not None else contextlib.nullcontext()
 
     def _next_batch(self, step: int) -> Any:
         """The next batch in which every sample loaded, skipping bad batches on all ranks together.
@@ -113,11 +128,10 @@ class StepRunner:
         raise RuntimeError(f"{self.MAX_CONSECUTIVE_BAD} consecutive batches had unreadable samples; the data set "
                            "is broken (see the warnings above for the paths)")
 
-    def _forward(self, step: int, k: int) -> tuple[torch.Tensor, float, Optional[float], dict[str, float]]:
-        """Fetch a micro-batch, compute its loss, and average the loss (and sum the tokens) over ranks."""
-        batch = to_device(self._next_batch(step), self.engine.device)
-        loss, stats = self.compute_loss(self.engine.model, batch, self._context(step, k))
-        self.counters.micro_step += 1
+    def _forward(self, batch: Any, step: int, k: int, slot: int
+                 ) -> tuple[torch.Tensor, float, Optional[float], dict[str, float]]:
+        """Compute one slot's loss on a micro-batch, and average the loss (and sum the tokens) over ranks."""
+        loss, stats = self.compute_loss(self.engine.model, batch, self._context(step, k, slot))
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1 or not isinstance(stats, dict):
             raise TypeError("compute_loss must return (a one-element loss tensor, a dict of stats), got "
                             f"({type(loss).__name__}, {type(stats).__name__})")
@@ -132,34 +146,49 @@ class StepRunner:
         return loss, global_loss, (float(reduced[1]) if tokens is not None else None), others
 
     def run(self, step: int) -> StepRecord:
+        """One optimizer step: ``grad_accum_steps`` micro-batches, each trained on every slot of this process.
+
+        A real sync group has one slot per process. In a virtual group the process trains its slots one after the
+        other on the same micro-batch, each on that slot's random stream, all accumulated into this step (the
+        engine accumulates ``grad_accum_steps * slots`` backward passes), which is the update of one process per
+        slot. The logged loss is the mean over every slot of the group.
+        """
         cfg, engine, ga, counters = self.config, self.engine, self.config.grad_accum_steps, self.counters
+        slots = self.sync.positions
+        passes = ga * len(slots)
         t0 = time.perf_counter()
         lr = self.schedule(step)
         engine.set_lr(lr)
         loss_sum, tokens_sum, kept, outcome = 0.0, None, 0, None
         stats: dict[str, float] = {}
         for k in range(ga):
-            last = k == ga - 1
-            with engine.accumulate():
-                loss, global_loss, tokens, micro_stats = self._forward(step, k)
-                loss_sum += global_loss
-                if tokens is not None:
-                    tokens_sum = (tokens_sum or 0.0) + tokens
-                for name, value in micro_stats.items():
-                    stats[name] = stats.get(name, 0.0) + value / ga
-                if cfg.skip_loss_threshold is not None and global_loss >= cfg.skip_loss_threshold:
-                    counters.dropped_micro_batches += 1
-                    logger.warning("step %d micro-batch %d: loss %.4f (mean over ranks) >= skip_loss_threshold "
-                                   "%.4g, no update from this micro-batch", step, k, global_loss,
-                                   cfg.skip_loss_threshold)
+            batch = to_device(self._next_batch(step), engine.device)
+            micro_loss = 0.0
+            for j, slot in enumerate(slots):
+                last = k == ga - 1 and j == len(slots) - 1
+                with engine.accumulate(), self._slot_stream(slot):
+                    loss, global_loss, tokens, micro_stats = self._forward(batch, step, k, slot)
+                    micro_loss += global_loss / len(slots)
+                    if tokens is not None:
+                        tokens_sum = (tokens_sum or 0.0) + tokens
+                    for name, value in micro_stats.items():
+                        stats[name] = stats.get(name, 0.0) + value / passes
+                    # Only with one slot per process (checked in __init__): the decision needs every slot's loss.
+                    if cfg.skip_loss_threshold is not None and global_loss >= cfg.skip_loss_threshold:
+                        counters.dropped_micro_batches += 1
+                        logger.warning("step %d micro-batch %d: loss %.4f (mean over ranks) >= skip_loss_threshold "
+                                       "%.4g, no update from this micro-batch", step, k, global_loss,
+                                       cfg.skip_loss_threshold)
+                        if last and kept > 0:
+                            # The boundary backward makes DDP / DeepSpeed reduce and apply the kept micro-batches.
+                            engine.backward(loss * 0.0)
+                    else:
+                        engine.backward(loss)
+                        kept += 1
                     if last and kept > 0:
-                        # The boundary backward makes DDP / DeepSpeed reduce and apply the kept micro-batches.
-                        engine.backward(loss * 0.0)
-                else:
-                    engine.backward(loss)
-                    kept += 1
-                if last and kept > 0:
-                    outcome = engine.step()
+                        outcome = engine.step()
+            loss_sum += micro_loss
+            counters.micro_step += 1  # the AR objective's call counter: one per micro-batch, whatever the slots
         if kept == 0:
             counters.skipped_updates += 1
             logger.warning("step %d: every micro-batch dropped, optimizer step skipped (%d so far)", step,
@@ -167,10 +196,10 @@ class StepRunner:
         elif not outcome.applied:
             logger.warning("step %d: update not applied (fp16 loss-scale overflow)", step)
         elapsed = time.perf_counter() - t0
-        samples = cfg.batch_size * engine.world_size * ga
+        samples = cfg.batch_size * engine.world_size * passes
         return StepRecord(step=step + 1, loss=loss_sum / ga, lr=lr,
                           grad_norm=outcome.grad_norm if outcome is not None else None, skipped=kept == 0,
-                          applied=outcome is not None and outcome.applied, dropped_micro_batches=ga - kept,
+                          applied=outcome is not None and outcome.applied, dropped_micro_batches=passes - kept,
                           step_time=elapsed, samples_per_sec=samples / elapsed,
                           tokens_per_sec=tokens_sum / elapsed if tokens_sum is not None else None,
                           bad_samples=counters.bad_samples, stats=stats)

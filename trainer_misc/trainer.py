@@ -19,7 +19,9 @@ optimizer, EMA, RNG states of every rank and the data position, so the run conti
 ``metrics.jsonl`` (rank 0) holds one record per step; on resume, records past the checkpoint are dropped.
 
 **Data**: a map-style dataset read through ``ResumableBatchSampler`` (``batch_size`` per rank; with
-``video_sync_group = k`` the ranks of a group read identical batches). ``group_keys`` (optional, one per sample)
+``video_sync_group = k`` the ranks of a group read identical batches; with ``k`` a multiple of the process count the
+group is *virtual*: every process reads the same batches and trains ``k / processes`` slots of each in turn, see
+``distributed.sync_group_position`` and ``step.StepRunner.run``). ``group_keys`` (optional, one per sample)
 keep equal-shape samples together. The DataLoader gets its own seeded generator, so building it never moves the
 global RNG; randomness inside ``dataset[i]`` should derive from ``i`` for resumes to be exact with workers.
 
@@ -28,6 +30,7 @@ Call ``trainer_misc.distributed.destroy_process_group()`` when the script is don
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Hashable, Optional, Sequence
@@ -36,7 +39,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from .checkpoint import export_model, gather_full_weights, restore_rank_rng, save_checkpoint
+from .checkpoint import export_model, gather_full_weights, load_rank_tensors, restore_rank_rng, save_checkpoint
 from .config import EXPORT_DTYPES, TrainConfig
 from .distributed import barrier, seed_everything, sync_group_position
 from .ema import ShardedEMA
@@ -45,6 +48,7 @@ from .metrics import MetricsLog, StepRecord
 from .optim import build_adamw
 from .resume import check_data_layout, load_resume_state, resolve_resume, trainer_state
 from .sampler import ResumableBatchSampler
+from .slot_rng import SlotStreams
 from .step import ComputeLoss, StepContext, StepRunner
 
 logger = logging.getLogger(__name__)
@@ -52,6 +56,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["StepContext", "StepRecord", "TrainConfig", "TrainResult", "train", "ComputeLoss"]
 
 EXPORT_NAME = "transformer"  # output_dir/export/transformer (and transformer_ema)
+SLOT_RNG_FILE = "slot_rng"    # rank_<r>/slot_rng.safetensors: the random streams of a virtual sync group's slots
 
 
 @dataclass
@@ -98,14 +103,22 @@ def train(model: nn.Module, compute_loss: ComputeLoss, dataset: Dataset, config:
     checkpoint_root = output_dir / "checkpoints"
     config.schedule()  # validate the schedule before any process group exists
 
+    # Sync-group layout from the launcher's variables (the engine checks they are what it set up): a virtual group
+    # makes each process accumulate one backward pass per slot it trains.
+    launched_rank, launched_world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    sync = sync_group_position(launched_rank, launched_world, config.video_sync_group)
+
     # Model, optimizer and sharding.
     engine = TrainEngine(model, build_adamw(model, config.lr, config.betas, config.eps, config.weight_decay),
                          EngineConfig(strategy=config.strategy, mixed_precision=config.mixed_precision,
-                                      device=config.device, grad_accum_steps=config.grad_accum_steps,
+                                      device=config.device, grad_accum_steps=config.grad_accum_steps * sync.virtual,
                                       max_grad_norm=config.max_grad_norm, micro_batch_size=config.batch_size,
                                       grad_reduce_dtype=config.grad_reduce_dtype))
     rank, world = engine.rank, engine.world_size
-    sync = sync_group_position(rank, world, config.video_sync_group)
+    if (rank, world) != (launched_rank, launched_world):
+        raise RuntimeError(f"launcher said rank {launched_rank} of {launched_world}, the engine runs rank {rank} of "
+                           f"{world}")
+    streams = SlotStreams(sync.positions, config.seed, engine.device) if sync.virtual > 1 else None
     if engine.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
     ema = None
@@ -118,10 +131,12 @@ def train(model: nn.Module, compute_loss: ComputeLoss, dataset: Dataset, config:
     start_step, counters, saved = load_resume_state(resumed_from, engine, ema)
     sampler, loader = _build_loader(dataset, config, sync, counters.data_position, collate_fn, group_keys)
     check_data_layout(resumed_from, saved, sampler)
-    runner = StepRunner(engine, compute_loss, iter(loader), config, sync, counters)
+    runner = StepRunner(engine, compute_loss, iter(loader), config, sync, counters, streams)
     # RNG last, so nothing above (model wrapping, DataLoader set-up) shifts the streams the objective draws from.
     if resumed_from is not None:
         restore_rank_rng(resumed_from, rank, engine.device)
+        if streams is not None:
+            streams.load_state_dict(load_rank_tensors(resumed_from, rank, SLOT_RNG_FILE), source=str(resumed_from))
     else:
         seed_everything(config.seed, rank)
 
@@ -151,7 +166,8 @@ def train(model: nn.Module, compute_loss: ComputeLoss, dataset: Dataset, config:
             if (config.checkpoint_every and done % config.checkpoint_every == 0) or done == config.max_steps:
                 checkpoints.append(save_checkpoint(checkpoint_root, done, engine,
                                                    trainer_state(done, counters, config, world, sampler), ema,
-                                                   config.keep_last_checkpoints))
+                                                   config.keep_last_checkpoints,
+                                                   {SLOT_RNG_FILE: streams.state_dict()} if streams else None))
             if config.validate_every and done % config.validate_every == 0:
                 weights, ema_weights = gather_full_weights(engine, ema)  # collective: every rank takes part
                 if engine.is_main and validate is not None:
