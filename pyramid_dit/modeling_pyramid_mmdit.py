@@ -47,14 +47,33 @@ from pyramid_dit.packing import (
 logger = logging.get_logger(__name__)
 
 
+class PatchProjection(nn.Module):
+    """The checkpoint's 2x2 patch convolution (``weight`` ``[D, C, p, p]``), applied as the linear map of flattened
+    patches that a stride-``p`` convolution is, so all clips of a call go through one matrix multiply."""
+
+    def __init__(self, in_channels: int, dim: int, patch: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(dim, in_channels, patch, patch))
+        self.bias = nn.Parameter(torch.zeros(dim))
+        nn.init.xavier_uniform_(self.weight.view(dim, -1))
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        """``[B, N, p*p*C]`` patches (channels ordered row-in-patch, col-in-patch, C, as ``patchify``) -> ``[B, N, D]``."""
+        return F.linear(patches, self.weight.permute(0, 2, 3, 1).flatten(1), self.bias)
+
+
 class PatchEmbed(nn.Module):
-    """2x2 patch projection plus the fixed sin-cos position table (checkpoint names ``pos_embed.proj``,
-    ``pos_embed.pos_embed``)."""
+    """Patch projection plus the fixed sin-cos position table (checkpoint names ``pos_embed.proj``,
+    ``pos_embed.pos_embed``).
+
+    Called once per forward with every clip, whatever the number of columns and clips: under ZeRO-3 each module
+    call gathers parameters, so the number of calls must not depend on the data (ranks would disagree).
+    """
 
     def __init__(self, in_channels: int, dim: int, patch: int, table_size: int, base_size: int):
         super().__init__()
         self.patch, self.table_size = patch, table_size
-        self.proj = nn.Conv2d(in_channels, dim, kernel_size=patch, stride=patch)
+        self.proj = PatchProjection(in_channels, dim, patch)
         self.register_buffer("pos_embed", sincos_table_2d(dim, table_size, base_size)[None], persistent=True)
 
     def positions(self, h: int, w: int, grid_h: int, grid_w: int) -> torch.Tensor:
@@ -74,14 +93,17 @@ class PatchEmbed(nn.Module):
             crop = F.interpolate(crop.permute(2, 0, 1)[None], size=(h, w), mode="bilinear")[0].permute(1, 2, 0)
         return crop.reshape(h * w, -1)
 
-    def forward(self, clip: torch.Tensor, grid_h: int, grid_w: int) -> torch.Tensor:
-        """``[B, C, t, H, W] -> [B, t*h*w, D]`` tokens (row-major t-h-w) with their spatial positions added."""
-        t, h, w = clip.shape[2], clip.shape[3] // self.patch, clip.shape[4] // self.patch
-        # The convolution with stride = kernel is a linear map of each flattened patch.
-        weight = self.proj.weight.permute(0, 2, 3, 1).flatten(1)
-        tokens = F.linear(patchify(clip, self.patch), weight, self.proj.bias)
-        pos = self.positions(h, w, grid_h, grid_w).to(tokens.dtype)
-        return (tokens.view(clip.shape[0], t, h * w, -1) + pos).flatten(1, 2)
+    def forward(self, clips: list[tuple[torch.Tensor, int, int]]) -> torch.Tensor:
+        """``(clip [B, C, t, H, W], grid_h, grid_w)`` per clip -> their tokens ``[B, sum(t*h*w), D]`` (row-major
+        t-h-w, clip after clip) with spatial positions added."""
+        tokens = self.proj(torch.cat([patchify(clip, self.patch) for clip, _, _ in clips], dim=1))
+        out, start = [], 0
+        for clip, grid_h, grid_w in clips:
+            t, h, w = clip.shape[2], clip.shape[3] // self.patch, clip.shape[4] // self.patch
+            part = tokens[:, start:start + t * h * w].unflatten(1, (t, h * w))
+            out.append((part + self.positions(h, w, grid_h, grid_w).to(tokens.dtype)).flatten(1, 2))
+            start += t * h * w
+        return torch.cat(out, dim=1)
 
 
 class PyramidDiffusionMMDiT(PackedDiTMixin, ModelMixin, ConfigMixin):
@@ -189,7 +211,7 @@ class PyramidDiffusionMMDiT(PackedDiTMixin, ModelMixin, ConfigMixin):
         """Training-from-scratch init: Xavier linears and patch projection, N(0, 0.02) conditioning, zeroed
         adaLN and output."""
         for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Conv2d)):
+            if isinstance(m, (nn.Linear, PatchProjection)):
                 nn.init.xavier_uniform_(m.weight.view(m.weight.shape[0], -1))
                 nn.init.zeros_(m.bias)
         for emb in (self.time_text_embed.timestep_embedder, self.time_text_embed.text_embedder):
@@ -220,14 +242,15 @@ class PyramidDiffusionMMDiT(PackedDiTMixin, ModelMixin, ConfigMixin):
                             interp_condition_pos=self.interp_condition_pos,
                             temporal_causal=self.use_temporal_causal)
 
-    def _embed_column(self, clips: list[torch.Tensor]) -> torch.Tensor:
-        p = self.patch_size
-        grid_h, grid_w = clips[-1].shape[3] // p, clips[-1].shape[4] // p
-        parts = []
-        for clip in clips:
-            gh, gw = (grid_h, grid_w) if self.interp_condition_pos else (clip.shape[3] // p, clip.shape[4] // p)
-            parts.append(self.pos_embed(clip, gh, gw))
-        return torch.cat(parts, dim=1)
+    def _clip_grids(self, columns: list[list[torch.Tensor]]) -> list[tuple[torch.Tensor, int, int]]:
+        """Each clip with the token grid its positions are cropped at: the column's last clip's grid
+        (``interp_condition_pos``) or its own."""
+        p, out = self.patch_size, []
+        for clips in columns:
+            for clip in clips:
+                ref = clips[-1] if self.interp_condition_pos else clip
+                out.append((clip, ref.shape[3] // p, ref.shape[4] // p))
+        return out
 
     def forward(
         self,
@@ -256,7 +279,7 @@ class PyramidDiffusionMMDiT(PackedDiTMixin, ModelMixin, ConfigMixin):
 
         temb = self.time_text_embed(timestep_ratio, pooled_projections)
         text = self.context_embedder(packed_text(encoder_hidden_states, seq))
-        video = torch.cat([self._embed_column(clips) for clips in columns], dim=1)
+        video = self.pos_embed(self._clip_grids(columns))
 
         n = len(self.transformer_blocks)
         for i, block in enumerate(self.transformer_blocks):

@@ -163,9 +163,6 @@ def check_args(args: argparse.Namespace, world_size: int) -> None:
     if args.batch_size % columns:
         raise SystemExit(f"--batch_size {args.batch_size}: must be a multiple of {columns} "
                          f"(each batch is split {':'.join(map(str, SAMPLE_RATIOS))} over the 3 pyramid stages)")
-    if args.model_name != "pyramid_flux":
-        raise SystemExit(f"--model_name {args.model_name}: not supported yet; only pyramid_flux "
-                         "(rain1011/pyramid-flow-miniflux) can be finetuned with this repository so far")
     variant_dir = Path(args.model_path) / args.model_variant
     if not (variant_dir / "config.json").is_file():
         raise SystemExit(f"--model_path {args.model_path}: no {args.model_variant}/config.json there; point "
@@ -249,13 +246,13 @@ class ModelSide:
 def build_model_side(args: argparse.Namespace, device: torch.device) -> ModelSide:
     """Load the DiT (and the VAE / text encoder when they run during training) for ``--model_name``.
 
-    The one place that knows the model kinds: a new kind adds its branch here.
+    What differs between kinds (DiT class, text encoder) comes from :mod:`pyramid_dit.kinds`.
     """
-    from pyramid_dit.modeling_pyramid_flux import PyramidFluxTransformer
+    from pyramid_dit.kinds import get_kind
     from trainer_misc.checkpoint import load_dit_weights
 
-    dit = PyramidFluxTransformer.from_pretrained(args.model_path, subfolder=args.model_variant,
-                                                 torch_dtype=torch.float32)
+    kind = get_kind(args.model_name)
+    dit = kind.dit().from_pretrained(args.model_path, subfolder=args.model_variant, torch_dtype=torch.float32)
     if args.dit_pretrained_weight:
         load_dit_weights(dit, args.dit_pretrained_weight)
     if args.gradient_checkpointing:
@@ -269,8 +266,7 @@ def build_model_side(args: argparse.Namespace, device: torch.device) -> ModelSid
                                                                                                   encode_dtype).eval()
         side.vae.requires_grad_(False)
     if args.load_text_encoder:
-        from pyramid_dit.text_encoder import FluxTextEncoder
-        side.text_encoder = FluxTextEncoder.from_pretrained(args.model_path, torch_dtype=encode_dtype).to(device)
+        side.text_encoder = kind.load_text_encoder(args.model_path, torch_dtype=encode_dtype).to(device)
     return side
 
 

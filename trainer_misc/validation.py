@@ -27,10 +27,11 @@ class ValidationSampler:
 
     def __init__(self, args: argparse.Namespace, dit_config: dict, dataset, null_text: Optional[TextFeatures],
                  device: torch.device) -> None:
-        from pyramid_dit.text_encoder import FluxTextEncoder
+        from pyramid_dit.kinds import get_kind
         from video_vae.modeling_causal_vae import CausalVideoVAE
 
         self.args, self.dit_config, self.device = args, dit_config, device
+        self.kind = get_kind(args.model_name)
         self.out = Path(args.output_dir) / "samples"
         self.width, self.height = (IMAGE_BUCKETS.get(args.resolution) or [parse_resolution(args.resolution)])[0] \
             if args.task == "t2i" else parse_resolution(args.resolution)
@@ -40,7 +41,7 @@ class ValidationSampler:
         items = [dataset[i] for i in range(n)]
         self.captions = [item.get("text", "") for item in items]
         if args.load_text_encoder or "text_features" not in items[0]:
-            encoder = FluxTextEncoder.from_pretrained(args.model_path).to(device)
+            encoder = self.kind.load_text_encoder(args.model_path).to(device)
             self.prompts = [encoder.encode([c], device) for c in self.captions]
             self.negative = encoder.encode([""], device)
             del encoder
@@ -52,13 +53,12 @@ class ValidationSampler:
     def __call__(self, step: int, state: dict[str, torch.Tensor]) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
-        from pyramid_dit.modeling_pyramid_flux import PyramidFluxTransformer
         from pyramid_dit.pipeline import PyramidFlowPipeline, save_video
 
-        dit = PyramidFluxTransformer.from_config(self.dit_config)
+        dit = self.kind.dit().from_config(self.dit_config)
         dit.load_state_dict({k: v.float() for k, v in state.items()})
-        pipe = PyramidFlowPipeline(dit.to(self.device).eval(), vae=self.vae, device=self.device,
-                                   dtype=torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        pipe = PyramidFlowPipeline(dit.to(self.device).eval(), vae=self.vae, model_name=self.kind.name,
+                                   device=self.device, dtype=torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         folder = self.out / f"step-{step:06d}"
         writer = SummaryWriter(str(Path(self.args.output_dir) / "logs")) if self.args.report_to == "tensorboard" \
             else None
