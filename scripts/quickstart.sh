@@ -6,11 +6,16 @@
 #
 #   sh scripts/quickstart.sh                     # everything under outputs/quickstart/
 #   QUICKSTART_DIR=/tmp/qs sh scripts/quickstart.sh
+#   MODEL_NAME=pyramid_mmdit sh scripts/quickstart.sh   # the SD3 kind (outputs/quickstart_pyramid_mmdit/)
 set -eu
 SCRIPT_NAME=quickstart.sh
 . "$(dirname "$0")/_common.sh"
 
-: "${QUICKSTART_DIR:=outputs/quickstart}"   # where everything is written (reruns reuse what is there)
+: "${MODEL_NAME:=pyramid_flux}"             # pyramid_flux (miniFLUX layout) | pyramid_mmdit (SD3 layout)
+check_model_name
+export MODEL_NAME                           # every script below takes the kind from it
+if [ "$MODEL_NAME" = pyramid_flux ]; then DEFAULT_DIR=outputs/quickstart; else DEFAULT_DIR=outputs/quickstart_$MODEL_NAME; fi
+: "${QUICKSTART_DIR:=$DEFAULT_DIR}"         # where everything is written (reruns reuse what is there)
 : "${GPUS:=}"                               # processes (default: 2 on CPU, min(2, visible GPUs) with GPUs)
 : "${SHARD_STRATEGY:=zero2}"                # zero2 | zero3 | ddp
 
@@ -34,7 +39,8 @@ export PYTHONUNBUFFERED=1
 START=$(date +%s)
 
 banner "1/6 tiny model in the official folder layout -> $MODEL"
-[ -f "$MODEL/diffusion_transformer_384p/config.json" ] || python3 "$REPO/tools/build_tiny_checkpoint.py" --out "$MODEL"
+[ -f "$MODEL/diffusion_transformer_384p/config.json" ] || python3 "$REPO/tools/build_tiny_checkpoint.py" --out "$MODEL" \
+    --kind "$MODEL_NAME"
 
 banner "2/6 demo clips (coloured shapes moving, 25 frames, 64x64) -> $DATA"
 [ -f "$DATA/video_text.jsonl" ] || python3 "$REPO/tools/make_demo_dataset.py" --out "$DATA" --num_clips 8 \
@@ -58,7 +64,7 @@ train 4
 train 8
 
 banner "6/6 generate a video with the finetuned DiT"
-python3 "$REPO/tools/generate.py" --model_path "$MODEL" --dit_path "$RUN/export/transformer" \
+python3 "$REPO/tools/generate.py" --model_name "$MODEL_NAME" --model_path "$MODEL" --dit_path "$RUN/export/transformer" \
     --prompt "a red square moving left" --temp 3 --height 64 --width 64 --num_inference_steps 2 \
     --video_num_inference_steps 1 --seed 0 --output "$Q/sample.mp4"
 

@@ -1,4 +1,4 @@
-"""Time one training step (forward + backward) of PyramidFluxTransformer on a small autoregressive batch.
+"""Time one training step (forward + backward) of a Pyramid Flow DiT on a small autoregressive batch.
 
 Workload (fixed, so numbers compare across runs and machines):
 
@@ -20,6 +20,9 @@ Workload (fixed, so numbers compare across runs and machines):
   in [0, 1000);
 * loss: mean squared output (its value is irrelevant; the backward pass is what costs).
 
+``--kind pyramid_mmdit`` times the SD3 kind (``PyramidDiffusionMMDiT``) instead, at the same width and text:
+4 joint blocks, sin-cos table of 64 x 64 positions, temporal RoPE over the whole head (20.2 M parameters).
+
 Reported: median (and min) seconds per step over ``--steps`` timed steps after one warm-up, with the
 process CPU time per step (steadier than wall-clock when other jobs share the cores); tokens per second
 (text tokens, padding included, plus video tokens); FLOPs of one step counted by
@@ -28,12 +31,13 @@ forward/backward get torch's SDPA formulas here) and the achieved GFLOP/s; this 
 GFLOP/s (1024^3) measured in the same run; the bytes of tensors kept for backward (deduplicated by storage),
 standing in for activation memory, which CPU torch cannot report.
 
-``--reference /path/to/Pyramid-Flow`` also times the reference implementation's class (imported from that
-checkout at run time) with the same weights and inputs, alternating steps with ours, and prints the output
-difference between the two.
+``--reference /path/to/Pyramid-Flow`` also times the reference implementation's class of the same kind
+(imported from that checkout at run time) with the same weights and inputs, alternating steps with ours, and
+prints the output difference between the two.
 
     python tools/benchmark_dit.py --steps 7
     python tools/benchmark_dit.py --steps 7 --reference /tmp/ref
+    python tools/benchmark_dit.py --steps 7 --reference /tmp/ref --kind pyramid_mmdit
 """
 from __future__ import annotations
 
@@ -52,10 +56,21 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from pyramid_dit.modeling_pyramid_flux import PyramidFluxTransformer  # noqa: E402
+from pyramid_dit.kinds import get_kind  # noqa: E402
 
-CONFIG = dict(num_layers=2, num_single_layers=4, attention_head_dim=64, num_attention_heads=6,
-              joint_attention_dim=128, pooled_projection_dim=128, axes_dims_rope=[16, 24, 24])
+CONFIGS = {
+    "pyramid_flux": dict(num_layers=2, num_single_layers=4, attention_head_dim=64, num_attention_heads=6,
+                         joint_attention_dim=128, pooled_projection_dim=128, axes_dims_rope=[16, 24, 24]),
+    "pyramid_mmdit": dict(num_layers=4, attention_head_dim=64, num_attention_heads=6, caption_projection_dim=384,
+                          joint_attention_dim=128, pooled_projection_dim=128, sample_size=128, pos_embed_max_size=64,
+                          pos_embed_type="sincos", temp_pos_embed_type="rope", add_temp_pos_embed=True,
+                          use_temporal_causal=True, interp_condition_pos=True, use_t5_mask=True,
+                          use_flash_attn=False),
+}
+CONFIG = CONFIGS["pyramid_flux"]
+# Where the reference keeps each kind's DiT: (folder under pyramid_dit/, module, class).
+REFERENCE = {"pyramid_flux": ("flux_modules", "modeling_pyramid_flux", "PyramidFluxTransformer"),
+             "pyramid_mmdit": ("mmdit_modules", "modeling_pyramid_mmdit", "PyramidDiffusionMMDiT")}
 COLUMNS = [
     [(1, 6, 10)] * 3,
     [(1, 6, 10), (1, 12, 20), (1, 12, 20)],
@@ -160,15 +175,16 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def load_reference_class(ref_root: Path):
-    """The reference PyramidFluxTransformer, imported from a Pyramid-Flow checkout without its package init.
+def load_reference_class(ref_root: Path, kind: str = "pyramid_flux"):
+    """The reference DiT class of ``kind``, imported from a Pyramid-Flow checkout without its package init.
 
     Its modules import sequence-parallel helpers from a top-level ``trainer_misc``; a stub that reports
     "not initialised" stands in while they import (and our own ``trainer_misc``, if loaded, is restored).
     """
-    flux_dir = ref_root / "pyramid_dit" / "flux_modules"
-    if not (flux_dir / "modeling_pyramid_flux.py").is_file():
-        raise FileNotFoundError(f"--reference {ref_root}: no pyramid_dit/flux_modules/modeling_pyramid_flux.py there")
+    folder, module_name, class_name = REFERENCE[kind]
+    flux_dir = ref_root / "pyramid_dit" / folder
+    if not (flux_dir / f"{module_name}.py").is_file():
+        raise FileNotFoundError(f"--reference {ref_root}: no pyramid_dit/{folder}/{module_name}.py there")
     stub = types.ModuleType("trainer_misc")
     stub.is_sequence_parallel_initialized = lambda: False
 
@@ -178,18 +194,18 @@ def load_reference_class(ref_root: Path):
     for name in ("get_sequence_parallel_group", "get_sequence_parallel_world_size", "get_sequence_parallel_rank",
                  "all_to_all"):
         setattr(stub, name, _unavailable)
-    package = types.ModuleType("_reference_flux")
+    package = types.ModuleType(f"_reference_{folder}")
     package.__path__ = [str(flux_dir)]
     saved = sys.modules.get("trainer_misc")
-    sys.modules["_reference_flux"], sys.modules["trainer_misc"] = package, stub
+    sys.modules[package.__name__], sys.modules["trainer_misc"] = package, stub
     try:
-        module = importlib.import_module("_reference_flux.modeling_pyramid_flux")
+        module = importlib.import_module(f"{package.__name__}.{module_name}")
     finally:
         if saved is None:
             del sys.modules["trainer_misc"]
         else:
             sys.modules["trainer_misc"] = saved
-    return module.PyramidFluxTransformer
+    return getattr(module, class_name)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -199,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--reference", type=Path, help="Pyramid-Flow checkout to time its class as well")
+    parser.add_argument("--kind", choices=sorted(CONFIGS), default="pyramid_flux", help="which DiT kind to time")
     parser.add_argument("--padding", default=",".join(map(str, TEXT_PADDING)),
                         help="padding tokens at the end of each column's text row (4 comma-separated counts)")
     args = parser.parse_args(argv)
@@ -206,13 +223,14 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     torch.manual_seed(0)
-    ours = PyramidFluxTransformer(**CONFIG)
+    config = CONFIGS[args.kind]
+    ours = get_kind(args.kind).dit()(**config)
     with torch.no_grad():
         for p in ours.parameters():
             p.normal_(0.0, 0.02)
     models = {"ours": ours}
     if args.reference is not None:
-        reference = load_reference_class(args.reference)(**CONFIG)
+        reference = load_reference_class(args.reference, args.kind)(**config)
         reference.load_state_dict(ours.state_dict())
         models["reference"] = reference
     for m in models.values():
