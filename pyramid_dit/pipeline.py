@@ -51,6 +51,7 @@ from pyramid_dit.pyramid import (
 )
 from pyramid_dit.scheduler import PyramidFlowMatchEulerDiscreteScheduler
 from pyramid_dit.text_features import TextFeatures
+from trainer_misc.distributed import resolve_device
 
 # The released demo's negative prompt (the reference pipeline's default).
 DEFAULT_NEGATIVE_PROMPT = (
@@ -189,13 +190,6 @@ def _dtype_of(module: nn.Module) -> torch.dtype:
     return next(module.parameters()).dtype
 
 
-def _resolve_device(device: Union[str, torch.device]) -> torch.device:
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    return device
-
-
 def image_to_tensor(image: ImageInput) -> torch.Tensor:
     """A PIL image, ``[3, H, W]`` or ``[B, 3, H, W]`` float tensor in [0, 1] -> ``[B, 3, H, W]`` float32 in [0, 1]."""
     if isinstance(image, torch.Tensor):
@@ -210,16 +204,6 @@ def image_to_tensor(image: ImageInput) -> torch.Tensor:
         raise TypeError(f"image must be a PIL image or a tensor, got {type(image).__name__}")
     array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
     return torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0).contiguous()
-
-
-def resize_center_crop(image: "PIL.Image.Image", width: int, height: int) -> "PIL.Image.Image":  # noqa: F821
-    """Scale ``image`` to cover ``width x height`` (Lanczos) and crop the centre, as the reference demo does."""
-    from PIL import Image
-
-    scale = max(width / image.width, height / image.height)
-    resized = image.resize((round(image.width * scale), round(image.height * scale)), resample=Image.LANCZOS)
-    left, top = (resized.width - width) // 2, (resized.height - height) // 2
-    return resized.crop((left, top, left + width, top + height))
 
 
 # ------------------------------------------------------------------------------------------------ pipeline
@@ -270,7 +254,7 @@ class PyramidFlowPipeline:
         self.normalization = (kind_of_dit(dit) if model_name is None else get_kind(model_name)).normalization
         self.scheduler = scheduler or PyramidFlowMatchEulerDiscreteScheduler()
         self.num_stages = self.scheduler.config.stages
-        self.device = _resolve_device(device if device is not None else _device_of(dit))
+        self.device = resolve_device(device if device is not None else _device_of(dit))
         self.dtype = dtype
         self.cpu_offload = cpu_offload
         self.frame_per_unit = frame_per_unit
@@ -309,7 +293,7 @@ class PyramidFlowPipeline:
 
         kind = get_kind(model_name)
         model_path = Path(model_path)
-        device = _pick_device(device)
+        device = resolve_device(device)
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         if cpu_offload and device.type != "cuda":
             raise ValueError("cpu_offload moves modules between the CPU and a CUDA device; it needs device='cuda'")
@@ -494,7 +478,7 @@ class PyramidFlowPipeline:
             height, width = height or img_h, width or img_w
             if (img_h, img_w) != (height, width):
                 raise ValueError(f"image is {img_w}x{img_h} but height x width is {width}x{height}; resize it "
-                                 "first (e.g. pyramid_dit.pipeline.resize_center_crop)")
+                                 "first (e.g. pyramid_dit.resize.resize_crop_image)")
         if height is None or width is None:
             raise ValueError("height and width are required for text-to-video")
         _check_size(height, width, self.num_stages)
@@ -605,14 +589,6 @@ class PyramidFlowPipeline:
             finally:
                 vae.enable_tiling(previous_tiling)
         return ((pixels.float().cpu() + 1) / 2).clamp(0, 1)
-
-
-def _pick_device(device: Union[str, torch.device]) -> torch.device:
-    if isinstance(device, str) and device in ("auto", "cpu", "cuda"):
-        from trainer_misc.distributed import resolve_device
-
-        return _resolve_device(resolve_device(device))
-    return _resolve_device(device)
 
 
 # -------------------------------------------------------------------------------------------- video files

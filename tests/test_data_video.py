@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tools.extract_video_vae_latents import (ClipDataset, ClipError, cover_size, load_clip, plan_frame_indices,
-                                             read_frames, resize_cover_center_crop)
+from pyramid_dit.resize import cover_size, resize_crop_frames
+from tools.extract_video_vae_latents import ClipDataset, ClipError, load_clip, plan_frame_indices, read_frames
 from tools.make_demo_dataset import clip_specs, make_demo_dataset, render_clip, write_mp4
 from trainer_misc.annotation import VideoEntry, load_annotation
 
@@ -88,18 +88,18 @@ def test_cover_size_uses_one_scale_for_both_sides():
 
 def test_crop_without_resize_is_exact():
     frames = torch.randint(0, 256, (3, 48, 80, 3), dtype=torch.uint8)
-    out = resize_cover_center_crop(frames, width=64, height=48)
+    out = resize_crop_frames(frames, width=64, height=48)
     assert torch.equal(out, frames[:, :, 8:72].permute(0, 3, 1, 2).float() / 255)
 
 
 def test_resize_matches_bicubic_antialias_and_center_crop():
     frames = torch.randint(0, 256, (5, 64, 96, 3), dtype=torch.uint8)
-    out = resize_cover_center_crop(frames, width=64, height=48, chunk=2)
+    out = resize_crop_frames(frames, width=64, height=48, chunk=2)
     full = F.interpolate(frames.permute(0, 3, 1, 2).float() / 255, size=(48, 72), mode="bicubic",
                          align_corners=False, antialias=True)
     assert torch.equal(out, full[:, :, :, 4:68])
     flat = torch.full((2, 100, 300, 3), 77, dtype=torch.uint8)
-    assert torch.allclose(resize_cover_center_crop(flat, 48, 64), torch.full((2, 3, 64, 48), 77 / 255), atol=1e-6)
+    assert torch.allclose(resize_crop_frames(flat, 48, 64), torch.full((2, 3, 64, 48), 77 / 255), atol=1e-6)
 
 
 def test_load_clip_range_layout_and_explicit_frames(demo):

@@ -8,7 +8,7 @@ directly as a single process::
 
 Per line: decode the needed frames with decord in one batched read (in DataLoader workers, so the next clip is
 decoded while the current one is encoded), resize to cover ``width x height`` (bicubic, antialiased) and
-center-crop, keep ``8k+1`` frames (at most ``--num_frames``, at least 9), scale to [-1, 1], encode with temporal
+center-crop (:func:`pyramid_dit.resize.resize_crop_frames`), keep ``8k+1`` frames (at most ``--num_frames``, at least 9), scale to [-1, 1], encode with temporal
 chunking (window 16), and write the raw ``latent_dist.sample()`` ``[1, 16, T, h, w]`` under the key ``"latent"``
 to the line's ``latent`` path. The trainer applies the latent shift/scale, as in the reference.
 
@@ -32,10 +32,10 @@ from typing import Sequence
 
 import decord
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from pyramid_dit.resize import resize_crop_frames
 from tools.extraction_common import (DONE, FAILED, SKIPPED, DistContext, ItemResult, default_report_path,
                                      announce_failures, issue_results, parse_dtype, run_extraction, shard)
 from trainer_misc.annotation import IMAGE_SUFFIXES, AnnotationError, VideoEntry, parse_annotation, resolve_data_root
@@ -102,35 +102,10 @@ def read_frames(path: Path, num_frames: int, frames: Sequence[int] | None = None
     return torch.from_numpy(batch)
 
 
-def cover_size(src_w: int, src_h: int, width: int, height: int) -> tuple[int, int]:
-    """Size ``(w, h)`` scaling the source by one factor so it covers ``width x height`` (the reference's rounding)."""
-    scale = max(width / src_w, height / src_h)
-    return round(src_w * scale), round(src_h * scale)
-
-
-def resize_cover_center_crop(frames: torch.Tensor, width: int, height: int, chunk: int = 16) -> torch.Tensor:
-    """uint8 ``[T, H, W, 3]`` -> float ``[T, 3, height, width]`` in [0, 1]: bicubic antialiased resize, center crop.
-
-    Works ``chunk`` frames at a time so a long high-resolution clip never exists as one float tensor.
-    Values may overshoot [0, 1] slightly (bicubic), as in the reference; no clamping.
-    """
-    t, src_h, src_w, _ = frames.shape
-    new_w, new_h = cover_size(src_w, src_h, width, height)
-    top = int(round((new_h - height) / 2.0))
-    left = int(round((new_w - width) / 2.0))
-    out = torch.empty(t, 3, height, width)
-    for start in range(0, t, chunk):
-        x = frames[start:start + chunk].permute(0, 3, 1, 2).float() / 255.0
-        if (new_h, new_w) != (src_h, src_w):
-            x = F.interpolate(x, size=(new_h, new_w), mode="bicubic", align_corners=False, antialias=True)
-        out[start:start + chunk] = x[:, :, top:top + height, left:left + width]
-    return out
-
-
 def load_clip(path: Path, width: int, height: int, num_frames: int,
               frames: Sequence[int] | None = None) -> torch.Tensor:
     """The VAE input for one video: float ``[3, T, height, width]`` in [-1, 1], ``T = 8k+1``."""
-    pixels = resize_cover_center_crop(read_frames(path, num_frames, frames), width, height)
+    pixels = resize_crop_frames(read_frames(path, num_frames, frames), width, height)
     return (pixels * 2.0 - 1.0).permute(1, 0, 2, 3).contiguous()
 
 

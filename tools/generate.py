@@ -157,7 +157,8 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Path]:
 
     import torch
 
-    from pyramid_dit.pipeline import PyramidFlowPipeline, resize_center_crop, save_video
+    from pyramid_dit.pipeline import PyramidFlowPipeline, save_video
+    from pyramid_dit.resize import resize_crop_image
 
     prompts = read_prompts(args)
     image = None
@@ -165,7 +166,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Path]:
         from PIL import Image
 
         with Image.open(args.image) as img:
-            image = resize_center_crop(img.convert("RGB"), args.width, args.height)
+            image = resize_crop_image(img.convert("RGB"), args.width, args.height)
 
     start = time.time()
     pipe = PyramidFlowPipeline.from_pretrained(

@@ -13,17 +13,16 @@ gets :meth:`VideoLatentDataset.group_keys` (latent frame count) or :meth:`ImageD
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from torch.utils.data import Dataset
 
+from pyramid_dit.resize import resize_crop_image
 from pyramid_dit.text_features import TextFeatures
 from trainer_misc.annotation import ImageEntry, VideoEntry
 from trainer_misc.io_utils import (
@@ -206,18 +205,9 @@ def closest_bucket(width: int, height: int, buckets: Sequence[tuple[int, int]]) 
     return int(np.argmin([abs(ratio - bw / bh) for bw, bh in buckets]))
 
 
-def resize_cover_center_crop(image: torch.Tensor, width: int, height: int) -> torch.Tensor:
-    """float ``[3, H, W]`` -> ``[3, height, width]``: one scale factor that covers the target, then center crop."""
-    _, src_h, src_w = image.shape
-    scale = max(width / src_w, height / src_h)
-    new_w, new_h = max(width, math.ceil(src_w * scale)), max(height, math.ceil(src_h * scale))
-    image = F.interpolate(image[None], size=(new_h, new_w), mode="bicubic", align_corners=False, antialias=True)[0]
-    top, left = (new_h - height) // 2, (new_w - width) // 2
-    return image[:, top:top + height, left:left + width]
-
-
 class ImageDataset(Dataset):
-    """Images for text-to-image training, each resized and cropped to its closest aspect-ratio bucket.
+    """Images for text-to-image training, each resized and cropped to its closest aspect-ratio bucket with the
+    reference's t2i size rule and bicubic filter (:func:`pyramid_dit.resize.resize_crop_image`).
 
     Items are ``pixels [3, 1, H, W]`` in [-1, 1] (one frame, so the VAE encodes them as the first frame of a
     video); the trainer encodes them with the VAE on the fly. Unreadable images at start-up are excluded and listed
@@ -260,9 +250,9 @@ class ImageDataset(Dataset):
         width, height = self.buckets[self.bucket_of[index]]
         try:
             with Image.open(entry.image) as im:
-                array = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
-            image = torch.from_numpy(array).permute(2, 0, 1)
-            pixels = resize_cover_center_crop(image, width, height) * 2.0 - 1.0
+                image = resize_crop_image(im.convert("RGB"), width, height, rule="t2i", resample="bicubic")
+            array = np.asarray(image, dtype=np.float32) / 255.0
+            pixels = torch.from_numpy(array).permute(2, 0, 1) * 2.0 - 1.0
             item = {"pixels": pixels[:, None], "text": entry.text, "path": str(entry.image)}
             if self.load_text_fea:
                 item["text_features"] = TextFeatures.from_file(load_text_features(entry.text_fea))

@@ -82,13 +82,21 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def resolve_device(device: str = "auto") -> torch.device:
-    """``auto`` picks this rank's CUDA device when CUDA is present, otherwise the CPU.
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``auto`` picks this rank's CUDA device when CUDA is present, otherwise the CPU; ``cuda`` is this rank's GPU
+    (``LOCAL_RANK``). An explicit device (``"cuda:1"``, a ``torch.device`` with an index, ``"meta"``) is kept.
 
-    ``cuda`` without a GPU is an error rather than a silent CPU run.
+    ``cuda`` without a GPU is an error rather than a silent CPU run. The one device resolver of the project.
     """
-    if device not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
+    if isinstance(device, torch.device) or device not in ("auto", "cpu", "cuda"):
+        try:
+            explicit = torch.device(device)
+        except (RuntimeError, TypeError):
+            raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or a torch device such as 'cuda:1', "
+                             f"got {device!r}") from None
+        if explicit.type != "cuda" or explicit.index is not None:
+            return explicit
+        device = "cuda"
     if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
