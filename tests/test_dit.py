@@ -321,31 +321,41 @@ def _loss_and_grads(model, inputs):
     return loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters()}
 
 
-def test_gradient_checkpointing_same_loss_and_grads():
-    model = tiny_model().train()
+# (ratio, blocks recomputed) for 2 double-stream and 4 single-stream blocks under the reference's rule: blocks with
+# index <= int(n * ratio), i.e. int(n * ratio) + 1 of n (capped at n).
+CHECKPOINT_CASES = [(0.0, 1, 1), (0.5, 2, 3), (0.75, 2, 4)]  # each differs from a ceil(n * ratio) rule
+
+
+@pytest.mark.parametrize("ratio,double,single", CHECKPOINT_CASES)
+def test_gradient_checkpointing_recomputes_the_reference_blocks(ratio, double, single):
+    model = tiny_model(num_single_layers=4).train()
     inputs = make_inputs(AR_COLUMNS)
     loss, grads = _loss_and_grads(model, inputs)
     assert all(g.abs().sum() > 0 for g in grads.values())
 
-    calls = {"double": 0, "single": 0}
-    # pre-hooks: a checkpointed recomputation stops as soon as it has what backward needs
-    count = lambda kind: lambda *_: calls.update({kind: calls[kind] + 1})  # noqa: E731
-    hooks = [model.transformer_blocks[0].register_forward_pre_hook(count("double")),
-             model.single_transformer_blocks[1].register_forward_pre_hook(count("single"))]
-    model.enable_gradient_checkpointing(0.5)  # first ceil(0.5 * 2) = 1 block of each kind
+    calls = {}
+    # pre-hooks: a block runs twice (forward, then recomputed in backward) exactly when it is checkpointed
+    hooks = [block.register_forward_pre_hook(lambda *_, key=(kind, i): calls.update({key: calls.get(key, 0) + 1}))
+             for kind, blocks in (("double", model.transformer_blocks), ("single", model.single_transformer_blocks))
+             for i, block in enumerate(blocks)]
+    model.enable_gradient_checkpointing(ratio)
     loss_ckpt, grads_ckpt = _loss_and_grads(model, inputs)
     for h in hooks:
         h.remove()
-    assert calls == {"double": 2, "single": 1}  # block 0 recomputed in backward, block 1 not
+    recomputed = sorted(key for key, n in calls.items() if n == 2)
+    assert recomputed == [("double", i) for i in range(double)] + [("single", i) for i in range(single)]
     assert torch.equal(loss, loss_ckpt)
     for k in grads:
         assert torch.equal(grads[k], grads_ckpt[k]), k
-
-    model.enable_gradient_checkpointing(1.0)
-    loss_all, grads_all = _loss_and_grads(model, inputs)
-    assert torch.equal(loss, loss_all) and all(torch.equal(grads[k], grads_all[k]) for k in grads)
     model.disable_gradient_checkpointing()
     assert not model.gradient_checkpointing
+
+
+def test_gradient_checkpointing_count_on_the_released_block_counts():
+    """At the training default 0.75 the released 8 + 16 blocks recompute 7 + 13 blocks, as in the reference."""
+    model = tiny_model()
+    model.enable_gradient_checkpointing(0.75)
+    assert (len(model._checkpointed_blocks(8)), len(model._checkpointed_blocks(16))) == (7, 13)
 
 
 def test_config_enables_checkpointing():
