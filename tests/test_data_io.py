@@ -173,3 +173,16 @@ def test_process_killed_mid_write_never_leaves_a_corrupt_target(tmp_path):
 
 def test_default_empty_prompt_path(tmp_path):
     assert default_empty_prompt_path(tmp_path) == tmp_path / io_utils.EMPTY_PROMPT_FILENAME
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_written_files_honour_the_umask(tmp_path, umask):
+    # safetensors alone creates 0600 files: other users of a shared cluster could not read latents or features.
+    old = os.umask(umask)
+    try:
+        assert io_utils.process_umask() == umask
+        path = tmp_path / "x.safetensors"
+        atomic_save_safetensors({"latent": torch.zeros(1, 16, 1, 2, 2)}, path)
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask

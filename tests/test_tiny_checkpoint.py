@@ -93,6 +93,66 @@ def test_clip_pools_the_end_of_text_state(text_dir):
     assert torch.equal(out.pooler_output, out.last_hidden_state[torch.arange(3), eos_pos])
 
 
+def test_clip_weights_carry_the_released_key_names(text_dir):
+    # transformers 4.x loads CLIPTextModel only from "text_model."-prefixed keys (the released layout); without the
+    # prefix the weights would silently stay random there.
+    from transformers import CLIPTextModel
+
+    stored = load_file(str(text_dir / "text_encoder" / "model.safetensors"))
+    assert stored and all(key.startswith("text_model.") for key in stored)
+    model, info = CLIPTextModel.from_pretrained(text_dir / "text_encoder", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    loaded = model.state_dict()
+    for key, value in stored.items():
+        name = key if key in loaded else key[len("text_model."):]
+        assert torch.equal(loaded[name], value), key
+
+
+_OLDEST_TRANSFORMERS_SCRIPT = """
+import sys, torch, transformers
+from safetensors.torch import save_file
+from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
+root, caption, out = sys.argv[1:]
+clip, clip_info = CLIPTextModel.from_pretrained(root + "/text_encoder", output_loading_info=True)
+t5, t5_info = T5EncoderModel.from_pretrained(root + "/text_encoder_2", output_loading_info=True)
+for name, info in (("text_encoder", clip_info), ("text_encoder_2", t5_info)):
+    bad = info["missing_keys"] + info["unexpected_keys"]
+    assert not bad, f"transformers {transformers.__version__} {name}: {len(bad)} keys do not match: {bad[:4]}"
+with torch.no_grad():
+    pooled = clip(CLIPTokenizer.from_pretrained(root + "/tokenizer")([caption], return_tensors="pt").input_ids).pooler_output
+    seq = t5(T5TokenizerFast.from_pretrained(root + "/tokenizer_2")([caption], return_tensors="pt").input_ids).last_hidden_state
+save_file({"pooled": pooled.contiguous(), "seq": seq.contiguous()}, out, metadata={"version": transformers.__version__})
+"""
+
+
+def test_text_encoders_load_with_the_oldest_supported_transformers(text_dir, tmp_path):
+    """The oldest transformers requirements.txt allows (4.44, installed beside ours by .ci/run) loads the tiny text
+    encoders with every key matched and computes what the installed version computes."""
+    import os
+
+    from safetensors import safe_open
+    from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
+
+    oldest = os.environ.get("PYRAMID_OLDEST_TRANSFORMERS")
+    if not oldest:
+        pytest.skip("PYRAMID_OLDEST_TRANSFORMERS is not set (.ci/run installs transformers 4.44.2 there)")
+    out = tmp_path / "oldest.safetensors"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([oldest, str(REPO_ROOT)])}
+    result = subprocess.run([sys.executable, "-c", _OLDEST_TRANSFORMERS_SCRIPT, str(text_dir), CAPTION, str(out)],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with safe_open(str(out), "pt") as f:
+        assert f.metadata()["version"] == "4.44.2"
+        old = {k: f.get_tensor(k) for k in f.keys()}
+    with torch.no_grad():
+        clip = CLIPTextModel.from_pretrained(text_dir / "text_encoder").eval()
+        pooled = clip(CLIPTokenizer.from_pretrained(text_dir / "tokenizer")([CAPTION], return_tensors="pt").input_ids)
+        t5 = T5EncoderModel.from_pretrained(text_dir / "text_encoder_2").eval()
+        seq = t5(T5TokenizerFast.from_pretrained(text_dir / "tokenizer_2")([CAPTION], return_tensors="pt").input_ids)
+    torch.testing.assert_close(old["pooled"], pooled.pooler_output, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(old["seq"], seq.last_hidden_state, rtol=1e-5, atol=1e-5)
+
+
 def test_clip_vocab_files_match_tokenizer_json(text_dir, tmp_path):
     """vocab.json + merges.txt (what transformers 4.x's slow CLIPTokenizer reads) encode like tokenizer.json."""
     from transformers import CLIPTokenizer

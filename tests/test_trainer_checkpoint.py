@@ -136,3 +136,18 @@ def test_export_pretrained_is_a_diffusers_folder(tmp_path):
     export_pretrained(model, model.state_dict(), tmp_path / "transformer")
     assert not (tmp_path / "transformer.tmp").exists()
     assert torch.equal(cls.from_pretrained(out).proj.weight, model.proj.weight)
+
+
+def test_exported_folder_honours_the_umask(tmp_path):
+    import os
+
+    cls = _toy_diffusers_class()
+    model = cls(width=6)
+    old = os.umask(0o022)
+    try:
+        out = export_pretrained(model, model.state_dict(), tmp_path / "transformer")
+    finally:
+        os.umask(old)
+    assert out.stat().st_mode & 0o777 == 0o755
+    assert {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()} == {
+        "config.json": 0o644, "diffusion_pytorch_model.safetensors": 0o644}

@@ -307,6 +307,24 @@ def _construct(factory, *args, **kwargs):
         return factory(*args, **kwargs)
 
 
+# The released CLIP text encoder names its weights "text_model.<...>". transformers 5 saves a CLIPTextModel without
+# that prefix and loads either form; transformers 4.x loads only the prefixed form (the other one silently stays
+# random: 36 missing + 36 unexpected keys). We write the released form, which every supported version loads.
+CLIP_KEY_PREFIX = "text_model."
+
+
+def _save_clip_text_encoder(clip: nn.Module, folder: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    clip.save_pretrained(folder)
+    weights = folder / "model.safetensors"
+    state = load_file(str(weights))
+    if not all(key.startswith(CLIP_KEY_PREFIX) for key in state):
+        state = {key if key.startswith(CLIP_KEY_PREFIX) else CLIP_KEY_PREFIX + key: value
+                 for key, value in state.items()}
+        save_file(state, str(weights), metadata={"format": "pt"})
+
+
 def build_text_components(out_dir: str | Path, seed: int = 0) -> Path:
     """Write ``text_encoder/``, ``tokenizer/``, ``text_encoder_2/``, ``tokenizer_2/`` into ``out_dir``.
 
@@ -336,7 +354,7 @@ def build_text_components(out_dir: str | Path, seed: int = 0) -> Path:
     )
     clip = _construct(CLIPTextModel, clip_config).eval()
     randomize_parameters_(clip, _generator(seed, "text_encoder"))
-    clip.save_pretrained(out_dir / "text_encoder")
+    _save_clip_text_encoder(clip, out_dir / "text_encoder")
 
     t5_tokenizer = build_t5_tokenizer()
     t5_tokenizer.save_pretrained(out_dir / "tokenizer_2")
@@ -430,11 +448,13 @@ def _refuse_existing(out_dir: Path, overwrite: bool) -> None:
         raise FileExistsError(f"{out_dir} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
 
 
-def _make_world_readable(root: Path) -> None:
-    """mkdtemp creates 0700 and safetensors writes 0600; a model folder is meant to be shared and read by all."""
-    root.chmod(0o755)
+def _honour_umask_tree(root: Path) -> None:
+    """mkdtemp creates 0700 and safetensors writes 0600; give the model folder the modes the umask allows."""
+    from trainer_misc.io_utils import honour_umask
+
+    honour_umask(root)
     for path in root.rglob("*"):
-        path.chmod(0o755 if path.is_dir() else 0o644)
+        honour_umask(path)
 
 
 def build_tiny_checkpoint(out_dir: str | Path, seed: int = 0, overwrite: bool = False,
@@ -454,7 +474,7 @@ def build_tiny_checkpoint(out_dir: str | Path, seed: int = 0, overwrite: bool = 
         if kind not in KINDS:
             raise ValueError(f"kind={kind!r} must be one of {KINDS}")
         _build_components(tmp_dir, seed, kind)
-        _make_world_readable(tmp_dir)
+        _honour_umask_tree(tmp_dir)
         _refuse_existing(out_dir, overwrite)  # again: another process may have written it meanwhile
         if out_dir.is_dir() and any(out_dir.iterdir()):
             old_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))

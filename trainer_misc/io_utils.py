@@ -63,6 +63,31 @@ def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
     return removed
 
 
+def process_umask() -> int:
+    """The process umask. Read from /proc where possible: setting it to read it back, even briefly, races with
+    other threads creating files."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def honour_umask(path: str | os.PathLike) -> None:
+    """Give ``path`` the mode a plain ``open``/``mkdir`` would have: 0666 (file) or 0777 (folder) minus the umask.
+
+    safetensors writes its files 0600 and ``tempfile`` creates 0600 files and 0700 folders, whatever the umask; on a
+    shared cluster, latents, features and exported models must be readable by whoever the umask allows.
+    """
+    base = 0o777 if os.path.isdir(path) else 0o666
+    os.chmod(path, base & ~process_umask())
+
+
 def _fsync_dir(directory: Path) -> None:
     if os.name != "posix":  # directories cannot be opened for fsync on Windows; os.replace is still atomic there
         return
@@ -99,6 +124,7 @@ def atomic_save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.
 
     The data goes to a temp file in the same directory, is fsynced, then renamed over ``path``; a process killed at
     any moment leaves at most a ``.<name>.*.tmp`` file, never a truncated ``path``. Parent directories are created.
+    The file gets the mode the umask allows (safetensors alone would make it 0600).
     """
     path = Path(path)
     if path.suffix not in SAFETENSORS_SUFFIXES:
@@ -108,6 +134,7 @@ def atomic_save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.
     tmp = _temp_name(path)
     try:
         save_file(payload, str(tmp), metadata=dict(metadata) if metadata else None)
+        honour_umask(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
