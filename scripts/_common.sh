@@ -1,7 +1,8 @@
 # Shared by the scripts in this folder (POSIX sh; sourced, not run). Callers set SCRIPT_NAME first.
 #   die MSG            print "SCRIPT_NAME: MSG" to stderr and exit 2 (nothing was launched)
 #   is_uint V          true when V is a non-negative integer
-#   detect_gpus        sets GPUS (if unset) to the visible GPU count, or 1 without GPUs; sets HAVE_GPU=0|1
+#   detect_gpus        sets GPUS (if unset) to the visible GPU count, or 1 without GPUs; sets HAVE_GPU=0|1 (and
+#                      DS_ACCELERATOR=cpu without GPUs)
 #   launch SCRIPT ...  python3 when one process on one node, else torchrun (multi-node via NNODES, NODE_RANK,
 #                      MASTER_ADDR, MASTER_PORT; with NNODES>1 the first two must be set)
 REPO=$(cd "$(dirname "$0")/.." && pwd)
@@ -12,6 +13,8 @@ is_uint() { case "$1" in ''|*[!0-9]*) return 1 ;; *) return 0 ;; esac; }
 detect_gpus() {
     NGPU=$(python3 -c "import torch; print(torch.cuda.device_count())") || die "python3 with torch is needed"
     HAVE_GPU=0; [ "$NGPU" -gt 0 ] && HAVE_GPU=1
+    # No GPU: tell DeepSpeed so, instead of each process logging "Setting accelerator to CPU" as it guesses.
+    if [ "$HAVE_GPU" -eq 0 ] && [ -z "${DS_ACCELERATOR:-}" ]; then export DS_ACCELERATOR=cpu; fi
     if [ -z "${GPUS:-}" ]; then GPUS=$NGPU; [ "$GPUS" -gt 0 ] || GPUS=1; fi
     is_uint "$GPUS" && [ "$GPUS" -gt 0 ] || die "GPUS=$GPUS must be a positive integer (processes per node)"
 }

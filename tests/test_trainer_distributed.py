@@ -153,6 +153,8 @@ def _launch(tmp: Path, name: str, config: dict, **extra) -> list[dict]:
     # TORCHDYNAMO_DISABLE: DeepSpeed's optimizer check imports a module that calls torch.compile at import time,
     # which loads inductor (~6 s of CPU per process); the toy runs never compile anything.
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), TOKENIZERS_PARALLELISM="false", TORCHDYNAMO_DISABLE="1")
+    # A private extensions folder: shows whether DeepSpeed JIT-compiled any C++ op (it must not on CPU).
+    env["TORCH_EXTENSIONS_DIR"] = str(tmp / "torch_extensions")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(_free_port()), str(Path(__file__).resolve()), str(spec_file)]
     proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
@@ -203,6 +205,13 @@ def test_zero2_world_size_and_optimizer_sharding(zero2_runs):
         assert sh["param_numel_local"] == sh["param_numel_total"]
         assert 0 < sh["optim_state_numel_local"] < sh["param_numel_total"]
         assert sh["optim_state_numel_local"] <= (sh["param_numel_total"] + 1) // 2 + 64  # + alignment padding
+
+
+def test_zero2_on_cpu_compiles_no_deepspeed_op(zero2_runs):
+    # DeepSpeed would otherwise build its deepspeed_shm_comm op with g++ (~2 min, silent) on the first CPU launch.
+    _, _, full_dir, _ = zero2_runs
+    extensions = full_dir.parent / "torch_extensions"
+    assert not extensions.exists() or not any(extensions.iterdir()), sorted(extensions.rglob("*"))
 
 
 def test_zero2_sync_group_reads_same_clip_at_different_positions(zero2_runs):

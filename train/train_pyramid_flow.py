@@ -262,8 +262,9 @@ def build_model_side(args: argparse.Namespace, device: torch.device) -> ModelSid
     encode_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.model_dtype]
     if args.load_vae or args.task == "t2i":
         from video_vae.modeling_causal_vae import CausalVideoVAE
-        side.vae = CausalVideoVAE.from_pretrained(Path(args.model_path) / "causal_video_vae").to(device,
-                                                                                                  encode_dtype).eval()
+        # dtype at load, not .to(dtype): diffusers warns on every .to(dtype) of a model
+        side.vae = CausalVideoVAE.from_pretrained(Path(args.model_path) / "causal_video_vae",
+                                                  torch_dtype=encode_dtype).to(device).eval()
         side.vae.requires_grad_(False)
     if args.load_text_encoder:
         side.text_encoder = kind.load_text_encoder(args.model_path, torch_dtype=encode_dtype).to(device)
@@ -298,6 +299,18 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
         tensorboard=args.report_to == "tensorboard", validate_every=args.validation_every)
 
 
+def run_summary(result, world_size: int, output_dir: str) -> str:
+    """The closing line; a run that resumed at its last step says so instead of quoting losses it never had."""
+    exported = ", ".join(map(str, result.exported)) or "nothing"
+    if not result.records:
+        return (f"done: nothing to train: {output_dir} already holds a finished run of {result.final_step} steps "
+                f"(resumed at step {result.start_step}); exported {exported}. Use a new OUTPUT_DIR to train again, "
+                "or raise EPOCHS / ITERS_PER_EPOCH to train further.")
+    return (f"done: {result.final_step} steps (from {result.start_step}), loss {result.records[0].loss:.4f} -> "
+            f"{result.records[-1].loss:.4f}, world size {world_size}; {result.bad_samples} unreadable samples "
+            f"skipped; exported {exported}")
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -323,11 +336,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if trace is not None:
             trace.write({"sharding": result.engine.sharding_report()})
         if result.engine.is_main:
-            first = result.records[0].loss if result.records else float("nan")
-            last = result.records[-1].loss if result.records else float("nan")
-            logger.info("done: %d steps (from %d), loss %.4f -> %.4f, world size %d; %d unreadable samples "
-                        "skipped; exported %s", result.final_step, result.start_step, first, last, get_world_size(),
-                        result.bad_samples, ", ".join(map(str, result.exported)) or "nothing")
+            logger.info("%s", run_summary(result, get_world_size(), args.output_dir))
     finally:
         destroy_process_group()
     return 0

@@ -25,6 +25,7 @@ import datetime
 import logging
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
@@ -133,6 +134,24 @@ def reset_accelerate_state() -> None:
     os.environ.pop("ACCELERATE_USE_DEEPSPEED", None)
 
 
+DEEPSPEED_SHM_COMM_OP = "deepspeed_shm_comm"  # ShareMemCommBuilder.NAME
+
+
+def skip_deepspeed_shm_comm_build() -> None:
+    """Keep DeepSpeed from JIT-compiling its ``deepspeed_shm_comm`` C++ op when it starts on the CPU.
+
+    DeepSpeed's communication backend builds that op (g++ and ninja, ~2 minutes on 2 cores, silent) the first time
+    it starts on a CPU, but uses it only for ``inference_all_reduce`` (tensor-parallel inference), which training
+    never calls; every training collective goes through torch.distributed (gloo). Marking the op incompatible in
+    DeepSpeed's own table of compatible ops (a dict it keeps for the process) makes it skip the build.
+    """
+    import deepspeed.ops
+
+    compatible = getattr(deepspeed.ops, "__compatible_ops__", None)
+    if isinstance(compatible, dict):
+        compatible[DEEPSPEED_SHM_COMM_OP] = False
+
+
 def build_accelerator(cfg: EngineConfig):
     """Create the Accelerator for ``cfg`` and verify it really is what was asked for.
 
@@ -149,6 +168,11 @@ def build_accelerator(cfg: EngineConfig):
                            "silently replace DeepSpeed by DDP. Unset ACCELERATE_USE_CPU.")
     if cfg.uses_deepspeed:
         ensure_launcher_env()
+        if device.type == "cpu":
+            skip_deepspeed_shm_comm_build()
+        # DeepSpeed's ZeRO calls collectives torch now marks deprecated, on every rank; nothing a user can change.
+        warnings.filterwarnings("ignore", category=FutureWarning,
+                                message=r"`torch\.distributed\.\w+` is deprecated\. Please use `torch\.distributed\.")
     timeout = datetime.timedelta(minutes=cfg.process_group_timeout_min)
     if "LOCAL_RANK" in os.environ:  # launched (or made to look launched): name the backend explicitly
         handlers = [InitProcessGroupKwargs(backend=backend_for_device(device), timeout=timeout)]
