@@ -3,7 +3,7 @@
 # folder and optionally a finetuned DiT (DIT_PATH: a folder exported by the trainer; DIT_WEIGHT: a state-dict file).
 #
 # Every variable below can be set from the environment, e.g.
-#   MODEL_PATH=ckpt/pyramid-flow-miniflux DIT_PATH=output/run1/dit_ema PROMPT="a red ball on a beach" \
+#   MODEL_PATH=ckpt/pyramid-flow-miniflux DIT_PATH=runs/run1/export/transformer_ema PROMPT="a red ball on a beach" \
 #     OUTPUT=out/ball.mp4 sh scripts/generate.sh
 # The tiny test model (no GPU needed):
 #   python3 tools/build_tiny_checkpoint.py --out /tmp/tiny && MODEL_PATH=/tmp/tiny HEIGHT=64 WIDTH=64 TEMP=3 \

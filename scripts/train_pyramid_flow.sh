@@ -26,6 +26,7 @@ SCRIPT_NAME=train_pyramid_flow.sh
 : "${RESOLUTION:=384p}"               # 384p | 768p | WIDTHxHEIGHT (must match the extracted latents)
 : "${NUM_FRAMES:=16}"                 # latent frames per clip: 16 for 5 s, 32 for 10 s
 : "${ANNO_FILE:=annotation/video_text.jsonl}"
+: "${DATA_ROOT:=}"                    # root for relative paths in ANNO_FILE (default: $PYRAMID_DATA_ROOT, else ANNO_FILE's folder)
 : "${MODEL_DTYPE:=}"                  # bf16 | fp16 | fp32 (default: bf16 on GPU, fp32 on CPU)
 : "${LR:=5e-5}"
 : "${WARMUP_STEPS:=1000}"
@@ -37,6 +38,7 @@ SCRIPT_NAME=train_pyramid_flow.sh
 : "${EXTRA_ARGS:=}"                   # more flags for train/train_pyramid_flow.py (see --help)
 
 check_train_vars
+[ -z "$DATA_ROOT" ] || [ -d "$DATA_ROOT" ] || die "DATA_ROOT=$DATA_ROOT is not a folder; set it to the folder the relative paths in ANNO_FILE start from"
 detect_gpus
 [ -n "$MODEL_DTYPE" ] || { if [ "$HAVE_GPU" -eq 1 ]; then MODEL_DTYPE=bf16; else MODEL_DTYPE=fp32; fi; }
 is_uint "$VIDEO_SYNC_GROUP" && [ "$VIDEO_SYNC_GROUP" -gt 0 ] || die "VIDEO_SYNC_GROUP=$VIDEO_SYNC_GROUP must be a positive integer"
@@ -56,5 +58,6 @@ set -- "$REPO/train/train_pyramid_flow.py" --task t2v --use_temporal_pyramid --s
     --iters_per_epoch "$ITERS_PER_EPOCH" --save_ckpt_freq "$SAVE_CKPT_FREQ" --num_workers "$NUM_WORKERS" \
     --seed 42
 [ "$GRADIENT_CHECKPOINTING" = 0 ] || set -- "$@" --gradient_checkpointing
+[ -z "$DATA_ROOT" ] || set -- "$@" --data_root "$DATA_ROOT"
 # shellcheck disable=SC2086  # EXTRA_ARGS is a list of flags
 launch "$@" $EXTRA_ARGS

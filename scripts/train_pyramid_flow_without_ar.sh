@@ -23,6 +23,7 @@ SCRIPT_NAME=train_pyramid_flow_without_ar.sh
 : "${GRAD_ACCU_STEPS:=1}"
 : "${RESOLUTION:=768p}"               # 384p | 768p | WIDTHxHEIGHT
 : "${ANNO_FILE:=annotation/image_text.jsonl}"
+: "${DATA_ROOT:=}"                    # root for relative paths in ANNO_FILE (default: $PYRAMID_DATA_ROOT, else ANNO_FILE's folder)
 : "${MODEL_DTYPE:=}"                  # bf16 | fp16 | fp32 (default: bf16 on GPU, fp32 on CPU)
 : "${LR:=1e-4}"
 : "${WARMUP_STEPS:=1000}"
@@ -35,6 +36,7 @@ SCRIPT_NAME=train_pyramid_flow_without_ar.sh
 : "${EXTRA_ARGS:=}"
 
 check_train_vars
+[ -z "$DATA_ROOT" ] || [ -d "$DATA_ROOT" ] || die "DATA_ROOT=$DATA_ROOT is not a folder; set it to the folder the relative paths in ANNO_FILE start from"
 case "$TASK" in t2i|t2v) ;; *) die "TASK=$TASK must be t2i or t2v" ;; esac
 detect_gpus
 [ -n "$MODEL_DTYPE" ] || { if [ "$HAVE_GPU" -eq 1 ]; then MODEL_DTYPE=bf16; else MODEL_DTYPE=fp32; fi; }
@@ -48,6 +50,7 @@ set -- "$REPO/train/train_pyramid_flow.py" --task "$TASK" --shard_strategy "$SHA
     --iters_per_epoch "$ITERS_PER_EPOCH" --save_ckpt_freq "$SAVE_CKPT_FREQ" --num_workers "$NUM_WORKERS" \
     --seed 42
 [ "$GRADIENT_CHECKPOINTING" = 0 ] || set -- "$@" --gradient_checkpointing
+[ -z "$DATA_ROOT" ] || set -- "$@" --data_root "$DATA_ROOT"
 [ "$LOAD_TEXT_ENCODER" = 0 ] || set -- "$@" --load_text_encoder
 # shellcheck disable=SC2086
 launch "$@" $EXTRA_ARGS

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -129,3 +130,41 @@ def test_multinode_launch_passes_rendezvous_and_prints_it_once(fake_model, fake_
     assert launcher == ["--nnodes", "2", "--node_rank", "1", "--master_addr", "10.0.0.1", "--master_port", "29500",
                         "--nproc_per_node", "2"]
     assert args[args.index("--nproc_per_node") + 2].endswith("train/train_pyramid_flow.py")
+
+
+@pytest.mark.parametrize("script", [AR, NON_AR])
+def test_data_root_reaches_the_trainer(fake_model, tmp_path, script):
+    # A python3 stand-in on PATH: answers the scripts' GPU probe (python3 -c ...) with the real interpreter and
+    # records the launch command instead of training.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    record = tmp_path / "launch_args"
+    fake = bin_dir / "python3"
+    fake.write_text(f'#!/bin/sh\nif [ "$1" = -c ]; then exec "{os.path.realpath(sys.executable)}" "$@"; fi\n'
+                    f'printf "%s\\n" "$@" > "{record}"\n')
+    fake.chmod(0o755)
+    env = {**fake_model, "GPUS": "1", "VIDEO_SYNC_GROUP": "1", "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    data_root = tmp_path / "data"
+    data_root.mkdir()
+    result = run_script(script, {**env, "DATA_ROOT": str(data_root)})
+    assert result.returncode == 0, result.stderr
+    args = record.read_text().splitlines()
+    assert args[args.index("--data_root") + 1] == str(data_root)
+
+    result = run_script(script, {**env, "DATA_ROOT": str(tmp_path / "missing")})
+    assert result.returncode == 2
+    assert f"DATA_ROOT={tmp_path / 'missing'} is not a folder" in result.stderr
+
+
+def test_summary_of_a_rerun_that_had_nothing_to_train_quotes_no_loss():
+    from types import SimpleNamespace
+
+    from train.train_pyramid_flow import run_summary
+    finished = SimpleNamespace(records=[], start_step=8, final_step=8, bad_samples=0, exported=["runs/x/export"])
+    line = run_summary(finished, 2, "runs/x")
+    assert "nan" not in line
+    assert line.startswith("done: nothing to train: runs/x already holds a finished run of 8 steps")
+    trained = SimpleNamespace(records=[SimpleNamespace(loss=1.5), SimpleNamespace(loss=1.25)], start_step=4,
+                              final_step=8, bad_samples=1, exported=[])
+    assert run_summary(trained, 2, "runs/x") == ("done: 8 steps (from 4), loss 1.5000 -> 1.2500, world size 2; "
+                                                 "1 unreadable samples skipped; exported nothing")
