@@ -246,3 +246,28 @@ def test_run_level_errors_are_one_clear_line(tiny_ckpt, tmp_path, capsys):
         main(["--model_path", str(tiny_ckpt), "--anno_file", "x", "--num_frames", "16"])
     with pytest.raises(SystemExit, match="multiples of 8"):
         main(["--model_path", str(tiny_ckpt), "--anno_file", "x", "--width", "60"])
+
+
+def test_num_frames_beyond_every_clip_is_said_once_with_counts(tiny_ckpt, tmp_path, capsys):
+    make_demo_dataset(tmp_path, num_clips=2, num_frames=17, width=64, height=48, images=False)
+    assert main(["--model_path", str(tiny_ckpt / "causal_video_vae"), "--anno_file", str(tmp_path / "video_text.jsonl"),
+                 "--width", "64", "--height", "48", "--num_frames", "33", "--model_dtype", "fp32",
+                 "--num_workers", "0", "--no_progress", "--latent_kind", "mean"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("note:") == 1
+    assert ("note: --num_frames (NUM_FRAMES) 33 is more than every clip has: all 2 clips extracted were cut to 17 "
+            "frames at most, i.e. 3 latent frames, not 5.") in err
+    assert load_latent(tmp_path / "latents" / "clip_00.safetensors").shape[2] == 3
+
+
+def test_short_clips_note_counts_only_the_short_ones():
+    from tools.extract_video_vae_latents import short_clips_note
+    from tools.extraction_common import ItemResult
+
+    def done(frames: int) -> ItemResult:
+        return ItemResult(line=1, status="done", extra={"frames": frames})
+
+    assert short_clips_note([done(33), done(33)], 33) is None
+    assert short_clips_note([done(33), done(17), done(9), ItemResult(line=4, status="failed")], 33) == (
+        "note: 2 of 3 clips extracted have fewer than --num_frames (NUM_FRAMES) 33 frames (shortest: 9 frames = "
+        "2 latent frames); their latents are shorter than the others'.")

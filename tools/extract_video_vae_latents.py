@@ -346,10 +346,27 @@ def encode_and_write(vae, item: dict, args: argparse.Namespace, ctx: DistContext
                       extra={"frames": frames, "shape": list(latent.shape)}, **base)
 
 
+def short_clips_note(results: Sequence[ItemResult], num_frames: int) -> str | None:
+    """One line when clips gave fewer frames than ``--num_frames``, with the counts: their latents are shorter,
+    and training (which uses each clip at its own length, up to NUM_FRAMES latent frames) gets fewer frames."""
+    done = [r.extra["frames"] for r in results if r.status == DONE and "frames" in r.extra]
+    short = [f for f in done if f < num_frames]
+    if not short:
+        return None
+    latent = lambda frames: (frames - 1) // FRAME_GROUP + 1  # noqa: E731
+    if len(short) == len(done):
+        return (f"note: --num_frames (NUM_FRAMES) {num_frames} is more than every clip has: all {len(done)} clips "
+                f"extracted were cut to {max(short)} frames at most, i.e. {latent(max(short))} latent frames, not "
+                f"{latent(num_frames)}. Training gets at most {latent(max(short))} latent frames per clip.")
+    return (f"note: {len(short)} of {len(done)} clips extracted have fewer than --num_frames (NUM_FRAMES) "
+            f"{num_frames} frames (shortest: {min(short)} frames = {latent(min(short))} latent frames); their latents "
+            "are shorter than the others'.")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     check_args(args)
-    return run_extraction(run, args, what="VAE latents")
+    return run_extraction(run, args, what="VAE latents", note=lambda rs: short_clips_note(rs, args.num_frames))
 
 
 if __name__ == "__main__":

@@ -171,8 +171,9 @@ def default_report_path(outputs: Iterable[Path], fallback_dir: Path, name: str) 
 
 
 def finish(ctx: DistContext, results: list[ItemResult], *, what: str, anno_file: str | os.PathLike,
-           report_path: Path | None) -> int:
-    """Gather results, print the summary and write the report on rank 0, tear down; return the exit status.
+           report_path: Path | None, note: Callable[[Sequence[ItemResult]], str | None] | None = None) -> int:
+    """Gather results, print the summary (and the tool's ``note`` on all results, if any) and write the report on
+    rank 0, tear down; return the exit status.
 
     Every rank returns the same status (1 when any item failed anywhere), so torchrun's exit status is honest.
     """
@@ -180,6 +181,9 @@ def finish(ctx: DistContext, results: list[ItemResult], *, what: str, anno_file:
     status = 1 if any(r.status == FAILED for r in all_results) else 0
     if ctx.is_main:
         print(summary_text(all_results, what, anno_file), file=sys.stderr, flush=True)
+        text = note(all_results) if note is not None else None
+        if text:
+            print(text, file=sys.stderr, flush=True)
         if report_path is not None:
             try:
                 write_report(report_path, all_results)
@@ -202,7 +206,7 @@ def finish(ctx: DistContext, results: list[ItemResult], *, what: str, anno_file:
 
 
 def run_extraction(run: Callable[[object, DistContext], tuple[list[ItemResult], Path | None]], args, *,
-                   what: str) -> int:
+                   what: str, note: Callable[[Sequence[ItemResult]], str | None] | None = None) -> int:
     """Start the process group, run one tool over this rank's share, then summarise (see :func:`finish`).
 
     Run-level problems (no annotation file, no model folder) print one clear line per rank, no traceback, and
@@ -215,4 +219,4 @@ def run_extraction(run: Callable[[object, DistContext], tuple[list[ItemResult], 
         print(f"ERROR (rank {ctx.rank}): {e}", file=sys.stderr, flush=True)
         shutdown_distributed()
         return 2
-    return finish(ctx, results, what=what, anno_file=args.anno_file, report_path=report)
+    return finish(ctx, results, what=what, anno_file=args.anno_file, report_path=report, note=note)
