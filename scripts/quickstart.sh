@@ -15,16 +15,15 @@ SCRIPT_NAME=quickstart.sh
 check_model_name
 export MODEL_NAME                           # every script below takes the kind from it
 if [ "$MODEL_NAME" = pyramid_flux ]; then DEFAULT_DIR=outputs/quickstart; else DEFAULT_DIR=outputs/quickstart_$MODEL_NAME; fi
-: "${QUICKSTART_DIR:=$DEFAULT_DIR}"         # where everything is written (reruns reuse what is there)
+: "${QUICKSTART_DIR:=$DEFAULT_DIR}"         # where everything is written (a rerun reuses the model, clips,
+                                            # latents and features, and trains again from scratch)
 : "${GPUS:=}"                               # processes (default: 2 on CPU, min(2, visible GPUs) with GPUs)
 : "${SHARD_STRATEGY:=zero2}"                # zero2 | zero3 | ddp
 
 banner() { printf '\n==> %s\n' "$*"; }
 
-if ! python3 -c "import torch, diffusers, transformers, accelerate, deepspeed, decord, safetensors, einops, imageio_ffmpeg" 2>/dev/null; then
-    banner "installing requirements (pip install -r requirements.txt)"
-    DS_BUILD_OPS=0 python3 -m pip install -r "$REPO/requirements.txt"
-fi
+banner "0/6 requirements (scripts/install.sh: only what is missing; CPU torch when there is no NVIDIA GPU)"
+sh "$REPO/scripts/install.sh" --if-missing
 
 if [ -z "$GPUS" ]; then
     detect_gpus
@@ -60,6 +59,10 @@ train() {  # $1 = optimizer steps in total
         sh "$REPO/scripts/train_pyramid_flow.sh"
 }
 banner "5/6 autoregressive training: 4 steps, then a second launch that resumes and trains to 8"
+if [ -d "$RUN" ]; then
+    echo "removing the training run of an earlier quickstart ($RUN): the quickstart always trains its 4 + 4 steps anew"
+    rm -rf "$RUN"
+fi
 train 4
 train 8
 
