@@ -26,6 +26,8 @@ launch() {
         exec python3 "$@"
     fi
     if command -v torchrun >/dev/null 2>&1; then RUN=torchrun; else RUN="python3 -m torch.distributed.run"; fi
+    # torchrun's own default with several processes per node, set here so it does not print a 4-line banner.
+    if [ "$GPUS" -gt 1 ] && [ -z "${OMP_NUM_THREADS:-}" ]; then export OMP_NUM_THREADS=1; fi
     if [ "$NNODES" -eq 1 ]; then
         # shellcheck disable=SC2086  # RUN may be several words
         exec $RUN --standalone --nproc_per_node "$GPUS" "$@"
