@@ -316,10 +316,12 @@ class PyramidFlowPipeline:
                 raise FileNotFoundError(f"DiT variant folder {dit_folder} (config.json) not found; variants in "
                                         f"{model_path}: {found or 'none'}")
         dit = kind.dit().from_pretrained(dit_folder, torch_dtype=dtype)
-        if dit_weight is not None:
-            from trainer_misc.checkpoint import load_dit_weights
+        from trainer_misc.checkpoint import check_finite_weights, load_dit_weights
 
-            load_dit_weights(dit, dit_weight)
+        if dit_weight is not None:
+            load_dit_weights(dit, dit_weight)  # refuses NaN / inf tensors, naming them
+        else:
+            check_finite_weights(dit, str(dit_folder))
         dit.requires_grad_(False).eval()
 
         vae = None
@@ -510,9 +512,14 @@ class PyramidFlowPipeline:
                     guidance_scale if first else video_guidance_scale, noise,
                 ))
         latents = torch.cat(generated, dim=2)
+        if not bool(torch.isfinite(latents).all()):  # else NaN decodes to a black video, silently
+            raise ValueError("the generated latents contain NaN or inf values: the DiT weights or the sampling "
+                             "settings are broken (check the weights you loaded; try --dtype fp32)")
         if output_type == "latent":
             return latents
         video = self.decode_latents(latents, window_size=decode_window, tile_size=vae_tile_size)
+        if not bool(torch.isfinite(video).all()):
+            raise ValueError("the decoded video contains NaN or inf values: the VAE weights or --dtype are broken")
         if output_type == "pt":
             return video
         return to_uint8(video)

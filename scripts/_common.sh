@@ -30,7 +30,7 @@ launch() {
     if [ "$GPUS" -gt 1 ] && [ -z "${OMP_NUM_THREADS:-}" ]; then export OMP_NUM_THREADS=1; fi
     if [ "$NNODES" -eq 1 ]; then
         # shellcheck disable=SC2086  # RUN may be several words
-        exec $RUN --standalone --nproc_per_node "$GPUS" "$@"
+        supervise $RUN --standalone --nproc_per_node "$GPUS" "$@"
     fi
     # Several nodes: a default address or rank would make a node wait on its own localhost or claim rank 0
     # a second time (a hang, not an error), so both must be given on every node.
@@ -40,7 +40,7 @@ launch() {
     is_uint "$MASTER_PORT" || die "MASTER_PORT=$MASTER_PORT must be a port number"
     echo "$SCRIPT_NAME: rendezvous $MASTER_ADDR:$MASTER_PORT, this is node $NODE_RANK of $NNODES, $GPUS processes per node ($((NNODES * GPUS)) in all)" >&2
     # shellcheck disable=SC2086
-    exec $RUN --nnodes "$NNODES" --node_rank "$NODE_RANK" --master_addr "$MASTER_ADDR" \
+    supervise $RUN --nnodes "$NNODES" --node_rank "$NODE_RANK" --master_addr "$MASTER_ADDR" \
         --master_port "$MASTER_PORT" --nproc_per_node "$GPUS" "$@"
 }
 
@@ -51,6 +51,27 @@ check_model_name() {
         pyramid_mmdit) TEXT_SUBFOLDERS="text_encoder text_encoder_2 text_encoder_3 tokenizer tokenizer_2 tokenizer_3" ;;
         *) die "MODEL_NAME=$MODEL_NAME must be pyramid_flux (rain1011/pyramid-flow-miniflux) or pyramid_mmdit (rain1011/pyramid-flow-sd3)" ;;
     esac
+}
+
+# Run torchrun in the foreground and exit with its status. Its workers write their one-line failure (or stop)
+# reason into PYRAMID_ERROR_DIR; the first one is repeated after torchrun's own summary, so the cause is the last
+# thing on the screen. torchrun forwards SIGTERM/SIGINT/SIGHUP/SIGUSR1 to the workers (they finish the step, write a
+# checkpoint and exit) and kills them after TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds; the workers also stop this way
+# when torchrun itself is killed (e.g. with this shell's process group).
+supervise() {
+    : "${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:=120}"
+    export TORCH_ELASTIC_SHUTDOWN_TIMEOUT
+    export PET_SIGNALS_TO_HANDLE="${PET_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1}"
+    PYRAMID_ERROR_DIR=$(mktemp -d "${TMPDIR:-/tmp}/pyramid_errors.XXXXXX") || die "cannot create a temp folder"
+    export PYRAMID_ERROR_DIR
+    status=0
+    "$@" || status=$?
+    first=$(ls "$PYRAMID_ERROR_DIR" | sort | head -n 1)
+    if [ "$status" -ne 0 ] && [ -n "$first" ]; then
+        { echo; cat "$PYRAMID_ERROR_DIR/$first"; } >&2
+    fi
+    rm -rf "$PYRAMID_ERROR_DIR"
+    exit "$status"
 }
 
 # Checks shared by the two training scripts; each message names the variable to change.

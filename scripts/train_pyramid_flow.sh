@@ -33,6 +33,8 @@ SCRIPT_NAME=train_pyramid_flow.sh
 : "${EPOCHS:=20}"
 : "${ITERS_PER_EPOCH:=2000}"          # optimizer steps per epoch; total = EPOCHS * ITERS_PER_EPOCH
 : "${SAVE_CKPT_FREQ:=2000}"           # checkpoint every N optimizer steps
+: "${KEEP_CKPTS:=0}"                 # keep only the newest N checkpoints (0: keep all)
+: "${COLLECTIVE_TIMEOUT_MIN:=10}"     # a rank that stops responding for this long ends the run (minutes)
 : "${GRADIENT_CHECKPOINTING:=0}"      # 1 to recompute activations (needed for 768p)
 : "${NUM_WORKERS:=4}"
 : "${EXTRA_ARGS:=}"                   # more flags for train/train_pyramid_flow.py (see --help)
@@ -57,6 +59,9 @@ set -- "$REPO/train/train_pyramid_flow.py" --task t2v --use_temporal_pyramid --s
     --weight_decay 1e-4 --clip_grad 1.0 --lr "$LR" --warmup_steps "$WARMUP_STEPS" --epochs "$EPOCHS" \
     --iters_per_epoch "$ITERS_PER_EPOCH" --save_ckpt_freq "$SAVE_CKPT_FREQ" --num_workers "$NUM_WORKERS" \
     --seed 42
+is_uint "$KEEP_CKPTS" || die "KEEP_CKPTS=$KEEP_CKPTS must be a non-negative integer (0 keeps every checkpoint)"
+[ "$KEEP_CKPTS" = 0 ] || set -- "$@" --keep_last_checkpoints "$KEEP_CKPTS"
+export COLLECTIVE_TIMEOUT_MIN
 [ "$GRADIENT_CHECKPOINTING" = 0 ] || set -- "$@" --gradient_checkpointing
 [ -z "$DATA_ROOT" ] || set -- "$@" --data_root "$DATA_ROOT"
 # shellcheck disable=SC2086  # EXTRA_ARGS is a list of flags

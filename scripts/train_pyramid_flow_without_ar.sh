@@ -30,6 +30,8 @@ SCRIPT_NAME=train_pyramid_flow_without_ar.sh
 : "${EPOCHS:=20}"
 : "${ITERS_PER_EPOCH:=2000}"
 : "${SAVE_CKPT_FREQ:=2000}"
+: "${KEEP_CKPTS:=0}"                 # keep only the newest N checkpoints (0: keep all)
+: "${COLLECTIVE_TIMEOUT_MIN:=10}"     # a rank that stops responding for this long ends the run (minutes)
 : "${GRADIENT_CHECKPOINTING:=0}"
 : "${LOAD_TEXT_ENCODER:=1}"           # 1: encode captions during training; 0: read text_fea files
 : "${NUM_WORKERS:=4}"
@@ -49,6 +51,9 @@ set -- "$REPO/train/train_pyramid_flow.py" --task "$TASK" --shard_strategy "$SHA
     --weight_decay 1e-4 --clip_grad 1.0 --lr "$LR" --warmup_steps "$WARMUP_STEPS" --epochs "$EPOCHS" \
     --iters_per_epoch "$ITERS_PER_EPOCH" --save_ckpt_freq "$SAVE_CKPT_FREQ" --num_workers "$NUM_WORKERS" \
     --seed 42
+is_uint "$KEEP_CKPTS" || die "KEEP_CKPTS=$KEEP_CKPTS must be a non-negative integer (0 keeps every checkpoint)"
+[ "$KEEP_CKPTS" = 0 ] || set -- "$@" --keep_last_checkpoints "$KEEP_CKPTS"
+export COLLECTIVE_TIMEOUT_MIN
 [ "$GRADIENT_CHECKPOINTING" = 0 ] || set -- "$@" --gradient_checkpointing
 [ -z "$DATA_ROOT" ] || set -- "$@" --data_root "$DATA_ROOT"
 [ "$LOAD_TEXT_ENCODER" = 0 ] || set -- "$@" --load_text_encoder

@@ -41,10 +41,14 @@ def test_summary_and_report(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["r.jsonl"]
 
 
-def test_default_report_path_is_the_deepest_common_folder(tmp_path):
-    outs = [tmp_path / "a" / "x" / "1.safetensors", tmp_path / "a" / "y" / "2.safetensors"]
-    assert default_report_path(outs, tmp_path / "root", "r.jsonl") == tmp_path / "a" / "r.jsonl"
-    assert default_report_path([], tmp_path / "root", "r.jsonl") == tmp_path / "root" / "r.jsonl"
+def test_default_report_path_is_the_deepest_common_folder_inside_the_data_root(tmp_path):
+    root = tmp_path / "root"
+    outs = [root / "a" / "x" / "1.safetensors", root / "a" / "y" / "2.safetensors"]
+    assert default_report_path(outs, root, "r.jsonl") == root / "a" / "r.jsonl"
+    assert default_report_path([], root, "r.jsonl") == root / "r.jsonl"
+    # Outputs spread beyond the data root (their common folder could be "/"): the report stays in the data root.
+    spread = [tmp_path / "a" / "1.safetensors", Path("/") / "elsewhere" / "2.safetensors"]
+    assert default_report_path(spread, root, "r.jsonl") == root / "r.jsonl"
 
 
 def test_without_torchrun_the_world_is_one(monkeypatch):

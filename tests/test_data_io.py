@@ -171,6 +171,19 @@ def test_process_killed_mid_write_never_leaves_a_corrupt_target(tmp_path):
     assert remove_stale_temps(path) == leftovers and not any(tmp_path.iterdir())
 
 
+def test_sweep_removes_only_the_temps_of_the_given_outputs(tmp_path):
+    """What a killed extraction leaves (a 0-byte temp next to an output it never finished) is swept at start-up,
+    with one listing per folder; temps of outputs another process owns are left alone."""
+    mine, other = tmp_path / "a.b.safetensors", tmp_path / "c.safetensors"
+    leftovers = [tmp_path / ".a.b.safetensors.123.0a1b2c3d.tmp", tmp_path / ".c.safetensors.9.ffffffff.tmp"]
+    for p in leftovers:
+        p.write_bytes(b"")
+    (tmp_path / "notes.tmp").write_text("x")
+    assert io_utils.sweep_stale_temps([mine, tmp_path / "missing" / "z.safetensors"]) == leftovers[:1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".c.safetensors.9.ffffffff.tmp", "notes.tmp"]
+    assert other.name in leftovers[1].name
+
+
 def test_default_empty_prompt_path(tmp_path):
     assert default_empty_prompt_path(tmp_path) == tmp_path / io_utils.EMPTY_PROMPT_FILENAME
 

@@ -73,15 +73,26 @@ def test_resume_from_newest_complete_checkpoint_continues_the_same_curve(tmp_pat
             "train/skipped_updates", "train/pred_std"} <= tags
 
 
+def _rewrite_verified(path, text: str) -> None:
+    """Change a checkpoint file and its entry in the ``complete`` manifest (as a deliberate edit would)."""
+    import hashlib
+
+    path.write_text(text)
+    marker_file = path.parent / "complete"
+    marker = json.loads(marker_file.read_text())
+    marker["files"][path.name] = {"size": path.stat().st_size, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    marker_file.write_text(json.dumps(marker))
+
+
 def test_resume_refuses_a_checkpoint_of_another_run_shape(tmp_path):
     _run(_config(tmp_path, max_steps=2))
     state_file = tmp_path / "checkpoints" / "checkpoint-2" / "trainer_state.json"
     state = json.loads(state_file.read_text())
-    state_file.write_text(json.dumps({**state, "world_size": 8}))
+    _rewrite_verified(state_file, json.dumps({**state, "world_size": 8}))
     reset_accelerate_state()
     with pytest.raises(ValueError, match="8 processes"):
         _run(_config(tmp_path, max_steps=4))
-    state_file.write_text(json.dumps(state))
+    _rewrite_verified(state_file, json.dumps(state))
     reset_accelerate_state()
     with pytest.raises(ValueError, match="data layout changed"):
         _run(_config(tmp_path, max_steps=4), data=ToyDataset(40))

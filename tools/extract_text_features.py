@@ -34,7 +34,8 @@ from tools.extraction_common import (DONE, FAILED, SKIPPED, DistContext, ItemRes
                                      announce_failures, issue_results, parse_dtype, run_extraction, shard)
 from trainer_misc.annotation import AnnotationError, Entry, parse_annotation, resolve_data_root
 from trainer_misc.io_utils import (DataFileError, atomic_save_safetensors, default_empty_prompt_path,
-                                   load_text_features, read_safetensors_metadata, remove_stale_temps)
+                                   load_text_features, read_safetensors_metadata, remove_stale_temps,
+                                   sweep_stale_temps)
 
 
 def load_text_encoder(model_path: str | Path, device: torch.device, dtype: torch.dtype,
@@ -182,6 +183,7 @@ def run(args: argparse.Namespace, ctx: DistContext) -> tuple[list[ItemResult], P
         announce_failures(args.anno_file, results[-1:])
 
     mine = shard(entries, ctx.rank, ctx.world_size)
+    sweep_stale_temps([e.text_fea for e in mine] + ([empty_path] if ctx.is_main else []))  # a killed run's
     bar = tqdm(total=len(mine), desc=f"text rank {ctx.rank}", position=ctx.rank, unit="text",
                disable=args.no_progress, dynamic_ncols=True)
     pending: list[tuple[Entry, str | None]] = []

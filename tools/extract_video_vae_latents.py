@@ -40,7 +40,8 @@ from tools.extraction_common import (DONE, FAILED, SKIPPED, DistContext, ItemRes
                                      announce_failures, issue_results, parse_dtype, run_extraction, shard)
 from trainer_misc.annotation import IMAGE_SUFFIXES, AnnotationError, VideoEntry, parse_annotation, resolve_data_root
 from trainer_misc.io_utils import (LATENT_KEY, DataFileError, atomic_save_safetensors, load_latent,
-                                   read_safetensors_metadata, remove_stale_temps)
+                                   read_safetensors_metadata, remove_stale_temps,
+                                   sweep_stale_temps)
 
 FRAME_GROUP = 8          # the VAE compresses time by 8 after the first frame: clips are 8k+1 frames long
 SPATIAL_SCALE = 8        # ... and height and width by 8
@@ -299,6 +300,7 @@ def run(args: argparse.Namespace, ctx: DistContext) -> tuple[list[ItemResult], P
         f"{Path(args.anno_file).stem}.latents_report.jsonl")
 
     mine = shard(entries, ctx.rank, ctx.world_size)
+    sweep_stale_temps([e.latent for e in mine])  # temp files a killed run left next to this rank's outputs
     vae = load_vae(args.model_path, ctx.device, dtype, tiling=args.tiling)
     loader = make_loader(ClipDataset(mine, args.width, args.height, args.num_frames, args.overwrite),
                          args.num_workers)

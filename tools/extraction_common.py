@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -20,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from trainer_misc.annotation import AnnotationError, AnnotationIssue
+from trainer_misc.distributed import exit_with_parent
 
 T = TypeVar("T")
 
@@ -164,9 +166,14 @@ def write_report(path: Path, results: Sequence[ItemResult]) -> None:
 
 
 def default_report_path(outputs: Iterable[Path], fallback_dir: Path, name: str) -> Path:
-    """``name`` in the deepest directory holding every output (``fallback_dir`` when there are no outputs)."""
-    parents = [str(p.parent) for p in outputs]
-    base = Path(os.path.commonpath(parents)) if parents else fallback_dir
+    """``name`` in the deepest directory holding every output, when that lies inside ``fallback_dir`` (the data
+    root); else (no outputs, or outputs spread so widely that their common folder is outside it, e.g. ``/``) in
+    ``fallback_dir`` itself."""
+    parents = [os.path.abspath(p.parent) for p in outputs]
+    base = Path(os.path.commonpath(parents)) if parents else Path(fallback_dir)
+    root = Path(os.path.abspath(fallback_dir))
+    if not base.is_relative_to(root):
+        base = root
     return base / name
 
 
@@ -205,6 +212,10 @@ def finish(ctx: DistContext, results: list[ItemResult], *, what: str, anno_file:
     return status
 
 
+def _exit_on_signal(signum: int, frame) -> None:  # noqa: ANN001 - signal handler signature
+    raise SystemExit(128 + signum)
+
+
 def run_extraction(run: Callable[[object, DistContext], tuple[list[ItemResult], Path | None]], args, *,
                    what: str, note: Callable[[Sequence[ItemResult]], str | None] | None = None) -> int:
     """Start the process group, run one tool over this rank's share, then summarise (see :func:`finish`).
@@ -212,6 +223,10 @@ def run_extraction(run: Callable[[object, DistContext], tuple[list[ItemResult], 
     Run-level problems (no annotation file, no model folder) print one clear line per rank, no traceback, and
     return exit status 2; per-item problems are results, reported by :func:`finish`.
     """
+    # SIGTERM (torchrun, a scheduler) unwinds like Ctrl-C, so a file being written leaves no temp file behind.
+    signal.signal(signal.SIGTERM, _exit_on_signal)
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        exit_with_parent(signal.SIGTERM)  # torchrun killed (e.g. with the launch shell's group): stop too
     ctx = init_distributed(args.device)
     try:
         results, report = run(args, ctx)

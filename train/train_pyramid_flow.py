@@ -32,7 +32,8 @@ from pyramid_dit.scheduler import PyramidFlowMatchEulerDiscreteScheduler  # noqa
 from pyramid_dit.text_features import TextFeatures  # noqa: E402
 from trainer_misc.annotation import load_annotation, resolve_data_root  # noqa: E402
 from trainer_misc.datasets import IMAGE_BUCKETS, ImageDataset, VideoLatentDataset, collate, parse_resolution  # noqa
-from trainer_misc.distributed import destroy_process_group, get_world_size, resolve_device  # noqa: E402
+from trainer_misc.distributed import get_world_size, resolve_device  # noqa: E402
+from trainer_misc.failures import run_main  # noqa: E402
 from trainer_misc.io_utils import default_empty_prompt_path, load_text_features  # noqa: E402
 from trainer_misc.metrics import BatchTrace  # noqa: E402
 from trainer_misc.pyramid_loss import PyramidFlowLoss  # noqa: E402
@@ -330,17 +331,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.validation_every and rank == 0:
         from trainer_misc.validation import ValidationSampler
         validate = ValidationSampler(args, dict(side.dit.config), dataset, null_text, device)
-    try:
-        result = train(side.dit, compute_loss, dataset, config, collate_fn=collate, group_keys=dataset.group_keys(),
-                       validate=validate)
-        if trace is not None:
-            trace.write({"sharding": result.engine.sharding_report()})
-        if result.engine.is_main:
-            logger.info("%s", run_summary(result, get_world_size(), args.output_dir))
-    finally:
-        destroy_process_group()
+    result = train(side.dit, compute_loss, dataset, config, collate_fn=collate, group_keys=dataset.group_keys(),
+                   validate=validate)
+    if trace is not None:
+        trace.write({"sharding": result.engine.sharding_report()})
+    if result.engine.is_main:
+        logger.info("%s", run_summary(result, get_world_size(), args.output_dir))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Any failure on any rank: one line naming the rank and the reason, and every rank ends within seconds.
+    run_main(main, "train_pyramid_flow.py")

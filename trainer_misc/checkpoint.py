@@ -13,8 +13,9 @@ the folder, so a checkpoint folder either is complete or does not exist under it
 saving leaves a ``.tmp`` folder that the lookup ignores and the next save replaces. Multi-node runs need
 ``output_dir`` on a filesystem every node sees (as DeepSpeed's own checkpoints do).
 
-Everything we write is safetensors or JSON. The one exception is DeepSpeed's ZeRO state, which DeepSpeed writes and
-reads in its own (pickle-based) format; only resume from checkpoints you trust.
+``complete`` lists every file with its size and SHA-256; resume verifies them and never runs pickled code, and a
+failed write (disk full) keeps the earlier checkpoints: see ``trainer_misc.checkpoint_trust``, whose names are
+re-exported here. Everything we write is safetensors or JSON.
 """
 from __future__ import annotations
 
@@ -32,7 +33,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from .distributed import barrier
+from .checkpoint_trust import (CHECKPOINT_PREFIX, COMPLETE_MARKER, TRAINER_STATE, CheckpointError,  # noqa: F401
+                               CheckpointWriteError, _all_gather, _hash_share, _is_write_error, _payload_files,
+                               _write_failed, choose_resume_checkpoint, find_latest_checkpoint, list_checkpoints,
+                               note_changed_settings, read_json, safe_torch_load, verify_checkpoint)
+from .distributed import barrier, broadcast_object
 from .io_utils import atomic_save_safetensors, load_tensor_file
 
 if TYPE_CHECKING:
@@ -42,16 +47,13 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "CHECKPOINT_PREFIX", "COMPLETE_MARKER", "capture_rng_state", "export_model", "export_pretrained",
-    "gather_full_weights",
+    "CHECKPOINT_PREFIX", "COMPLETE_MARKER", "CheckpointError", "CheckpointWriteError", "capture_rng_state",
+    "check_finite_weights",
+    "choose_resume_checkpoint", "export_model", "export_pretrained", "gather_full_weights", "note_changed_settings",
+    "safe_torch_load", "verify_checkpoint",
     "find_latest_checkpoint", "list_checkpoints", "load_checkpoint", "load_rank_tensors", "load_dit_weights", "optimizer_state_from_flat",
     "optimizer_state_to_flat", "read_json", "restore_rank_rng", "restore_rng_state", "save_checkpoint", "write_json_atomic",
 ]
-
-CHECKPOINT_PREFIX = "checkpoint-"
-COMPLETE_MARKER = "complete"
-TRAINER_STATE = "trainer_state.json"
-
 
 # ------------------------------------------------------------------------------------------------- small file IO
 
@@ -65,17 +67,6 @@ def write_json_atomic(obj: Any, path: Path) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-
-
-def read_json(path: Path) -> Any:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing")
-    with open(path, encoding="utf-8") as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
 
 
 def _rank_dir(root: Path, rank: int) -> Path:
@@ -147,37 +138,6 @@ def optimizer_state_from_flat(tensors: Mapping[str, torch.Tensor], meta: Mapping
     return {"state": state, "param_groups": groups}
 
 
-# ------------------------------------------------------------------------------------------------- lookup
-
-def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints under ``root`` as ``(step, path)``, oldest first. Incomplete ones are skipped with a
-    warning naming them."""
-    root = Path(root)
-    if not root.is_dir():
-        return []
-    found = []
-    for path in root.iterdir():
-        name = path.name
-        if not (path.is_dir() and name.startswith(CHECKPOINT_PREFIX)):
-            continue
-        suffix = name[len(CHECKPOINT_PREFIX):]
-        if not suffix.isdigit():
-            if not name.endswith((".tmp", ".old")):  # those two are an interrupted save's leftovers
-                logger.warning("ignoring %s: not a checkpoint-<step> folder", path)
-            continue
-        if not (path / COMPLETE_MARKER).is_file():
-            logger.warning("ignoring incomplete checkpoint %s (no %r marker)", path, COMPLETE_MARKER)
-            continue
-        found.append((int(suffix), path))
-    return sorted(found)
-
-
-def find_latest_checkpoint(root: Path) -> Optional[Path]:
-    """The newest complete checkpoint folder under ``root``, or None."""
-    found = list_checkpoints(root)
-    return found[-1][1] if found else None
-
-
 # ------------------------------------------------------------------------------------------------- save / load
 
 def save_checkpoint(root: Path, step: int, engine: "TrainEngine", trainer_state: Mapping,
@@ -187,44 +147,55 @@ def save_checkpoint(root: Path, step: int, engine: "TrainEngine", trainer_state:
 
     ``trainer_state`` (JSON-serialisable: step, data position, counters) is written by rank 0. ``keep_last``
     deletes older complete checkpoints beyond the newest ``keep_last``. ``rank_tensors`` (name -> tensors) are this
-    rank's extra files, ``rank_<r>/<name>.safetensors`` (read back with :func:`load_rank_tensors`).
+    rank's extra files, ``rank_<r>/<name>.safetensors`` (read back with :func:`load_rank_tensors`). A failed write raises
+    :class:`CheckpointWriteError` (the partial folder removed, earlier checkpoints untouched).
     """
     root = Path(root)
     final = root / f"{CHECKPOINT_PREFIX}{step}"
     tmp = root / f"{CHECKPOINT_PREFIX}{step}.tmp"
-    if engine.is_main:
-        root.mkdir(parents=True, exist_ok=True)
-        for stale in list(root.glob(f"{CHECKPOINT_PREFIX}*.tmp")) + list(root.glob(f"{CHECKPOINT_PREFIX}*.old")):
-            logger.warning("removing %s left by an interrupted save", stale)  # one run per output_dir
-            shutil.rmtree(stale)
-        tmp.mkdir()
-    barrier()
+    try:
+        if engine.is_main:
+            root.mkdir(parents=True, exist_ok=True)
+            for stale in list(root.glob(f"{CHECKPOINT_PREFIX}*.tmp")) + list(root.glob(f"{CHECKPOINT_PREFIX}*.old")):
+                logger.warning("removing %s left by an interrupted save", stale)  # the output dir is locked: ours
+                shutil.rmtree(stale)
+            tmp.mkdir()
+        barrier()
 
-    engine.save_state(tmp / "engine")
-    rank_dir = _rank_dir(tmp, engine.rank)
-    rank_dir.mkdir(parents=True, exist_ok=True)
-    rng_tensors, rng_meta = capture_rng_state(engine.device)
-    atomic_save_safetensors(rng_tensors, rank_dir / "rng.safetensors")
-    write_json_atomic(rng_meta, rank_dir / "rng.json")
-    if ema is not None:
-        atomic_save_safetensors(ema.state_dict(), rank_dir / "ema.safetensors")
-    for name, tensors in (rank_tensors or {}).items():
-        atomic_save_safetensors(dict(tensors), rank_dir / f"{name}.safetensors")
-    if engine.is_main:
-        write_json_atomic(dict(trainer_state), tmp / TRAINER_STATE)
-    barrier()
+        engine.save_state(tmp / "engine")
+        rank_dir = _rank_dir(tmp, engine.rank)
+        rank_dir.mkdir(parents=True, exist_ok=True)
+        rng_tensors, rng_meta = capture_rng_state(engine.device)
+        atomic_save_safetensors(rng_tensors, rank_dir / "rng.safetensors")
+        write_json_atomic(rng_meta, rank_dir / "rng.json")
+        if ema is not None:
+            atomic_save_safetensors(ema.state_dict(), rank_dir / "ema.safetensors")
+        for name, tensors in (rank_tensors or {}).items():
+            atomic_save_safetensors(dict(tensors), rank_dir / f"{name}.safetensors")
+        if engine.is_main:
+            write_json_atomic(dict(trainer_state), tmp / TRAINER_STATE)
+        barrier()
 
+        names = broadcast_object(_payload_files(tmp) if engine.is_main else None)
+        files: dict[str, dict] = {}
+        for share in _all_gather(_hash_share(tmp, names)):
+            files.update(share)
+        if engine.is_main:
+            write_json_atomic({"step": step, "world_size": engine.world_size, "time": time.time(), "files": files},
+                              tmp / COMPLETE_MARKER)
+            if final.exists():  # e.g. a rerun reaching the same step: replace, never leave a half state
+                old = root / f"{CHECKPOINT_PREFIX}{step}.old"
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(final, old)
+                os.replace(tmp, final)
+                shutil.rmtree(old)
+            else:
+                os.replace(tmp, final)
+    except Exception as e:
+        if isinstance(e, CheckpointWriteError) or not _is_write_error(e, root):
+            raise  # e.g. another rank failed during the save: not a storage problem
+        raise _write_failed(e, root, tmp) from e
     if engine.is_main:
-        write_json_atomic({"step": step, "world_size": engine.world_size, "time": time.time()},
-                          tmp / COMPLETE_MARKER)
-        if final.exists():  # e.g. a rerun reaching the same step: replace, never leave a half state
-            old = root / f"{CHECKPOINT_PREFIX}{step}.old"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, final)
         if keep_last is not None and keep_last > 0:
             for _, path in list_checkpoints(root)[:-keep_last]:
                 shutil.rmtree(path)
@@ -385,5 +356,17 @@ def load_dit_weights(model: nn.Module, path: os.PathLike | str) -> None:
            for k, v in expected.items() if state[k].shape != v.shape]
     if bad:
         raise ValueError(f"{path}: shape mismatch for {len(bad)} tensors, e.g. {bad[:5]}")
+    check_finite_weights(state, str(path))
     model.load_state_dict(state, strict=True)
     logger.info("loaded %d tensors from %s", len(state), path)
+
+
+def check_finite_weights(weights: nn.Module | Mapping[str, torch.Tensor], source: str) -> None:
+    """Raise ``ValueError`` naming the first tensors with NaN or inf values (a diverged or damaged checkpoint
+    would otherwise generate black videos without a word)."""
+    items = weights.state_dict().items() if isinstance(weights, nn.Module) else weights.items()
+    bad = [name for name, t in items if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise ValueError(f"{source}: tensor {', '.join(bad[:3])}{more} contains NaN or inf values; these weights "
+                         "are broken (a diverged run or a damaged file). Use an earlier checkpoint or export")

@@ -7,6 +7,9 @@ the few facts every other module needs in one place:
 * which backend a device needs (``nccl`` for CUDA, ``gloo`` for CPU);
 * a single-process run (plain ``python train.py``) gets a complete one-rank environment, because DeepSpeed refuses to
   start without one;
+* how long a collective may wait for a peer before the run fails (``COLLECTIVE_TIMEOUT_MIN``, see
+  :func:`collective_timeout`);
+* small collectives that let rank 0 decide for everyone (:func:`broadcast_object`, :func:`any_rank`);
 * the *video sync group* layout of the autoregressive (temporal pyramid) path: ranks ``r`` with the same
   ``r // video_sync_group`` read the same clip, and ``r % video_sync_group`` is the rank's position inside its group
   (the objective uses it to pick which temporal unit this rank trains).
@@ -16,8 +19,12 @@ from __future__ import annotations
 import datetime
 import os
 import random
+import signal
 import socket
+import sys
 from dataclasses import dataclass
+from typing import Any, Optional
+
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -34,6 +41,10 @@ __all__ = [
     "is_dist_initialized",
     "is_main_process",
     "all_reduce_sum",
+    "any_rank",
+    "broadcast_object",
+    "collective_timeout",
+    "exit_with_parent",
     "resolve_device",
     "seed_everything",
     "sync_group_position",
@@ -64,14 +75,94 @@ def barrier() -> None:
 
 
 def destroy_process_group() -> None:
-    """Tear down the default group if one exists.
+    """Tear down the default group if one exists. Only for a run that finished normally on every rank.
 
     Leaving it to interpreter exit makes gloo abort now and then *after* all work is done
-    (``terminate called without an active exception``), which a launcher reports as a failure.
+    (``terminate called without an active exception``), which a launcher reports as a failure. A rank that failed
+    must not call this: its barrier would wait for ranks that are stuck in another collective (the entry points
+    exit through ``trainer_misc.failures.run_main`` instead).
     """
     if is_dist_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+COLLECTIVE_TIMEOUT_ENV = "COLLECTIVE_TIMEOUT_MIN"
+DEFAULT_COLLECTIVE_TIMEOUT_MIN = 10.0
+
+
+def collective_timeout(minutes: Optional[float] = None) -> datetime.timedelta:
+    """How long a collective (all-reduce, barrier, ...) waits for the slowest rank before the run fails.
+
+    ``minutes``, else ``$COLLECTIVE_TIMEOUT_MIN``, else 10 minutes: long enough for rank 0 to write a checkpoint or
+    a validation sample while the others wait, short enough that a rank that stopped responding (a hung GPU, a
+    ``SIGSTOP``) ends the run in minutes instead of torch's default 30-60. Applies to gloo and NCCL (torch's NCCL
+    watchdog aborts a collective that exceeds it), and becomes the default of every process group created
+    afterwards.
+    """
+    if minutes is None:
+        raw = os.environ.get(COLLECTIVE_TIMEOUT_ENV, "")
+        try:
+            minutes = float(raw) if raw else DEFAULT_COLLECTIVE_TIMEOUT_MIN
+        except ValueError:
+            raise ValueError(f"{COLLECTIVE_TIMEOUT_ENV}={raw!r} must be a number of minutes (e.g. 10 or 0.5)") from None
+    if not minutes > 0:
+        raise ValueError(f"the collective timeout must be > 0 minutes, got {minutes} ({COLLECTIVE_TIMEOUT_ENV})")
+    timeout = datetime.timedelta(minutes=minutes)
+    # Groups created later without a timeout (DeepSpeed's data-parallel group, accelerate's) take torch's module
+    # defaults (30 min, NCCL 10 min), not the default group's: make them ours too.
+    from torch.distributed import distributed_c10d
+
+    distributed_c10d.default_pg_timeout = timeout
+    if isinstance(getattr(distributed_c10d, "default_pg_nccl_timeout", None), datetime.timedelta):
+        distributed_c10d.default_pg_nccl_timeout = timeout
+    return timeout
+
+
+def _comm_device() -> torch.device:
+    # NCCL only moves CUDA tensors; gloo only CPU ones.
+    if is_dist_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """``obj`` of rank ``src`` on every rank (a picklable value made by our own code: paths, numbers, messages)."""
+    if not (is_dist_initialized() and get_world_size() > 1):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src, device=_comm_device())
+    return box[0]
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when ``flag`` is True on at least one (one tiny all-reduce)."""
+    if not (is_dist_initialized() and get_world_size() > 1):
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=_comm_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def exit_with_parent(sig: int = signal.SIGTERM) -> None:
+    """Ask Linux to send ``sig`` to this process when its parent (torchrun) dies.
+
+    ``torchrun`` starts each worker in its own session, so killing the launch shell's process group (or
+    ``kill -9`` of torchrun) would leave the workers training with nobody supervising them. With this, they get a
+    SIGTERM instead, which the training loop turns into "checkpoint and exit". No-op elsewhere.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        PR_SET_PDEATHSIG = 1
+        libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the parent already died before we asked
+        os.kill(os.getpid(), sig)
 
 
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
@@ -110,12 +201,13 @@ def backend_for_device(device: torch.device) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
 
 
-def init_process_group(device: torch.device, timeout_min: int = 60) -> tuple[int, int]:
+def init_process_group(device: torch.device, timeout_min: Optional[float] = None) -> tuple[int, int]:
     """For scripts that do not go through accelerate (e.g. data tools): create the default group from the
     ``torchrun`` environment and return ``(rank, world_size)``.
 
     A plain single-process run (no ``WORLD_SIZE``) creates no group and returns ``(0, 1)``. On CUDA the rank's local
-    device is selected first, as NCCL requires. Pair with ``destroy_process_group()``.
+    device is selected first, as NCCL requires. ``timeout_min``: see :func:`collective_timeout`. Pair with
+    ``destroy_process_group()``.
     """
     if is_dist_initialized():
         return get_rank(), get_world_size()
@@ -123,7 +215,7 @@ def init_process_group(device: torch.device, timeout_min: int = 60) -> tuple[int
         return 0, 1
     if device.type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group(backend=backend_for_device(device), timeout=datetime.timedelta(minutes=timeout_min))
+    dist.init_process_group(backend=backend_for_device(device), timeout=collective_timeout(timeout_min))
     return get_rank(), get_world_size()
 
 

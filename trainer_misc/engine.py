@@ -21,7 +21,6 @@ fall back, so ``build_accelerator`` checks the result and raises instead):
 from __future__ import annotations
 
 import contextlib
-import datetime
 import logging
 import math
 import os
@@ -33,8 +32,9 @@ from typing import Iterator, Optional
 import torch
 from torch import nn
 
-from .checkpoint import optimizer_state_from_flat, optimizer_state_to_flat, read_json, write_json_atomic
-from .distributed import backend_for_device, ensure_launcher_env, resolve_device
+from .checkpoint import optimizer_state_from_flat, optimizer_state_to_flat, read_json, safe_torch_load, \
+    write_json_atomic
+from .distributed import backend_for_device, collective_timeout, ensure_launcher_env, resolve_device
 from .io_utils import atomic_save_safetensors, load_tensor_file
 
 logger = logging.getLogger(__name__)
@@ -74,7 +74,7 @@ class EngineConfig:
     micro_batch_size: int = 1
     find_unused_parameters: bool = False
     grad_reduce_dtype: str = "fp32"
-    process_group_timeout_min: int = 60
+    process_group_timeout_min: Optional[float] = None  # None: $COLLECTIVE_TIMEOUT_MIN, else 10 (distributed.py)
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -173,7 +173,7 @@ def build_accelerator(cfg: EngineConfig):
         # DeepSpeed's ZeRO calls collectives torch now marks deprecated, on every rank; nothing a user can change.
         warnings.filterwarnings("ignore", category=FutureWarning,
                                 message=r"`torch\.distributed\.\w+` is deprecated\. Please use `torch\.distributed\.")
-    timeout = datetime.timedelta(minutes=cfg.process_group_timeout_min)
+    timeout = collective_timeout(cfg.process_group_timeout_min)
     if "LOCAL_RANK" in os.environ:  # launched (or made to look launched): name the backend explicitly
         handlers = [InitProcessGroupKwargs(backend=backend_for_device(device), timeout=timeout)]
     else:  # plain single-process DDP run: no process group at all (accelerate would fail on a backend here)
@@ -288,7 +288,8 @@ class TrainEngine:
     def save_state(self, directory: Path) -> None:
         """Model + optimizer (+ fp16 loss scaler) into ``directory``. Collective: every rank must call it.
 
-        DeepSpeed writes its own per-rank ZeRO files (model and optimizer partitions); DDP writes
+        DeepSpeed writes its own per-rank ZeRO files (model and optimizer partitions, ``torch.save``; read back
+        without running pickled code, see ``load_state``); DDP writes
         ``model.safetensors``, ``optimizer.safetensors`` + ``optimizer.json`` (and ``grad_scaler.json``) on rank 0.
         """
         directory = Path(directory)
@@ -311,6 +312,9 @@ class TrainEngine:
             if not (directory / "zero").is_dir():
                 raise FileNotFoundError(f"{directory}: no DeepSpeed state ('zero' folder); was the checkpoint "
                                         f"written with strategy {self.cfg.strategy!r}?")
+            # DeepSpeed reads its files with torch.load(weights_only=False), which runs whatever a planted pickle
+            # says; every read of load_checkpoint goes through this engine's checkpoint_engine.load.
+            self.model.checkpoint_engine.load = safe_torch_load
             path, _ = self.model.load_checkpoint(str(directory), tag="zero", load_optimizer_states=True,
                                                  load_lr_scheduler_states=False, load_module_strict=True)
             if path is None:

@@ -18,7 +18,7 @@ import os
 import pickle
 import uuid
 from pathlib import Path
-from typing import Mapping
+from typing import Iterable, Mapping
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -86,6 +86,30 @@ def honour_umask(path: str | os.PathLike) -> None:
     """
     base = 0o777 if os.path.isdir(path) else 0o666
     os.chmod(path, base & ~process_umask())
+
+
+def sweep_stale_temps(paths: Iterable[str | os.PathLike]) -> list[Path]:
+    """Delete the temp files killed writers left for any of ``paths`` (one directory listing per folder).
+
+    A tool killed mid-write leaves ``.<name>.<pid>.<id>.tmp`` (often 0 bytes) next to an output it never finished;
+    the extraction tools call this at start-up on the outputs their rank owns, so a rerun leaves none behind --
+    also for outputs it then skips. Only pass outputs no other live process writes.
+    """
+    by_dir: dict[Path, set[str]] = {}
+    for p in map(Path, paths):
+        by_dir.setdefault(p.parent, set()).add(p.name)
+    removed = []
+    for folder, names in by_dir.items():
+        try:
+            listing = list(os.scandir(folder))
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        for item in listing:
+            parts = item.name[1:].rsplit(".", 3)  # .<name>.<pid>.<id>.tmp -> [name, pid, id, "tmp"]
+            if item.name.startswith(".") and len(parts) == 4 and parts[3] == "tmp" and parts[0] in names:
+                Path(item.path).unlink(missing_ok=True)
+                removed.append(Path(item.path))
+    return removed
 
 
 def _fsync_dir(directory: Path) -> None:

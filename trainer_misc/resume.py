@@ -11,7 +11,7 @@ import logging
 from pathlib import Path
 from typing import Optional
 
-from .checkpoint import find_latest_checkpoint, load_checkpoint
+from .checkpoint import choose_resume_checkpoint, load_checkpoint, note_changed_settings
 from .config import TrainConfig
 from .ema import ShardedEMA
 from .engine import TrainEngine
@@ -24,15 +24,9 @@ __all__ = ["resolve_resume", "load_resume_state", "check_data_layout", "trainer_
 
 
 def resolve_resume(config: TrainConfig, checkpoint_root: Path) -> Optional[Path]:
-    """The checkpoint folder to resume from (``config.resume``: auto | never | a folder), or None."""
-    if config.resume == "never":
-        return None
-    if config.resume == "auto":
-        return find_latest_checkpoint(checkpoint_root)
-    path = Path(config.resume)
-    if not path.is_dir():
-        raise FileNotFoundError(f"resume={config.resume!r}: no such checkpoint folder")
-    return path
+    """The checkpoint folder to resume from (``config.resume``: auto | never | a folder), or None. Collective: the
+    newest checkpoint that verifies, chosen by rank 0 for every rank (``checkpoint.choose_resume_checkpoint``)."""
+    return choose_resume_checkpoint(checkpoint_root, config.resume)
 
 
 def load_resume_state(path: Optional[Path], engine: TrainEngine, ema: Optional[ShardedEMA]
@@ -51,8 +45,12 @@ def load_resume_state(path: Optional[Path], engine: TrainEngine, ema: Optional[S
     return int(state["step"]), counters, state
 
 
-def check_data_layout(path: Optional[Path], saved: dict, sampler: ResumableBatchSampler) -> None:
-    """Refuse to resume when the data position of the checkpoint means other samples now."""
+def check_data_layout(path: Optional[Path], saved: dict, sampler: ResumableBatchSampler,
+                      config: Optional[TrainConfig] = None) -> None:
+    """Refuse to resume when the data position of the checkpoint means other samples now; warn about changed
+    settings (accumulation, learning rate, ...) that are allowed but change the loss curve."""
+    if path is not None and config is not None:
+        note_changed_settings(saved, dataclasses.asdict(config), path)
     if path is not None and saved.get("sampler") != sampler.state_dict():
         raise ValueError(f"{path}: the data layout changed since the checkpoint (saved {saved.get('sampler')}"
                          f", now {sampler.state_dict()}); the data position cannot be restored. Resume with the same "

@@ -120,11 +120,13 @@ class StepRunner:
             for path, reason in bad:
                 logger.warning("rank %d step %d: bad sample %s: %s; skipping its batch", self.engine.rank, step,
                                path, reason)
-            n_bad = int(all_reduce_sum(torch.tensor([float(len(bad))], dtype=torch.float64,
-                                                    device=self.engine.device)).item())
+            # The ranks of a sync group read the same batch: its bad files are counted once, by the group's first.
+            counted = len(bad) if self.sync.position == 0 else 0
+            n_bad, n_counted = all_reduce_sum(torch.tensor([float(len(bad)), float(counted)], dtype=torch.float64,
+                                                           device=self.engine.device)).tolist()
             if n_bad == 0:
                 return batch
-            self.counters.bad_samples += n_bad
+            self.counters.bad_samples += int(n_counted)
         raise RuntimeError(f"{self.MAX_CONSECUTIVE_BAD} consecutive batches had unreadable samples; the data set "
                            "is broken (see the warnings above for the paths)")
 

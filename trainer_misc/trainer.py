@@ -42,6 +42,8 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 from .checkpoint import export_model, gather_full_weights, load_rank_tensors, restore_rank_rng, save_checkpoint
 from .config import EXPORT_DTYPES, TrainConfig
 from .distributed import barrier, seed_everything, sync_group_position
+from .failures import RunStopped, StopSignals
+from .run_lock import lock_output_dir
 from .ema import ShardedEMA
 from .engine import EngineConfig, TrainEngine
 from .metrics import MetricsLog, StepRecord
@@ -126,11 +128,12 @@ def train(model: nn.Module, compute_loss: ComputeLoss, dataset: Dataset, config:
         ema = ShardedEMA([(n, p) for n, p in engine.module.named_parameters() if p.requires_grad],
                          decay=config.ema_decay, update_every=config.ema_update_every, rank=rank, world_size=world)
 
-    # Where to start: fresh, or a checkpoint's weights, counters and data position.
+    # One run per output folder; where to start: fresh, or a checkpoint's weights, counters and data position.
+    lock = lock_output_dir(output_dir)
     resumed_from = resolve_resume(config, checkpoint_root)
     start_step, counters, saved = load_resume_state(resumed_from, engine, ema)
     sampler, loader = _build_loader(dataset, config, sync, counters.data_position, collate_fn, group_keys)
-    check_data_layout(resumed_from, saved, sampler)
+    check_data_layout(resumed_from, saved, sampler, config)
     runner = StepRunner(engine, compute_loss, iter(loader), config, sync, counters, streams)
     # RNG last, so nothing above (model wrapping, DataLoader set-up) shifts the streams the objective draws from.
     if resumed_from is not None:
@@ -149,6 +152,7 @@ def train(model: nn.Module, compute_loss: ComputeLoss, dataset: Dataset, config:
     records: list[StepRecord] = []
     checkpoints: list[Path] = []
     engine.model.train()
+    stopper = StopSignals().install()  # SIGTERM/SIGINT/SIGHUP/SIGUSR1: finish the step, checkpoint, stop
     try:
         for step in range(start_step, config.max_steps):
             record = runner.run(step)
@@ -163,17 +167,22 @@ def train(model: nn.Module, compute_loss: ComputeLoss, dataset: Dataset, config:
             if on_step_end is not None:
                 on_step_end(record)
             done = step + 1
-            if (config.checkpoint_every and done % config.checkpoint_every == 0) or done == config.max_steps:
+            stop = stopper.should_stop()  # collective: every rank stops after the same step
+            if (config.checkpoint_every and done % config.checkpoint_every == 0) or done == config.max_steps or stop:
                 checkpoints.append(save_checkpoint(checkpoint_root, done, engine,
                                                    trainer_state(done, counters, config, world, sampler), ema,
                                                    config.keep_last_checkpoints,
                                                    {SLOT_RNG_FILE: streams.state_dict()} if streams else None))
+            if stop and done < config.max_steps:
+                raise RunStopped(f"stopped by {stopper.signal_name} after step {done}: wrote {checkpoints[-1]}; "
+                                 "rerun the same command to resume from it", stopper.signum or 0)
             if config.validate_every and done % config.validate_every == 0:
                 weights, ema_weights = gather_full_weights(engine, ema)  # collective: every rank takes part
                 if engine.is_main and validate is not None:
                     validate(done, ema_weights if ema_weights is not None else weights)
                 barrier()
     finally:
+        stopper.restore()
         if progress is not None:
             progress.close()
         if log is not None:
@@ -181,6 +190,8 @@ def train(model: nn.Module, compute_loss: ComputeLoss, dataset: Dataset, config:
 
     exported = export_model(engine, output_dir / "export" / EXPORT_NAME, ema,
                             dtype=EXPORT_DTYPES[config.export_dtype])
+    if lock is not None:
+        lock.release()
     return TrainResult(records=records, start_step=start_step, final_step=max(start_step, config.max_steps),
                        skipped_updates=counters.skipped_updates, dropped_micro_batches=counters.dropped_micro_batches,
                        bad_samples=counters.bad_samples, resumed_from=resumed_from, checkpoints=checkpoints,
