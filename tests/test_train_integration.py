@@ -205,3 +205,31 @@ def test_resume_reproduces_the_uninterrupted_loss_curve(workspace):
     saved = {k.removeprefix("module."): v for k, v in saved.items()}
     assert set(saved) == set(exported)
     assert all(torch.equal(saved[k].float(), v.float()) for k, v in exported.items())
+
+
+def _dry_run(workspace, script: str, out: Path, **env: str) -> subprocess.CompletedProcess:
+    full = {**os.environ, "DRY_RUN": "1", "GPUS": "1", "VIDEO_SYNC_GROUP": "1", "MODEL_PATH": str(workspace["model"]),
+            "OUTPUT_DIR": str(out), "ANNO_FILE": str(workspace["anno"]), "RESOLUTION": "64x64", "NUM_FRAMES": "4",
+            "BATCH_SIZE": "4", "NUM_WORKERS": "0", "OMP_NUM_THREADS": "1", "TORCHDYNAMO_DISABLE": "1", **env}
+    return subprocess.run(["sh", str(REPO / "scripts" / script)], env=full, capture_output=True, text=True,
+                          timeout=LAUNCH_TIMEOUT_S)
+
+
+@pytest.mark.parametrize("script,env", [("train_pyramid_flow.sh", {}),
+                                        ("train_pyramid_flow_without_ar.sh", {"TASK": "t2v"})])
+def test_dry_run_prints_data_summary_and_plan_and_trains_nothing(workspace, tmp_path, script, env):
+    result = _dry_run(workspace, script, tmp_path / "out", **env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "data check: " in result.stdout and "8 lines, 8 usable, 0 excluded" in result.stdout
+    assert "model: 125,760 parameters" in result.stdout and "predicted peak per GPU" in result.stdout
+    assert ("ar," if script == "train_pyramid_flow.sh" else "t2v,") in result.stdout
+    assert not (tmp_path / "out").exists()
+
+
+def test_wrong_resolution_stops_before_weights_with_one_grouped_summary(workspace, tmp_path):
+    result = _dry_run(workspace, "train_pyramid_flow.sh", tmp_path / "out", DRY_RUN="0", RESOLUTION="128x128")
+    assert result.returncode == 2
+    assert result.stdout.count("data check: ") == 1
+    assert "8 x latent size does not match RESOLUTION=128x128" in result.stdout
+    assert "bad sample" not in result.stderr and "PyramidFlux" not in result.stderr
+    assert not (tmp_path / "out").exists()

@@ -125,14 +125,25 @@ def launch_from_args(args: argparse.Namespace) -> Launch:
                   gradient_checkpointing_ratio=args.gradient_checkpointing_ratio, video_sync_group=group)
 
 
+def _flops(n: float) -> str:
+    for unit, scale in (("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n / 1e6:.2f} MFLOP"
+
+
+def _gib(x: float) -> str:
+    return f"{x:.1f} GiB" if x >= 0.1 else f"{x * 1024:.2f} MiB"
+
+
 def format_plan(result: dict) -> str:
-    b = result["peak_breakdown_gib"]
+    b = {k: v / GIB for k, v in result["peak_breakdown_bytes"].items()}
     lines = [
         f"model: {result['params']:,} parameters ({result['trainable_params']:,} trainable)",
-        f"FLOPs per optimizer step: {result['flops_per_step'] / 1e15:.2f} PFLOP ({result['flops_per_step_note']})",
+        f"FLOPs per optimizer step: {_flops(result['flops_per_step'])} ({result['flops_per_step_note']})",
         f"most tokens on one GPU: {result['max_tokens_per_gpu']:,}",
-        f"predicted peak per GPU: {result['peak_gib_per_gpu']:.1f} GiB = params {b['params']:.1f} + grads "
-        f"{b['grads']:.1f} + optimizer {b['optimizer']:.1f} + activations/workspace {b['activations']:.1f}",
+        f"predicted peak per GPU: {_gib(sum(b.values()))} = params {_gib(b['params'])} + grads {_gib(b['grads'])} "
+        f"+ optimizer {_gib(b['optimizer'])} + activations/workspace {_gib(b['activations'])}",
         f"  ({result['sharding']})",
         f"fits in {result['gpu_memory_gib']:.0f} GiB: {'yes' if result['fits'] else 'NO'}",
     ]
@@ -140,6 +151,24 @@ def format_plan(result: dict) -> str:
         lines.append(f"cheapest change that fits: {result.get('cheapest_fix') or 'none found (fewer frames, more GPUs)'}")
     lines.append(result["prediction"])
     return "\n".join(lines)
+
+
+def plan_training_launch(args: argparse.Namespace, world_size: int) -> str:
+    """``DRY_RUN=1``: the plan of the exact launch ``train/train_pyramid_flow.py`` was given (its parsed flags)."""
+    kind, config = load_model_config(args.model_path, args.model_variant)
+    task = "t2i" if args.task == "t2i" else ("ar" if args.use_temporal_pyramid else "t2v")
+    width, height = pixel_size(args.resolution, task)
+    strategy = args.shard_strategy or args.fsdp_shard_strategy or ("zero2" if args.use_fsdp else "ddp")
+    launch = Launch(model_kind=kind, model_config=config, task=task, width=width, height=height,
+                    num_frames=args.max_frames, batch_size=args.batch_size, gpus=world_size,
+                    shard_strategy=strategy, dtype=args.model_dtype, grad_accum=args.gradient_accumulation_steps,
+                    gradient_checkpointing=args.gradient_checkpointing,
+                    gradient_checkpointing_ratio=args.gradient_checkpointing_ratio,
+                    video_sync_group=args.video_sync_group if task == "ar" else 1)
+    print(f"DRY_RUN: planning this launch ({kind}, {task}, {args.resolution}, NUM_FRAMES={args.max_frames}, "
+          f"{world_size} process(es), {strategy}) on meta tensors ...", flush=True)
+    result = plan(launch, default_gpu_memory_gib())
+    return format_plan(result) + "\nDRY_RUN: nothing trained, no checkpoint written."
 
 
 def run_measure(as_json: bool) -> int:

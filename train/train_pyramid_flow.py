@@ -30,8 +30,9 @@ import torch  # noqa: E402
 from pyramid_dit.objective import PyramidFlowObjective  # noqa: E402
 from pyramid_dit.scheduler import PyramidFlowMatchEulerDiscreteScheduler  # noqa: E402
 from pyramid_dit.text_features import TextFeatures  # noqa: E402
-from trainer_misc.annotation import load_annotation, resolve_data_root  # noqa: E402
-from trainer_misc.datasets import IMAGE_BUCKETS, ImageDataset, VideoLatentDataset, collate, parse_resolution  # noqa
+from trainer_misc.annotation import resolve_data_root  # noqa: E402
+from trainer_misc.data_check import DataSpec, image_buckets, is_dry_run, run_data_check  # noqa: E402
+from trainer_misc.datasets import ImageDataset, VideoLatentDataset, collate, parse_resolution  # noqa: E402
 from trainer_misc.distributed import get_world_size, resolve_device  # noqa: E402
 from trainer_misc.failures import run_main  # noqa: E402
 from trainer_misc.io_utils import default_empty_prompt_path, load_text_features  # noqa: E402
@@ -211,27 +212,24 @@ def load_null_text(args: argparse.Namespace) -> Optional[TextFeatures]:
     return TextFeatures.from_file(fea)
 
 
-def build_dataset(args: argparse.Namespace):
-    kind = "image" if args.task == "t2i" else "video"
-    require = () if (args.load_text_encoder or kind == "image") else ("text_fea",)
-    if kind == "video" and not args.load_vae:
-        require = require + ("latent",)
-    entries = load_annotation(args.anno_file, kind=kind, require=require, data_root=args.data_root)
-    if kind == "image":
-        buckets = IMAGE_BUCKETS.get(args.resolution) or [parse_resolution(args.resolution)]
-        dataset = ImageDataset(entries, buckets, load_text_fea=not args.load_text_encoder)
-    else:
-        if args.load_vae:
-            raise SystemExit("--load_vae for video training is not supported yet: extract latents first with "
-                             "scripts/extract_vae_latent.sh")
-        width, height = parse_resolution(args.resolution)
-        dataset = VideoLatentDataset(entries, args.max_frames, (height // 8, width // 8),
-                                     load_text_fea=not args.load_text_encoder)
-    for path, reason in dataset.excluded:
-        logger.warning("excluded from training: %s: %s", path, reason)
-    if dataset.excluded:
-        logger.warning("%d of %d annotation lines excluded (see above)", len(dataset.excluded), len(entries))
-    return dataset
+def build_dataset(args: argparse.Namespace, verbose: bool):
+    """The up-front data check (file headers only; prints its summary, exits 2 when nothing is usable), then
+    the dataset of the usable lines."""
+    dit_config = json.loads((Path(args.model_path) / args.model_variant / "config.json").read_text())
+    dims = (dit_config.get("joint_attention_dim"), dit_config.get("pooled_projection_dim"))
+    report = run_data_check(DataSpec(
+        anno_file=args.anno_file, task=args.task, resolution=args.resolution, num_frames=args.max_frames,
+        data_root=args.data_root, load_text_encoder=args.load_text_encoder, text_drop_rate=args.text_drop_rate,
+        empty_prompt_fea=args.empty_prompt_fea or None, text_dims=dims if None not in dims else None),
+        verbose=verbose)
+    if args.task == "t2i":
+        return ImageDataset(report.usable, image_buckets(args.resolution), load_text_fea=not args.load_text_encoder)
+    if args.load_vae:
+        raise SystemExit("--load_vae for video training is not supported yet: extract latents first with "
+                         "scripts/extract_vae_latent.sh")
+    width, height = parse_resolution(args.resolution)
+    return VideoLatentDataset(report.usable, args.max_frames, (height // 8, width // 8),
+                              load_text_fea=not args.load_text_encoder)
 
 
 @dataclass
@@ -320,7 +318,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     check_args(args, world_size)
     config = train_config(args)
 
-    dataset = build_dataset(args)
+    dataset = build_dataset(args, verbose=rank == 0)
+    if is_dry_run():  # DRY_RUN=1: data summary (above) and the plan of this launch, no weights, no training
+        if rank == 0:
+            from tools.plan import plan_training_launch
+            print(plan_training_launch(args, world_size), flush=True)
+        return 0
     null_text = load_null_text(args)
     device = resolve_device(args.device)  # this rank's GPU (LOCAL_RANK), as the engine uses
     side = build_model_side(args, device)

@@ -19,15 +19,12 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
-from safetensors import SafetensorError, safe_open
 from torch.utils.data import Dataset
 
 from pyramid_dit.resize import resize_crop_image
 from pyramid_dit.text_features import TextFeatures
 from trainer_misc.annotation import ImageEntry, VideoEntry
 from trainer_misc.io_utils import (
-    LATENT_KEY,
-    PICKLE_SUFFIXES,
     DataFileError,
     load_latent,
     load_text_features,
@@ -62,24 +59,6 @@ def parse_resolution(resolution: str) -> tuple[int, int]:
     return w, h
 
 
-def latent_frame_count(path: Path) -> int:
-    """Latent frames of a stored latent, read from the file header where possible (no tensor data loaded)."""
-    if path.suffix == ".safetensors":
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                if LATENT_KEY not in f.keys():
-                    raise DataFileError(f"{path}: no {LATENT_KEY!r} tensor (found {sorted(f.keys())})")
-                shape = f.get_slice(LATENT_KEY).get_shape()
-        except (SafetensorError, OSError) as e:
-            raise DataFileError(f"{path}: not a readable safetensors file ({e})") from None
-        if len(shape) != 5:
-            raise DataFileError(f"{path}: expected a latent of shape [1, C, T, h, w], got {list(shape)}")
-        return int(shape[2])
-    if path.suffix in PICKLE_SUFFIXES:
-        return int(load_latent(path).shape[2])
-    raise DataFileError(f"{path}: unknown latent file type {path.suffix!r}; expected .safetensors or .pt")
-
-
 # ------------------------------------------------------------------------------------------------------ batches
 
 
@@ -101,13 +80,6 @@ class TrainBatch:
 
     def __len__(self) -> int:
         return len(self.paths)
-
-
-def _require_entries(entries: list, excluded: list[tuple[str, str]], what: str) -> None:
-    """Raise, listing the first exclusions, when start-up left no usable sample."""
-    if not entries:
-        shown = "\n  ".join(f"{p}: {r}" for p, r in excluded[:10])
-        raise DataFileError(f"no usable {what} ({len(excluded)} excluded):\n  {shown}")
 
 
 def _bad(path: object, reason: str) -> dict:
@@ -132,44 +104,31 @@ def collate(items: Sequence[dict]) -> TrainBatch:
 
 
 class VideoLatentDataset(Dataset):
-    """Pre-extracted video latents (and text features), one item per annotation line.
+    """Pre-extracted video latents (and text features), one item per usable annotation line.
 
     Clips are cut to their first ``max_frames`` latent frames; clips of equal (cut) length are batched together.
-    Lines whose latent cannot be read at start-up are excluded and listed in ``excluded`` (path, reason): the
-    trainer reports them before the first step. Files that break later are reported per batch (module docstring).
+    Which lines are usable, and their latent frame counts, come from the start-up data check
+    (``trainer_misc.data_check``, file headers only); files that break later are reported per batch (module
+    docstring).
 
     Args:
-        entries: validated annotation lines (``trainer_misc.annotation.load_annotation``).
+        lines: the data check's usable lines (``.entry``: a validated ``VideoEntry``; ``.frames``: latent frames).
         max_frames: latent frames per training clip (``--max_frames``).
-        latent_size: expected latent ``(h, w)``; a clip of another size is excluded with a message naming
-            ``--resolution``. ``None`` accepts any size but requires all clips to agree.
+        latent_size: expected latent ``(h, w)``; ``None`` accepts any size.
         load_text_fea: read ``text_fea`` files (else only captions are returned, for on-the-fly encoding).
     """
 
-    def __init__(self, entries: Sequence[VideoEntry], max_frames: int, latent_size: Optional[tuple[int, int]],
+    def __init__(self, lines: Sequence, max_frames: int, latent_size: Optional[tuple[int, int]],
                  load_text_fea: bool = True) -> None:
         if max_frames < 1:
             raise ValueError(f"max_frames must be >= 1, got {max_frames}")
+        if not lines:
+            raise ValueError("no usable video latents (the data check reports why)")
         self.max_frames = max_frames
         self.latent_size = latent_size
         self.load_text_fea = load_text_fea
-        self.entries: list[VideoEntry] = []
-        self.frames: list[int] = []
-        self.excluded: list[tuple[str, str]] = []
-        for entry in entries:
-            try:
-                if entry.latent is None:
-                    raise DataFileError(f"line {entry.line}: no 'latent' path (run tools/extract_video_vae_latents.py)")
-                if load_text_fea and entry.text_fea is None:
-                    raise DataFileError(f"line {entry.line}: no 'text_fea' path (run tools/extract_text_features.py "
-                                        "or train with --load_text_encoder)")
-                n = latent_frame_count(entry.latent)
-            except DataFileError as e:
-                self.excluded.append((str(entry.latent or entry.video), str(e)))
-                continue
-            self.entries.append(entry)
-            self.frames.append(min(n, max_frames))
-        _require_entries(self.entries, self.excluded, "video latents")
+        self.entries: list[VideoEntry] = [line.entry for line in lines]
+        self.frames: list[int] = [min(line.frames, max_frames) for line in lines]
 
     def group_keys(self) -> list[int]:
         return list(self.frames)
@@ -210,32 +169,17 @@ class ImageDataset(Dataset):
     reference's t2i size rule and bicubic filter (:func:`pyramid_dit.resize.resize_crop_image`).
 
     Items are ``pixels [3, 1, H, W]`` in [-1, 1] (one frame, so the VAE encodes them as the first frame of a
-    video); the trainer encodes them with the VAE on the fly. Unreadable images at start-up are excluded and listed
-    in ``excluded``.
+    video); the trainer encodes them with the VAE on the fly. Which images are usable, and their buckets, come from the
+    start-up data check (``trainer_misc.data_check``).
     """
 
-    def __init__(self, entries: Sequence[ImageEntry], buckets: Sequence[tuple[int, int]],
-                 load_text_fea: bool = False) -> None:
-        from PIL import Image, UnidentifiedImageError
-
+    def __init__(self, lines: Sequence, buckets: Sequence[tuple[int, int]], load_text_fea: bool = False) -> None:
+        if not lines:
+            raise ValueError("no usable images (the data check reports why)")
         self.buckets = list(buckets)
         self.load_text_fea = load_text_fea
-        self.entries: list[ImageEntry] = []
-        self.bucket_of: list[int] = []
-        self.excluded: list[tuple[str, str]] = []
-        for entry in entries:
-            try:
-                with Image.open(entry.image) as im:
-                    w, h = im.size
-            except (OSError, UnidentifiedImageError) as e:
-                self.excluded.append((str(entry.image), f"cannot read image: {e}"))
-                continue
-            if load_text_fea and entry.text_fea is None:
-                self.excluded.append((str(entry.image), f"line {entry.line}: no 'text_fea' path"))
-                continue
-            self.entries.append(entry)
-            self.bucket_of.append(closest_bucket(w, h, self.buckets))
-        _require_entries(self.entries, self.excluded, "images")
+        self.entries: list[ImageEntry] = [line.entry for line in lines]
+        self.bucket_of: list[int] = [line.bucket for line in lines]
 
     def group_keys(self) -> list[int]:
         return list(self.bucket_of)

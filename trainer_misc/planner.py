@@ -364,6 +364,7 @@ def plan(launch: Launch, gpu_memory_gib: float) -> dict[str, Any]:
         "max_tokens_per_gpu": tokens,
         "peak_gib_per_gpu": round(peak / GIB, 2),
         "peak_breakdown_gib": {k: round(v / GIB, 2) for k, v in parts.items()},
+        "peak_breakdown_bytes": parts,
         "sharding": SHARDING_NOTE[launch.shard_strategy],
         "gpu_memory_gib": gpu_memory_gib,
         "fits": peak <= gpu_memory_gib * GIB,
