@@ -74,6 +74,19 @@ supervise() {
     exit "$status"
 }
 
+# GRADIENT_CHECKPOINTING unset or empty: on for 768p (the reference script says 768p needs it), off
+# otherwise; an explicit 0 or 1 is kept. Says so when it turns it on.
+default_checkpointing() {
+    if [ -z "${GRADIENT_CHECKPOINTING:-}" ]; then
+        GRADIENT_CHECKPOINTING=0
+        if [ "$RESOLUTION" = 768p ]; then
+            GRADIENT_CHECKPOINTING=1
+            echo "$SCRIPT_NAME: RESOLUTION=768p: gradient checkpointing on (GRADIENT_CHECKPOINTING=0 turns it off)" >&2
+        fi
+    fi
+    case "$GRADIENT_CHECKPOINTING" in 0|1) ;; *) die "GRADIENT_CHECKPOINTING=$GRADIENT_CHECKPOINTING must be 0 or 1 (unset: on for 768p)" ;; esac
+}
+
 # Checks shared by the two training scripts; each message names the variable to change.
 check_train_vars() {
     [ -n "$MODEL_PATH" ] || die "set MODEL_PATH to the downloaded checkpoint folder (e.g. /data/pyramid-flow-miniflux)"

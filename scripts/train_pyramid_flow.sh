@@ -8,7 +8,7 @@
 # Constraints (checked before launch): NUM_FRAMES % VIDEO_SYNC_GROUP == 0, BATCH_SIZE % 4 == 0, and GPUS*NNODES and
 # VIDEO_SYNC_GROUP divide one another: GPUS=8 VIDEO_SYNC_GROUP=8 trains one slot (temporal unit) per process;
 # GPUS=1 VIDEO_SYNC_GROUP=8 (a virtual group) trains all 8 slots in turn on one process, accumulated into the same
-# optimizer step: the same update, 8x the time per step. For 768p add GRADIENT_CHECKPOINTING=1. A rerun with the same OUTPUT_DIR resumes.
+# optimizer step: the same update, 8x the time per step. 768p turns GRADIENT_CHECKPOINTING on. A rerun with the same OUTPUT_DIR resumes.
 set -eu
 SCRIPT_NAME=train_pyramid_flow.sh
 . "$(dirname "$0")/_common.sh"
@@ -35,12 +35,13 @@ SCRIPT_NAME=train_pyramid_flow.sh
 : "${SAVE_CKPT_FREQ:=2000}"           # checkpoint every N optimizer steps
 : "${KEEP_CKPTS:=0}"                 # keep only the newest N checkpoints (0: keep all)
 : "${COLLECTIVE_TIMEOUT_MIN:=10}"     # a rank that stops responding for this long ends the run (minutes)
-: "${GRADIENT_CHECKPOINTING:=0}"      # 1 to recompute activations (needed for 768p)
+: "${GRADIENT_CHECKPOINTING:=}"       # 1 recomputes activations; unset: on for 768p only
 : "${NUM_WORKERS:=4}"
 : "${EXTRA_ARGS:=}"                   # more flags for train/train_pyramid_flow.py (see --help)
 
 check_train_vars
 [ -z "$DATA_ROOT" ] || [ -d "$DATA_ROOT" ] || die "DATA_ROOT=$DATA_ROOT is not a folder; set it to the folder the relative paths in ANNO_FILE start from"
+default_checkpointing
 detect_gpus
 [ -n "$MODEL_DTYPE" ] || { if [ "$HAVE_GPU" -eq 1 ]; then MODEL_DTYPE=bf16; else MODEL_DTYPE=fp32; fi; }
 is_uint "$VIDEO_SYNC_GROUP" && [ "$VIDEO_SYNC_GROUP" -gt 0 ] || die "VIDEO_SYNC_GROUP=$VIDEO_SYNC_GROUP must be a positive integer"

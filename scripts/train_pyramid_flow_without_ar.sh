@@ -32,13 +32,14 @@ SCRIPT_NAME=train_pyramid_flow_without_ar.sh
 : "${SAVE_CKPT_FREQ:=2000}"
 : "${KEEP_CKPTS:=0}"                 # keep only the newest N checkpoints (0: keep all)
 : "${COLLECTIVE_TIMEOUT_MIN:=10}"     # a rank that stops responding for this long ends the run (minutes)
-: "${GRADIENT_CHECKPOINTING:=0}"
+: "${GRADIENT_CHECKPOINTING:=}"       # 1 recomputes activations; unset: on for 768p only
 : "${LOAD_TEXT_ENCODER:=1}"           # 1: encode captions during training; 0: read text_fea files
 : "${NUM_WORKERS:=4}"
 : "${EXTRA_ARGS:=}"
 
 check_train_vars
 [ -z "$DATA_ROOT" ] || [ -d "$DATA_ROOT" ] || die "DATA_ROOT=$DATA_ROOT is not a folder; set it to the folder the relative paths in ANNO_FILE start from"
+default_checkpointing
 case "$TASK" in t2i|t2v) ;; *) die "TASK=$TASK must be t2i or t2v" ;; esac
 detect_gpus
 [ -n "$MODEL_DTYPE" ] || { if [ "$HAVE_GPU" -eq 1 ]; then MODEL_DTYPE=bf16; else MODEL_DTYPE=fp32; fi; }

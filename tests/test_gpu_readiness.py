@@ -57,9 +57,9 @@ def test_timesteps_reach_the_embedding_in_fp32_unrounded(golden_dir, engine):
     from pyramid_dit.objective import PyramidFlowObjective
     from pyramid_dit.scheduler import PyramidFlowMatchEulerDiscreteScheduler
     from pyramid_dit.text_features import TextFeatures
-    from train.train_pyramid_flow import PyramidFlowLoss
+    from trainer_misc.pyramid_loss import PyramidFlowLoss
     from trainer_misc.datasets import TrainBatch
-    from trainer_misc.trainer import StepContext
+    from trainer_misc.step import StepContext
 
     dit = PyramidFluxTransformer.from_pretrained(golden_dir / "flux_tiny")
     if engine == "deepspeed_bf16":
@@ -87,3 +87,29 @@ def test_timesteps_reach_the_embedding_in_fp32_unrounded(golden_dir, engine):
     assert (drawn_t != drawn_t.bfloat16().float()).any(), "no timestep here would be changed by bf16 rounding"
     assert len(reached) == 1 and reached[0].dtype == torch.float32
     assert torch.equal(reached[0], drawn_t)
+
+
+# --------------------------------------------------------------------------- latents: read only the frames used
+
+def test_latent_partial_read_takes_only_the_requested_frames(tmp_path):
+    from trainer_misc.datasets import VideoLatentDataset
+    from trainer_misc.io_utils import atomic_save_safetensors, load_latent
+
+    latent = torch.randn(1, 16, 12, 4, 6)
+    latent[:, :, 4:] = float("nan")  # frames past the 4 used: never read, so never checked or copied
+    path = tmp_path / "clip.safetensors"
+    atomic_save_safetensors({"latent": latent}, path)
+    part = load_latent(path, frames=4)
+    assert part.shape == (1, 16, 4, 4, 6) and part.is_contiguous()
+    assert torch.equal(part, latent[:, :, :4])
+    with pytest.raises(ValueError, match="NaN"):  # the whole clip is what a full read checks
+        load_latent(path)
+
+    pt = tmp_path / "clip.pt"
+    torch.save(latent[:, :, :4].clone(), pt)
+    assert torch.equal(load_latent(pt, frames=2), latent[:, :, :2])
+
+    from trainer_misc.annotation import VideoEntry
+    entry = VideoEntry(index=0, line=1, video=tmp_path / "clip.mp4", text="t", latent=path)
+    item = VideoLatentDataset([entry], max_frames=4, latent_size=(4, 6), load_text_fea=False)[0]
+    assert "bad" not in item and torch.equal(item["latents"], latent[0, :, :4])

@@ -168,3 +168,25 @@ def test_summary_of_a_rerun_that_had_nothing_to_train_quotes_no_loss():
                               final_step=8, bad_samples=1, exported=[])
     assert run_summary(trained, 2, "runs/x") == ("done: 8 steps (from 4), loss 1.5000 -> 1.2500, world size 2; "
                                                  "1 unreadable samples skipped; exported nothing")
+
+
+@pytest.mark.parametrize("script,env,on", [
+    (AR, {"RESOLUTION": "768p", "VARIANT": "diffusion_transformer_768p"}, True),
+    (AR, {"RESOLUTION": "768p", "VARIANT": "diffusion_transformer_768p", "GRADIENT_CHECKPOINTING": "0"}, False),
+    (AR, {}, False),  # 384p
+    (AR, {"GRADIENT_CHECKPOINTING": "1"}, True),
+    (NON_AR, {}, True),  # t2i at 768p by default
+], ids=["768p-auto", "768p-disabled", "384p", "384p-forced", "t2i-768p"])
+def test_gradient_checkpointing_defaults_on_at_768p(fake_model, fake_torchrun, script, env, on, monkeypatch):
+    monkeypatch.delenv("GRADIENT_CHECKPOINTING", raising=False)
+    path = f"{fake_torchrun.parent / 'bin'}{os.pathsep}{os.environ['PATH']}"
+    result = run_script(script, {**fake_model, "GPUS": "2", "VIDEO_SYNC_GROUP": "2", "PATH": path, **env})
+    assert result.returncode == 0, result.stderr
+    assert ("--gradient_checkpointing" in fake_torchrun.read_text().split("\n")) == on
+    announced = "gradient checkpointing on (GRADIENT_CHECKPOINTING=0 turns it off)" in result.stderr
+    assert announced == (on and "GRADIENT_CHECKPOINTING" not in env)
+
+
+def test_gradient_checkpointing_value_is_checked(fake_model, fake_torchrun):
+    result = run_script(AR, {**fake_model, "GRADIENT_CHECKPOINTING": "yes"})
+    assert result.returncode == 2 and "GRADIENT_CHECKPOINTING=yes must be 0 or 1" in result.stderr

@@ -35,6 +35,7 @@ from trainer_misc.data_check import DataSpec, image_buckets, is_dry_run, run_dat
 from trainer_misc.datasets import ImageDataset, VideoLatentDataset, collate, parse_resolution  # noqa: E402
 from trainer_misc.distributed import get_world_size, resolve_device  # noqa: E402
 from trainer_misc.failures import run_main  # noqa: E402
+from trainer_misc.engine import EngineConfig  # noqa: E402
 from trainer_misc.io_utils import default_empty_prompt_path, load_text_features  # noqa: E402
 from trainer_misc.metrics import BatchTrace  # noqa: E402
 from trainer_misc.pyramid_loss import PyramidFlowLoss  # noqa: E402
@@ -242,18 +243,18 @@ class ModelSide:
     text_encoder: Optional[object] = None
 
 
-def build_model_side(args: argparse.Namespace, device: torch.device) -> ModelSide:
+def build_model_side(args: argparse.Namespace, device: torch.device, engine: EngineConfig) -> ModelSide:
     """Load the DiT (and the VAE / text encoder when they run during training) for ``--model_name``.
 
     What differs between kinds (DiT class, text encoder) comes from :mod:`pyramid_dit.kinds`.
     """
     from pyramid_dit.kinds import get_kind
-    from trainer_misc.checkpoint import load_dit_weights
+    from trainer_misc.model_loading import load_pretrained_for_training
 
     kind = get_kind(args.model_name)
-    dit = kind.dit().from_pretrained(args.model_path, subfolder=args.model_variant, torch_dtype=torch.float32)
-    if args.dit_pretrained_weight:
-        load_dit_weights(dit, args.dit_pretrained_weight)
+    # Under ZeRO-3 the DiT is built and loaded already partitioned (no rank ever holds all of it).
+    dit = load_pretrained_for_training(kind.dit(), args.model_path, args.model_variant, engine,
+                                       weights_file=args.dit_pretrained_weight or None)
     if args.gradient_checkpointing:
         dit.enable_gradient_checkpointing(args.gradient_checkpointing_ratio)
 
@@ -326,7 +327,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 0
     null_text = load_null_text(args)
     device = resolve_device(args.device)  # this rank's GPU (LOCAL_RANK), as the engine uses
-    side = build_model_side(args, device)
+    side = build_model_side(args, device, config.engine_config())
     trace = BatchTrace(args.output_dir, rank) if args.trace_batches else None
     compute_loss = PyramidFlowLoss(build_objective(args, null_text), args.use_temporal_pyramid, vae=side.vae,
                                    text_encoder=side.text_encoder, trace=trace)

@@ -51,7 +51,7 @@ __all__ = [
     "check_finite_weights",
     "choose_resume_checkpoint", "export_model", "export_pretrained", "gather_full_weights", "note_changed_settings",
     "safe_torch_load", "verify_checkpoint",
-    "find_latest_checkpoint", "list_checkpoints", "load_checkpoint", "load_rank_tensors", "load_dit_weights", "optimizer_state_from_flat",
+    "find_latest_checkpoint", "list_checkpoints", "load_checkpoint", "load_rank_tensors", "load_dit_weights", "read_dit_state", "optimizer_state_from_flat",
     "optimizer_state_to_flat", "read_json", "restore_rank_rng", "restore_rng_state", "save_checkpoint", "write_json_atomic",
 ]
 
@@ -327,6 +327,15 @@ def export_model(engine: "TrainEngine", out_dir: Path, ema: Optional["ShardedEMA
 _IGNORED_PREFIXES = ("vae.", "text_encoder")
 
 
+def read_dit_state(path: Path) -> dict[str, torch.Tensor]:
+    """The DiT tensors of a single-file state dict, under the model's key names (see ``load_dit_weights``)."""
+    loaded = load_tensor_file(path)
+    if isinstance(loaded, torch.Tensor):
+        raise ValueError(f"{path}: holds a single tensor, expected a state dict (name -> tensor)")
+    return {key[len("dit."):] if key.startswith("dit.") else key: value for key, value in loaded.items()
+            if not key.startswith(_IGNORED_PREFIXES)}
+
+
 def load_dit_weights(model: nn.Module, path: os.PathLike | str) -> None:
     """Load a single-file DiT state dict (``--dit_pretrained_weight``) into ``model``, strictly.
 
@@ -336,14 +345,7 @@ def load_dit_weights(model: nn.Module, path: os.PathLike | str) -> None:
     name and the offending keys.
     """
     path = Path(path)
-    loaded = load_tensor_file(path)
-    if isinstance(loaded, torch.Tensor):
-        raise ValueError(f"{path}: holds a single tensor, expected a state dict (name -> tensor)")
-    state = {}
-    for key, value in loaded.items():
-        if key.startswith(_IGNORED_PREFIXES):
-            continue
-        state[key[len("dit."):] if key.startswith("dit.") else key] = value
+    state = read_dit_state(path)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))

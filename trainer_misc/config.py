@@ -9,7 +9,7 @@ from typing import Optional
 
 import torch
 
-from .engine import PRECISIONS, STRATEGIES
+from .engine import PRECISIONS, STRATEGIES, EngineConfig
 from .optim import LRSchedule
 
 __all__ = ["TrainConfig", "EXPORT_DTYPES"]
@@ -79,6 +79,12 @@ class TrainConfig:
         if self.skip_loss_threshold is not None and not self.skip_loss_threshold > 0:
             raise ValueError(f"skip_loss_threshold must be > 0 or None, got {self.skip_loss_threshold}")
         self.betas = tuple(self.betas)
+
+    def engine_config(self) -> EngineConfig:
+        """The engine settings; also what ``engine.model_init_context`` needs to build a ZeRO-3 model."""
+        return EngineConfig(strategy=self.strategy, mixed_precision=self.mixed_precision, device=self.device,
+                            grad_accum_steps=self.grad_accum_steps, max_grad_norm=self.max_grad_norm,
+                            micro_batch_size=self.batch_size, grad_reduce_dtype=self.grad_reduce_dtype)
 
     def schedule(self) -> LRSchedule:
         return LRSchedule(self.lr_scheduler, self.lr, self.max_steps, self.warmup_steps, self.warmup_start_lr,

@@ -12,6 +12,7 @@ gets :meth:`VideoLatentDataset.group_keys` (latent frame count) or :meth:`ImageD
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,6 +82,12 @@ class TrainBatch:
     def __len__(self) -> int:
         return len(self.paths)
 
+    def pin_memory(self) -> "TrainBatch":
+        """Page-locked copy, called by a DataLoader with ``pin_memory=True`` (the trainer sets it on CUDA), so the
+        copy to the GPU can run asynchronously."""
+        return dataclasses.replace(self, **{f.name: getattr(self, f.name).pin_memory() for f in dataclasses.fields(self)
+                                            if isinstance(getattr(self, f.name), torch.Tensor)})
+
 
 def _bad(path: object, reason: str) -> dict:
     return {"bad": (str(path), reason)}
@@ -139,7 +146,7 @@ class VideoLatentDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         entry = self.entries[index]
         try:
-            latent = load_latent(entry.latent)[0, :, : self.max_frames].float()
+            latent = load_latent(entry.latent, frames=self.max_frames)[0].float()  # reads only those frames
             if latent.shape[1] != self.frames[index]:
                 raise DataFileError(f"{entry.latent}: has {latent.shape[1]} latent frames, expected "
                                     f"{self.frames[index]} (file changed since start-up?)")

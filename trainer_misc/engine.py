@@ -40,7 +40,7 @@ from .io_utils import atomic_save_safetensors, load_tensor_file
 logger = logging.getLogger(__name__)
 
 __all__ = ["EngineConfig", "StepOutcome", "TrainEngine", "build_accelerator", "deepspeed_config", "PRECISIONS",
-           "STRATEGIES", "GRAD_REDUCE_DTYPES", "reset_accelerate_state"]
+           "STRATEGIES", "GRAD_REDUCE_DTYPES", "model_init_context", "reset_accelerate_state"]
 
 STRATEGIES = ("ddp", "zero2", "zero3")
 PRECISIONS = ("bf16", "fp16", "fp32")
@@ -122,6 +122,32 @@ def deepspeed_config(cfg: EngineConfig, device: torch.device) -> dict:
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
+
+
+@contextlib.contextmanager
+def model_init_context(cfg: EngineConfig) -> Iterator[None]:
+    """Build the model inside this context. Under ZeRO-3 it is DeepSpeed's partitioned init (``zero.Init``): each
+    parameter is split across the ranks as soon as its module is constructed, so no rank ever holds the whole
+    model (the process group is started here for that, from the launcher environment). Otherwise a no-op.
+
+    Weights must then be loaded with ``trainer_misc.model_loading.load_partitioned``; ``accelerator.prepare``
+    keeps the existing partitions.
+    """
+    if cfg.strategy != "zero3":
+        yield
+        return
+    import deepspeed
+
+    ensure_launcher_env()
+    device = resolve_device(cfg.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if not deepspeed.comm.is_initialized():
+        # accelerate later finds this group and uses it.
+        deepspeed.init_distributed(dist_backend=backend_for_device(device), auto_mpi_discovery=False,
+                                   timeout=datetime.timedelta(minutes=cfg.process_group_timeout_min))
+    with deepspeed.zero.Init(config_dict_or_path=deepspeed_config(cfg, device)):
+        yield
 
 
 def reset_accelerate_state() -> None:

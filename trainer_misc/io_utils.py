@@ -225,15 +225,36 @@ def check_latent(latent: torch.Tensor, *, source: str = "latent", channels: int 
         raise DataFileError(f"{source}: latent contains NaN or inf")
 
 
-def load_latent(path: str | os.PathLike, *, channels: int | None = LATENT_CHANNELS) -> torch.Tensor:
-    """Load a raw VAE latent ``[1, C, T, h, w]`` in its stored dtype (the reference stored bf16)."""
-    obj = load_tensor_file(path)
-    if isinstance(obj, dict):
-        if LATENT_KEY not in obj:
-            raise DataFileError(f"{path}: no {LATENT_KEY!r} tensor (found {sorted(obj)})")
-        latent = obj[LATENT_KEY]
+def load_latent(path: str | os.PathLike, *, channels: int | None = LATENT_CHANNELS,
+                frames: int | None = None) -> torch.Tensor:
+    """Load a raw VAE latent ``[1, C, T, h, w]`` in its stored dtype (the reference stored bf16).
+
+    ``frames``: keep only the first ``frames`` latent frames. From a safetensors file only those bytes are read
+    (a 10 s clip stored whole, trained on 16 frames, costs 16 frames of I/O); a ``.pt`` file is loaded whole.
+    """
+    path = Path(path)
+    if frames is not None and path.suffix in SAFETENSORS_SUFFIXES and path.is_file() and path.stat().st_size:
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                if LATENT_KEY not in f.keys():
+                    raise DataFileError(f"{path}: no {LATENT_KEY!r} tensor (found {sorted(f.keys())})")
+                part = f.get_slice(LATENT_KEY)
+                if len(part.get_shape()) != 5:
+                    raise DataFileError(f"{path}: expected a latent of shape [1, C, T, h, w], "
+                                        f"got {list(part.get_shape())}")
+                latent = part[:, :, :frames].contiguous()
+        except SafetensorError as e:
+            raise DataFileError(f"{path}: not a readable safetensors file ({e})") from None
     else:
-        latent = obj
+        obj = load_tensor_file(path)
+        if isinstance(obj, dict):
+            if LATENT_KEY not in obj:
+                raise DataFileError(f"{path}: no {LATENT_KEY!r} tensor (found {sorted(obj)})")
+            latent = obj[LATENT_KEY]
+        else:
+            latent = obj
+        if frames is not None:
+            latent = latent[:, :, :frames]
     check_latent(latent, source=str(path), channels=channels)
     return latent
 

@@ -164,7 +164,8 @@ class StepRunner:
         loss_sum, tokens_sum, kept, outcome = 0.0, None, 0, None
         stats: dict[str, float] = {}
         for k in range(ga):
-            batch = to_device(self._next_batch(step), engine.device)
+            batch = to_device(self._next_batch(step), engine.device,
+                              non_blocking=engine.device.type == "cuda")  # pinned by the DataLoader
             micro_loss = 0.0
             for j, slot in enumerate(slots):
                 last = k == ga - 1 and j == len(slots) - 1

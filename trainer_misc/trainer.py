@@ -29,6 +29,7 @@ Call ``trainer_misc.distributed.destroy_process_group()`` when the script is don
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from dataclasses import dataclass
@@ -45,7 +46,7 @@ from .distributed import barrier, seed_everything, sync_group_position
 from .failures import RunStopped, StopSignals
 from .run_lock import lock_output_dir
 from .ema import ShardedEMA
-from .engine import EngineConfig, TrainEngine
+from .engine import TrainEngine
 from .metrics import MetricsLog, StepRecord
 from .optim import build_adamw
 from .resume import check_data_layout, load_resume_state, resolve_resume, trainer_state
@@ -75,14 +76,15 @@ class TrainResult:
     engine: TrainEngine
 
 
-def _build_loader(dataset: Dataset, config: TrainConfig, sync, start_batch: int, collate_fn, group_keys
-                  ) -> tuple[ResumableBatchSampler, DataLoader]:
+def _build_loader(dataset: Dataset, config: TrainConfig, sync, start_batch: int, collate_fn, group_keys,
+                  device: torch.device) -> tuple[ResumableBatchSampler, DataLoader]:
     sampler = ResumableBatchSampler(len(dataset), config.batch_size, num_replicas=sync.num_groups,
                                     replica=sync.group_index, seed=config.seed, shuffle=config.shuffle,
                                     group_keys=group_keys, start_batch=start_batch)
-    # Its own generator: creating the iterator then draws no number from the global RNG.
+    # Its own generator: creating the iterator then draws no number from the global RNG. Pinned host batches on
+    # CUDA, so their copy to the GPU (non_blocking in the step) overlaps with compute.
     loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_fn, num_workers=config.num_workers,
-                        generator=torch.Generator().manual_seed(config.seed))
+                        pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(config.seed))
     return sampler, loader
 
 
@@ -112,10 +114,8 @@ def train(model: nn.Module, compute_loss: ComputeLoss, dataset: Dataset, config:
 
     # Model, optimizer and sharding.
     engine = TrainEngine(model, build_adamw(model, config.lr, config.betas, config.eps, config.weight_decay),
-                         EngineConfig(strategy=config.strategy, mixed_precision=config.mixed_precision,
-                                      device=config.device, grad_accum_steps=config.grad_accum_steps * sync.virtual,
-                                      max_grad_norm=config.max_grad_norm, micro_batch_size=config.batch_size,
-                                      grad_reduce_dtype=config.grad_reduce_dtype))
+                         dataclasses.replace(config.engine_config(),
+                                             grad_accum_steps=config.grad_accum_steps * sync.virtual))
     rank, world = engine.rank, engine.world_size
     if (rank, world) != (launched_rank, launched_world):
         raise RuntimeError(f"launcher said rank {launched_rank} of {launched_world}, the engine runs rank {rank} of "
@@ -132,7 +132,8 @@ def train(model: nn.Module, compute_loss: ComputeLoss, dataset: Dataset, config:
     lock = lock_output_dir(output_dir)
     resumed_from = resolve_resume(config, checkpoint_root)
     start_step, counters, saved = load_resume_state(resumed_from, engine, ema)
-    sampler, loader = _build_loader(dataset, config, sync, counters.data_position, collate_fn, group_keys)
+    sampler, loader = _build_loader(dataset, config, sync, counters.data_position, collate_fn, group_keys,
+                                    engine.device)
     check_data_layout(resumed_from, saved, sampler, config)
     runner = StepRunner(engine, compute_loss, iter(loader), config, sync, counters, streams)
     # RNG last, so nothing above (model wrapping, DataLoader set-up) shifts the streams the objective draws from.
