@@ -124,6 +124,16 @@ def deepspeed_config(cfg: EngineConfig, device: torch.device) -> dict:
     }
 
 
+def _prepare_deepspeed_process(device: torch.device) -> None:
+    """What every DeepSpeed process needs before DeepSpeed starts (engine or ZeRO-3 partitioned init)."""
+    ensure_launcher_env()
+    if device.type == "cpu":
+        skip_deepspeed_shm_comm_build()
+    # DeepSpeed's ZeRO calls collectives torch now marks deprecated, on every rank; nothing a user can change.
+    warnings.filterwarnings("ignore", category=FutureWarning,
+                            message=r"`torch\.distributed\.\w+` is deprecated\. Please use `torch\.distributed\.")
+
+
 @contextlib.contextmanager
 def model_init_context(cfg: EngineConfig) -> Iterator[None]:
     """Build the model inside this context. Under ZeRO-3 it is DeepSpeed's partitioned init (``zero.Init``): each
@@ -136,16 +146,16 @@ def model_init_context(cfg: EngineConfig) -> Iterator[None]:
     if cfg.strategy != "zero3":
         yield
         return
+    device = resolve_device(cfg.device)
+    _prepare_deepspeed_process(device)
     import deepspeed
 
-    ensure_launcher_env()
-    device = resolve_device(cfg.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not deepspeed.comm.is_initialized():
         # accelerate later finds this group and uses it.
         deepspeed.init_distributed(dist_backend=backend_for_device(device), auto_mpi_discovery=False,
-                                   timeout=datetime.timedelta(minutes=cfg.process_group_timeout_min))
+                                   timeout=collective_timeout(cfg.process_group_timeout_min))
     with deepspeed.zero.Init(config_dict_or_path=deepspeed_config(cfg, device)):
         yield
 
@@ -193,12 +203,7 @@ def build_accelerator(cfg: EngineConfig):
         raise RuntimeError(f"strategy {cfg.strategy!r} cannot run with ACCELERATE_USE_CPU set: accelerate would "
                            "silently replace DeepSpeed by DDP. Unset ACCELERATE_USE_CPU.")
     if cfg.uses_deepspeed:
-        ensure_launcher_env()
-        if device.type == "cpu":
-            skip_deepspeed_shm_comm_build()
-        # DeepSpeed's ZeRO calls collectives torch now marks deprecated, on every rank; nothing a user can change.
-        warnings.filterwarnings("ignore", category=FutureWarning,
-                                message=r"`torch\.distributed\.\w+` is deprecated\. Please use `torch\.distributed\.")
+        _prepare_deepspeed_process(device)
     timeout = collective_timeout(cfg.process_group_timeout_min)
     if "LOCAL_RANK" in os.environ:  # launched (or made to look launched): name the backend explicitly
         handlers = [InitProcessGroupKwargs(backend=backend_for_device(device), timeout=timeout)]
