@@ -74,8 +74,9 @@ def pixel_size(resolution: str, task: str) -> tuple[int, int]:
 
 
 def default_sync_group(gpus: int, num_frames: int) -> int:
-    """The largest of 8, 4, 2, 1 dividing both the process count and NUM_FRAMES (what the scripts require)."""
-    return next(g for g in (8, 4, 2, 1) if gpus % g == 0 and num_frames % g == 0)
+    """The scripts' default 8 when it fits NUM_FRAMES and the process count (a divisor or a multiple: a virtual
+    group on fewer GPUs), else the largest of 4, 2, 1 that does."""
+    return next(g for g in (8, 4, 2, 1) if num_frames % g == 0 and (gpus % g == 0 or g % gpus == 0))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -115,9 +116,9 @@ def launch_from_args(args: argparse.Namespace) -> Launch:
     if min(args.gpus, args.num_frames, args.grad_accum) < 1:
         raise SystemExit("--gpus, --num_frames and --grad_accum must be >= 1")
     group = args.video_sync_group or default_sync_group(args.gpus, args.num_frames)
-    if args.task == "ar" and (args.gpus % group or args.num_frames % group):
-        raise SystemExit(f"--video_sync_group {group} must divide --gpus {args.gpus} and --num_frames "
-                         f"{args.num_frames}")
+    if args.task == "ar" and ((args.gpus % group and group % args.gpus) or args.num_frames % group):
+        raise SystemExit(f"--video_sync_group {group} must divide --num_frames {args.num_frames} and divide or be "
+                         f"a multiple of --gpus {args.gpus} (a virtual group: slots run one after the other)")
     return Launch(model_kind=kind, model_config=config, task=args.task, width=width, height=height,
                   num_frames=args.num_frames, batch_size=args.batch_size, gpus=args.gpus,
                   shard_strategy=args.shard_strategy, dtype=args.dtype, grad_accum=args.grad_accum,

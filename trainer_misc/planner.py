@@ -228,7 +228,9 @@ def _loss(outputs: list[torch.Tensor]) -> torch.Tensor:
 
 def rank_shapes(launch: Launch) -> list[list[list[tuple[int, ...]]]]:
     """Clip shapes of every (rank, micro-batch) of the launch's first optimizer step."""
-    ranks = launch.gpus if launch.task == "ar" else 1  # without AR every rank sees the same shapes
+    # Without AR every rank sees the same shapes. With AR a sync group larger than the GPU count is virtual:
+    # each process trains several slots of the clip one after the other, so every slot is one micro-batch.
+    ranks = max(launch.gpus, launch.video_sync_group) if launch.task == "ar" else 1
     return [clip_shapes(launch, r, s) for r in range(ranks) for s in range(launch.grad_accum)]
 
 

@@ -1,0 +1,62 @@
+"""Regenerate the README table "Which GPUs do I need" (predictions from tools/plan.py's planner, no GPU).
+
+    python3 tools/gpu_table.py [--models released-miniflux released-sd3] [--resolutions 384p 768p]
+
+Per row: predicted peak GiB per GPU for 8 x ZeRO-2, 8 x ZeRO-3 (bf16, batch 4 per GPU, no gradient
+checkpointing) and 1 GPU full finetune (ZeRO-2 on one process) with gradient checkpointing, and PFLOP per
+optimizer step on 8 GPUs. Minutes on a 2-core CPU (every row traces the released DiT on meta tensors).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from tools.plan import default_sync_group, load_model_config, pixel_size  # noqa: E402
+from trainer_misc.planner import (GIB, Launch, _tokens, flops_per_step, model_size, per_gpu_bytes,  # noqa: E402
+                                  rank_shapes, trace_memory)
+
+
+def row(model: str, resolution: str, frames: int, task: str) -> str:
+    kind, config = load_model_config(model)
+    width, height = pixel_size(resolution, task)
+    base = Launch(kind, config, task=task, width=width, height=height, num_frames=frames, gpus=8,
+                  video_sync_group=default_sync_group(8, frames))
+    n, n_train = model_size(base)
+    traced = trace_memory(base, max(rank_shapes(base), key=_tokens), torch.bfloat16)
+    peaks = [sum(per_gpu_bytes(replace(base, shard_strategy=s), n, n_train, traced).values()) / GIB
+             for s in ("zero2", "zero3")]
+    single = replace(base, gpus=1, gradient_checkpointing=True)  # AR: a virtual sync group of 8 slots
+    traced1 = trace_memory(single, max(rank_shapes(single), key=_tokens), torch.bfloat16)
+    peaks.append(sum(per_gpu_bytes(single, n, n_train, traced1).values()) / GIB)
+    flops = flops_per_step(base) / 1e15
+    name = {"ar": "AR", "t2v": "full-seq"}[task]
+    return (f"| {model.removeprefix('released-')} | {resolution} | {frames} | {name} | {peaks[0]:.1f} | "
+            f"{peaks[1]:.1f} | {peaks[2]:.1f} | {flops:.2f} |")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=["released-miniflux", "released-sd3"])
+    p.add_argument("--resolutions", nargs="+", default=["384p", "768p"])
+    p.add_argument("--num_frames", nargs="+", type=int, default=[16, 32])
+    p.add_argument("--tasks", nargs="+", default=["ar", "t2v"], choices=["ar", "t2v"])
+    args = p.parse_args(argv)
+    print("| model | resolution | NUM_FRAMES | mode | 8xZeRO-2 GiB/GPU | 8xZeRO-3 GiB/GPU | 1 GPU + ckpt GiB | "
+          "PFLOP/step (8 GPUs) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for model in args.models:
+        for res in args.resolutions:
+            for frames in args.num_frames:
+                for task in args.tasks:
+                    print(row(model, res, frames, task), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
