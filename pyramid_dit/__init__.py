@@ -17,7 +17,7 @@ _EXPORTS = {
     "FluxTextEncoder": "pyramid_dit.text_encoder",
     "TextFeatures": "pyramid_dit.text_features",
     "PyramidFlowPipeline": "pyramid_dit.pipeline",
-    "save_video": "pyramid_dit.pipeline",
+    "save_video": "pyramid_dit.media",
     "sample_block_noise": "pyramid_dit.block_noise",
 }
 __all__ = sorted(_EXPORTS)

@@ -8,7 +8,7 @@ noise whose four values per block have covariance
 
 i.e. unit variance and covariance ``-gamma`` between any two values of a block. Mixed into the upsampled latent
 it breaks up the blockwise-constant noise (the scheduler's module docstring and
-``pipeline.renoise_coefficients`` give the matching rescaling).
+``renoise_coefficients`` give the matching rescaling).
 
 The reference implementation draws this block by block from ``MultivariateNormal`` in a Python loop. Besides
 being slow (one distribution sample per 2x2 block: ~15k per latent frame at 384p), that fails for the released
@@ -30,9 +30,12 @@ term is zero: every block of the noise sums to zero.
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import torch
+
+if TYPE_CHECKING:
+    from pyramid_dit.scheduler import PyramidFlowMatchEulerDiscreteScheduler
 
 
 def block_noise_covariance(gamma: float) -> torch.Tensor:
@@ -87,3 +90,21 @@ def sample_block_noise(
     gen_device = generator.device if generator is not None else (device or "cpu")
     white = torch.randn(tuple(shape), generator=generator, device=gen_device, dtype=dtype)
     return correlate_blocks(white, gamma).to(device=device or gen_device)
+
+
+def renoise_coefficients(scheduler: PyramidFlowMatchEulerDiscreteScheduler, stage: int) -> tuple[float, float]:
+    """``(alpha, beta)`` of the jump into ``stage``: ``x <- alpha * up(x) + beta * block_noise``.
+
+    At the jump the latent is ``s * data + (1 - s) * noise`` with ``s = 1 - ori_start_sigmas[stage]``, and nearest
+    upsampling makes its noise constant on 2x2 blocks (covariance ``J`` per block). With block noise of covariance
+    ``(1 + g) I - g J`` (g = gamma) and ``beta = alpha (1 - s) / sqrt(g)`` the ``J`` terms cancel, leaving white
+    noise of std ``alpha (1 - s) sqrt(1 + 1/g)``; ``alpha`` makes that std and the signal weight ``alpha * s`` sum
+    to 1, so the result lies on the stage's flow at the scheduler's corrected ``start_sigmas[stage] = 1 - alpha*s``.
+    """
+    if stage < 1:
+        raise ValueError(f"stage jumps start at stage 1, got {stage}")
+    gamma = scheduler.config.gamma
+    signal = 1 - scheduler.ori_start_sigmas[stage]
+    alpha = 1 / (math.sqrt(1 + 1 / gamma) * (1 - signal) + signal)
+    beta = alpha * (1 - signal) / math.sqrt(gamma)
+    return alpha, beta

@@ -16,31 +16,27 @@ How a video is sampled (the inference counterpart of :mod:`pyramid_dit.objective
   training-time corruption only teaches robustness to the model's own errors).
 * Classifier-free guidance batches the negative prompt (first half) with the prompt (second half).
 
-Every random number comes from a :class:`NoiseSource`: the full-resolution initial noise (shrunk to the lowest
-stage like training noise), one block-noise draw per stage jump, and, for image-to-video, the VAE posterior
-sample of the image. :class:`GeneratorNoise` draws them from a seeded CPU generator, so a seed gives the same
-video on any device; :class:`ReplayNoise` replays recorded draws (used to check parity with the reference).
+Every random number comes from a :class:`pyramid_dit.noise.NoiseSource` (a seed, or recorded draws replayed).
 
 The pipeline takes modules, not paths, so the trainer can sample validation videos from its in-memory DiT (live
 or EMA weights); :meth:`PyramidFlowPipeline.from_pretrained` builds one from the official model folder,
-optionally with a finetuned DiT. :func:`save_video` writes the result as mp4, gif or a png strip.
+optionally with a finetuned DiT. :func:`pyramid_dit.media.save_video` writes the result as mp4, gif or png.
 """
 from __future__ import annotations
 
 import contextlib
-import math
 import os
-import uuid
 from pathlib import Path
 from typing import Iterator, List, Optional, Sequence, Union
 
-import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from pyramid_dit.block_noise import sample_block_noise
+from pyramid_dit.block_noise import renoise_coefficients
 from pyramid_dit.kinds import get_kind, kind_of_dit
+from pyramid_dit.media import ImageInput, image_to_tensor, to_uint8
+from pyramid_dit.noise import GeneratorNoise, NoiseSource
 from pyramid_dit.pyramid import (
     history_plan,
     noise_pyramid,
@@ -65,105 +61,8 @@ AESTHETIC_SUFFIX = ", hyper quality, Ultra HD, 8K"
 VAE_DOWNSAMPLE = 8  # pixels per latent cell
 OUTPUT_TYPES = ("latent", "pt", "uint8")
 
-ImageInput = Union["PIL.Image.Image", torch.Tensor]  # noqa: F821 (PIL is imported lazily)
-
-
-# ----------------------------------------------------------------------------------------------- noise sources
-class NoiseSource:
-    """Every random draw of one generation run. Subclass to record, replay or control the randomness.
-
-    Each method returns a float32 tensor of exactly ``shape`` (on any device; the pipeline moves it).
-    """
-
-    def initial(self, shape: Sequence[int]) -> torch.Tensor:
-        """Standard normal latent noise ``[B, C, T, H, W]`` at full latent resolution, drawn once per run."""
-        raise NotImplementedError
-
-    def block(self, shape: Sequence[int], gamma: float) -> torch.Tensor:
-        """Correlated 2x2 block noise (covariance ``(1 + gamma) I - gamma J`` per block), once per stage jump."""
-        raise NotImplementedError
-
-    def posterior(self, shape: Sequence[int]) -> torch.Tensor:
-        """Standard normal ``eps`` for sampling the VAE latent of an image-to-video input image."""
-        raise NotImplementedError
-
-
-class GeneratorNoise(NoiseSource):
-    """Draws from a CPU ``torch.Generator`` (seeded with ``seed``, or torch's global generator when ``None``).
-
-    Draws happen on the CPU and are moved to the device afterwards, so a seed gives the same noise, hence the
-    same video up to kernel rounding, on every device.
-    """
-
-    def __init__(self, seed: Optional[int] = None):
-        self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
-
-    def initial(self, shape: Sequence[int]) -> torch.Tensor:
-        return torch.randn(tuple(shape), generator=self.generator)
-
-    def block(self, shape: Sequence[int], gamma: float) -> torch.Tensor:
-        return sample_block_noise(shape, gamma, generator=self.generator)
-
-    def posterior(self, shape: Sequence[int]) -> torch.Tensor:
-        return torch.randn(tuple(shape), generator=self.generator)
-
-
-class ReplayNoise(NoiseSource):
-    """Returns recorded draws: ``initial``, then ``blocks`` in call order (and ``posterior`` for i2v).
-
-    Shapes are checked, and running out of recorded draws is an error, so a replay cannot silently diverge.
-    """
-
-    def __init__(self, initial: torch.Tensor, blocks: Sequence[torch.Tensor],
-                 posterior: Optional[torch.Tensor] = None):
-        self._initial = initial
-        self._blocks = list(blocks)
-        self._posterior = posterior
-        self.blocks_used = 0
-
-    @staticmethod
-    def _checked(what: str, tensor: Optional[torch.Tensor], shape: Sequence[int]) -> torch.Tensor:
-        if tensor is None:
-            raise ValueError(f"ReplayNoise: no recorded {what} draw")
-        if tuple(tensor.shape) != tuple(shape):
-            raise ValueError(f"ReplayNoise: recorded {what} has shape {tuple(tensor.shape)}, the pipeline asks "
-                             f"for {tuple(shape)}; the replayed run had different settings")
-        return tensor.float()
-
-    def initial(self, shape: Sequence[int]) -> torch.Tensor:
-        return self._checked("initial noise", self._initial, shape)
-
-    def block(self, shape: Sequence[int], gamma: float) -> torch.Tensor:
-        if self.blocks_used >= len(self._blocks):
-            raise ValueError(f"ReplayNoise: the pipeline asks for block noise #{self.blocks_used} but only "
-                             f"{len(self._blocks)} were recorded")
-        tensor = self._checked(f"block noise #{self.blocks_used}", self._blocks[self.blocks_used], shape)
-        self.blocks_used += 1
-        return tensor
-
-    def posterior(self, shape: Sequence[int]) -> torch.Tensor:
-        return self._checked("posterior noise", self._posterior, shape)
-
 
 # ------------------------------------------------------------------------------------------------- helpers
-def renoise_coefficients(scheduler: PyramidFlowMatchEulerDiscreteScheduler, stage: int) -> tuple[float, float]:
-    """``(alpha, beta)`` of the jump into ``stage``: ``x <- alpha * up(x) + beta * block_noise``.
-
-    At the jump the latent is ``s * data + (1 - s) * noise`` with ``s = 1 - ori_start_sigmas[stage]``, and nearest
-    upsampling makes its noise constant on 2x2 blocks (covariance ``J`` per block). With block noise of covariance
-    ``(1 + g) I - g J`` (g = gamma) and ``beta = alpha (1 - s) / sqrt(g)`` the ``J`` terms cancel, leaving white
-    noise of std ``alpha (1 - s) sqrt(1 + 1/g)``; ``alpha`` makes that std and the signal weight ``alpha * s`` sum
-    to 1, so the result lies on the stage's flow at the scheduler's corrected ``start_sigmas[stage] = 1 - alpha*s``.
-    """
-    if stage < 1:
-        raise ValueError(f"stage jumps start at stage 1, got {stage}")
-    gamma = scheduler.config.gamma
-    signal = 1 - scheduler.ori_start_sigmas[stage]
-    alpha = 1 / (math.sqrt(1 + 1 / gamma) * (1 - signal) + signal)
-    beta = alpha * (1 - signal) / math.sqrt(gamma)
-    return alpha, beta
-
-
 def _per_stage(steps: Union[int, Sequence[int]], num_stages: int, name: str) -> List[int]:
     steps = [steps] * num_stages if isinstance(steps, int) else [int(s) for s in steps]
     if len(steps) == 1:
@@ -188,22 +87,6 @@ def _device_of(module: nn.Module) -> torch.device:
 
 def _dtype_of(module: nn.Module) -> torch.dtype:
     return next(module.parameters()).dtype
-
-
-def image_to_tensor(image: ImageInput) -> torch.Tensor:
-    """A PIL image, ``[3, H, W]`` or ``[B, 3, H, W]`` float tensor in [0, 1] -> ``[B, 3, H, W]`` float32 in [0, 1]."""
-    if isinstance(image, torch.Tensor):
-        x = image.unsqueeze(0) if image.ndim == 3 else image
-        if x.ndim != 4 or x.shape[1] != 3 or not x.is_floating_point():
-            raise ValueError(f"image tensor must be float [3, H, W] or [B, 3, H, W] in [0, 1], got "
-                             f"{x.dtype} {tuple(image.shape)}")
-        return x.float()
-    from PIL import Image
-
-    if not isinstance(image, Image.Image):
-        raise TypeError(f"image must be a PIL image or a tensor, got {type(image).__name__}")
-    array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
-    return torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0).contiguous()
 
 
 # ------------------------------------------------------------------------------------------------ pipeline
@@ -464,7 +347,7 @@ class PyramidFlowPipeline:
                 pipeline device); ``"pt"``: decoded video ``[B, 3, F, H, W]`` float32 in [0, 1] on the CPU;
                 ``"uint8"``: the same as uint8 in [0, 255].
             decode_window, vae_tile_size: see :meth:`decode_latents`.
-            progress: show a progress bar over units.
+            progress: show progress bars over units and over the VAE decode.
         """
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
@@ -517,7 +400,7 @@ class PyramidFlowPipeline:
                              "settings are broken (check the weights you loaded; try --dtype fp32)")
         if output_type == "latent":
             return latents
-        video = self.decode_latents(latents, window_size=decode_window, tile_size=vae_tile_size)
+        video = self.decode_latents(latents, window_size=decode_window, tile_size=vae_tile_size, progress=progress)
         if not bool(torch.isfinite(video).all()):
             raise ValueError("the decoded video contains NaN or inf values: the VAE weights or --dtype are broken")
         if output_type == "pt":
@@ -578,100 +461,28 @@ class PyramidFlowPipeline:
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor, *, window_size: int = 1,
-                       tile_size: Optional[int] = 256) -> torch.Tensor:
+                       tile_size: Optional[int] = 256, progress: bool = False) -> torch.Tensor:
         """Decode normalised DiT latents ``[B, 16, T, h, w]`` into video ``[B, 3, 1 + 8(T-1), 8h, 8w]`` float32 in
         [0, 1], on the CPU.
 
         The VAE runs in temporal chunks of ``window_size`` latent frames (1 is the reference's low-memory
         setting, 2 its fast one) and, when ``tile_size`` is set, in blended spatial tiles of that many pixels
-        (only frames larger than a tile are tiled; ``None`` or 0 disables tiling).
+        (only frames larger than a tile are tiled; ``None`` or 0 disables tiling). ``progress`` shows a bar over
+        those pieces: at 121 frames of 640x384 the decode takes minutes.
         """
         z = self.normalization.denormalize(latents.float())
-        with self._using(self.vae, "VAE") as vae, self._autocast():
+        bar = tqdm(desc="VAE decode", unit="piece", disable=not progress)
+
+        def advance(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        with bar, self._using(self.vae, "VAE") as vae, self._autocast():
             previous_tiling = vae.use_tiling
             vae.enable_tiling(bool(tile_size))
             try:
                 pixels = vae.decode(z.to(self.device, _dtype_of(vae)), temporal_chunk=True, window_size=window_size,
-                                    tile_sample_min_size=tile_size or 256).sample
+                                    tile_sample_min_size=tile_size or 256, progress=advance).sample
             finally:
                 vae.enable_tiling(previous_tiling)
         return ((pixels.float().cpu() + 1) / 2).clamp(0, 1)
-
-
-# -------------------------------------------------------------------------------------------- video files
-def to_uint8(video: torch.Tensor) -> torch.Tensor:
-    """Float video in [0, 1] -> uint8 (``round(255 x)``; the reference truncates instead, at most 1 level lower)."""
-    return (video * 255).round().clamp(0, 255).to(torch.uint8)
-
-
-def _frames_hwc(video: torch.Tensor) -> np.ndarray:
-    """``[3, F, H, W]`` (uint8, or float in [0, 1]) -> ``[F, H, W, 3]`` uint8 numpy."""
-    if video.ndim != 4 or video.shape[0] != 3:
-        raise ValueError(f"save_video takes one video [3, frames, height, width], got {tuple(video.shape)}; "
-                         "index the batch first")
-    if video.dtype != torch.uint8:
-        video = to_uint8(video.float())
-    return np.ascontiguousarray(video.permute(1, 2, 3, 0).cpu().numpy())
-
-
-def _write_mp4(frames: np.ndarray, path: Path, fps: float) -> None:
-    import imageio_ffmpeg
-
-    _, h, w, _ = frames.shape
-    if h % 2 or w % 2:
-        raise ValueError(f"mp4 (H.264, yuv420p) needs an even height and width, got {w}x{h}; write a .gif or .png")
-    writer = imageio_ffmpeg.write_frames(str(path), (w, h), fps=fps, codec="libx264", pix_fmt_in="rgb24",
-                                         pix_fmt_out="yuv420p", macro_block_size=1, quality=8,
-                                         ffmpeg_log_level="error")
-    writer.send(None)  # start the encoder
-    for frame in frames:
-        writer.send(frame)
-    writer.close()
-
-
-def _write_gif(frames: np.ndarray, path: Path, fps: float) -> None:
-    from PIL import Image
-
-    images = [Image.fromarray(f) for f in frames]
-    images[0].save(path, format="GIF", save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0)
-
-
-def _write_png_strip(frames: np.ndarray, path: Path, max_frames: int) -> None:
-    from PIL import Image
-
-    picks = np.unique(np.linspace(0, len(frames) - 1, min(max_frames, len(frames))).round().astype(int))
-    Image.fromarray(np.concatenate([frames[i] for i in picks], axis=1)).save(path, format="PNG")
-
-
-VIDEO_SUFFIXES = (".mp4", ".gif", ".png")
-
-
-def save_video(video: torch.Tensor, path: Union[str, os.PathLike], fps: float = 24,
-               strip_frames: int = 8) -> Path:
-    """Write one video ``[3, F, H, W]`` (uint8, or float in [0, 1]) to ``path``; the suffix picks the format.
-
-    ``.mp4``: H.264 (yuv420p) through imageio-ffmpeg; ``.gif``: looping animation; ``.png``: a horizontal
-    strip of ``strip_frames`` evenly spaced frames (first and last included). The file appears atomically: it is
-    written under a temporary name in the same folder, then renamed.
-    """
-    path = Path(path)
-    if path.suffix.lower() not in VIDEO_SUFFIXES:
-        raise ValueError(f"{path}: unsupported video suffix {path.suffix!r}; use one of {VIDEO_SUFFIXES}")
-    if fps <= 0:
-        raise ValueError(f"fps must be positive, got {fps}")
-    frames = _frames_hwc(video)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # The temp name keeps the suffix: ffmpeg picks the container from it.
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp{path.suffix}")
-    try:
-        suffix = path.suffix.lower()
-        if suffix == ".mp4":
-            _write_mp4(frames, tmp, fps)
-        elif suffix == ".gif":
-            _write_gif(frames, tmp, fps)
-        else:
-            _write_png_strip(frames, tmp, strip_frames)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path

@@ -41,13 +41,58 @@ def _dtype_kwarg(dtype: torch.dtype) -> dict[str, torch.dtype]:
     return {key: dtype}
 
 
-class FluxTextEncoder(nn.Module):
+def check_prompts(prompts: str | list[str]) -> list[str]:
+    """One prompt or a non-empty list of strings -> the list (an empty string is a valid prompt)."""
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if not prompts:
+        raise ValueError("encode() needs at least one prompt")
+    bad = [i for i, p in enumerate(prompts) if not isinstance(p, str)]
+    if bad:
+        raise TypeError(f"prompts must be strings; item {bad[0]} is {type(prompts[bad[0]]).__name__}")
+    return list(prompts)
+
+
+def require_subfolders(model_path: str | Path, subfolders: dict[str, str], release: str, build_hint: str) -> Path:
+    """``model_path`` as a Path, or a FileNotFoundError naming the missing text subfolders and the layout."""
+    model_path = Path(model_path)
+    missing = [name for name in subfolders if not (model_path / name).is_dir()]
+    if missing:
+        layout = ", ".join(f"{name}/ ({kind})" for name, kind in subfolders.items())
+        raise FileNotFoundError(
+            f"text encoder folder(s) {', '.join(m + '/' for m in missing)} not found in {model_path}; the model "
+            f"folder needs the official layout of {release}: {layout} (build a tiny one with {build_hint})")
+    return model_path
+
+
+class FrozenTextEncoder(nn.Module):
+    """What every text encoder of a DiT kind shares: frozen weights, always in eval mode (``train()`` keeps it
+    there: dropout in T5 would make the features of a prompt random), ``device`` of the sequence encoder named by
+    ``sequence_encoder``, and ``module(prompts)`` = :meth:`encode`."""
+
+    sequence_encoder: str
+
+    def train(self, mode: bool = True) -> FrozenTextEncoder:
+        return super().train(False)
+
+    @property
+    def device(self) -> torch.device:
+        return getattr(self, self.sequence_encoder).device
+
+    def encode(self, prompts: str | list[str], device: torch.device | str | None = None) -> TextFeatures:
+        raise NotImplementedError
+
+    def forward(self, prompts: str | list[str], device: torch.device | str | None = None) -> TextFeatures:
+        return self.encode(prompts, device)
+
+
+class FluxTextEncoder(FrozenTextEncoder):
     """CLIP + T5 text encoders, frozen and always in eval mode.
 
     Build with :meth:`from_pretrained`; call :meth:`encode` (or the module itself) with a list of prompts.
-    The weights are never trained, so ``train()`` keeps the encoders in eval mode: dropout in T5 would otherwise
-    make the features of a prompt random.
     """
+
+    sequence_encoder = "text_encoder_2"
 
     def __init__(self, tokenizer, text_encoder: nn.Module, tokenizer_2, text_encoder_2: nn.Module,
                  max_sequence_length: int = 128) -> None:
@@ -76,14 +121,8 @@ class FluxTextEncoder(nn.Module):
         original pipeline: in float16, T5 keeps its ``wo`` layers in float32."""
         from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
-        model_path = Path(model_path)
-        missing = [name for name in TEXT_SUBFOLDERS if not (model_path / name).is_dir()]
-        if missing:
-            layout = ", ".join(f"{name}/ ({kind})" for name, kind in TEXT_SUBFOLDERS.items())
-            raise FileNotFoundError(
-                f"text encoder folder(s) {', '.join(m + '/' for m in missing)} not found in {model_path}; a model "
-                f"folder needs the official layout of rain1011/pyramid-flow-miniflux: {layout} (build a tiny one "
-                "with tools/build_tiny_checkpoint.py)")
+        model_path = require_subfolders(model_path, TEXT_SUBFOLDERS, "rain1011/pyramid-flow-miniflux",
+                                        "tools/build_tiny_checkpoint.py")
         dtype = _dtype_kwarg(torch_dtype)
         return cls(
             tokenizer=CLIPTokenizer.from_pretrained(model_path / "tokenizer"),
@@ -93,26 +132,12 @@ class FluxTextEncoder(nn.Module):
             max_sequence_length=max_sequence_length,
         )
 
-    def train(self, mode: bool = True) -> FluxTextEncoder:
-        """Frozen module: stays in eval mode whatever ``mode`` says (see the class docstring)."""
-        return super().train(False)
-
-    @property
-    def device(self) -> torch.device:
-        return self.text_encoder_2.device
-
     @torch.no_grad()
     def encode(self, prompts: str | list[str], device: torch.device | str | None = None) -> TextFeatures:
         """Encode ``prompts`` (an empty string is a valid prompt: it is the unconditional input for
         classifier-free guidance). ``device`` is where the token ids go and must hold the weights; it defaults to
         the weights' device."""
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        if not prompts:
-            raise ValueError("encode() needs at least one prompt")
-        bad = [i for i, p in enumerate(prompts) if not isinstance(p, str)]
-        if bad:
-            raise TypeError(f"prompts must be strings; item {bad[0]} is {type(prompts[bad[0]]).__name__}")
+        prompts = check_prompts(prompts)
         device = self.device if device is None else torch.device(device)
 
         t5_inputs = self.tokenizer_2(prompts, padding="max_length", max_length=self.max_sequence_length,
@@ -129,6 +154,3 @@ class FluxTextEncoder(nn.Module):
             prompt_attention_mask=mask,
             pooled_prompt_embeds=pooled.to(dtype=self.text_encoder.dtype),
         )
-
-    def forward(self, prompts: str | list[str], device: torch.device | str | None = None) -> TextFeatures:
-        return self.encode(prompts, device)

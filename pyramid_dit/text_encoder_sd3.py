@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pyramid_dit.text_encoder import _dtype_kwarg
+from pyramid_dit.text_encoder import FrozenTextEncoder, _dtype_kwarg, check_prompts, require_subfolders
 from pyramid_dit.text_features import TextFeatures
 
 # Subfolders of an official SD3-kind model folder holding the text side, and what each holds.
@@ -31,22 +31,13 @@ SD3_TEXT_SUBFOLDERS: dict[str, str] = {
 }
 
 
-def _check_prompts(prompts: str | list[str]) -> list[str]:
-    if isinstance(prompts, str):
-        prompts = [prompts]
-    if not prompts:
-        raise ValueError("encode() needs at least one prompt")
-    bad = [i for i, p in enumerate(prompts) if not isinstance(p, str)]
-    if bad:
-        raise TypeError(f"prompts must be strings; item {bad[0]} is {type(prompts[bad[0]]).__name__}")
-    return list(prompts)
-
-
-class SD3TextEncoder(nn.Module):
+class SD3TextEncoder(FrozenTextEncoder):
     """CLIP-L, CLIP-G and T5 encoders, frozen and always in eval mode (see the module docstring).
 
     Build with :meth:`from_pretrained`; call :meth:`encode` (or the module itself) with a list of prompts.
     """
+
+    sequence_encoder = "text_encoder_3"
 
     def __init__(self, tokenizer, text_encoder: nn.Module, tokenizer_2, text_encoder_2: nn.Module, tokenizer_3,
                  text_encoder_3: nn.Module, max_sequence_length: int = 128) -> None:
@@ -73,14 +64,8 @@ class SD3TextEncoder(nn.Module):
         ``SD3_TEXT_SUBFOLDERS``); ``torch_dtype`` goes to the transformers loaders, as in the release."""
         from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
-        model_path = Path(model_path)
-        missing = [name for name in SD3_TEXT_SUBFOLDERS if not (model_path / name).is_dir()]
-        if missing:
-            layout = ", ".join(f"{name}/ ({kind})" for name, kind in SD3_TEXT_SUBFOLDERS.items())
-            raise FileNotFoundError(
-                f"text encoder folder(s) {', '.join(m + '/' for m in missing)} not found in {model_path}; an SD3-kind "
-                f"model folder needs the layout of rain1011/pyramid-flow-sd3: {layout} (build a tiny one with "
-                "tools/build_tiny_checkpoint.py --kind pyramid_mmdit)")
+        model_path = require_subfolders(model_path, SD3_TEXT_SUBFOLDERS, "rain1011/pyramid-flow-sd3",
+                                        "tools/build_tiny_checkpoint.py --kind pyramid_mmdit")
         dtype = _dtype_kwarg(torch_dtype)
         return cls(
             tokenizer=CLIPTokenizer.from_pretrained(model_path / "tokenizer"),
@@ -92,19 +77,11 @@ class SD3TextEncoder(nn.Module):
             max_sequence_length=max_sequence_length,
         )
 
-    def train(self, mode: bool = True) -> SD3TextEncoder:
-        """Frozen module: stays in eval mode whatever ``mode`` says (T5 dropout would make features random)."""
-        return super().train(False)
-
-    @property
-    def device(self) -> torch.device:
-        return self.text_encoder_3.device
-
     @torch.no_grad()
     def encode(self, prompts: str | list[str], device: torch.device | str | None = None) -> TextFeatures:
         """Encode ``prompts`` (an empty string is valid: the unconditional input for classifier-free guidance).
         ``device`` is where the token ids go and must hold the weights; it defaults to the weights' device."""
-        prompts = _check_prompts(prompts)
+        prompts = check_prompts(prompts)
         device = self.device if device is None else torch.device(device)
 
         t5_inputs = self.tokenizer_3(prompts, padding="max_length", max_length=self.max_sequence_length,
@@ -123,6 +100,3 @@ class SD3TextEncoder(nn.Module):
             prompt_attention_mask=mask,
             pooled_prompt_embeds=torch.cat(pooled, dim=-1),
         )
-
-    def forward(self, prompts: str | list[str], device: torch.device | str | None = None) -> TextFeatures:
-        return self.encode(prompts, device)

@@ -12,12 +12,9 @@ from safetensors.torch import load_file, save_file
 
 from pyramid_dit.block_noise import block_noise_covariance, correlate_blocks, sample_block_noise
 from pyramid_dit.modeling_pyramid_flux import PyramidFluxTransformer
-from pyramid_dit.pipeline import (
-    GeneratorNoise,
-    PyramidFlowPipeline,
-    ReplayNoise,
-    save_video,
-)
+from pyramid_dit.media import save_video
+from pyramid_dit.noise import GeneratorNoise, ReplayNoise
+from pyramid_dit.pipeline import PyramidFlowPipeline
 from pyramid_dit.text_features import TextFeatures
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -191,6 +188,32 @@ def test_from_pretrained_with_finetuned_dit(tiny_model, tmp_path):
 
 
 # -------------------------------------------------------------------------------------------- video files
+def test_decode_and_write_report_progress(pipe, tmp_path, capsys):
+    """Decode reports once per decoded piece (temporal window x spatial tile) against the real count of decoder
+    calls, and the bars reach their totals; writing an mp4 counts its frames."""
+    latents = torch.randn(1, 16, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    vae = pipe.vae
+    calls, reports = [], []
+    hook = vae.decoder.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        with torch.no_grad():
+            vae.enable_tiling(True)
+            vae.decode(pipe.normalization.denormalize(latents), temporal_chunk=True, window_size=1,
+                       tile_sample_min_size=32, progress=lambda done, total: reports.append((done, total)))
+            vae.enable_tiling(False)
+    finally:
+        hook.remove()
+    total = len(calls)
+    assert total > 2  # several windows and tiles
+    assert reports == [(i, total) for i in range(1, total + 1)]
+
+    video = pipe.decode_latents(latents, window_size=1, tile_size=None, progress=True)
+    save_video(video[0], tmp_path / "v.mp4", progress=True)
+    err = capsys.readouterr().err
+    assert "VAE decode" in err and "2/2" in err  # 3 latent frames, window 1: windows of 2 and 1 latent frames
+    assert "writing v.mp4" in err and f"{video.shape[2]}/{video.shape[2]}" in err
+
+
 def test_save_video_formats(tmp_path):
     decord = pytest.importorskip("decord")
     from PIL import Image

@@ -11,7 +11,8 @@ from test_dit import AR_COLUMNS, make_inputs, rel_err, run
 
 from pyramid_dit.embeddings import sincos_table_2d
 from pyramid_dit.modeling_pyramid_mmdit import PyramidDiffusionMMDiT
-from pyramid_dit.pipeline import PyramidFlowPipeline, ReplayNoise
+from pyramid_dit.noise import ReplayNoise
+from pyramid_dit.pipeline import PyramidFlowPipeline
 from pyramid_dit.text_features import TextFeatures
 
 PARITY = 1e-5  # relative to max |reference|, float32

@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Reject bad flag combinations before any model is loaded (argparse-style error, exit status 2)."""
-    from pyramid_dit.pipeline import VIDEO_SUFFIXES
+    from pyramid_dit.media import VIDEO_SUFFIXES
 
     if (args.prompt is None) == (args.prompt_file is None):
         p.error("give exactly one of --prompt and --prompt_file")
@@ -157,7 +157,8 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Path]:
 
     import torch
 
-    from pyramid_dit.pipeline import PyramidFlowPipeline, save_video
+    from pyramid_dit.media import save_video
+    from pyramid_dit.pipeline import PyramidFlowPipeline
     from pyramid_dit.resize import resize_crop_image
 
     prompts = read_prompts(args)
@@ -188,7 +189,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Path]:
             seed=args.seed + index, output_type="uint8", decode_window=args.decode_window,
             vae_tile_size=args.vae_tile_size or None,
         )
-        save_video(video[0], path, fps=args.fps)
+        save_video(video[0], path, fps=args.fps, progress=True)
         frames, height, width = video.shape[2:]
         print(f"wrote {path} ({frames} frames, {width}x{height}, seed {args.seed + index}) in "
               f"{time.time() - start:.1f}s", flush=True)

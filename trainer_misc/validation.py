@@ -53,7 +53,8 @@ class ValidationSampler:
     def __call__(self, step: int, state: dict[str, torch.Tensor]) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
-        from pyramid_dit.pipeline import PyramidFlowPipeline, save_video
+        from pyramid_dit.media import save_video
+        from pyramid_dit.pipeline import PyramidFlowPipeline
 
         dit = self.kind.dit().from_config(self.dit_config)
         dit.load_state_dict({k: v.float() for k, v in state.items()})

@@ -298,6 +298,7 @@ class CausalVideoVAE(ModelMixin, ConfigMixin):
         return_dict: bool = True,
         window_size: int = 2,
         tile_sample_min_size: int = 256,
+        progress: Callable[[int, int], None] | None = None,
     ) -> DecoderOutput | tuple[Tensor]:
         """Decode latents ``[b, 16, t, h, w]`` into pixels ``.sample`` ``[b, 3, 1 + 8(t-1), 8h, 8w]``.
 
@@ -309,19 +310,36 @@ class CausalVideoVAE(ModelMixin, ConfigMixin):
             return_dict: return ``DecoderOutput`` (else a 1-tuple).
             window_size: latent frames per window after the first window of ``window_size + 1``.
             tile_sample_min_size: output tile size in pixels when tiling is enabled.
+            progress: called as ``progress(done, total)`` after each decoded piece (a temporal window of a spatial
+                tile), so a long decode can report how far it is.
         """
         self._check_input(z, self.config.decoder_in_channels, "z")
-        decode_fn: Callable[[Tensor], Tensor] = partial(self._decode_frames, cache=None, is_init_image=is_init_image)
         if temporal_chunk:
             self._check_inference("temporal_chunk=True")
             if window_size <= 0:
                 raise ValueError(f"decode window_size must be positive, got {window_size}")
-            decode_fn = partial(self._decode_chunked, window_size=window_size, is_init_image=is_init_image)
-
+        windows = len(_temporal_chunks(z.shape[2], window_size)) if temporal_chunk else 1
         tile_latent = self._tile_latent_size(tile_sample_min_size) if self.use_tiling else 0
-        if self.use_tiling and max(z.shape[-2:]) > tile_latent:
+        tiled = self.use_tiling and max(z.shape[-2:]) > tile_latent
+        stride = int(tile_latent * (1 - TILE_OVERLAP_FACTOR)) if tiled else 1
+        total = windows * (len(range(0, z.shape[3], stride)) * len(range(0, z.shape[4], stride)) if tiled else 1)
+        done = 0
+
+        def report() -> None:
+            nonlocal done
+            done += 1
+            if progress is not None:
+                progress(done, total)
+
+        def decode_fn(x: Tensor) -> Tensor:
+            if temporal_chunk:
+                return self._decode_chunked(x, window_size, is_init_image, on_window=report)
+            out = self._decode_frames(x, cache=None, is_init_image=is_init_image)
+            report()
+            return out
+
+        if tiled:
             blend = int(tile_sample_min_size * TILE_OVERLAP_FACTOR)
-            stride = int(tile_latent * (1 - TILE_OVERLAP_FACTOR))
             dec = _tiled_apply(z, decode_fn, tile_latent, tile_sample_min_size, stride, blend)
         else:
             dec = decode_fn(z)
@@ -331,12 +349,13 @@ class CausalVideoVAE(ModelMixin, ConfigMixin):
         return self.decoder(self.post_quant_conv(z, cache), cache, is_init_image=is_init_image)
 
     @torch.no_grad()
-    def _decode_chunked(self, z: Tensor, window_size: int, is_init_image: bool) -> Tensor:
+    def _decode_chunked(self, z: Tensor, window_size: int, is_init_image: bool,
+                        on_window: Callable[[], None] = lambda: None) -> Tensor:
         cache: ConvCache = {}  # lives for this clip only
-        chunks = [
-            self._decode_frames(z[:, :, a:b], cache, is_init_image=is_init_image and a == 0)
-            for a, b in _temporal_chunks(z.shape[2], window_size)
-        ]
+        chunks = []
+        for a, b in _temporal_chunks(z.shape[2], window_size):
+            chunks.append(self._decode_frames(z[:, :, a:b], cache, is_init_image=is_init_image and a == 0))
+            on_window()
         return torch.cat(chunks, dim=2)
 
     # ------------------------------------------------------------------ misc
