@@ -29,6 +29,8 @@ class ModelKind:
         text_subfolders: the text encoder's tokenizer/model subfolders of the model folder.
         variants: the DiT subfolders of the released model folder.
         normalization: the latent normalisation the released DiT was trained with.
+        lora_targets: default LoRA target layers (``LORA_TARGETS``): module-name suffixes inside every block, the
+            attention q/k/v/out projections of both streams and the MLP linears.
     """
 
     name: str
@@ -38,6 +40,7 @@ class ModelKind:
     text_subfolders: tuple[str, ...]
     variants: tuple[str, ...]
     normalization: LatentNormalization
+    lora_targets: tuple[str, ...] = ()
 
     def dit(self) -> type:
         module, cls = self.dit_class.split(":")
@@ -61,6 +64,10 @@ KINDS: dict[str, ModelKind] = {
         text_subfolders=("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2"),
         variants=("diffusion_transformer_384p", "diffusion_transformer_768p", "diffusion_transformer_image"),
         normalization=LatentNormalization(image_shift=-0.04, image_scale=1 / 1.8726),
+        lora_targets=("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
+                      "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
+                      "ff_context.net.2",
+                      "proj_mlp", "proj_out"),  # the last two: MLP of the single-stream blocks
     ),
     "pyramid_mmdit": ModelKind(
         name="pyramid_mmdit",
@@ -71,6 +78,9 @@ KINDS: dict[str, ModelKind] = {
                          "text_encoder_3"),
         variants=("diffusion_transformer_384p", "diffusion_transformer_768p"),
         normalization=LatentNormalization(image_shift=0.1490, image_scale=1 / 1.8415),
+        lora_targets=("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
+                      "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
+                      "ff_context.net.2"),
     ),
 }
 MODEL_NAMES: tuple[str, ...] = tuple(KINDS)

@@ -33,6 +33,10 @@ SCRIPT_NAME=train_pyramid_flow.sh
 : "${EPOCHS:=20}"
 : "${ITERS_PER_EPOCH:=2000}"          # optimizer steps per epoch; total = EPOCHS * ITERS_PER_EPOCH
 : "${SAVE_CKPT_FREQ:=2000}"           # checkpoint every N optimizer steps
+: "${LORA_RANK:=0}"                   # LoRA rank; 0 = full finetune (ddp or zero2 with LoRA)
+: "${LORA_ALPHA:=}"                   # LoRA alpha (scale alpha/rank; default: LORA_RANK)
+: "${LORA_TARGETS:=}"                 # comma-separated block layer names (default: the kind's, pyramid_dit/kinds.py)
+: "${LORA_DROPOUT:=0}"
 : "${KEEP_CKPTS:=0}"                 # keep only the newest N checkpoints (0: keep all)
 : "${COLLECTIVE_TIMEOUT_MIN:=10}"     # a rank that stops responding for this long ends the run (minutes)
 : "${GRADIENT_CHECKPOINTING:=}"       # 1 recomputes activations; unset: on for 768p only
@@ -64,6 +68,13 @@ is_uint "$KEEP_CKPTS" || die "KEEP_CKPTS=$KEEP_CKPTS must be a non-negative inte
 [ "$KEEP_CKPTS" = 0 ] || set -- "$@" --keep_last_checkpoints "$KEEP_CKPTS"
 export COLLECTIVE_TIMEOUT_MIN
 [ "$GRADIENT_CHECKPOINTING" = 0 ] || set -- "$@" --gradient_checkpointing
+is_uint "$LORA_RANK" || die "LORA_RANK=$LORA_RANK must be 0 (full finetune) or a positive integer rank"
+if [ "$LORA_RANK" -gt 0 ]; then
+    [ "$SHARD_STRATEGY" != zero3 ] || die "LORA_RANK=$LORA_RANK needs SHARD_STRATEGY=zero2 or ddp (LoRA with zero3 is not supported)"
+    set -- "$@" --lora_rank "$LORA_RANK" --lora_dropout "$LORA_DROPOUT"
+    [ -z "$LORA_ALPHA" ] || set -- "$@" --lora_alpha "$LORA_ALPHA"
+    [ -z "$LORA_TARGETS" ] || set -- "$@" --lora_targets "$LORA_TARGETS"
+fi
 [ -z "$DATA_ROOT" ] || set -- "$@" --data_root "$DATA_ROOT"
 # shellcheck disable=SC2086  # EXTRA_ARGS is a list of flags
 launch "$@" $EXTRA_ARGS

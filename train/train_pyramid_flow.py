@@ -63,6 +63,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations (768p needs it)")
     g.add_argument("--gradient_checkpointing_ratio", type=float, default=0.75,
                    help="fraction of transformer blocks that recompute activations")
+    g.add_argument("--lora_rank", type=int, default=0,
+                   help="LoRA rank (0: full finetune). Only the adapters train; the export holds the merged DiT "
+                        "(export/transformer) and the adapter in peft format (export/lora)")
+    g.add_argument("--lora_alpha", type=float, default=None, help="LoRA alpha (scale alpha/rank; default: the rank)")
+    g.add_argument("--lora_targets", default="",
+                   help="comma-separated layer names inside every block (default: the kind's attention q/k/v/out "
+                        "and MLP linears, pyramid_dit/kinds.py lora_targets)")
+    g.add_argument("--lora_dropout", type=float, default=0.0, help="dropout on the LoRA branch input")
     g.add_argument("--use_flash_attn", action="store_true", help="accepted for compatibility; attention uses SDPA")
     g.add_argument("--use_temporal_causal", action="store_true", default=True, help="accepted; always on")
     g.add_argument("--interp_condition_pos", action="store_true", default=True, help="accepted; always on")
@@ -175,6 +183,11 @@ def check_args(args: argparse.Namespace, world_size: int) -> None:
         parse_resolution(args.resolution)
     except ValueError as e:
         raise SystemExit(str(e)) from None
+    if args.lora_rank < 0:
+        raise SystemExit(f"--lora_rank {args.lora_rank}: must be 0 (full finetune) or a positive rank")
+    if args.lora_rank and strategy_of(args) == "zero3":
+        raise SystemExit("--lora_rank with zero3 is not supported (untested); LoRA state is small, use "
+                         "SHARD_STRATEGY=zero2 or ddp")
     if args.task == "t2i" and args.use_temporal_pyramid:
         raise SystemExit("--task t2i trains single frames: drop --use_temporal_pyramid")
     if args.use_temporal_pyramid:
@@ -255,6 +268,14 @@ def build_model_side(args: argparse.Namespace, device: torch.device, engine: Eng
     # Under ZeRO-3 the DiT is built and loaded already partitioned (no rank ever holds all of it).
     dit = load_pretrained_for_training(kind.dit(), args.model_path, args.model_variant, engine,
                                        weights_file=args.dit_pretrained_weight or None)
+    if args.lora_rank:
+        from trainer_misc.lora import LoraSettings, add_lora
+
+        targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()) or kind.lora_targets
+        counts = add_lora(dit, LoraSettings(args.lora_rank, args.lora_alpha or float(args.lora_rank), targets,
+                                            args.lora_dropout), seed=args.seed)
+        logger.info("LoRA rank %d on %d layers: %d trainable parameters, %d frozen", args.lora_rank,
+                    counts["adapted_layers"], counts["trainable"], counts["frozen"])
     if args.gradient_checkpointing:
         dit.enable_gradient_checkpointing(args.gradient_checkpointing_ratio)
 

@@ -51,6 +51,7 @@ from .metrics import MetricsLog, StepRecord
 from .optim import build_adamw
 from .resume import check_data_layout, load_resume_state, resolve_resume, trainer_state
 from .sampler import ResumableBatchSampler
+from .lora import export_lora, has_lora, merged_state_dict
 from .slot_rng import SlotStreams
 from .step import ComputeLoss, StepContext, StepRunner
 
@@ -120,6 +121,7 @@ def train(model: nn.Module, compute_loss: ComputeLoss, dataset: Dataset, config:
     if (rank, world) != (launched_rank, launched_world):
         raise RuntimeError(f"launcher said rank {launched_rank} of {launched_world}, the engine runs rank {rank} of "
                            f"{world}")
+    lora = has_lora(engine.module)  # adapters only train; validation and export see the merged weights
     streams = SlotStreams(sync.positions, config.seed, engine.device) if sync.virtual > 1 else None
     if engine.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -180,7 +182,8 @@ def train(model: nn.Module, compute_loss: ComputeLoss, dataset: Dataset, config:
             if config.validate_every and done % config.validate_every == 0:
                 weights, ema_weights = gather_full_weights(engine, ema)  # collective: every rank takes part
                 if engine.is_main and validate is not None:
-                    validate(done, ema_weights if ema_weights is not None else weights)
+                    weights = ema_weights if ema_weights is not None else weights
+                    validate(done, merged_state_dict(weights, engine.module) if lora else weights)
                 barrier()
     finally:
         stopper.restore()
@@ -189,8 +192,11 @@ def train(model: nn.Module, compute_loss: ComputeLoss, dataset: Dataset, config:
         if log is not None:
             log.close()
 
-    exported = export_model(engine, output_dir / "export" / EXPORT_NAME, ema,
-                            dtype=EXPORT_DTYPES[config.export_dtype])
+    if lora:  # export/transformer (merged, official keys) + export/lora (peft format)
+        exported = export_lora(engine, output_dir / "export", ema, dtype=EXPORT_DTYPES[config.export_dtype])
+    else:
+        exported = export_model(engine, output_dir / "export" / EXPORT_NAME, ema,
+                                dtype=EXPORT_DTYPES[config.export_dtype])
     if lock is not None:
         lock.release()
     return TrainResult(records=records, start_step=start_step, final_step=max(start_step, config.max_steps),

@@ -1,0 +1,91 @@
+"""LoRA (trainer_misc.lora): only adapters train, the merge is exact, the peft-format adapter round-trips.
+
+In-process on the tiny flux DiT with random weights (the default init zeroes outputs); a few seconds.
+"""
+from __future__ import annotations
+
+import json
+
+import torch
+from safetensors.torch import load_file
+
+from pyramid_dit.kinds import KINDS, get_kind
+from pyramid_dit.modeling_pyramid_flux import PyramidFluxTransformer
+from test_dit import TINY, make_inputs, tiny_model
+from trainer_misc.lora import LoraSettings, add_lora, load_adapter, merged_state_dict, save_adapter
+from trainer_misc.optim import build_adamw
+
+SHAPES = [[(1, 2, 2)], [(1, 2, 2), (1, 4, 4)]]
+
+
+def _adapted(seed: int = 0) -> tuple[PyramidFluxTransformer, dict[str, torch.Tensor], LoraSettings]:
+    model = tiny_model(seed).eval()
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    settings = LoraSettings(rank=4, alpha=8.0, targets=get_kind("pyramid_flux").lora_targets)
+    add_lora(model, settings)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():  # B starts at zero (the adapter is a no-op then): give it values to test the merge
+        for name, p in model.named_parameters():
+            if ".lora_B." in name:
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    return model, base, settings
+
+
+def test_default_targets_cover_every_block_and_only_adapters_train():
+    for kind in KINDS.values():
+        assert kind.lora_targets, f"{kind.name} has no documented LoRA targets"
+    model = tiny_model().eval()
+    counts = add_lora(model, LoraSettings(rank=4, alpha=4.0, targets=get_kind("pyramid_flux").lora_targets))
+    layers = {n.rsplit(".lora_A", 1)[0] for n, _ in model.named_parameters() if ".lora_A." in n}
+    joint = TINY["num_layers"] * 12  # 8 attention projections + 4 MLP linears per joint block
+    single = TINY["num_single_layers"] * 5  # q/k/v + proj_mlp + proj_out per single block
+    assert counts["adapted_layers"] == len(layers) == joint + single
+    assert "proj_out" not in layers, "the model's final projection is not a block layer"
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
+    optimizer = build_adamw(model, 1e-3)
+    in_optimizer = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
+    assert in_optimizer == counts["trainable"] < counts["frozen"]
+
+
+def test_merged_weights_equal_base_plus_scaled_product_and_give_the_same_outputs():
+    model, base, settings = _adapted()
+    merged = merged_state_dict(model.state_dict(), model)
+    assert set(merged) == set(base)
+    scale = settings.alpha / settings.rank
+    a = model.transformer_blocks[0].attn.to_q.lora_A["default"].weight
+    b = model.transformer_blocks[0].attn.to_q.lora_B["default"].weight
+    key = "transformer_blocks.0.attn.to_q.weight"
+    assert torch.allclose(merged[key], base[key] + scale * b @ a, rtol=0, atol=1e-7)
+    unadapted = "transformer_blocks.0.norm1.linear.weight"
+    assert torch.equal(merged[unadapted], base[unadapted])
+
+    plain = PyramidFluxTransformer(**TINY).eval()
+    plain.load_state_dict(merged, strict=True)
+    inputs = make_inputs(SHAPES, batch=2)
+    with torch.no_grad():
+        want, got, ref = model(**inputs), plain(**inputs), tiny_model().eval()(**inputs)
+    worst = max(float((g - w).abs().max() / w.abs().max()) for g, w in zip(got, want))
+    assert worst <= 1e-5
+    assert any(not torch.allclose(r, w, atol=1e-4) for r, w in zip(ref, want)), "the adapter changed nothing"
+
+
+def test_adapter_folder_is_peft_format_and_applies_without_merging(tmp_path):
+    model, _, settings = _adapted()
+    out = save_adapter(model.state_dict(), model, tmp_path / "lora")
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"], config["peft_type"]) == (4, 8.0, "LORA")
+    keys = list(load_file(str(out / "adapter_model.safetensors")))
+    assert keys and all(k.startswith("base_model.model.") and (".lora_A.weight" in k or ".lora_B.weight" in k)
+                        for k in keys)
+    inputs = make_inputs(SHAPES, batch=2)
+    with torch.no_grad():
+        want = model(**inputs)
+        fresh = tiny_model().eval()
+        load_adapter(fresh, out, scale=1.0)
+        got = fresh(**inputs)
+        off = tiny_model().eval()
+        load_adapter(off, out, scale=0.0)
+        base_out, off_out = tiny_model().eval()(**inputs), off(**inputs)
+    assert all(torch.allclose(g, w, rtol=0, atol=1e-6) for g, w in zip(got, want))
+    assert all(torch.equal(o, b) for o, b in zip(off_out, base_out))
