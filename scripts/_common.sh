@@ -97,6 +97,15 @@ check_train_vars() {
     is_uint "$BATCH_SIZE" && [ "$BATCH_SIZE" -gt 0 ] && [ $((BATCH_SIZE % 4)) -eq 0 ] \
         || die "BATCH_SIZE=$BATCH_SIZE must be a positive multiple of 4 (each batch is split 1:2:1 over the 3 pyramid stages)"
     is_uint "$GRAD_ACCU_STEPS" && [ "$GRAD_ACCU_STEPS" -gt 0 ] || die "GRAD_ACCU_STEPS=$GRAD_ACCU_STEPS must be a positive integer"
+    # Every number before any shell arithmetic uses it ($((GPUS * NNODES)) would fail or mislead on text).
+    for var in NNODES EPOCHS ITERS_PER_EPOCH; do
+        eval "val=\${$var:-}"; is_uint "$val" && [ "$val" -gt 0 ] || die "$var=$val must be a positive integer"
+    done
+    for var in WARMUP_EPOCHS SAVE_CKPT_FREQ SAVE_EVERY_STEPS NUM_WORKERS; do
+        eval "val=\${$var:-}"; is_uint "$val" || die "$var=$val must be a non-negative integer"
+    done
+    case "$WARMUP_STEPS" in -[0-9]*) is_uint "${WARMUP_STEPS#-}" ;; *) is_uint "$WARMUP_STEPS" ;; esac \
+        || die "WARMUP_STEPS=$WARMUP_STEPS must be an integer (0 or less: WARMUP_EPOCHS epochs of warmup)"
     is_uint "$NUM_FRAMES" && [ "$NUM_FRAMES" -gt 0 ] || die "NUM_FRAMES=$NUM_FRAMES must be a positive integer (latent frames: 16 for 5 s, 32 for 10 s)"
     case "$SHARD_STRATEGY" in ddp|zero2|zero3) ;; *) die "SHARD_STRATEGY=$SHARD_STRATEGY must be ddp, zero2 or zero3" ;; esac
     check_model_name

@@ -56,7 +56,7 @@ GPUS=$GPUS MODEL_PATH=$MODEL ANNO_FILE=$DATA/video_text.jsonl sh "$REPO/scripts/
 train() {  # $1 = optimizer steps in total
     GPUS=$GPUS VIDEO_SYNC_GROUP=$GPUS SHARD_STRATEGY=$SHARD_STRATEGY MODEL_PATH=$MODEL OUTPUT_DIR=$RUN \
     ANNO_FILE=$DATA/video_text.jsonl RESOLUTION=64x64 NUM_FRAMES=4 BATCH_SIZE=4 GRAD_ACCU_STEPS=1 LR=1e-4 \
-    WARMUP_STEPS=0 EPOCHS=1 ITERS_PER_EPOCH=$1 SAVE_CKPT_FREQ=4 NUM_WORKERS=0 \
+    WARMUP_STEPS=0 WARMUP_EPOCHS=0 EPOCHS=1 ITERS_PER_EPOCH=$1 SAVE_EVERY_STEPS=4 NUM_WORKERS=0 \
         sh "$REPO/scripts/train_pyramid_flow.sh"
 }
 banner "5/6 autoregressive training: 4 steps, then a second launch that resumes and trains to 8"

@@ -29,10 +29,12 @@ SCRIPT_NAME=train_pyramid_flow.sh
 : "${DATA_ROOT:=}"                    # root for relative paths in ANNO_FILE (default: $PYRAMID_DATA_ROOT, else ANNO_FILE's folder)
 : "${MODEL_DTYPE:=}"                  # bf16 | fp16 | fp32 (default: bf16 on GPU, fp32 on CPU)
 : "${LR:=5e-5}"
-: "${WARMUP_STEPS:=1000}"
+: "${WARMUP_STEPS:=1000}"             # LR warmup steps; 0 or less: WARMUP_EPOCHS epochs (as the reference)
+: "${WARMUP_EPOCHS:=1}"
 : "${EPOCHS:=20}"
 : "${ITERS_PER_EPOCH:=2000}"          # optimizer steps per epoch; total = EPOCHS * ITERS_PER_EPOCH
-: "${SAVE_CKPT_FREQ:=2000}"           # checkpoint every N optimizer steps
+: "${SAVE_CKPT_FREQ:=1}"              # checkpoint every N epochs (as the reference's --save_ckpt_freq)
+: "${SAVE_EVERY_STEPS:=0}"            # >0: checkpoint every N optimizer steps instead
 : "${LORA_RANK:=0}"                   # LoRA rank; 0 = full finetune (ddp or zero2 with LoRA)
 : "${LORA_ALPHA:=}"                   # LoRA alpha (scale alpha/rank; default: LORA_RANK)
 : "${LORA_TARGETS:=}"                 # comma-separated block layer names (default: the kind's, pyramid_dit/kinds.py)
@@ -61,9 +63,9 @@ set -- "$REPO/train/train_pyramid_flow.py" --task t2v --use_temporal_pyramid --s
     --output_dir "$OUTPUT_DIR" --batch_size "$BATCH_SIZE" --gradient_accumulation_steps "$GRAD_ACCU_STEPS" \
     --resolution "$RESOLUTION" --max_frames "$NUM_FRAMES" --anno_file "$ANNO_FILE" --frame_per_unit 1 \
     --schedule_shift 1.0 --lr_scheduler constant_with_warmup --opt_beta1 0.9 --opt_beta2 0.95 \
-    --weight_decay 1e-4 --clip_grad 1.0 --lr "$LR" --warmup_steps "$WARMUP_STEPS" --epochs "$EPOCHS" \
-    --iters_per_epoch "$ITERS_PER_EPOCH" --save_ckpt_freq "$SAVE_CKPT_FREQ" --num_workers "$NUM_WORKERS" \
-    --seed 42
+    --weight_decay 1e-4 --clip_grad 1.0 --lr "$LR" --warmup_steps "$WARMUP_STEPS" --warmup_epochs "$WARMUP_EPOCHS" \
+    --epochs "$EPOCHS" --iters_per_epoch "$ITERS_PER_EPOCH" --save_ckpt_freq "$SAVE_CKPT_FREQ" \
+    --save_every_steps "$SAVE_EVERY_STEPS" --num_workers "$NUM_WORKERS" --seed 42
 is_uint "$KEEP_CKPTS" || die "KEEP_CKPTS=$KEEP_CKPTS must be a non-negative integer (0 keeps every checkpoint)"
 [ "$KEEP_CKPTS" = 0 ] || set -- "$@" --keep_last_checkpoints "$KEEP_CKPTS"
 export COLLECTIVE_TIMEOUT_MIN

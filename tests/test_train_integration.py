@@ -46,7 +46,7 @@ def workspace(tmp_path_factory) -> dict[str, Path]:
 
 
 def run_script(script: str, env: dict[str, str]) -> subprocess.CompletedProcess:
-    full = {**os.environ, "NUM_WORKERS": "0", "WARMUP_STEPS": "0", "EPOCHS": "1", "LR": "1e-4",
+    full = {**os.environ, "NUM_WORKERS": "0", "WARMUP_STEPS": "0", "WARMUP_EPOCHS": "0", "EPOCHS": "1", "LR": "1e-4",
             "OMP_NUM_THREADS": "1", "TORCHDYNAMO_DISABLE": "1", **env}
     result = subprocess.run(["sh", str(REPO / "scripts" / script)], env=full, capture_output=True, text=True,
                             timeout=LAUNCH_TIMEOUT_S)
@@ -98,7 +98,7 @@ def test_ar_zero3_two_ranks_share_clip_train_different_units(workspace):
     result = run_script("train_pyramid_flow.sh", {
         "GPUS": "2", "VIDEO_SYNC_GROUP": "2", "SHARD_STRATEGY": "zero3", "MODEL_PATH": str(workspace["model"]),
         "OUTPUT_DIR": str(out), "ANNO_FILE": str(anno), "RESOLUTION": "64x64", "NUM_FRAMES": "4",
-        "BATCH_SIZE": "4", "GRAD_ACCU_STEPS": "1", "ITERS_PER_EPOCH": "4", "SAVE_CKPT_FREQ": "4",
+        "BATCH_SIZE": "4", "GRAD_ACCU_STEPS": "1", "ITERS_PER_EPOCH": "4", "SAVE_EVERY_STEPS": "4",
         "EXTRA_ARGS": "--trace_batches --validation_every 2 --validation_prompts 1 --validation_temp 2 "
                       "--validation_steps 1 1 1"})
     by_rank = traces(out)
@@ -182,7 +182,7 @@ def _single_process(workspace, out: Path, steps: int, extra: str = "") -> None:
     run_script("train_pyramid_flow.sh", {
         "GPUS": "1", "VIDEO_SYNC_GROUP": "1", "SHARD_STRATEGY": "ddp", "MODEL_PATH": str(workspace["model"]),
         "OUTPUT_DIR": str(out), "ANNO_FILE": str(workspace["anno"]), "RESOLUTION": "64x64", "NUM_FRAMES": "4",
-        "BATCH_SIZE": "4", "GRAD_ACCU_STEPS": "1", "ITERS_PER_EPOCH": str(steps), "SAVE_CKPT_FREQ": "2",
+        "BATCH_SIZE": "4", "GRAD_ACCU_STEPS": "1", "ITERS_PER_EPOCH": str(steps), "SAVE_EVERY_STEPS": "2",
         "EXTRA_ARGS": extra})
 
 

@@ -190,3 +190,45 @@ def test_gradient_checkpointing_defaults_on_at_768p(fake_model, fake_torchrun, s
 def test_gradient_checkpointing_value_is_checked(fake_model, fake_torchrun):
     result = run_script(AR, {**fake_model, "GRADIENT_CHECKPOINTING": "yes"})
     assert result.returncode == 2 and "GRADIENT_CHECKPOINTING=yes must be 0 or 1" in result.stderr
+
+
+def _train_config(*flags: str):
+    from train.train_pyramid_flow import build_parser, train_config
+    return train_config(build_parser().parse_args(["--model_path", "m", "--anno_file", "a", "--output_dir", "o",
+                                                   *flags]))
+
+
+@pytest.mark.parametrize("flags,warmup", [
+    ((), 2000),                                            # reference defaults: -1 -> 1 epoch of 2000 steps
+    (("--warmup_steps", "0"), 2000),                       # 0 also falls back to epochs, as in the reference
+    (("--warmup_steps", "0", "--warmup_epochs", "2", "--iters_per_epoch", "30"), 60),
+    (("--warmup_steps", "0", "--warmup_epochs", "0"), 0),  # how to get no warmup
+    (("--warmup_steps", "1000"), 1000),
+    (("--warmup_steps", "5", "--max_steps", "3"), 3),      # capped at the run length
+])
+def test_warmup_flags_keep_the_reference_meaning(flags, warmup):
+    assert _train_config(*flags).warmup_steps == warmup
+
+
+@pytest.mark.parametrize("flags,every", [
+    ((), 20 * 2000),                                               # reference default: every 20 epochs
+    (("--save_ckpt_freq", "1", "--iters_per_epoch", "50"), 50),    # the reference script's --save_ckpt_freq 1
+    (("--save_ckpt_freq", "0"), 0),                                # only at the end
+    (("--save_every_steps", "7", "--save_ckpt_freq", "1"), 7),     # our own flag counts steps
+])
+def test_save_ckpt_freq_counts_epochs_and_save_every_steps_counts_steps(flags, every):
+    assert _train_config(*flags).checkpoint_every == every
+
+
+@pytest.mark.parametrize("env,message", [
+    ({"NNODES": "1+1"}, "NNODES=1+1 must be a positive integer"),  # was evaluated as 9 processes
+    ({"NNODES": "0"}, "NNODES=0 must be a positive integer"),
+    ({"EPOCHS": "1e3"}, "EPOCHS=1e3 must be a positive integer"),
+    ({"SAVE_CKPT_FREQ": "-1"}, "SAVE_CKPT_FREQ=-1 must be a non-negative integer"),
+    ({"WARMUP_STEPS": "1k"}, "WARMUP_STEPS=1k must be an integer"),
+])
+def test_scripts_check_every_number_before_shell_arithmetic(fake_model, env, message):
+    for script in (AR, NON_AR):
+        result = run_script(script, {**fake_model, **env})
+        assert result.returncode == 2, result.stderr
+        assert message in result.stderr and "arithmetic" not in result.stderr.lower()

@@ -119,8 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--weight_decay", type=float, default=1e-4)
     g.add_argument("--clip_grad", type=float, default=1.0, help="max grad norm (0: no clipping)")
     g.add_argument("--lr_scheduler", default="constant_with_warmup", choices=["constant_with_warmup", "cosine"])
-    g.add_argument("--warmup_steps", type=int, default=-1, help="LR warmup steps (-1: --warmup_epochs epochs)")
-    g.add_argument("--warmup_epochs", type=int, default=1)
+    g.add_argument("--warmup_steps", type=int, default=-1,
+                   help="LR warmup steps; 0 or less falls back to --warmup_epochs epochs, as in the reference")
+    g.add_argument("--warmup_epochs", type=int, default=1,
+                   help="LR warmup in epochs of --iters_per_epoch steps, used when --warmup_steps <= 0 "
+                        "(--warmup_epochs 0 --warmup_steps 0: no warmup)")
     g.add_argument("--warmup_lr", type=float, default=None, help="LR at the start of warmup")
     g.add_argument("--min_lr", type=float, default=1e-5, help="final LR of the cosine schedule")
     g.add_argument("--epochs", type=int, default=100)
@@ -147,7 +150,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("output")
     g.add_argument("--output_dir", required=True, help="checkpoints, tensorboard logs and the exported DiT")
-    g.add_argument("--save_ckpt_freq", type=int, default=0, help="checkpoint every N optimizer steps (0: at end)")
+    g.add_argument("--save_ckpt_freq", type=int, default=20,
+                   help="checkpoint every N epochs (of --iters_per_epoch steps), as in the reference; 0: only at the "
+                        "end (the last step is always checkpointed)")
+    g.add_argument("--save_every_steps", type=int, default=0,
+                   help="checkpoint every N optimizer steps instead of every --save_ckpt_freq epochs (0: off)")
     g.add_argument("--keep_last_checkpoints", type=int, default=None)
     g.add_argument("--export_dtype", default=None, choices=["bf16", "fp16", "fp32"],
                    help="dtype of the exported DiT in <output_dir>/export/transformer (default: the training dtype)")
@@ -170,6 +177,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_args(args: argparse.Namespace, world_size: int) -> None:
     """Fail before loading anything, with a message that says which flag to change."""
+    for flag in ("epochs", "iters_per_epoch"):
+        if getattr(args, flag) < 1:
+            raise SystemExit(f"--{flag} {getattr(args, flag)}: must be >= 1")
+    for flag in ("warmup_epochs", "save_ckpt_freq", "save_every_steps", "max_steps"):
+        if getattr(args, flag) < 0:
+            raise SystemExit(f"--{flag} {getattr(args, flag)}: must be >= 0")
     columns = sum(SAMPLE_RATIOS)
     if args.batch_size % columns:
         raise SystemExit(f"--batch_size {args.batch_size}: must be a multiple of {columns} "
@@ -305,7 +318,9 @@ def build_objective(args: argparse.Namespace, null_text: Optional[TextFeatures])
 def train_config(args: argparse.Namespace) -> TrainConfig:
     """The loop's settings from the flags (step counts resolved from epochs where the flags say so)."""
     max_steps = args.max_steps or args.epochs * args.iters_per_epoch
-    warmup = args.warmup_steps if args.warmup_steps >= 0 else args.warmup_epochs * args.iters_per_epoch
+    # The reference's rule: a positive --warmup_steps wins, anything else means --warmup_epochs epochs.
+    warmup = args.warmup_steps if args.warmup_steps > 0 else args.warmup_epochs * args.iters_per_epoch
+    checkpoint_every = args.save_every_steps or args.save_ckpt_freq * args.iters_per_epoch
     return TrainConfig(
         output_dir=args.output_dir, max_steps=max_steps, batch_size=args.batch_size, strategy=strategy_of(args),
         mixed_precision=args.model_dtype, grad_reduce_dtype=args.grad_reduce_dtype, device=args.device,
@@ -315,7 +330,7 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
         min_lr=args.min_lr, max_grad_norm=args.clip_grad or None, skip_loss_threshold=args.skip_loss_threshold,
         ema_decay=args.ema_decay if args.ema_update else None, ema_update_every=args.ema_update_every,
         seed=args.seed, video_sync_group=args.video_sync_group if args.sync_video_input else 1,
-        shuffle=not args.no_shuffle, num_workers=args.num_workers, checkpoint_every=args.save_ckpt_freq,
+        shuffle=not args.no_shuffle, num_workers=args.num_workers, checkpoint_every=checkpoint_every,
         keep_last_checkpoints=args.keep_last_checkpoints, resume=args.resume, export_dtype=args.export_dtype,
         tensorboard=args.report_to == "tensorboard", validate_every=args.validation_every)
 
