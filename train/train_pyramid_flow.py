@@ -105,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="empty-prompt features for caption dropout (default: <data root>/"
                         "empty_prompt_text_fea.safetensors, written by tools/extract_text_features.py)")
     g.add_argument("--num_workers", type=int, default=4, help="DataLoader workers per process")
+    g.add_argument("--crop_mode", default="random", choices=["random", "center"],
+                   help="t2i: where the bucket-sized crop is cut from the resized image (reference default: random)")
     g.add_argument("--no_shuffle", action="store_true",
                    help="read samples in annotation order instead of a seeded shuffle (to reproduce a data problem)")
 
@@ -250,7 +252,8 @@ def build_dataset(args: argparse.Namespace, verbose: bool):
         empty_prompt_fea=args.empty_prompt_fea or None, text_dims=dims if None not in dims else None),
         verbose=verbose)
     if args.task == "t2i":
-        return ImageDataset(report.usable, image_buckets(args.resolution), load_text_fea=not args.load_text_encoder)
+        return ImageDataset(report.usable, image_buckets(args.resolution), load_text_fea=not args.load_text_encoder,
+                            crop_mode=args.crop_mode, seed=args.seed)
     if args.load_vae:
         raise SystemExit("--load_vae for video training is not supported yet: extract latents first with "
                          "scripts/extract_vae_latent.sh")

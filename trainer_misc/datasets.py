@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from pyramid_dit.resize import resize_crop_image
+from pyramid_dit.resize import CROP_MODES, resize_crop_image
 from pyramid_dit.text_features import TextFeatures
 from trainer_misc.annotation import ImageEntry, VideoEntry
 from trainer_misc.io_utils import (
@@ -178,11 +178,21 @@ class ImageDataset(Dataset):
     Items are ``pixels [3, 1, H, W]`` in [-1, 1] (one frame, so the VAE encodes them as the first frame of a
     video); the trainer encodes them with the VAE on the fly. Which images are usable, and their buckets, come from the
     start-up data check (``trainer_misc.data_check``).
+
+    ``crop_mode``: ``random`` (the reference's default; the offset is drawn from ``(seed, epoch, index)``, so every
+    epoch crops anew and a resumed run crops as the uninterrupted one) or ``center``. Items are read by
+    ``(epoch, index)`` keys (``keyed_by_epoch``; the trainer's sampler provides them); a bare index means epoch 0.
     """
 
-    def __init__(self, lines: Sequence, buckets: Sequence[tuple[int, int]], load_text_fea: bool = False) -> None:
+    keyed_by_epoch = True
+
+    def __init__(self, lines: Sequence, buckets: Sequence[tuple[int, int]], load_text_fea: bool = False,
+                 crop_mode: str = "random", seed: int = 0) -> None:
         if not lines:
             raise ValueError("no usable images (the data check reports why)")
+        if crop_mode not in CROP_MODES:
+            raise ValueError(f"crop_mode must be one of {CROP_MODES}, got {crop_mode!r}")
+        self.crop_mode, self.seed = crop_mode, seed
         self.buckets = list(buckets)
         self.load_text_fea = load_text_fea
         self.entries: list[ImageEntry] = [line.entry for line in lines]
@@ -191,17 +201,25 @@ class ImageDataset(Dataset):
     def group_keys(self) -> list[int]:
         return list(self.bucket_of)
 
+    def _crop_generator(self, epoch: int, index: int) -> Optional[torch.Generator]:
+        """The random crop's own generator, seeded from ``(seed, epoch, index)`` (None for centre crops)."""
+        if self.crop_mode != "random":
+            return None
+        return torch.Generator().manual_seed(int(np.random.default_rng([self.seed, epoch, index]).integers(2**62)))
+
     def __len__(self) -> int:
         return len(self.entries)
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, key) -> dict:
         from PIL import Image, UnidentifiedImageError
 
+        epoch, index = key if isinstance(key, tuple) else (0, key)
         entry = self.entries[index]
         width, height = self.buckets[self.bucket_of[index]]
         try:
             with Image.open(entry.image) as im:
-                image = resize_crop_image(im.convert("RGB"), width, height, rule="t2i", resample="bicubic")
+                image = resize_crop_image(im.convert("RGB"), width, height, rule="t2i", resample="bicubic",
+                                          crop=self.crop_mode, generator=self._crop_generator(epoch, index))
             array = np.asarray(image, dtype=np.float32) / 255.0
             pixels = torch.from_numpy(array).permute(2, 0, 1) * 2.0 - 1.0
             item = {"pixels": pixels[:, None], "text": entry.text, "path": str(entry.image)}

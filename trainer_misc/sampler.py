@@ -12,6 +12,9 @@ Why a batch sampler of our own:
   aspect-ratio bucket) make every batch come from one key, so samples can be stacked without resizing. Incomplete
   batches are dropped per key, and every replica gets the same number of batches per epoch (otherwise ranks would
   wait on each other forever in the collective ops of a sharded step).
+* **Epoch-keyed items** (``with_epoch=True``): each index comes as ``(epoch, index)``, so a dataset whose item has
+  a random part (the t2i random crop) can draw it from ``(seed, epoch, index)``: a new draw every epoch, the same in
+  a resumed run, and the same whichever DataLoader worker reads it.
 * **Infinite.** Training is counted in optimizer steps (the reference's ``epochs * iters_per_epoch``), so the
   sampler walks epoch after epoch (position ``g`` is batch ``g % batches_per_epoch`` of epoch
   ``g // batches_per_epoch``).
@@ -38,11 +41,12 @@ class ResumableBatchSampler:
         shuffle: shuffle samples and batch order each epoch (False: natural order, handy for tests).
         group_keys: optional per-sample key; a batch only mixes samples with equal keys.
         start_batch: first global position to yield (the data position restored from a checkpoint).
+        with_epoch: yield ``(epoch, index)`` pairs instead of indices (see the module docstring).
     """
 
     def __init__(self, num_samples: int, batch_size: int, *, num_replicas: int = 1, replica: int = 0,
                  seed: int = 0, shuffle: bool = True, group_keys: Optional[Sequence[Hashable]] = None,
-                 start_batch: int = 0) -> None:
+                 start_batch: int = 0, with_epoch: bool = False) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if not 0 <= replica < num_replicas:
@@ -59,6 +63,7 @@ class ResumableBatchSampler:
         self.shuffle = shuffle
         self.group_keys = list(group_keys) if group_keys is not None else None
         self.start_batch = start_batch
+        self.with_epoch = with_epoch
 
         if self.group_keys is None:
             total = num_samples // batch_size
@@ -95,12 +100,12 @@ class ResumableBatchSampler:
         mine = batches[self.replica::self.num_replicas]
         return mine[:self.batches_per_epoch]
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def __iter__(self) -> Iterator[list]:
         position = self.start_batch
         while True:
             epoch, offset = divmod(position, self.batches_per_epoch)
             for batch in self.epoch_batches(epoch)[offset:]:
-                yield batch
+                yield [(epoch, i) for i in batch] if self.with_epoch else batch
             position = (epoch + 1) * self.batches_per_epoch
 
     def state_dict(self) -> dict:

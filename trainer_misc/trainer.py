@@ -81,7 +81,8 @@ def _build_loader(dataset: Dataset, config: TrainConfig, sync, start_batch: int,
                   device: torch.device) -> tuple[ResumableBatchSampler, DataLoader]:
     sampler = ResumableBatchSampler(len(dataset), config.batch_size, num_replicas=sync.num_groups,
                                     replica=sync.group_index, seed=config.seed, shuffle=config.shuffle,
-                                    group_keys=group_keys, start_batch=start_batch)
+                                    group_keys=group_keys, start_batch=start_batch,
+                                    with_epoch=getattr(dataset, "keyed_by_epoch", False))
     # Its own generator: creating the iterator then draws no number from the global RNG. Pinned host batches on
     # CUDA, so their copy to the GPU (non_blocking in the step) overlaps with compute.
     loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_fn, num_workers=config.num_workers,
