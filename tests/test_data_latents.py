@@ -102,8 +102,12 @@ def _all_outputs(data: Path) -> list[Path]:
     return sorted((data / "latents").glob("*.safetensors"))
 
 
-def test_killed_then_rerun_with_two_processes(tiny_ckpt, dataset, tmp_path):
+@pytest.fixture(scope="module")
+def killed_then_rerun(tiny_ckpt, dataset, tmp_path_factory) -> dict:
+    """Extraction killed part-way (single process), then rerun to completion with 2 ranks. Shared by the tests
+    below, so each of them runs alone as well as in the suite (no test depends on another's order)."""
     data, lines = dataset
+    tmp_path = tmp_path_factory.mktemp("killed")
     # 1) start a single process (the script runs it without torchrun) and kill it and its decode workers
     #    (SIGKILL, no cleanup) once the first latent lands
     with open(tmp_path / "killed.log", "wb") as log_file:
@@ -120,23 +124,34 @@ def test_killed_then_rerun_with_two_processes(tiny_ckpt, dataset, tmp_path):
             except ProcessLookupError:
                 pass
         proc.wait(timeout=60)
-    assert still_running, "extraction finished before it could be killed; the kill was not exercised"
+    after_kill = {}
+    for p in _all_outputs(data):  # what is there when the processes died, readable or not
+        try:
+            after_kill[p] = tuple(load_latent(p).shape)
+        except DataFileError as e:
+            after_kill[p] = str(e)
+    # 2) rerun to completion with 2 ranks (torchrun, gloo)
+    rerun = subprocess.run(_script(tiny_ckpt, data, 2), env=_env(), cwd=REPO, capture_output=True, text=True,
+                           timeout=600)
+    return {"still_running": still_running, "after_kill": after_kill, "rerun": rerun,
+            "killed_log": (tmp_path / "killed.log").read_text()}
+
+
+def test_killed_then_rerun_with_two_processes(killed_then_rerun, dataset):
+    data, lines = dataset
+    run = killed_then_rerun
+    assert run["still_running"], "extraction finished before it could be killed; the kill was not exercised"
     valid = []
-    for p in _all_outputs(data):  # whatever is there when the processes died is complete (the corrupt plant aside)
-        if p.name == "was_corrupt.safetensors":
-            try:
-                load_latent(p)
-            except DataFileError:
-                continue
-        assert load_latent(p).shape[1] == 16
+    for p, shape in run["after_kill"].items():  # complete when the processes died (the corrupt plant aside)
+        if p.name == "was_corrupt.safetensors" and isinstance(shape, str):
+            continue
+        assert not isinstance(shape, str) and shape[1] == 16, (p, shape)
         valid.append(p)
     num_ok = sum(status == "done" for _, status, _ in lines)
     assert 0 < len(valid) < num_ok, valid
 
-    # 2) rerun to completion with 2 ranks (torchrun, gloo): bad items fail with their reason, the rest finish,
-    #    existing outputs are skipped
-    rerun = subprocess.run(_script(tiny_ckpt, data, 2), env=_env(), cwd=REPO, capture_output=True, text=True,
-                           timeout=600)
+    # the rerun: bad items fail with their reason, the rest finish, existing outputs are skipped
+    rerun = run["rerun"]
     log = rerun.stdout + rerun.stderr
     assert rerun.returncode != 0, log  # some items failed
     records = [json.loads(x) for x in (data / "anno.latents_report.jsonl").read_text().splitlines()]
@@ -162,10 +177,8 @@ def test_killed_then_rerun_with_two_processes(tiny_ckpt, dataset, tmp_path):
     assert not list(data.rglob("*.tmp")), list(data.rglob("*.tmp"))
 
 
-def test_latents_equal_a_direct_encode(tiny_ckpt, dataset):
+def test_latents_equal_a_direct_encode(tiny_ckpt, dataset, killed_then_rerun):
     data, _ = dataset
-    if not (data / "latents" / "good_5.safetensors").exists():
-        pytest.skip("needs the outputs of test_killed_then_rerun_with_two_processes")
     vae = load_vae(tiny_ckpt / "causal_video_vae", torch.device("cpu"), torch.float32)
     entries = {e.line: e for e in parse_annotation(data / "anno.jsonl", require=("latent",)).entries}
     for line in (2, 6, 7):  # rank 1, rank 1 (clip_01 again), explicit frames

@@ -189,3 +189,24 @@ def test_diffusers_model_is_exported_loadable_with_from_pretrained(tmp_path):
     assert {v.dtype for v in stored.values()} == {torch.bfloat16}  # export_dtype applies to the EMA too
     ema = cls.from_pretrained(result.exported[1], torch_dtype=torch.bfloat16)
     assert not torch.equal(ema.proj.weight, reloaded.proj.weight)
+
+
+def test_resume_without_ema_state_starts_the_ema_from_the_resumed_weights(tmp_path, caplog):
+    """A checkpoint without EMA files (e.g. written before --ema_update was turned on): the log says the EMA starts
+    from the resumed weights, and it does (not from the pretrained weights it was built from at start-up)."""
+    _run(_config(tmp_path, max_steps=2, ema_decay=0.9, ema_update_every=1))
+    for f in (tmp_path / "checkpoints" / "checkpoint-2").rglob("ema.safetensors"):
+        f.unlink()
+    shutil.rmtree(tmp_path / "export")
+    reset_accelerate_state()
+    with caplog.at_level(logging.WARNING, logger="trainer_misc"):
+        resumed = _run(_config(tmp_path, max_steps=2, ema_decay=0.9, ema_update_every=1))  # nothing left to train
+    assert resumed.start_step == 2 and resumed.records == []
+    assert any("no EMA state: the EMA starts from the resumed weights" in r.message for r in caplog.records)
+    from safetensors.torch import load_file
+    weights = load_file(str(tmp_path / "export" / "transformer" / "model.safetensors"))
+    ema = load_file(str(tmp_path / "export" / "transformer_ema" / "model.safetensors"))
+    pretrained = {k: v.detach() for k, v in (torch.manual_seed(0), ToyModel())[1].state_dict().items()}
+    assert sorted(ema) == sorted(weights)
+    assert all(torch.equal(ema[k], weights[k]) for k in weights)
+    assert not all(torch.equal(ema[k], pretrained[k]) for k in ema), "the weights moved in training"

@@ -225,6 +225,7 @@ def load_checkpoint(path: Path, engine: "TrainEngine", ema: Optional["ShardedEMA
         if ema_file.is_file():
             ema.load_state_dict(load_tensor_file(ema_file), source=str(ema_file))
         else:
+            ema.reset_to_params()
             logger.warning("%s has no EMA state: the EMA starts from the resumed weights", path)
     if restore_rng:
         restore_rank_rng(path, engine.rank, engine.device)

@@ -79,6 +79,14 @@ class ShardedEMA:
             chunk = local_chunk(param, self.rank, self.world_size)
             self.shadow[name] = chunk.to(device=device or chunk.device, dtype=torch.float32, copy=True)
 
+    @torch.no_grad()
+    def reset_to_params(self) -> None:
+        """Set the average to the parameters' current values (a resume whose checkpoint holds no EMA state: the
+        shadow built at start-up holds the pretrained weights, not the resumed ones)."""
+        for name, param in self.params.items():
+            ema = self.shadow[name]
+            ema.copy_(local_chunk(param, self.rank, self.world_size).to(device=ema.device, dtype=torch.float32))
+
     def should_update(self, step: int) -> bool:
         return step % self.update_every == 0
 
