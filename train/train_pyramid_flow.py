@@ -168,9 +168,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "--ema_update) into <output_dir>/samples/ and tensorboard; 0 = off")
     g.add_argument("--validation_prompts", type=int, default=2,
                    help="how many prompts: the captions of the first N annotation lines")
-    g.add_argument("--validation_temp", type=int, default=0, help="latent frames per sample (0: --max_frames)")
-    g.add_argument("--validation_steps", type=int, nargs=3, default=[10, 10, 10], metavar="N",
+    g.add_argument("--validation_temp", type=int, default=2,
+                   help="latent frames per sample (2 = 9 video frames; 0: --max_frames); kept short, it runs on a "
+                        "training GPU while the other ranks wait")
+    g.add_argument("--validation_steps", type=int, nargs=3, default=[5, 5, 5], metavar="N",
                    help="Euler steps per stage (the later frames use half, at least 1)")
+    g.add_argument("--validation_offload", action="store_true",
+                   help="keep the sampling DiT and VAE on the CPU between validations (saves GPU memory)")
     g.add_argument("--trace_batches", action="store_true",
                    help="each rank writes logs/trace_rank<r>.jsonl: per micro-batch the clip paths, its sync-group "
                         "position and the AR units trained, and finally its sharding report (to check a setup)")
@@ -228,17 +232,20 @@ def strategy_of(args: argparse.Namespace) -> str:
 
 
 def load_null_text(args: argparse.Namespace) -> Optional[TextFeatures]:
-    """Empty-prompt features for caption dropout; None when the text encoder runs during training."""
-    if args.load_text_encoder or args.text_drop_rate == 0:
+    """The extracted empty-prompt features: the replacement for dropped captions, and the negative prompt of
+    validation samples. None when the text encoder runs during training (it encodes "" itself) or nothing needs
+    them."""
+    needed_by = [what for what, on in (("caption dropout (--text_drop_rate > 0)", args.text_drop_rate > 0),
+                                       ("validation samples (--validation_every)", args.validation_every > 0)) if on]
+    if args.load_text_encoder or not needed_by:
         return None
     path = Path(args.empty_prompt_fea) if args.empty_prompt_fea else default_empty_prompt_path(
         resolve_data_root(args.anno_file, args.data_root))
     if not path.is_file():
-        raise SystemExit(f"caption dropout needs the empty prompt's features, not found at {path}; run "
+        raise SystemExit(f"{' and '.join(needed_by)} need(s) the empty prompt's features, not found at {path}; run "
                          "tools/extract_text_features.py (it writes them), pass --empty_prompt_fea, "
                          "use --load_text_encoder, or set --text_drop_rate 0")
-    fea = load_text_features(path)
-    return TextFeatures.from_file(fea)
+    return TextFeatures.from_file(load_text_features(path))
 
 
 def build_dataset(args: argparse.Namespace, verbose: bool):
@@ -318,6 +325,33 @@ def build_objective(args: argparse.Namespace, null_text: Optional[TextFeatures])
         text_drop_rate=args.text_drop_rate, null_text=null_text)
 
 
+def build_validation(args: argparse.Namespace, side: ModelSide, dataset, null_text: Optional[TextFeatures],
+                     device: torch.device):
+    """Rank 0's validation sampler: a second DiT of the trained kind and a VAE, both in the run's dtype."""
+    from trainer_misc.validation import ValidationSampler, pick_validation_prompts
+    from video_vae.modeling_causal_vae import CausalVideoVAE
+
+    try:
+        prompts = pick_validation_prompts(dataset, args.validation_prompts, side.text_encoder, device)
+    except ValueError as e:
+        raise SystemExit(f"--validation_every: {e}") from None
+    if side.text_encoder is not None:
+        with torch.no_grad():
+            negative = side.text_encoder.encode([""], device).to(device="cpu")
+    else:
+        negative = null_text
+    width, height = (IMAGE_BUCKETS.get(args.resolution) or [parse_resolution(args.resolution)])[0] \
+        if args.task == "t2i" else parse_resolution(args.resolution)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.model_dtype]
+    return ValidationSampler(
+        type(side.dit).from_config(side.dit.config),
+        CausalVideoVAE.from_pretrained(Path(args.model_path) / "causal_video_vae", torch_dtype=dtype), prompts,
+        negative,
+        width=width, height=height, temp=1 if args.task == "t2i" else (args.validation_temp or args.max_frames),
+        steps=args.validation_steps, dtype=dtype, device=device, output_dir=args.output_dir,
+        offload=args.validation_offload, tensorboard=args.report_to == "tensorboard", model_name=args.model_name)
+
+
 def train_config(args: argparse.Namespace) -> TrainConfig:
     """The loop's settings from the flags (step counts resolved from epochs where the flags say so)."""
     max_steps = args.max_steps or args.epochs * args.iters_per_epoch
@@ -370,10 +404,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     trace = BatchTrace(args.output_dir, rank) if args.trace_batches else None
     compute_loss = PyramidFlowLoss(build_objective(args, null_text), args.use_temporal_pyramid, vae=side.vae,
                                    text_encoder=side.text_encoder, trace=trace)
-    validate = None
-    if args.validation_every and rank == 0:
-        from trainer_misc.validation import ValidationSampler
-        validate = ValidationSampler(args, dict(side.dit.config), dataset, null_text, device)
+    validate = build_validation(args, side, dataset, null_text, device) if args.validation_every and rank == 0 \
+        else None
     result = train(side.dit, compute_loss, dataset, config, collate_fn=collate, group_keys=dataset.group_keys(),
                    validate=validate)
     if trace is not None:

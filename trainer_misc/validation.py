@@ -1,77 +1,129 @@
 """Validation samples during training (``--validation_every``): rank 0 generates short clips of fixed prompts from
-the current (EMA) weights into ``<output_dir>/samples/`` and tensorboard."""
+the current (EMA) weights into ``<output_dir>/samples/`` and tensorboard, while the other ranks wait.
+
+Kept cheap because it runs on a training GPU: the sampling DiT and VAE are built once, in the run's dtype, and
+only their weights are refreshed at each validation; the clips are short (few latent frames, few Euler steps);
+``offload`` keeps both on the CPU between validations; the CUDA cache is emptied afterwards. The prompts come from
+the extracted text features (or the training run's own text encoder), and the negative prompt is the extracted
+empty-prompt features: no text encoder is ever loaded just for validation.
+"""
 from __future__ import annotations
 
-import argparse
 import logging
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
+from torch import nn
 
 from pyramid_dit.text_features import TextFeatures
-from trainer_misc.datasets import IMAGE_BUCKETS, parse_resolution
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ValidationSampler"]
+__all__ = ["ValidationPrompt", "ValidationSampler", "pick_validation_prompts"]
+
+
+@dataclass
+class ValidationPrompt:
+    caption: str
+    features: TextFeatures  # one row
+
+
+def pick_validation_prompts(dataset, count: int, text_encoder=None, device: Optional[torch.device] = None,
+                            max_scanned: int = 1000) -> list[ValidationPrompt]:
+    """The first ``count`` *readable* items' captions and features (unreadable items are skipped, not a reason to
+    load a text encoder). ``text_encoder``: the training run's own encoder, used when items carry no features."""
+    prompts: list[ValidationPrompt] = []
+    for index in range(min(len(dataset), max_scanned)):
+        if len(prompts) == count:
+            break
+        item = dataset[index]
+        if "bad" in item:
+            logger.warning("validation prompts: skipping unreadable item %s (%s)", *item["bad"])
+            continue
+        if "text_features" in item:
+            features = item["text_features"]
+        elif text_encoder is not None:
+            with torch.no_grad():
+                features = text_encoder.encode([item["text"]], device).to(device="cpu")
+        else:
+            raise ValueError("validation prompts: items carry no text features and no text encoder runs in this "
+                             "training; extract text features (scripts/extract_text_feature.sh) or use "
+                             "--load_text_encoder")
+        prompts.append(ValidationPrompt(item.get("text", ""), features))
+    if not prompts:
+        raise ValueError(f"validation prompts: none of the first {min(len(dataset), max_scanned)} items is readable")
+    return prompts
+
+
+def _in_dtype(module: nn.Module, dtype: torch.dtype) -> nn.Module:
+    # Only when needed: diffusers warns on a model's .to(dtype); load the VAE with torch_dtype instead.
+    return module if next(module.parameters()).dtype == dtype else module.to(dtype)
 
 
 class ValidationSampler:
-    """``--validation_every``: rank 0 samples the captions of the first annotation lines with the current weights.
+    """``validate(step, full_state_dict)`` for ``trainer_misc.trainer.train``; see the module docstring.
 
-    Writes ``<output_dir>/samples/step-<step>/prompt<i>.mp4`` and logs a frame strip per prompt to tensorboard
-    (``validation/prompt<i>``). Runs on a fresh DiT built from the gathered weights, so the training model (and its
-    ZeRO partitions) is never touched.
+    Args:
+        dit: a DiT of the trained kind (its weights are replaced at every call); moved to ``dtype``.
+        vae: the causal video VAE (for decoding); moved to ``dtype``.
+        prompts / negative: what to sample, and the classifier-free-guidance negative (one row).
+        width, height, temp: pixel size and latent frames of each sample (``temp`` 1 writes a png).
+        steps: Euler steps per pyramid stage of the first frame (later frames use half, at least 1).
+        dtype: the run's dtype (bf16 / fp16 / fp32). device: this rank's device.
+        offload: keep the DiT and VAE on the CPU between validations (moved to ``device`` only while sampling).
+        output_dir: samples go to ``<output_dir>/samples/step-<step>/``; tensorboard to ``<output_dir>/logs``.
+        model_name: the DiT's kind (``pyramid_flux`` / ``pyramid_mmdit``; selects the latent normalisation).
     """
 
-    def __init__(self, args: argparse.Namespace, dit_config: dict, dataset, null_text: Optional[TextFeatures],
-                 device: torch.device) -> None:
-        from pyramid_dit.kinds import get_kind
-        from video_vae.modeling_causal_vae import CausalVideoVAE
+    def __init__(self, dit: nn.Module, vae: nn.Module, prompts: Sequence[ValidationPrompt], negative: TextFeatures,
+                 *, width: int, height: int, temp: int, steps: Sequence[int], dtype: torch.dtype,
+                 device: torch.device, output_dir: str, offload: bool = False, tensorboard: bool = True,
+                 model_name: str = "pyramid_flux") -> None:
+        self.dtype, self.device, self.offload, self.model_name = dtype, device, offload, model_name
+        home = torch.device("cpu") if offload else device
+        self.dit, self.vae = (_in_dtype(m, dtype).to(home).eval().requires_grad_(False) for m in (dit, vae))
+        self.prompts, self.negative = list(prompts), negative
+        self.width, self.height, self.temp, self.steps = width, height, temp, list(steps)
+        self.output_dir, self.tensorboard = Path(output_dir), tensorboard
 
-        self.args, self.dit_config, self.device = args, dit_config, device
-        self.kind = get_kind(args.model_name)
-        self.out = Path(args.output_dir) / "samples"
-        self.width, self.height = (IMAGE_BUCKETS.get(args.resolution) or [parse_resolution(args.resolution)])[0] \
-            if args.task == "t2i" else parse_resolution(args.resolution)
-        self.temp = 1 if args.task == "t2i" else (args.validation_temp or args.max_frames)
-        self.vae = CausalVideoVAE.from_pretrained(Path(args.model_path) / "causal_video_vae").to(device).eval()
-        n = min(args.validation_prompts, len(dataset))
-        items = [dataset[i] for i in range(n)]
-        self.captions = [item.get("text", "") for item in items]
-        if args.load_text_encoder or "text_features" not in items[0]:
-            encoder = self.kind.load_text_encoder(args.model_path).to(device)
-            self.prompts = [encoder.encode([c], device) for c in self.captions]
-            self.negative = encoder.encode([""], device)
-            del encoder
-        else:
-            self.prompts = [it["text_features"] for it in items]
-            assert null_text is not None
-            self.negative = null_text  # [1, L, D], [1, L], [1, P] as stored
-
-    def __call__(self, step: int, state: dict[str, torch.Tensor]) -> None:
-        from torch.utils.tensorboard import SummaryWriter
-
+    @torch.no_grad()
+    def __call__(self, step: int, state: dict[str, torch.Tensor]) -> list[Path]:
         from pyramid_dit.media import save_video
         from pyramid_dit.pipeline import PyramidFlowPipeline
 
-        dit = self.kind.dit().from_config(self.dit_config)
-        dit.load_state_dict({k: v.float() for k, v in state.items()})
-        pipe = PyramidFlowPipeline(dit.to(self.device).eval(), vae=self.vae, model_name=self.kind.name,
-                                   device=self.device, dtype=torch.bfloat16 if self.device.type == "cuda" else torch.float32)
-        folder = self.out / f"step-{step:06d}"
-        writer = SummaryWriter(str(Path(self.args.output_dir) / "logs")) if self.args.report_to == "tensorboard" \
-            else None
-        for i, features in enumerate(self.prompts):
-            video = pipe.generate(prompt_features=features, negative_features=self.negative, height=self.height,
-                                  width=self.width, temp=self.temp, num_inference_steps=self.args.validation_steps,
-                                  video_num_inference_steps=[max(1, n // 2) for n in self.args.validation_steps],
-                                  seed=i, progress=False)[0]
-            path = save_video(video, folder / f"prompt{i}.mp4" if self.temp > 1 else folder / f"prompt{i}.png")
-            logger.info("validation sample for %r -> %s", self.captions[i], path)
+        self.dit.load_state_dict(state)  # copies into the existing tensors (and their dtype)
+        self.dit.to(self.device)
+        self.vae.to(self.device)
+        pipe = PyramidFlowPipeline(self.dit, vae=self.vae, model_name=self.model_name, device=self.device,
+                                   dtype=self.dtype)
+        folder = self.output_dir / "samples" / f"step-{step:06d}"
+        writer = None
+        if self.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            writer = SummaryWriter(str(self.output_dir / "logs"))
+        written = []
+        try:
+            for i, prompt in enumerate(self.prompts):
+                video = pipe.generate(prompt_features=prompt.features, negative_features=self.negative,
+                                      height=self.height, width=self.width, temp=self.temp,
+                                      num_inference_steps=self.steps,
+                                      video_num_inference_steps=[max(1, n // 2) for n in self.steps],
+                                      seed=i, progress=False)[0]
+                path = save_video(video, folder / (f"prompt{i}.mp4" if self.temp > 1 else f"prompt{i}.png"))
+                written.append(path)
+                logger.info("validation sample for %r -> %s", prompt.caption, path)
+                if writer is not None:
+                    strip = video[:, :: max(1, video.shape[1] // 8)]  # [3, F', H, W] -> frames side by side
+                    writer.add_image(f"validation/prompt{i}", strip.permute(0, 2, 1, 3).flatten(2), step)
+        finally:
             if writer is not None:
-                strip = video[:, :: max(1, video.shape[1] // 8)]  # [3, F', H, W] -> frames side by side
-                writer.add_image(f"validation/prompt{i}", strip.permute(0, 2, 1, 3).flatten(2), step)
-        if writer is not None:
-            writer.close()
+                writer.close()
+            del pipe
+            if self.offload:
+                self.dit.to("cpu")
+                self.vae.to("cpu")
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+        return written
