@@ -232,3 +232,9 @@ def test_scripts_check_every_number_before_shell_arithmetic(fake_model, env, mes
         result = run_script(script, {**fake_model, **env})
         assert result.returncode == 2, result.stderr
         assert message in result.stderr and "arithmetic" not in result.stderr.lower()
+
+
+def test_loss_spike_skip_is_opt_in():
+    """The reference always drops updates whose loss reaches 2.0; here only with --skip_loss_threshold."""
+    assert _train_config().skip_loss_threshold is None
+    assert _train_config("--skip_loss_threshold", "2.0").skip_loss_threshold == 2.0

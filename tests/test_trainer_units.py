@@ -201,3 +201,25 @@ def test_init_process_group_from_launcher_env_and_teardown(monkeypatch):
     finally:
         destroy_process_group()
     assert not dist.is_initialized()
+
+
+def test_ema_is_float32_for_a_bf16_model():
+    """The reference keeps its EMA in the model dtype; at decay 0.9999 a bf16 average cannot move (the step
+    (1 - decay) * (param - ema) is below bf16's resolution), so ours is float32 whatever the model trains in."""
+    torch.manual_seed(0)
+    model = ToyModel().to(torch.bfloat16)
+    named = list(model.named_parameters())
+    ema = ShardedEMA(named, decay=0.9999, rank=0, world_size=1)
+    assert {t.dtype for t in ema.shadow.values()} == {torch.float32}
+    start = {n: t.clone() for n, t in ema.gather().items()}
+    with torch.no_grad():
+        for _, p in named:
+            p.add_(1.0)
+    for _ in range(10):
+        ema.update()
+    moved = {n: (ema.gather()[n] - start[n]).abs().max().item() for n in start}
+    assert all(m == pytest.approx(10 * 1e-4, rel=0.05) for m in moved.values()), moved
+    # A bf16 shadow could not have moved: one update's step (1e-4) is below bf16's resolution at these values.
+    big = torch.cat([t.flatten() for t in start.values()]).abs() > 0.1
+    values = torch.cat([t.flatten() for t in start.values()])[big].to(torch.bfloat16)
+    assert torch.equal(values + 1e-4, values)

@@ -1,0 +1,39 @@
+"""Documents that must not rot: the README's divergence table names real tests; requirements' lower bounds are the
+versions CI runs."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _divergence_rows() -> list[list[str]]:
+    text = (REPO / "README.md").read_text()
+    section = text.split("## Coming from the reference guide", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("|")]
+    assert rows[0].strip("| ").startswith("difference") and set(rows[1]) <= set("|- ")
+    return [[cell.strip() for cell in row.strip().strip("|").split("|")] for row in rows[2:]]
+
+
+def test_every_divergence_row_names_existing_tests():
+    rows = _divergence_rows()
+    assert len(rows) >= 10
+    for difference, why, pinned in rows:
+        assert difference and why, (difference, why)
+        refs = re.findall(r"`([^`]+)`", pinned)
+        assert refs, f"row {difference[:60]!r} names no test"
+        for ref in refs:
+            path, _, name = ref.partition("::")
+            file = REPO / path
+            assert path.startswith("tests/") and file.is_file(), f"{ref}: no such test file"
+            assert re.search(rf"^def {re.escape(name)}\(", file.read_text(), re.M), f"{ref}: no such test"
+
+
+def test_requirement_lower_bounds_are_the_ci_tested_versions():
+    pins = dict(re.findall(r"^([A-Za-z0-9_-]+)==(\S+)$", (REPO / ".ci" / "constraints.txt").read_text(), re.M))
+    bounds = dict(re.findall(r"^([A-Za-z0-9_-]+)>=(\S+)$", (REPO / "requirements.txt").read_text(), re.M))
+    for name in ("diffusers", "transformers", "accelerate", "deepspeed"):
+        pin = tuple(int(x) for x in pins[name].split("."))
+        bound = tuple(int(x) for x in bounds[name].split("."))
+        assert bound == pin[:len(bound)], f"requirements {name}>={bounds[name]} but CI tests {pins[name]}"
