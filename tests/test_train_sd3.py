@@ -50,7 +50,7 @@ def _ar_zero3(ws, out: Path, extra: str = "") -> None:
     run_script("train_pyramid_flow.sh", {
         "MODEL_NAME": "pyramid_mmdit", "GPUS": "2", "VIDEO_SYNC_GROUP": "2", "SHARD_STRATEGY": "zero3",
         "MODEL_PATH": str(ws["model"]), "OUTPUT_DIR": str(out), "ANNO_FILE": str(ws["anno"]), "RESOLUTION": "64x64",
-        "NUM_FRAMES": "4", "BATCH_SIZE": "4", "GRAD_ACCU_STEPS": "1", "ITERS_PER_EPOCH": "2", "SAVE_CKPT_FREQ": "1",
+        "NUM_FRAMES": "4", "BATCH_SIZE": "4", "GRAD_ACCU_STEPS": "1", "ITERS_PER_EPOCH": "2", "SAVE_EVERY_STEPS": "1",
         "EXTRA_ARGS": "--trace_batches " + extra})
 
 

@@ -44,11 +44,12 @@ def workspace(tmp_path_factory) -> dict[str, Path]:
 
 
 def _train(workspace, out: Path, gpus: int, strategy: str, steps: int, extra: str = "") -> None:
-    env = {**os.environ, "NUM_WORKERS": "0", "WARMUP_STEPS": "0", "EPOCHS": "1", "LR": "1e-3", "OMP_NUM_THREADS": "1",
+    env = {**os.environ, "NUM_WORKERS": "0", "WARMUP_STEPS": "0", "WARMUP_EPOCHS": "0", "EPOCHS": "1", "LR": "1e-3",
+           "OMP_NUM_THREADS": "1",
            "TORCHDYNAMO_DISABLE": "1", "GPUS": str(gpus), "VIDEO_SYNC_GROUP": "2", "SHARD_STRATEGY": strategy,
            "MODEL_DTYPE": "fp32", "MODEL_PATH": str(workspace["model"]), "OUTPUT_DIR": str(out),
            "ANNO_FILE": str(workspace["anno"]), "RESOLUTION": "64x64", "NUM_FRAMES": "4", "BATCH_SIZE": "4",
-           "GRAD_ACCU_STEPS": "1", "ITERS_PER_EPOCH": str(steps), "SAVE_CKPT_FREQ": "1",
+           "GRAD_ACCU_STEPS": "1", "ITERS_PER_EPOCH": str(steps), "SAVE_EVERY_STEPS": "1",
            "EXTRA_ARGS": "--trace_batches --report_to none " + extra}
     result = subprocess.run(["sh", str(REPO / "scripts" / "train_pyramid_flow.sh")], env=env, capture_output=True,
                             text=True, timeout=LAUNCH_TIMEOUT_S)
