@@ -93,9 +93,15 @@ def get_kind(model_name: str) -> ModelKind:
     return KINDS[model_name]
 
 
+def kind_of_class_name(class_name: str) -> ModelKind:
+    """The kind whose DiT class is called ``class_name`` (a ``config.json``'s ``_class_name``)."""
+    for kind in KINDS.values():
+        if class_name == kind.dit_class.split(":")[1]:
+            return kind
+    raise ValueError(f"{class_name!r} is not a Pyramid Flow DiT of a known kind "
+                     f"({', '.join(k.dit_class.split(':')[1] for k in KINDS.values())})")
+
+
 def kind_of_dit(dit: torch.nn.Module) -> ModelKind:
     """The kind a DiT instance belongs to (for code handed a model rather than a name)."""
-    for kind in KINDS.values():
-        if type(dit).__name__ == kind.dit_class.split(":")[1]:
-            return kind
-    raise ValueError(f"{type(dit).__name__} is not a Pyramid Flow DiT of a known kind ({', '.join(MODEL_NAMES)})")
+    return kind_of_class_name(type(dit).__name__)
