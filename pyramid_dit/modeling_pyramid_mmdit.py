@@ -55,7 +55,7 @@ class PatchProjection(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(dim, in_channels, patch, patch))
         self.bias = nn.Parameter(torch.zeros(dim))
-        nn.init.xavier_uniform_(self.weight.view(dim, -1))
+        nn.init.xavier_uniform_(self.weight.view(dim, -1))  # as the linear map it is (the reference does the same)
 
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
         """``[B, N, p*p*C]`` patches (channels ordered row-in-patch, col-in-patch, C, as ``patchify``) -> ``[B, N, D]``."""
@@ -210,6 +210,10 @@ class PyramidDiffusionMMDiT(PackedDiTMixin, ModelMixin, ConfigMixin):
     def initialize_weights(self) -> None:
         """Training-from-scratch init: Xavier linears and patch projection, N(0, 0.02) conditioning, zeroed
         adaLN and output."""
+        if any(hasattr(p, "ds_id") for p in self.parameters()):
+            # Built under DeepSpeed ZeRO-3's partitioned init (trainer_misc.model_loading): each rank holds only a
+            # slice of every weight, and the pretrained weights are loaded right after, so there is nothing to do.
+            return
         for m in self.modules():
             if isinstance(m, (nn.Linear, PatchProjection)):
                 nn.init.xavier_uniform_(m.weight.view(m.weight.shape[0], -1))
