@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from trainer_misc.annotation import AnnotationError, AnnotationIssue
-from trainer_misc.distributed import exit_with_parent
+from trainer_misc.distributed import exit_process, exit_with_parent
 
 T = TypeVar("T")
 
@@ -180,7 +180,7 @@ def default_report_path(outputs: Iterable[Path], fallback_dir: Path, name: str) 
 def finish(ctx: DistContext, results: list[ItemResult], *, what: str, anno_file: str | os.PathLike,
            report_path: Path | None, note: Callable[[Sequence[ItemResult]], str | None] | None = None) -> int:
     """Gather results, print the summary (and the tool's ``note`` on all results, if any) and write the report on
-    rank 0, tear down; return the exit status.
+    rank 0; return the exit status (a distributed process exits with it instead).
 
     Every rank returns the same status (1 when any item failed anywhere), so torchrun's exit status is honest.
     """
@@ -208,7 +208,7 @@ def finish(ctx: DistContext, results: list[ItemResult], *, what: str, anno_file:
         flag = torch.tensor([status], device=ctx.device if ctx.device.type == "cuda" else "cpu")
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         status = int(flag.item())
-    shutdown_distributed()
+        exit_process(status)  # never returns: see trainer_misc.distributed.exit_process
     return status
 
 

@@ -17,13 +17,14 @@ the few facts every other module needs in one place:
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 import random
 import signal
 import socket
 import sys
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, NoReturn, Optional
 
 import numpy as np
 import torch
@@ -44,6 +45,7 @@ __all__ = [
     "any_rank",
     "broadcast_object",
     "collective_timeout",
+    "exit_process",
     "exit_with_parent",
     "resolve_device",
     "seed_everything",
@@ -85,6 +87,28 @@ def destroy_process_group() -> None:
     if is_dist_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def exit_process(code: int) -> NoReturn:
+    """End a process whose run finished normally on every rank, with exit status ``code``.
+
+    A distributed process tears its group down (:func:`destroy_process_group`), flushes, and leaves with
+    ``os._exit``: gloo's worker threads can still abort the interpreter's own teardown now and then, after all the
+    work is written (seen in CI: SIGABRT on one rank after the extraction report), and torchrun would report that
+    as a failed run. Everything that matters is on disk by now (files are written to temp names and renamed). A
+    single process exits the ordinary way.
+    """
+    if not (is_dist_initialized() and get_world_size() > 1):
+        destroy_process_group()
+        sys.exit(code)
+    destroy_process_group()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass  # a closed or broken stream: nothing left to flush into it
+    os._exit(code)
 
 
 COLLECTIVE_TIMEOUT_ENV = "COLLECTIVE_TIMEOUT_MIN"

@@ -26,7 +26,7 @@ import time
 import traceback
 from typing import Callable, NoReturn, Optional
 
-from .distributed import any_rank, destroy_process_group, exit_with_parent
+from .distributed import any_rank, exit_process, exit_with_parent
 
 __all__ = ["ERROR_DIR_ENV", "RunStopped", "StopSignals", "fatal_line", "run_main"]
 
@@ -114,13 +114,11 @@ def run_main(main: Callable[[], int], prog: str) -> NoReturn:
         print(line, file=sys.stderr, flush=True)
         if _rank() == 0:
             _record(line, primary=True)
-        destroy_process_group()
         _flush()
-        sys.exit(stop.exit_code)
+        exit_process(stop.exit_code)
     except SystemExit as e:
         if e.code in (None, 0):
-            destroy_process_group()
-            raise
+            exit_process(0)
         if not isinstance(e.code, str):  # argparse and friends printed their message already
             _flush()
             os._exit(e.code if isinstance(e.code, int) else 1)
@@ -130,9 +128,8 @@ def run_main(main: Callable[[], int], prog: str) -> NoReturn:
         clear = isinstance(e, _CLEAR_ERRORS) or _peer_failure(text) or _timeout(text) or \
             type(e).__module__.startswith("trainer_misc")
         _die(fatal_line(e, prog), e, show_traceback=not clear or os.environ.get("PYRAMID_TRACEBACK") == "1")
-    destroy_process_group()
     _flush()
-    sys.exit(code)
+    exit_process(code)
 
 
 def _die(line: str, exc: BaseException, show_traceback: bool) -> NoReturn:
