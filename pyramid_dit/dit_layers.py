@@ -160,7 +160,13 @@ class JointTransformerBlock(nn.Module):
 
     def forward(self, video: torch.Tensor, text: torch.Tensor, temb: torch.Tensor, seq: PackedSequence,
                 last_only: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Under sequence parallelism ``video`` and ``text`` are this process's parts of the streams (token-wise
+        layers run on them) and attention runs over the whole sequence for this process's heads; ``last_only``
+        is then not available (the last clips' tokens are spread over the processes)."""
+        if last_only and seq.sharded:
+            raise ValueError("last_only is not available under sequence parallelism")
         B, lens, t_lens = seq.batch, seq.video_lens, seq.text_lens
+        lens_held, t_lens_held = seq.lens("video"), seq.lens("text")  # of the tokens this process holds
         a = self.attn
         update_text = not (self.context_pre_only or last_only)
         # One modulation set per column (= per text row), broadcast over that column's tokens.
@@ -168,40 +174,42 @@ class JointTransformerBlock(nn.Module):
         t_mod = [per_column(c, B) for c in self.norm1_context.chunks(temb)]
         t_scale, t_shift = t_mod[:2] if self.context_pre_only else (t_mod[1], t_mod[0])
 
-        h = modulate(self.norm1.norm(video), v_scale, v_shift, lens)
-        v_k = norm_rope(heads(a.to_k, h, a.heads), a.norm_k, seq.rope_video)
-        v_v = heads(a.to_v, h, a.heads)
+        h = modulate(self.norm1.norm(video), v_scale, v_shift, lens_held)
+        v_k = seq.to_heads("video", norm_rope(heads(a.to_k, h, a.heads), a.norm_k, seq.rope("video")))
+        v_v = seq.to_heads("video", heads(a.to_v, h, a.heads))
         if last_only:  # the last clips' tokens are the only video queries whose result is used
             video, h = tails(video, lens, seq.last_lens), tails(h, lens, seq.last_lens)
-            q_lens, q_rope, q_groups = seq.last_lens, seq.rope_last, seq.last_groups
+            q_lens, q_lens_held, q_rope, q_groups = seq.last_lens, seq.last_lens, seq.rope_last, seq.last_groups
         else:
-            q_lens, q_rope = lens, seq.rope_video
+            q_lens, q_lens_held, q_rope = lens, lens_held, seq.rope("video")
             q_groups = seq.groups if update_text else [queries_from(g, t) for g, t in zip(seq.groups, t_lens)]
-        v_q = norm_rope(heads(a.to_q, h, a.heads), a.norm_q, q_rope)
-        ht = modulate(self.norm1_context.norm(text), t_scale, t_shift, t_lens)
-        t_k = norm_rope(heads(a.add_k_proj, ht, a.heads), a.text_norm_k, None)  # text: no rotation
-        t_v = heads(a.add_v_proj, ht, a.heads)
+        v_q = seq.to_heads("video", norm_rope(heads(a.to_q, h, a.heads), a.norm_q, q_rope))
+        ht = modulate(self.norm1_context.norm(text), t_scale, t_shift, t_lens_held)
+        t_k = seq.to_heads("text", norm_rope(heads(a.add_k_proj, ht, a.heads), a.text_norm_k, None))  # no rotation
+        t_v = seq.to_heads("text", heads(a.add_v_proj, ht, a.heads))
 
         # Attention per column over its text followed by its video tokens.
         keys = [torch.cat(kv, dim=1) for kv in zip(t_k.split(t_lens, dim=1), v_k.split(lens, dim=1))]
         values = [torch.cat(kv, dim=1) for kv in zip(t_v.split(t_lens, dim=1), v_v.split(lens, dim=1))]
         queries = list(v_q.split(q_lens, dim=1))
         if update_text:
-            t_q = norm_rope(heads(a.add_q_proj, ht, a.heads), a.text_norm_q, None)
+            t_q = seq.to_heads("text", norm_rope(heads(a.add_q_proj, ht, a.heads), a.text_norm_q, None))
             queries = [torch.cat(tq_vq, dim=1) for tq_vq in zip(t_q.split(t_lens, dim=1), queries)]
         outs = [attend(q, k, v, g) for q, k, v, g in zip(queries, keys, values, q_groups)]
         if update_text:
             text_out, video_out = zip(*(o.split([t, length], dim=1) for o, t, length in zip(outs, t_lens, lens)))
         else:
             video_out = outs
-        video = gated_residual(video, v_gate, a.to_out[0](torch.cat(video_out, dim=1)), q_lens)
-        video = gated_residual(video, v_gate2, self.ff(modulate(self.norm1.norm(video), v_scale2, v_shift2, q_lens)),
-                               q_lens)
+        video_out = seq.from_heads("video", torch.cat(video_out, dim=1))
+        video = gated_residual(video, v_gate, a.to_out[0](video_out), q_lens_held)
+        video = gated_residual(video, v_gate2,
+                               self.ff(modulate(self.norm1.norm(video), v_scale2, v_shift2, q_lens_held)), q_lens_held)
         if not update_text:
             return video, None
         t_gate, t_shift2, t_scale2, t_gate2 = t_mod[2:]
-        text = gated_residual(text, t_gate, a.to_add_out(torch.cat(text_out, dim=1)), t_lens)
+        text_out = seq.from_heads("text", torch.cat(text_out, dim=1))
+        text = gated_residual(text, t_gate, a.to_add_out(text_out), t_lens_held)
         text = gated_residual(text, t_gate2,
-                              self.ff_context(modulate(self.norm1_context.norm(text), t_scale2, t_shift2, t_lens)),
-                              t_lens)
+                              self.ff_context(modulate(self.norm1_context.norm(text), t_scale2, t_shift2, t_lens_held)),
+                              t_lens_held)
         return video, text

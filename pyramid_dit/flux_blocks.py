@@ -49,21 +49,26 @@ class FluxSingleTransformerBlock(nn.Module):
     def forward(self, x: torch.Tensor, temb: torch.Tensor, seq: PackedSequence, last_only: bool = False
                 ) -> torch.Tensor:
         """``[B, S, D] -> [B, S, D]``; with ``last_only``, only each column's last-clip tokens are computed and
-        returned (``[B, sum(last_lens), D]``), attending to the whole column as usual."""
+        returned (``[B, sum(last_lens), D]``), attending to the whole column as usual. Under sequence parallelism
+        ``x`` is this process's part of the joint stream and ``last_only`` is not available."""
+        if last_only and seq.sharded:
+            raise ValueError("last_only is not available under sequence parallelism")
         lens, a = seq.joint_lens, self.attn
+        lens_held = seq.lens("joint")
         shift, scale, gate = (per_column(c, seq.batch) for c in self.norm.chunks(temb))
 
-        h = modulate(self.norm.norm(x), scale, shift, lens)
-        k = norm_rope(heads(a.to_k, h, a.heads), a.norm_k, seq.rope_joint)
-        v = heads(a.to_v, h, a.heads)
+        h = modulate(self.norm.norm(x), scale, shift, lens_held)
+        k = seq.to_heads("joint", norm_rope(heads(a.to_k, h, a.heads), a.norm_k, seq.rope("joint")))
+        v = seq.to_heads("joint", heads(a.to_v, h, a.heads))
         if last_only:  # the last clips' tokens are the only queries whose result is used
             x, h = tails(x, lens, seq.last_lens), tails(h, lens, seq.last_lens)
-            q_lens, q_rope, groups = seq.last_lens, seq.rope_last, seq.last_groups
+            q_lens, q_lens_held, q_rope, groups = seq.last_lens, seq.last_lens, seq.rope_last, seq.last_groups
         else:
-            q_lens, q_rope, groups = lens, seq.rope_joint, seq.groups
-        q = norm_rope(heads(a.to_q, h, a.heads), a.norm_q, q_rope)
+            q_lens, q_lens_held, q_rope, groups = lens, lens_held, seq.rope("joint"), seq.groups
+        q = seq.to_heads("joint", norm_rope(heads(a.to_q, h, a.heads), a.norm_q, q_rope))
 
         outs = [attend(q_c, k_c, v_c, g) for q_c, k_c, v_c, g in
                 zip(q.split(q_lens, dim=1), k.split(lens, dim=1), v.split(lens, dim=1), groups)]
+        attn = seq.from_heads("joint", torch.cat(outs, dim=1))
         mlp = F.gelu(self.proj_mlp(h), approximate="tanh")
-        return gated_residual(x, gate, self.proj_out(torch.cat([torch.cat(outs, dim=1), mlp], dim=-1)), q_lens)
+        return gated_residual(x, gate, self.proj_out(torch.cat([attn, mlp], dim=-1)), q_lens_held)

@@ -168,7 +168,7 @@ class PyramidFluxTransformer(PackedDiTMixin, ModelMixin, ConfigMixin):
         columns = [[col] if isinstance(col, torch.Tensor) else list(col) for col in columns]
         return pack_columns(columns, text_mask, patch=PATCH, rope_axes=self.axes_dims_rope, joint_rope=True,
                             interp_condition_pos=self.interp_condition_pos,
-                            temporal_causal=self.use_temporal_causal)
+                            temporal_causal=self.use_temporal_causal, sp=self.sequence_parallel)
 
     def forward(
         self,
@@ -197,8 +197,9 @@ class PyramidFluxTransformer(PackedDiTMixin, ModelMixin, ConfigMixin):
         B = seq.batch
 
         temb = self.time_text_embed(timestep_ratio, pooled_projections)
-        text = self.context_embedder(packed_text(encoder_hidden_states, seq))
-        video = self.x_embedder(torch.cat([patchify(clip) for clips in columns for clip in clips], dim=1))
+        text = seq.split("text", self.context_embedder(packed_text(encoder_hidden_states, seq)))
+        video = seq.split("video",
+                          self.x_embedder(torch.cat([patchify(clip) for clips in columns for clip in clips], dim=1)))
 
         for i, block in enumerate(self.transformer_blocks):
             if self._checkpointed(i, len(self.transformer_blocks)):
@@ -206,16 +207,18 @@ class PyramidFluxTransformer(PackedDiTMixin, ModelMixin, ConfigMixin):
             else:
                 video, text = block(video, text, temb, seq)
 
-        # Single-stream layout: each column's text then its video.
+        # Single-stream layout: each column's text then its video (under SP: gathered, re-laid, split again).
+        text, video = seq.gather("text", text), seq.gather("video", video)
         x = torch.cat([part for t, v in zip(text.split(seq.text_lens, dim=1), video.split(seq.video_lens, dim=1))
                        for part in (t, v)], dim=1)
+        x = seq.split("joint", x)
         n_single = len(self.single_transformer_blocks)
         for i, block in enumerate(self.single_transformer_blocks):
             # Only the last clips are returned: the final block computes just their tokens.
-            args = (x, temb, seq, i == n_single - 1)
+            args = (x, temb, seq, self._last_only(i == n_single - 1))
             x = checkpoint(block, *args, use_reentrant=False) if self._checkpointed(i, n_single) else block(*args)
-        if n_single == 0:
-            x = tails(x, seq.joint_lens, seq.last_lens)
+        if not self._last_only(n_single > 0):
+            x = tails(seq.gather("joint", x), seq.joint_lens, seq.last_lens)
 
         scale, shift = (per_column(c, B) for c in self.norm_out.chunks(temb))
         x = self.proj_out(modulate(self.norm_out.norm(x), scale, shift, seq.last_lens))

@@ -41,6 +41,7 @@ from pyramid_dit.packing import (
     packed_text,
     patchify,
     per_column,
+    tails,
     unpatchify,
 )
 
@@ -244,7 +245,7 @@ class PyramidDiffusionMMDiT(PackedDiTMixin, ModelMixin, ConfigMixin):
         columns = [[col] if isinstance(col, torch.Tensor) else list(col) for col in columns]
         return pack_columns(columns, text_mask, patch=self.patch_size, rope_axes=self.rope_axes, joint_rope=False,
                             interp_condition_pos=self.interp_condition_pos,
-                            temporal_causal=self.use_temporal_causal)
+                            temporal_causal=self.use_temporal_causal, sp=self.sequence_parallel)
 
     def _clip_grids(self, columns: list[list[torch.Tensor]]) -> list[tuple[torch.Tensor, int, int]]:
         """Each clip with the token grid its positions are cropped at: the column's last clip's grid
@@ -282,14 +283,16 @@ class PyramidDiffusionMMDiT(PackedDiTMixin, ModelMixin, ConfigMixin):
         seq = self._pack(columns, encoder_attention_mask)
 
         temb = self.time_text_embed(timestep_ratio, pooled_projections)
-        text = self.context_embedder(packed_text(encoder_hidden_states, seq))
-        video = self.pos_embed(self._clip_grids(columns))
+        text = seq.split("text", self.context_embedder(packed_text(encoder_hidden_states, seq)))
+        video = seq.split("video", self.pos_embed(self._clip_grids(columns)))
 
         n = len(self.transformer_blocks)
         for i, block in enumerate(self.transformer_blocks):
             # Only the last clips are returned: the final block computes just their tokens.
-            args = (video, text, temb, seq, i == n - 1)
+            args = (video, text, temb, seq, self._last_only(i == n - 1))
             video, text = checkpoint(block, *args, use_reentrant=False) if self._checkpointed(i, n) else block(*args)
+        if not self._last_only(n > 0):
+            video = tails(seq.gather("video", video), seq.video_lens, seq.last_lens)
 
         scale, shift = (per_column(c, seq.batch) for c in self.norm_out.chunks(temb))
         x = self.proj_out(modulate(self.norm_out.norm(video), scale, shift, seq.last_lens))

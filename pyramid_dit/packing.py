@@ -26,7 +26,7 @@ ratio gradient checkpointing.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Sequence, Union
 
 import torch
@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch._subclasses.fake_tensor import is_fake
 
 from pyramid_dit.embeddings import clip_positions, rope_tables
+from pyramid_dit.sequence_parallel import SequenceParallel, StreamShard
 
 Column = Union[torch.Tensor, Sequence[torch.Tensor]]
 
@@ -82,6 +83,12 @@ class PackedSequence:
     prefix and mask. ``last_groups[c]`` is the same for the queries of the column's last clip alone
     (``last_lens[c]`` tokens, at the end of the segment): the final block computes only those, since nothing
     else is returned. Rotary tables are ``None`` for a model without rotary positions.
+
+    Under sequence parallelism (:mod:`pyramid_dit.sequence_parallel`) ``shards`` maps each stream (``"text"``,
+    ``"video"``, ``"joint"``) to this process's part of it. The blocks ask for a stream's token-wise lengths and
+    rotary tables with :meth:`lens` / :meth:`rope` (this process's part when sharded, the whole stream otherwise)
+    and go to and from whole-sequence attention with :meth:`to_heads` / :meth:`from_heads` (identities without
+    SP); groups and the ``*_lens`` fields always describe the whole sequence.
     """
 
     batch: int
@@ -93,6 +100,8 @@ class PackedSequence:
     rope_video: Optional[tuple[torch.Tensor, torch.Tensor]]  # rope_tables() of the packed video tokens
     rope_joint: Optional[tuple[torch.Tensor, torch.Tensor]]  # ... of the text-then-video layout (text: angle 0)
     rope_last: Optional[tuple[torch.Tensor, torch.Tensor]]  # ... of the last clips' tokens
+    shards: dict[str, StreamShard] = field(default_factory=dict)
+    _local_rope: dict[str, Optional[tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
 
     @property
     def n_columns(self) -> int:
@@ -101,6 +110,42 @@ class PackedSequence:
     @property
     def joint_lens(self) -> list[int]:
         return [t + v for t, v in zip(self.text_lens, self.video_lens)]
+
+    @property
+    def sharded(self) -> bool:
+        """True under sequence parallelism: the streams the blocks get are this process's parts."""
+        return bool(self.shards)
+
+    def lens(self, stream: str) -> list[int]:
+        """Per-column token counts of the tensor a block holds for ``stream`` (this process's part under SP)."""
+        full = {"text": self.text_lens, "video": self.video_lens, "joint": self.joint_lens}[stream]
+        return self.shards[stream].local_lens(full) if self.sharded else full
+
+    def rope(self, stream: str) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        """Rotary tables of the tokens a block holds for ``stream`` (``None`` for text: it sits at angle 0)."""
+        if stream == "text":
+            return None
+        if self.sharded:
+            if stream not in self._local_rope:
+                self._local_rope[stream] = self.shards[stream].rope(getattr(self, f"rope_{stream}"))
+            return self._local_rope[stream]
+        return getattr(self, f"rope_{stream}")
+
+    def to_heads(self, stream: str, x: torch.Tensor) -> torch.Tensor:
+        """``[B, l, H, d]`` held tokens -> whole-stream attention inputs (``[B, L, H/S, d]`` under SP)."""
+        return self.shards[stream].to_heads(x) if self.sharded else x
+
+    def from_heads(self, stream: str, y: torch.Tensor) -> torch.Tensor:
+        """Whole-stream attention output ``[B, L, h*d]`` -> the held tokens with all heads ``[B, l, H*d]``."""
+        return self.shards[stream].from_heads(y) if self.sharded else y
+
+    def split(self, stream: str, x: torch.Tensor) -> torch.Tensor:
+        """The whole stream (same on every process) -> the tokens this process holds (itself without SP)."""
+        return self.shards[stream].split(x) if self.sharded else x
+
+    def gather(self, stream: str, x: torch.Tensor) -> torch.Tensor:
+        """The tokens this process holds -> the whole stream on every process (itself without SP)."""
+        return self.shards[stream].gather(x) if self.sharded else x
 
 
 def attention_groups(T: int, text_valid: Optional[torch.Tensor], frame_sizes: list[int], temporal_causal: bool
@@ -137,12 +182,14 @@ def queries_from(groups: list[AttentionGroup], first: int) -> list[AttentionGrou
 @torch.no_grad()
 def pack_columns(columns: list[list[torch.Tensor]], text_mask: torch.Tensor, *, patch: int,
                  rope_axes: Optional[Sequence[int]], joint_rope: bool, interp_condition_pos: bool,
-                 temporal_causal: bool) -> PackedSequence:
+                 temporal_causal: bool, sp: Optional[SequenceParallel] = None) -> PackedSequence:
     """Positions, rotary tables and attention groups of the packed sequence (built once per call).
 
     ``rope_axes``: rotary channels per position axis, over the first ``len(rope_axes)`` of (frame, row, col);
     ``None`` for no rotary positions. ``joint_rope`` also builds the table of the text-then-video layout (the
     single-stream blocks need it).
+
+    ``sp``: split every stream over this sequence-parallel group (see :class:`PackedSequence`).
 
     Each column keeps its text up to the last valid token of its longest row: later positions are padding in
     every row of the column, and padding never influences a valid token, so dropping them changes no output and
@@ -180,11 +227,15 @@ def pack_columns(columns: list[list[torch.Tensor]], text_mask: torch.Tensor, *, 
     def tables(positions: list[torch.Tensor]) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
         return rope_tables(torch.cat(positions), rope_axes) if n_axes and positions else None
 
-    return PackedSequence(
+    seq = PackedSequence(
         batch=batch, text_lens=kept, video_lens=[p.shape[0] for p in video_pos],
         last_lens=[p.shape[0] for p in last_pos], groups=groups, last_groups=last_groups,
         rope_video=tables(video_pos), rope_joint=tables(joint_pos), rope_last=tables(last_pos),
     )
+    if sp is not None and sp.size > 1:
+        seq.shards = {"text": StreamShard(sp, sum(seq.text_lens)), "video": StreamShard(sp, sum(seq.video_lens)),
+                      "joint": StreamShard(sp, sum(seq.joint_lens))}
+    return seq
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -288,6 +339,22 @@ class PackedDiTMixin:
 
     gradient_checkpointing: bool
     gradient_checkpointing_ratio: float
+    sequence_parallel: Optional[SequenceParallel] = None  # set by enable_sequence_parallel
+
+    def enable_sequence_parallel(self, sp: Optional[SequenceParallel]) -> None:
+        """Split each forward call's sequence over ``sp`` (Ulysses, :mod:`pyramid_dit.sequence_parallel`);
+        ``None`` or a group of one turns it off.
+
+        Every process of the group must make the same calls with the same inputs (one sample, split by
+        tokens); each returns the whole output. The model's head count must be a multiple of the group size.
+        """
+        if sp is not None and sp.size > 1:
+            n_heads = self.config.num_attention_heads
+            if n_heads % sp.size:
+                raise ValueError(f"sequence parallelism over {sp.size} processes needs a head count divisible by "
+                                 f"it; the model has {n_heads} heads: choose SP_SIZE among the divisors of "
+                                 f"{n_heads}")
+        self.sequence_parallel = sp if sp is not None and sp.size > 1 else None
 
     def enable_gradient_checkpointing(self, ratio: Optional[float] = None) -> None:
         """Recompute a ``ratio`` share of the blocks during backward (training mode only).
@@ -302,6 +369,11 @@ class PackedDiTMixin:
 
     def disable_gradient_checkpointing(self) -> None:
         self.gradient_checkpointing = False
+
+    def _last_only(self, is_last: bool) -> bool:
+        """Whether the final block may compute the last clips' tokens alone (not under sequence parallelism,
+        where those tokens are spread over the processes: the whole stream is computed, then gathered)."""
+        return is_last and self.sequence_parallel is None
 
     def _checkpointed_blocks(self, n_blocks: int) -> range:
         raise NotImplementedError

@@ -12,7 +12,11 @@ the few facts every other module needs in one place:
 * small collectives that let rank 0 decide for everyone (:func:`broadcast_object`, :func:`any_rank`);
 * the *video sync group* layout of the autoregressive (temporal pyramid) path: ranks ``r`` with the same
   ``r // video_sync_group`` read the same clip, and ``r % video_sync_group`` is the rank's position inside its group
-  (the objective uses it to pick which temporal unit this rank trains).
+  (the objective uses it to pick which temporal unit this rank trains);
+* the *sequence-parallel* (SP) groups: ``sp_size`` consecutive ranks hold one sample and split its tokens
+  (:mod:`pyramid_dit.sequence_parallel`). The layout is data parallel x sync group x sequence parallel: rank
+  ``r`` is SP rank ``r % sp_size`` of data rank ``r // sp_size``, and the sync-group layout above applies to data
+  ranks (:func:`parallel_layout`, :func:`sequence_parallel_group`).
 """
 from __future__ import annotations
 
@@ -31,6 +35,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = [
+    "ParallelLayout",
     "SyncGroupPosition",
     "backend_for_device",
     "barrier",
@@ -41,6 +46,8 @@ __all__ = [
     "init_process_group",
     "is_dist_initialized",
     "is_main_process",
+    "parallel_layout",
+    "sequence_parallel_group",
     "all_reduce_sum",
     "any_rank",
     "broadcast_object",
@@ -320,6 +327,57 @@ def sync_group_position(rank: int, world_size: int, group_size: int) -> SyncGrou
                      f"another: a multiple of the group gives real groups (one slot per process), a divisor of it a "
                      f"virtual group (each process trains group/processes slots in turn); set VIDEO_SYNC_GROUP to "
                      f"a divisor or a multiple of GPUS*NNODES={world_size}")
+
+
+@dataclass(frozen=True)
+class ParallelLayout:
+    """Where a rank sits in data parallel x sync group x sequence parallel.
+
+    ``sp_rank``/``sp_size``: this rank's place in its SP group (the ranks sharing one sample's tokens).
+    ``data_rank``/``data_world``: the rank and count of *data-parallel* ranks, i.e. SP groups; everything that
+    decides what a rank reads or draws (sampler shard, sync-group slot, noise seed) uses these, so the ranks of an
+    SP group read the same batch and draw the same noise. ``sync``: the sync-group layout over data ranks.
+    """
+
+    sp_size: int
+    sp_rank: int
+    data_rank: int
+    data_world: int
+    sync: SyncGroupPosition
+
+
+def parallel_layout(rank: int, world_size: int, video_sync_group: int = 1, sp_size: int = 1) -> ParallelLayout:
+    """The one place that checks and decides the rank layout (see the module docstring).
+
+    Constraints: ``sp_size`` divides the number of processes; the data ranks (processes / ``sp_size``) and
+    ``video_sync_group`` divide one another (:func:`sync_group_position`).
+    """
+    if sp_size < 1:
+        raise ValueError(f"SP_SIZE (sequence-parallel size) must be >= 1, got {sp_size}")
+    if world_size % sp_size:
+        raise ValueError(f"SP_SIZE={sp_size} must divide the number of processes GPUS*NNODES={world_size}: each "
+                         f"sample is split over SP_SIZE consecutive processes")
+    data_world = world_size // sp_size
+    return ParallelLayout(sp_size=sp_size, sp_rank=rank % sp_size, data_rank=rank // sp_size, data_world=data_world,
+                          sync=sync_group_position(rank // sp_size, data_world, video_sync_group))
+
+
+def sequence_parallel_group(sp_size: int) -> Optional[dist.ProcessGroup]:
+    """This rank's SP group (ranks ``[k*sp_size, (k+1)*sp_size)``), or ``None`` for ``sp_size`` 1.
+
+    Collective: every rank of the default group must call it (``new_group`` is), with the same ``sp_size``.
+    """
+    layout = parallel_layout(get_rank(), get_world_size(), 1, sp_size)
+    if sp_size == 1:
+        return None
+    if not is_dist_initialized():
+        raise RuntimeError(f"SP_SIZE={sp_size} needs a distributed launch (torchrun with {sp_size}+ processes)")
+    mine = None
+    for start in range(0, get_world_size(), sp_size):
+        group = dist.new_group(list(range(start, start + sp_size)))
+        if start == layout.data_rank * sp_size:
+            mine = group
+    return mine
 
 
 def seed_everything(seed: int, rank: int = 0) -> None:

@@ -1,0 +1,197 @@
+"""Sequence parallelism (Ulysses) of both DiT kinds: 2 processes (gloo) against 1, outputs and gradients.
+
+Each case runs the same tiny model on the same inputs twice in every process: once alone (SP_SIZE=1, the
+reference computation) and once split over the 2-process SP group (SP_SIZE=2). Outputs must match, and the
+group's summed parameter/input gradients divided by the group size must match the single-process gradients
+(the convention data-parallel averaging relies on, see ``pyramid_dit.sequence_parallel``). Cases cover the
+autoregressive layout (several columns, history clips at lower resolutions, temporal-causal mask), the
+full-sequence layout (one clip per column, several frames), text padding, stream lengths that do not divide by 2
+(padding of the split) and gradient checkpointing (collectives recomputed in backward).
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from pyramid_dit.sequence_parallel import SequenceParallel, StreamShard  # noqa: E402
+from trainer_misc.distributed import parallel_layout  # noqa: E402
+
+TOL = 1e-5  # relative to the max |reference|, float32
+LAUNCH_TIMEOUT_S = 240
+
+# (name, kind, columns, text padding per row, model overrides, gradient checkpointing)
+CASES = [
+    # AR: 3 columns, history clips (lower resolution, several frames), temporal-causal mask, padded text.
+    ("flux_ar", "flux", [[(1, 4, 6)] * 3, [(1, 4, 6), (1, 8, 12), (1, 6, 6)], [(2, 4, 6), (1, 6, 6)]],
+     (0, 3, 1), {}, False),
+    # Full sequence: one clip of several frames per column (the pyramid stages), no temporal causality.
+    ("flux_full", "flux", [[(3, 4, 6)], [(3, 6, 6)]], (2, 0), {"use_temporal_causal": False}, False),
+    # Full sequence with the temporal-causal mask, batch 2, gradient checkpointing of every block.
+    ("flux_full_causal_ckpt", "flux", [[(3, 6, 6)]], (4, 1), {}, True),
+    ("sd3_ar", "sd3", [[(1, 4, 6)] * 3, [(1, 4, 6), (1, 8, 12), (1, 6, 6)]], (0, 5), {}, False),
+    ("sd3_full", "sd3", [[(3, 6, 6)], [(3, 8, 8)]], (3, 0), {"use_temporal_causal": False}, True),
+]
+BATCH = {"flux_full_causal_ckpt": 2}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --------------------------------------------------------------------------------------------------- worker
+
+def _model(kind: str, overrides: dict, ckpt: bool):
+    if kind == "flux":
+        from test_dit import tiny_model
+    else:
+        from test_mmdit import tiny_model
+    model = tiny_model(**overrides).train()
+    if ckpt:
+        model.enable_gradient_checkpointing(1.0)
+    return model
+
+
+def _run(model, inputs: dict, weights: list[torch.Tensor]) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+    """Outputs and gradients (parameters and the float inputs) of ``sum(out * w)``."""
+    model.zero_grad(set_to_none=True)
+    leaves = {f"sample.{c}.{k}": clip for c, col in enumerate(inputs["sample"]) for k, clip in enumerate(col)}
+    leaves["encoder_hidden_states"] = inputs["encoder_hidden_states"]
+    leaves["pooled_projections"] = inputs["pooled_projections"]
+    for t in leaves.values():
+        t.grad = None
+        t.requires_grad_(True)
+    outs = model(**inputs)
+    sum((o * w).sum() for o, w in zip(outs, weights)).backward()
+    grads = {f"param.{n}": p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    grads.update({f"input.{n}": t.grad.detach().clone() for n, t in leaves.items()})
+    return [o.detach() for o in outs], grads
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+def worker(result_dir: Path) -> None:
+    import torch.distributed as dist
+
+    from test_dit import make_inputs
+    from trainer_misc.distributed import sequence_parallel_group
+
+    dist.init_process_group("gloo")
+    torch.set_num_threads(1)
+    sp = SequenceParallel.of(sequence_parallel_group(2))
+    report = {}
+    for name, kind, columns, pad, overrides, ckpt in CASES:
+        model = _model(kind, overrides, ckpt)
+        inputs = make_inputs(columns, batch=BATCH.get(name, 1), text_len=9, pad=pad, seed=3)
+        g = torch.Generator().manual_seed(7)
+        weights = [torch.randn(col[-1].shape, generator=g) for col in inputs["sample"]]
+        ref_out, ref_grads = _run(model, inputs, weights)
+        model.enable_sequence_parallel(sp)
+        out, grads = _run(model, inputs, weights)
+        split = model._pack(inputs["sample"], inputs["encoder_attention_mask"])
+        model.enable_sequence_parallel(None)
+        assert set(grads) == set(ref_grads), set(grads) ^ set(ref_grads)
+        grad_err = 0.0
+        for key, grad in grads.items():
+            dist.all_reduce(grad, group=sp.group)
+            grad_err = max(grad_err, _rel(grad / sp.size, ref_grads[key]))
+        seq = model._pack(inputs["sample"], inputs["encoder_attention_mask"])
+        report[name] = {"out": max(_rel(o, r) for o, r in zip(out, ref_out)), "grad": grad_err,
+                        "n_grads": len(grads), "video_tokens": sum(seq.video_lens), "text_tokens": sum(seq.text_lens),
+                        "sharded": split.sharded and not seq.sharded,
+                        "held_video": sum(split.lens("video")), "held_text": sum(split.lens("text"))}
+    result_dir.mkdir(parents=True, exist_ok=True)
+    (result_dir / f"rank{dist.get_rank()}.json").write_text(json.dumps(report))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------------------- tests
+
+@pytest.fixture(scope="module")
+def reports(tmp_path_factory) -> list[dict]:
+    tmp = tmp_path_factory.mktemp("sp")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                            "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), TORCHDYNAMO_DISABLE="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), str(Path(__file__).resolve()), str(tmp)]
+    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
+    files = [tmp / f"rank{r}.json" for r in range(2)]
+    if not all(f.is_file() for f in files):
+        pytest.fail(f"SP launch failed (rc {proc.returncode})\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return [json.loads(f.read_text()) for f in files]
+
+
+@pytest.mark.parametrize("case", [c[0] for c in CASES])
+def test_sp2_equals_sp1(reports, case):
+    for rank, report in enumerate(reports):
+        r = report[case]
+        print(f"{case} rank {rank}: output rel err {r['out']:.2e}, gradient rel err {r['grad']:.2e} "
+              f"over {r['n_grads']} tensors; tokens per process {r['held_video']} of {r['video_tokens']} video, "
+              f"{r['held_text']} of {r['text_tokens']} text")
+        assert r["sharded"], "the SP run did not split the sequence"
+        assert (r["held_video"], r["held_text"]) == (-(-r["video_tokens"] // 2), -(-r["text_tokens"] // 2))
+        assert r["out"] < TOL, r
+        assert r["grad"] < TOL, r
+
+
+def test_cases_exercise_split_padding(reports):
+    """Some stream of some case has an odd length, so the padding of the split is covered."""
+    assert any(r["video_tokens"] % 2 or r["text_tokens"] % 2 for r in reports[0].values())
+
+
+def _sp(size: int, rank: int) -> SequenceParallel:
+    return SequenceParallel(group=None, size=size, rank=rank)
+
+
+def test_stream_shard_local_lens():
+    # 3 columns of 5, 2 and 4 tokens (11) over 3 processes: parts of 4 tokens, the last holding 1 padding token.
+    parts = [StreamShard(_sp(3, r), 11).local_lens([5, 2, 4]) for r in range(3)]
+    assert parts == [[4, 0, 0], [1, 2, 1], [0, 0, 4]]
+    assert all(sum(p) == 4 for p in parts)
+    # A stream shorter than the group: the last process holds only padding.
+    assert StreamShard(_sp(4, 3), 3).local_lens([2, 1]) == [0, 1]
+
+
+def test_stream_shard_split_pads_and_covers():
+    x = torch.arange(2 * 7 * 3, dtype=torch.float32).view(2, 7, 3)
+    parts = [StreamShard(_sp(2, r), 7).split(x) for r in range(2)]
+    assert [tuple(p.shape) for p in parts] == [(2, 4, 3), (2, 4, 3)]
+    assert torch.equal(torch.cat(parts, dim=1)[:, :7], x)
+    assert torch.equal(parts[1][:, 3], torch.zeros(2, 3))
+
+
+def test_parallel_layout_constraints():
+    lay = parallel_layout(rank=5, world_size=8, video_sync_group=2, sp_size=2)
+    assert (lay.sp_rank, lay.data_rank, lay.data_world) == (1, 2, 4)
+    assert (lay.sync.group_index, lay.sync.position) == (1, 0)
+    with pytest.raises(ValueError, match="SP_SIZE=3 must divide"):
+        parallel_layout(rank=0, world_size=4, sp_size=3)
+    with pytest.raises(ValueError, match="video_sync_group"):
+        parallel_layout(rank=0, world_size=12, video_sync_group=4, sp_size=2)  # 6 data ranks vs groups of 4
+
+
+def test_head_count_must_divide():
+    from test_dit import tiny_model
+
+    with pytest.raises(ValueError, match="divisible"):
+        tiny_model().enable_sequence_parallel(_sp(3, 0))
+
+
+if __name__ == "__main__":
+    worker(Path(sys.argv[1]))
