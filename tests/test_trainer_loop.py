@@ -209,3 +209,50 @@ def test_resume_without_ema_state_starts_the_ema_from_the_resumed_weights(tmp_pa
     assert sorted(ema) == sorted(weights)
     assert all(torch.equal(ema[k], weights[k]) for k in weights)
     assert not all(torch.equal(ema[k], pretrained[k]) for k in ema), "the weights moved in training"
+
+
+def test_one_host_sync_per_step_from_our_code(tmp_path, monkeypatch):
+    """Losses, token counts, stats and the gradient norm are read in one device-to-host copy per optimizer step
+    (the forward and backward of every micro-batch are queued without waiting); bad-batch and stop decisions go
+    through host-side collectives (``all_reduce_host``), which read no device tensor. Counted: every tensor read
+    (``item``, ``tolist``, ``float()``, ...) made by the project's own code inside a step, at GRAD_ACCU_STEPS=2."""
+    import os
+    import sys
+
+    from trainer_misc import step as step_module
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(step_module.__file__)))
+    ours = tuple(os.path.join(root, d) + os.sep for d in ("trainer_misc", "pyramid_dit", "train"))
+    state = {"in_step": False, "reads": 0}
+
+    def counting(name):
+        original = getattr(torch.Tensor, name)
+
+        def read(self, *args, **kwargs):
+            caller = sys._getframe(1).f_code
+            if state["in_step"] and caller.co_filename.startswith(ours) and caller.co_name != "all_reduce_host":
+                state["reads"] += 1
+            return original(self, *args, **kwargs)
+        return read
+
+    for name in ("item", "tolist", "__float__", "__int__", "__bool__", "numpy", "cpu"):
+        monkeypatch.setattr(torch.Tensor, name, counting(name))
+    original_run = step_module.StepRunner.run
+
+    def run(self, step):
+        state["in_step"] = True
+        try:
+            return original_run(self, step)
+        finally:
+            state["in_step"] = False
+
+    monkeypatch.setattr(step_module.StepRunner, "run", run)
+    result = _run(_config(tmp_path / "plain", max_steps=3, grad_accum_steps=2))
+    assert len(result.records) == 3 and all(r.grad_norm > 0 and "pred_std" in r.stats for r in result.records)
+    assert state["reads"] == 3  # before: 11 per step (per micro-batch: bad-batch flag, loss, 2 reduced values, a stat)
+
+    # The opt-in loss skip decides before each backward: one more read per micro-batch, no more.
+    reset_accelerate_state()
+    state["reads"] = 0
+    _run(_config(tmp_path / "skip", max_steps=3, grad_accum_steps=2, skip_loss_threshold=1e9))
+    assert state["reads"] == 3 * (1 + 2)

@@ -28,7 +28,7 @@ import signal
 import socket
 import sys
 from dataclasses import dataclass
-from typing import Any, NoReturn, Optional
+from typing import Any, List, NoReturn, Optional, Sequence
 
 import numpy as np
 import torch
@@ -49,10 +49,12 @@ __all__ = [
     "parallel_layout",
     "sequence_parallel_group",
     "all_reduce_sum",
+    "all_reduce_host",
     "any_rank",
     "broadcast_object",
     "collective_timeout",
     "exit_process",
+    "host_group",
     "exit_with_parent",
     "resolve_device",
     "seed_everything",
@@ -91,9 +93,11 @@ def destroy_process_group() -> None:
     must not call this: its barrier would wait for ranks that are stuck in another collective (the entry points
     exit through ``trainer_misc.failures.run_main`` instead).
     """
+    global _HOST_GROUP
     if is_dist_initialized():
         dist.barrier()
-        dist.destroy_process_group()
+        dist.destroy_process_group()  # every group, the host group too
+        _HOST_GROUP = None
 
 
 def exit_process(code: int) -> NoReturn:
@@ -166,13 +170,38 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return box[0]
 
 
+_HOST_GROUP: Optional[dist.ProcessGroup] = None
+
+
+def host_group() -> Optional[dist.ProcessGroup]:
+    """A gloo group over every rank, for small decisions made from host-side values (bad batches, stop signals).
+
+    On a CUDA run the default group is NCCL, whose collectives take GPU tensors: reading the result back is a host
+    sync that stalls the CPU until every queued kernel has run. A gloo group reduces CPU tensors without touching
+    the GPU stream, so these decisions cost no sync. Created on first use (every rank reaches the same first use:
+    the callers are collectives); the default group itself when that is gloo already.
+    """
+    global _HOST_GROUP
+    if not is_dist_initialized():
+        return None
+    if dist.get_backend() == "gloo":
+        return dist.group.WORLD
+    if _HOST_GROUP is None:
+        _HOST_GROUP = dist.new_group(backend="gloo", timeout=collective_timeout())
+    return _HOST_GROUP
+
+
+def all_reduce_host(values: Sequence[float], op: str = "sum") -> List[float]:
+    """Sum (or max, ``op="max"``) a few host-side numbers over all ranks through :func:`host_group`."""
+    out = torch.tensor([float(v) for v in values], dtype=torch.float64)
+    if is_dist_initialized() and get_world_size() > 1:
+        dist.all_reduce(out, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM, group=host_group())
+    return out.tolist()
+
+
 def any_rank(flag: bool) -> bool:
-    """True on every rank when ``flag`` is True on at least one (one tiny all-reduce)."""
-    if not (is_dist_initialized() and get_world_size() > 1):
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=_comm_device())
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
+    """True on every rank when ``flag`` is True on at least one (one tiny host-side all-reduce)."""
+    return all_reduce_host([1.0 if flag else 0.0], op="max")[0] > 0
 
 
 def exit_with_parent(sig: int = signal.SIGTERM) -> None:

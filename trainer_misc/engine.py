@@ -243,9 +243,12 @@ def build_accelerator(cfg: EngineConfig):
 @dataclass(frozen=True)
 class StepOutcome:
     """What an optimizer step did: the pre-clipping global gradient norm (None if unknown) and whether the update
-    was applied (fp16 overflow steps are not)."""
+    was applied (fp16 overflow steps are not).
 
-    grad_norm: Optional[float]
+    The norm stays a 0-dim tensor where it was computed: reading it now would be a host sync; the step runner reads
+    it together with the step's losses in its one device-to-host copy per step."""
+
+    grad_norm: Optional[torch.Tensor]
     applied: bool
 
 
@@ -297,13 +300,13 @@ class TrainEngine:
             # DeepSpeed already clipped and stepped inside backward(); its norm is the pre-clipping global norm.
             ds = self.model
             norm = ds.get_global_grad_norm()
-            return StepOutcome(_as_float(norm), bool(ds.was_step_applied()))
+            return StepOutcome(_norm_tensor(norm), bool(ds.was_step_applied()))
         max_norm = self.cfg.max_grad_norm or math.inf
         norm = self.accelerator.clip_grad_norm_(self.model.parameters(), max_norm)
         self.optimizer.step()
         applied = not self.optimizer.step_was_skipped
         self.optimizer.zero_grad(set_to_none=True)
-        return StepOutcome(_as_float(norm), applied)
+        return StepOutcome(_norm_tensor(norm), applied)
 
     def set_lr(self, lr: float) -> None:
         for group in self.param_groups:
@@ -392,7 +395,10 @@ class TrainEngine:
                 "zero3_partitioned": all(hasattr(p, "ds_tensor") for p in params) and self.cfg.strategy == "zero3"}
 
 
-def _as_float(value) -> Optional[float]:
+def _norm_tensor(value) -> Optional[torch.Tensor]:
+    """A gradient norm (tensor or number, as the engines return it) as a 0-dim fp32 tensor, without a host sync."""
     if value is None:
         return None
-    return float(value.item() if isinstance(value, torch.Tensor) else value)
+    if isinstance(value, torch.Tensor):
+        return value.detach().float().reshape(())
+    return torch.tensor(float(value))

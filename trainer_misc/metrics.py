@@ -8,13 +8,13 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["StepRecord", "MetricsLog", "BatchTrace", "as_number"]
+__all__ = ["StepRecord", "MetricsLog", "BatchTrace", "check_stat"]
 
 
 @dataclass
@@ -41,13 +41,14 @@ class StepRecord:
     stats: dict[str, float] = field(default_factory=dict)
 
 
-def as_number(value: Any, name: str) -> float:
-    """A ``compute_loss`` stat as a float (a number or a one-element tensor), or a clear error."""
+def check_stat(value: Any, name: str) -> Union[float, torch.Tensor]:
+    """A ``compute_loss`` stat checked (a number or a one-element tensor) but not read: a tensor stays on its
+    device until the step's one host copy (``trainer_misc.step``)."""
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
             raise ValueError(f"compute_loss stats[{name!r}] must be a number or a one-element tensor, "
                              f"got shape {tuple(value.shape)}")
-        return float(value.detach().item())
+        return value.detach().double().reshape(())
     if isinstance(value, (int, float)):
         return float(value)
     raise TypeError(f"compute_loss stats[{name!r}] must be a number, got {type(value).__name__}")

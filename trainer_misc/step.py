@@ -24,9 +24,9 @@ import torch
 from torch import nn
 
 from .config import TrainConfig
-from .distributed import SyncGroupPosition, all_reduce_sum
-from .engine import TrainEngine
-from .metrics import StepRecord, as_number
+from .distributed import SyncGroupPosition, all_reduce_host, all_reduce_sum
+from .engine import StepOutcome, TrainEngine
+from .metrics import StepRecord, check_stat
 from .slot_rng import SlotStreams
 from .tree import to_device
 
@@ -110,8 +110,9 @@ class StepRunner:
 
         A batch object with a non-empty ``bad`` list of ``(path, reason)`` (see ``trainer_misc.datasets``) had
         unreadable samples. Its paths are logged and counted, and *every* rank moves on to its next batch: one
-        all-reduce per micro-batch decides, so ranks never disagree on how many forward/backward passes a step
-        has (a rank that skipped alone would leave the others waiting in the gradient reduction).
+        host-side all-reduce per micro-batch decides (no device sync), so ranks never disagree on how many
+        forward/backward passes a step has (a rank that skipped alone would leave the others waiting in the
+        gradient reduction).
         """
         for _ in range(self.MAX_CONSECUTIVE_BAD):
             batch = next(self.data_iter)
@@ -122,8 +123,7 @@ class StepRunner:
                                path, reason)
             # The ranks of a sync group read the same batch: its bad files are counted once, by the group's first.
             counted = len(bad) if self.sync.position == 0 else 0
-            n_bad, n_counted = all_reduce_sum(torch.tensor([float(len(bad)), float(counted)], dtype=torch.float64,
-                                                           device=self.engine.device)).tolist()
+            n_bad, n_counted = all_reduce_host([len(bad), counted])
             if n_bad == 0:
                 return batch
             self.counters.bad_samples += int(n_counted)
@@ -131,21 +131,24 @@ class StepRunner:
                            "is broken (see the warnings above for the paths)")
 
     def _forward(self, batch: Any, step: int, k: int, slot: int
-                 ) -> tuple[torch.Tensor, float, Optional[float], dict[str, float]]:
-        """Compute one slot's loss on a micro-batch, and average the loss (and sum the tokens) over ranks."""
+                 ) -> tuple[torch.Tensor, Optional[float], dict[str, Any]]:
+        """One slot's loss on a micro-batch, its token count (a host number, None if not given) and its other
+        stats (tensors not read yet)."""
         loss, stats = self.compute_loss(self.engine.model, batch, self._context(step, k, slot))
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1 or not isinstance(stats, dict):
             raise TypeError("compute_loss must return (a one-element loss tensor, a dict of stats), got "
                             f"({type(loss).__name__}, {type(stats).__name__})")
-        tokens = as_number(stats["tokens"], "tokens") if "tokens" in stats else None
-        reduced = all_reduce_sum(torch.tensor([loss.detach().float().item(), tokens or 0.0], dtype=torch.float64,
-                                              device=self.engine.device))
-        global_loss = float(reduced[0]) / self.engine.world_size
-        if not math.isfinite(global_loss):
-            raise FloatingPointError(f"loss is {global_loss} (mean over ranks) at step {step}, micro-batch {k}; "
-                                     "stopping. Lower the learning rate or check the data.")
-        others = {name: as_number(value, name) for name, value in stats.items() if name != "tokens"}
-        return loss, global_loss, (float(reduced[1]) if tokens is not None else None), others
+        tokens = stats.get("tokens")
+        if tokens is not None and (isinstance(tokens, torch.Tensor) or not isinstance(tokens, (int, float))):
+            raise TypeError("compute_loss stats['tokens'] must be a host number (from shapes), not a tensor: "
+                            "reading a tensor here would be a host sync per micro-batch")
+        others = {name: check_stat(value, name) for name, value in stats.items() if name != "tokens"}
+        return loss, (float(tokens) if tokens is not None else None), others
+
+    def _mean_loss_now(self, loss: torch.Tensor) -> float:
+        """The loss averaged over ranks, read now: the one host sync between forward and backward, and only with
+        ``skip_loss_threshold`` (whether to run the backward depends on the value)."""
+        return all_reduce_sum(loss.detach().double().reshape(1)).item() / self.engine.world_size
 
     def run(self, step: int) -> StepRecord:
         """One optimizer step: ``grad_accum_steps`` micro-batches, each trained on every slot of this process.
@@ -154,6 +157,11 @@ class StepRunner:
         other on the same micro-batch, each on that slot's random stream, all accumulated into this step (the
         engine accumulates ``grad_accum_steps * slots`` backward passes), which is the update of one process per
         slot. The logged loss is the mean over every slot of the group.
+
+        **Host syncs**: the losses, token counts, stats and gradient norm stay on the device until the step's
+        end, where one all-reduce and one device-to-host copy read them all (the forward and backward of every
+        micro-batch are queued without waiting). Only ``skip_loss_threshold`` adds one sync per micro-batch. A
+        non-finite loss therefore stops the run at the end of its step, before any checkpoint of that step.
         """
         cfg, engine, ga, counters = self.config, self.engine, self.config.grad_accum_steps, self.counters
         slots = self.sync.positions
@@ -161,23 +169,24 @@ class StepRunner:
         t0 = time.perf_counter()
         lr = self.schedule(step)
         engine.set_lr(lr)
-        loss_sum, tokens_sum, kept, outcome = 0.0, None, 0, None
-        stats: dict[str, float] = {}
+        losses: list[torch.Tensor] = []   # per pass, local
+        tokens_local, has_tokens, kept, outcome = 0.0, False, 0, None
+        stats: dict[str, Any] = {}
         for k in range(ga):
             batch = to_device(self._next_batch(step), engine.device,
                               non_blocking=engine.device.type == "cuda")  # pinned by the DataLoader
-            micro_loss = 0.0
             for j, slot in enumerate(slots):
                 last = k == ga - 1 and j == len(slots) - 1
                 with engine.accumulate(), self._slot_stream(slot):
-                    loss, global_loss, tokens, micro_stats = self._forward(batch, step, k, slot)
-                    micro_loss += global_loss / len(slots)
+                    loss, tokens, micro_stats = self._forward(batch, step, k, slot)
+                    losses.append(loss.detach().double().reshape(()))
                     if tokens is not None:
-                        tokens_sum = (tokens_sum or 0.0) + tokens
+                        tokens_local, has_tokens = tokens_local + tokens, True
                     for name, value in micro_stats.items():
                         stats[name] = stats.get(name, 0.0) + value / passes
                     # Only with one slot per process (checked in __init__): the decision needs every slot's loss.
-                    if cfg.skip_loss_threshold is not None and global_loss >= cfg.skip_loss_threshold:
+                    if cfg.skip_loss_threshold is not None and \
+                            (global_loss := self._mean_loss_now(loss)) >= cfg.skip_loss_threshold:
                         counters.dropped_micro_batches += 1
                         logger.warning("step %d micro-batch %d: loss %.4f (mean over ranks) >= skip_loss_threshold "
                                        "%.4g, no update from this micro-batch", step, k, global_loss,
@@ -190,8 +199,12 @@ class StepRunner:
                         kept += 1
                     if last and kept > 0:
                         outcome = engine.step()
-            loss_sum += micro_loss
             counters.micro_step += 1  # the AR objective's call counter: one per micro-batch, whatever the slots
+        pass_losses, tokens_sum, stats, grad_norm = self._read_step(losses, tokens_local, stats, outcome)
+        for i, value in enumerate(pass_losses):
+            if not math.isfinite(value):
+                raise FloatingPointError(f"loss is {value} (mean over ranks) at step {step}, micro-batch "
+                                         f"{i // len(slots)}; stopping. Lower the learning rate or check the data.")
         if kept == 0:
             counters.skipped_updates += 1
             logger.warning("step %d: every micro-batch dropped, optimizer step skipped (%d so far)", step,
@@ -200,9 +213,26 @@ class StepRunner:
             logger.warning("step %d: update not applied (fp16 loss-scale overflow)", step)
         elapsed = time.perf_counter() - t0
         samples = cfg.batch_size * engine.world_size * passes
-        return StepRecord(step=step + 1, loss=loss_sum / ga, lr=lr,
-                          grad_norm=outcome.grad_norm if outcome is not None else None, skipped=kept == 0,
-                          applied=outcome is not None and outcome.applied, dropped_micro_batches=passes - kept,
-                          step_time=elapsed, samples_per_sec=samples / elapsed,
-                          tokens_per_sec=tokens_sum / elapsed if tokens_sum is not None else None,
+        return StepRecord(step=step + 1, loss=sum(pass_losses) / passes, lr=lr, grad_norm=grad_norm,
+                          skipped=kept == 0, applied=outcome is not None and outcome.applied,
+                          dropped_micro_batches=passes - kept, step_time=elapsed, samples_per_sec=samples / elapsed,
+                          tokens_per_sec=tokens_sum / elapsed if has_tokens else None,
                           bad_samples=counters.bad_samples, stats=stats)
+
+    def _read_step(self, losses: list[torch.Tensor], tokens_local: float, stats: dict[str, Any],
+                   outcome: Optional[StepOutcome]) -> tuple[list[float], float, dict[str, float], Optional[float]]:
+        """The step's one all-reduce and one device-to-host copy: per-pass losses averaged over ranks, tokens
+        summed over ranks, this rank's stats, and the gradient norm."""
+        device = self.engine.device
+        names = list(stats)
+        reduced = all_reduce_sum(torch.cat([torch.stack(losses).to(device),
+                                            torch.tensor([tokens_local], dtype=torch.float64, device=device)]))
+        local = [torch.as_tensor(stats[n], dtype=torch.float64).reshape(1).to(device) for n in names]
+        norm = outcome.grad_norm if outcome is not None else None
+        if norm is not None:
+            local.append(norm.double().reshape(1).to(device))
+        values = torch.cat([reduced, *local]).tolist()  # the host sync of the step
+        n = len(losses)
+        pass_losses = [v / self.engine.world_size for v in values[:n]]
+        read_stats = dict(zip(names, values[n + 1:n + 1 + len(names)]))
+        return pass_losses, values[n], read_stats, (values[-1] if norm is not None else None)
