@@ -223,3 +223,28 @@ def test_ema_is_float32_for_a_bf16_model():
     big = torch.cat([t.flatten() for t in start.values()]).abs() > 0.1
     values = torch.cat([t.flatten() for t in start.values()])[big].to(torch.bfloat16)
     assert torch.equal(values + 1e-4, values)
+
+
+def test_t2i_vae_sample_is_normalised_and_noised_in_fp32():
+    """t2i (pixels encoded during training): the VAE runs in its own dtype (bf16 on GPUs), but its posterior sample
+    is upcast before the objective normalises it and builds the pyramid and noise -- the reference does all of that
+    in the VAE's bf16, which rounds the normalised latents to 8 mantissa bits before the noise is mixed in."""
+    from types import SimpleNamespace
+
+    from trainer_misc.datasets import TrainBatch
+    from trainer_misc.pyramid_loss import PyramidFlowLoss
+
+    seen = {}
+    sample = torch.randn(2, 16, 1, 4, 4).to(torch.bfloat16)
+
+    class BF16VAE:
+        dtype = torch.bfloat16
+
+        def encode(self, pixels):
+            seen["pixels"] = pixels.dtype
+            return SimpleNamespace(latent_dist=SimpleNamespace(sample=lambda: sample))
+
+    loss = PyramidFlowLoss(objective=None, use_temporal_pyramid=False, vae=BF16VAE())
+    latents = loss.latents(TrainBatch(captions=["a", "b"], paths=["a", "b"], pixels=torch.rand(2, 3, 1, 32, 32)))
+    assert seen["pixels"] == torch.bfloat16 and latents.dtype == torch.float32
+    assert torch.equal(latents, sample.float())
