@@ -4,6 +4,8 @@ The two-process ZeRO-3 load-memory check lives in ``test_zero3_load.py``.
 """
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import sys
 from pathlib import Path
 
@@ -111,5 +113,6 @@ def test_latent_partial_read_takes_only_the_requested_frames(tmp_path):
 
     from trainer_misc.annotation import VideoEntry
     entry = VideoEntry(index=0, line=1, video=tmp_path / "clip.mp4", text="t", latent=path)
-    item = VideoLatentDataset([entry], max_frames=4, latent_size=(4, 6), load_text_fea=False)[0]
+    usable = SimpleNamespace(entry=entry, frames=8)  # what the data check hands the dataset
+    item = VideoLatentDataset([usable], max_frames=4, latent_size=(4, 6), load_text_fea=False)[0]
     assert "bad" not in item and torch.equal(item["latents"], latent[0, :, :4])

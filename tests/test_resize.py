@@ -1,4 +1,6 @@
 """The one resize-and-crop helper (pyramid_dit.resize) and the one device resolver."""
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -60,7 +62,7 @@ def test_t2i_dataset_uses_the_reference_rule(tmp_path):
     array = np.random.default_rng(2).integers(0, 256, (50, 100, 3), dtype=np.uint8)
     Image.fromarray(array).save(tmp_path / "a.png")
     entry = ImageEntry(index=0, line=1, image=tmp_path / "a.png", text="x", text_fea=None)
-    item = ImageDataset([entry], [(64, 128)])[0]
+    item = ImageDataset([SimpleNamespace(entry=entry, bucket=0)], [(64, 128)], crop_mode="center")[0]
     # Across orientations: shorter side max(ceil(64 * 100 / 50), 128) = 128 -> 256 x 128, centre 64 columns.
     expected = Image.fromarray(array).resize((256, 128), resample=Image.BICUBIC).crop((96, 0, 160, 128))
     pixels = torch.from_numpy(np.asarray(expected, dtype=np.float32) / 255).permute(2, 0, 1) * 2 - 1
