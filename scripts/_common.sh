@@ -87,6 +87,25 @@ default_checkpointing() {
     case "$GRADIENT_CHECKPOINTING" in 0|1) ;; *) die "GRADIENT_CHECKPOINTING=$GRADIENT_CHECKPOINTING must be 0 or 1 (unset: on for 768p)" ;; esac
 }
 
+# SP_SIZE (sequence parallelism: processes splitting one sample's tokens) against GPUS*NNODES and the DiT's head
+# count. Sets WORLD (GPUS*NNODES), DATA_WORLD (data-parallel ranks: WORLD/SP_SIZE) and SP_ARGS (the trainer's flags,
+# empty for SP_SIZE=1; callers append them with: set -- "$@" $SP_ARGS).
+check_sp() {
+    is_uint "$SP_SIZE" && [ "$SP_SIZE" -gt 0 ] || die "SP_SIZE=$SP_SIZE must be a positive integer (1: no sequence parallelism)"
+    WORLD=$((GPUS * NNODES))
+    [ $((WORLD % SP_SIZE)) -eq 0 ] \
+        || die "SP_SIZE=$SP_SIZE must divide GPUS*NNODES=$WORLD: each sample is split over SP_SIZE processes (use a divisor of $WORLD)"
+    DATA_WORLD=$((WORLD / SP_SIZE))
+    SP_ARGS=""
+    if [ "$SP_SIZE" -gt 1 ]; then
+        heads=$(python3 -c "import json, sys; print(json.load(open(sys.argv[1])).get('num_attention_heads', 0))" \
+            "$MODEL_PATH/$VARIANT/config.json") || die "cannot read $MODEL_PATH/$VARIANT/config.json"
+        [ "$heads" -gt 0 ] && [ $((heads % SP_SIZE)) -eq 0 ] \
+            || die "SP_SIZE=$SP_SIZE must divide the DiT's $heads attention heads ($VARIANT/config.json); choose a divisor of $heads"
+        SP_ARGS="--use_sequence_parallel --sp_group_size $SP_SIZE"
+    fi
+}
+
 # Checks shared by the two training scripts; each message names the variable to change.
 check_train_vars() {
     [ -n "$MODEL_PATH" ] || die "set MODEL_PATH to the downloaded checkpoint folder (e.g. /data/pyramid-flow-miniflux)"

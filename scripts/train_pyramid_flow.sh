@@ -5,8 +5,8 @@
 # Every variable below can be set from the environment, e.g.
 #   GPUS=8 MODEL_PATH=/data/pyramid-flow-miniflux OUTPUT_DIR=runs/ar ANNO_FILE=data/video_text.jsonl \
 #     sh scripts/train_pyramid_flow.sh
-# Constraints (checked before launch): NUM_FRAMES % VIDEO_SYNC_GROUP == 0, BATCH_SIZE % 4 == 0, and GPUS*NNODES and
-# VIDEO_SYNC_GROUP divide one another: GPUS=8 VIDEO_SYNC_GROUP=8 trains one slot (temporal unit) per process;
+# Constraints (checked before launch): NUM_FRAMES % VIDEO_SYNC_GROUP == 0, BATCH_SIZE % 4 == 0, SP_SIZE divides
+# GPUS*NNODES and the DiT's head count, and GPUS*NNODES/SP_SIZE and VIDEO_SYNC_GROUP divide one another: GPUS=8 VIDEO_SYNC_GROUP=8 trains one slot (temporal unit) per process;
 # GPUS=1 VIDEO_SYNC_GROUP=8 (a virtual group) trains all 8 slots in turn on one process, accumulated into the same
 # optimizer step: the same update, 8x the time per step. 768p turns GRADIENT_CHECKPOINTING on. A rerun with the same OUTPUT_DIR resumes.
 set -eu
@@ -16,6 +16,7 @@ SCRIPT_NAME=train_pyramid_flow.sh
 : "${GPUS:=}"                         # processes per node (default: visible GPUs, or 1 on CPU)
 : "${NNODES:=1}"                      # multi-node: also NODE_RANK, MASTER_ADDR, MASTER_PORT
 : "${SHARD_STRATEGY:=zero2}"          # zero2 | zero3 (DeepSpeed ZeRO) | ddp
+: "${SP_SIZE:=1}"                     # sequence parallelism: processes splitting each sample's tokens (divides GPUS*NNODES and the head count)
 : "${VIDEO_SYNC_GROUP:=8}"            # slots sharing one clip: 4, 8 or 16 (may exceed GPUS*NNODES, see above)
 : "${MODEL_NAME:=pyramid_flux}"       # pyramid_flux (rain1011/pyramid-flow-miniflux) | pyramid_mmdit (rain1011/pyramid-flow-sd3)
 : "${MODEL_PATH:=}"                   # the downloaded checkpoint folder
@@ -50,12 +51,12 @@ check_train_vars
 default_checkpointing
 detect_gpus
 [ -n "$MODEL_DTYPE" ] || { if [ "$HAVE_GPU" -eq 1 ]; then MODEL_DTYPE=bf16; else MODEL_DTYPE=fp32; fi; }
+check_sp
 is_uint "$VIDEO_SYNC_GROUP" && [ "$VIDEO_SYNC_GROUP" -gt 0 ] || die "VIDEO_SYNC_GROUP=$VIDEO_SYNC_GROUP must be a positive integer"
 [ $((NUM_FRAMES % VIDEO_SYNC_GROUP)) -eq 0 ] \
     || die "NUM_FRAMES=$NUM_FRAMES must be a multiple of VIDEO_SYNC_GROUP=$VIDEO_SYNC_GROUP (change either)"
-WORLD=$((GPUS * NNODES))
-[ $((WORLD % VIDEO_SYNC_GROUP)) -eq 0 ] || [ $((VIDEO_SYNC_GROUP % WORLD)) -eq 0 ] \
-    || die "GPUS*NNODES=$WORLD processes and VIDEO_SYNC_GROUP=$VIDEO_SYNC_GROUP must divide one another: a multiple of VIDEO_SYNC_GROUP gives each process one slot of a group, a divisor of it makes each process train VIDEO_SYNC_GROUP/processes slots of the clip in turn (same update, more time per step)"
+[ $((DATA_WORLD % VIDEO_SYNC_GROUP)) -eq 0 ] || [ $((VIDEO_SYNC_GROUP % DATA_WORLD)) -eq 0 ] \
+    || die "GPUS*NNODES/SP_SIZE=$DATA_WORLD data-parallel ranks and VIDEO_SYNC_GROUP=$VIDEO_SYNC_GROUP must divide one another: a multiple of VIDEO_SYNC_GROUP gives each rank one slot of a group, a divisor of it makes each rank train VIDEO_SYNC_GROUP/ranks slots of the clip in turn (same update, more time per step)"
 
 set -- "$REPO/train/train_pyramid_flow.py" --task t2v --use_temporal_pyramid --sync_video_input \
     --video_sync_group "$VIDEO_SYNC_GROUP" --shard_strategy "$SHARD_STRATEGY" \
@@ -78,5 +79,7 @@ if [ "$LORA_RANK" -gt 0 ]; then
     [ -z "$LORA_TARGETS" ] || set -- "$@" --lora_targets "$LORA_TARGETS"
 fi
 [ -z "$DATA_ROOT" ] || set -- "$@" --data_root "$DATA_ROOT"
+# shellcheck disable=SC2086
+set -- "$@" $SP_ARGS
 # shellcheck disable=SC2086  # EXTRA_ARGS is a list of flags
 launch "$@" $EXTRA_ARGS

@@ -14,6 +14,7 @@ SCRIPT_NAME=train_pyramid_flow_without_ar.sh
 : "${NNODES:=1}"                      # multi-node: also NODE_RANK, MASTER_ADDR, MASTER_PORT
 : "${TASK:=t2i}"                      # t2i | t2v
 : "${SHARD_STRATEGY:=zero2}"          # zero2 | zero3 (DeepSpeed ZeRO) | ddp
+: "${SP_SIZE:=1}"                     # sequence parallelism: processes splitting each sample's tokens (divides GPUS*NNODES and the head count)
 : "${MODEL_NAME:=pyramid_flux}"       # pyramid_flux (rain1011/pyramid-flow-miniflux) | pyramid_mmdit (rain1011/pyramid-flow-sd3)
 : "${MODEL_PATH:=}"                   # the downloaded checkpoint folder
 : "${VARIANT:=diffusion_transformer_image}"  # diffusion_transformer_image (t2i) or diffusion_transformer_384p
@@ -49,6 +50,7 @@ default_checkpointing
 case "$TASK" in t2i|t2v) ;; *) die "TASK=$TASK must be t2i or t2v" ;; esac
 detect_gpus
 [ -n "$MODEL_DTYPE" ] || { if [ "$HAVE_GPU" -eq 1 ]; then MODEL_DTYPE=bf16; else MODEL_DTYPE=fp32; fi; }
+check_sp
 
 set -- "$REPO/train/train_pyramid_flow.py" --task "$TASK" --shard_strategy "$SHARD_STRATEGY" \
     --model_name "$MODEL_NAME" --model_path "$MODEL_PATH" --model_variant "$VARIANT" --model_dtype "$MODEL_DTYPE" \
@@ -70,6 +72,8 @@ if [ "$LORA_RANK" -gt 0 ]; then
     [ -z "$LORA_TARGETS" ] || set -- "$@" --lora_targets "$LORA_TARGETS"
 fi
 [ -z "$DATA_ROOT" ] || set -- "$@" --data_root "$DATA_ROOT"
+# shellcheck disable=SC2086
+set -- "$@" $SP_ARGS
 [ "$LOAD_TEXT_ENCODER" = 0 ] || set -- "$@" --load_text_encoder
 # shellcheck disable=SC2086
 launch "$@" $EXTRA_ARGS

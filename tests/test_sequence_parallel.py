@@ -80,6 +80,23 @@ def _run(model, inputs: dict, weights: list[torch.Tensor]) -> tuple[list[torch.T
     return [o.detach() for o in outs], grads
 
 
+def _saved_bytes(model, inputs: dict) -> int:
+    """Bytes of the distinct tensors autograd keeps for backward in one forward call: the activation memory of
+    training, without the weights (a parameter's storage is not counted)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(**inputs)
+    return sum(seen.values())
+
+
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
 
@@ -114,6 +131,13 @@ def worker(result_dir: Path) -> None:
                         "n_grads": len(grads), "video_tokens": sum(seq.video_lens), "text_tokens": sum(seq.text_lens),
                         "sharded": split.sharded and not seq.sharded,
                         "held_video": sum(split.lens("video")), "held_text": sum(split.lens("text"))}
+    # Activation memory per process, full-sequence column of 4 frames x 16 x 16 tokens and 9 text tokens.
+    model = _model("flux", {"use_temporal_causal": False}, False)
+    inputs = make_inputs([[(4, 32, 32)]], text_len=9, pad=(0,), seed=5)
+    one = _saved_bytes(model, inputs)
+    model.enable_sequence_parallel(sp)
+    two = _saved_bytes(model, inputs)
+    report["memory"] = {"sp1_bytes": one, "sp2_bytes": two}
     result_dir.mkdir(parents=True, exist_ok=True)
     (result_dir / f"rank{dist.get_rank()}.json").write_text(json.dumps(report))
     dist.barrier()
@@ -148,6 +172,17 @@ def test_sp2_equals_sp1(reports, case):
         assert (r["held_video"], r["held_text"]) == (-(-r["video_tokens"] // 2), -(-r["text_tokens"] // 2))
         assert r["out"] < TOL, r
         assert r["grad"] < TOL, r
+
+
+def test_activation_memory_per_process_halves(reports):
+    """What SP is for: each process keeps about half the activations for backward (the whole-sequence attention
+    inputs are kept for half the heads, every token-wise activation for half the tokens)."""
+    for rank, report in enumerate(reports):
+        m = report["memory"]
+        ratio = m["sp2_bytes"] / m["sp1_bytes"]
+        print(f"rank {rank}: activations kept for backward {m['sp1_bytes'] / 2**20:.2f} MiB with SP_SIZE=1, "
+              f"{m['sp2_bytes'] / 2**20:.2f} MiB per process with SP_SIZE=2 ({ratio:.3f}x)")
+        assert ratio < 0.6, m
 
 
 def test_cases_exercise_split_padding(reports):

@@ -17,7 +17,7 @@ def fake_model(tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("model")
     for variant in ("diffusion_transformer_384p", "diffusion_transformer_768p", "diffusion_transformer_image"):
         (root / variant).mkdir()
-        (root / variant / "config.json").write_text("{}")
+        (root / variant / "config.json").write_text('{"num_attention_heads": 24}')
     anno = root / "anno.jsonl"
     anno.write_text('{"video": "a.mp4", "text": "t", "latent": "a.safetensors", "text_fea": "t.safetensors"}\n')
     return {"MODEL_PATH": str(root), "ANNO_FILE": str(anno), "OUTPUT_DIR": str(root / "out")}
@@ -36,7 +36,14 @@ CASES = [
     (AR, {"BATCH_SIZE": "6"}, "BATCH_SIZE=6 must be a positive multiple of 4"),
     (NON_AR, {"BATCH_SIZE": "2"}, "BATCH_SIZE=2 must be a positive multiple of 4"),
     (AR, {"NUM_FRAMES": "12", "VIDEO_SYNC_GROUP": "8"}, "NUM_FRAMES=12 must be a multiple of VIDEO_SYNC_GROUP=8"),
-    (AR, {"GPUS": "6", "VIDEO_SYNC_GROUP": "4"}, "GPUS*NNODES=6 processes and VIDEO_SYNC_GROUP=4 must divide one another"),
+    (AR, {"GPUS": "6", "VIDEO_SYNC_GROUP": "4"},
+     "GPUS*NNODES/SP_SIZE=6 data-parallel ranks and VIDEO_SYNC_GROUP=4 must divide one another"),
+    # Sequence parallelism: SP groups count once in the sync-group layout; SP_SIZE divides processes and heads.
+    (AR, {"GPUS": "6", "SP_SIZE": "2", "VIDEO_SYNC_GROUP": "4"},
+     "GPUS*NNODES/SP_SIZE=3 data-parallel ranks and VIDEO_SYNC_GROUP=4 must divide one another"),
+    (NON_AR, {"SP_SIZE": "3"}, "SP_SIZE=3 must divide GPUS*NNODES=8"),
+    (AR, {"GPUS": "16", "SP_SIZE": "16"}, "SP_SIZE=16 must divide the DiT's 24 attention heads"),
+    (NON_AR, {"SP_SIZE": "0"}, "SP_SIZE=0 must be a positive integer"),
     (AR, {"VARIANT": "diffusion_transformer_999p"}, "has no diffusion_transformer_999p/config.json"),
     (NON_AR, {"MODEL_PATH": ""}, "set MODEL_PATH"),
     (AR, {"RESOLUTION": "768p"}, "RESOLUTION=768p does not match VARIANT=diffusion_transformer_384p"),
@@ -63,7 +70,8 @@ def test_python_entrypoint_help_documents_reference_flags():
     for flag in ("--use_fsdp", "--fsdp_shard_strategy", "--video_sync_group", "--sync_video_input",
                  "--use_temporal_pyramid", "--load_text_encoder", "--load_vae", "--max_frames", "--frame_per_unit",
                  "--gradient_checkpointing", "--dit_pretrained_weight", "--ema_update", "--iters_per_epoch",
-                 "--save_ckpt_freq", "--schedule_shift", "--corrupt_ratio", "--clip_grad", "--opt_beta2"):
+                 "--save_ckpt_freq", "--schedule_shift", "--corrupt_ratio", "--clip_grad", "--opt_beta2",
+                 "--use_sequence_parallel", "--sp_group_size"):
         assert flag in out, flag
 
 
@@ -74,6 +82,9 @@ def test_python_entrypoint_help_documents_reference_flags():
      "--max_frames 12 must be a multiple of --video_sync_group 8"),
     (["--use_temporal_pyramid", "--max_frames", "8", "--video_sync_group", "4"], "needs --sync_video_input"),
     (["--task", "t2i", "--use_temporal_pyramid"], "drop --use_temporal_pyramid"),
+    (["--sp_group_size", "2"], "without --use_sequence_parallel"),
+    (["--use_sequence_parallel"], "needs --sp_group_size > 1"),
+    (["--use_sequence_parallel", "--sp_group_size", "2"], "must divide the number of processes (1)"),
 ])
 def test_entrypoint_rejects_bad_flags_before_loading(fake_model, flags, message):
     from train.train_pyramid_flow import main

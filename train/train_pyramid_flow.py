@@ -144,6 +144,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="alias of --shard_strategy (reference flag name)")
     g.add_argument("--shard_strategy", default=None, choices=["ddp", "zero2", "zero3"],
                    help="ddp (replicated), zero2 (optimizer+gradients sharded), zero3 (parameters too)")
+    g.add_argument("--use_sequence_parallel", action="store_true",
+                   help="split each sample's tokens over --sp_group_size processes (Ulysses all-to-all over heads; "
+                        "they read the same batch)")
+    g.add_argument("--sp_group_size", type=int, default=1,
+                   help="processes per sequence-parallel group (with --use_sequence_parallel; divides the number "
+                        "of processes and the DiT's head count)")
     g.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     g.add_argument("--grad_reduce_dtype", default="fp32", choices=["fp32", "model"],
                    help="dtype of the cross-rank gradient reduction and of the accumulation over micro-batches: "
@@ -181,8 +187,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def sp_size_of(args: argparse.Namespace) -> int:
+    """Processes per sequence-parallel group (the reference's flag pair: ``--use_sequence_parallel
+    --sp_group_size N``)."""
+    return args.sp_group_size if args.use_sequence_parallel else 1
+
+
 def check_args(args: argparse.Namespace, world_size: int) -> None:
     """Fail before loading anything, with a message that says which flag to change."""
+    if args.use_sequence_parallel and args.sp_group_size < 2:
+        raise SystemExit(f"--use_sequence_parallel needs --sp_group_size > 1, got {args.sp_group_size}")
+    if args.sp_group_size != 1 and not args.use_sequence_parallel:
+        raise SystemExit(f"--sp_group_size {args.sp_group_size} without --use_sequence_parallel: add the flag (or "
+                         "drop --sp_group_size)")
+    sp = sp_size_of(args)
+    if world_size % sp:
+        raise SystemExit(f"--sp_group_size {sp} must divide the number of processes ({world_size}): set SP_SIZE to a "
+                         "divisor of GPUS*NNODES")
     for flag in ("epochs", "iters_per_epoch"):
         if getattr(args, flag) < 1:
             raise SystemExit(f"--{flag} {getattr(args, flag)}: must be >= 1")
@@ -198,6 +219,10 @@ def check_args(args: argparse.Namespace, world_size: int) -> None:
         raise SystemExit(f"--model_path {args.model_path}: no {args.model_variant}/config.json there; point "
                          "--model_path at the downloaded checkpoint folder and --model_variant at one of its "
                          f"diffusion_transformer_* subfolders")
+    n_heads = json.loads((variant_dir / "config.json").read_text()).get("num_attention_heads")
+    if sp > 1 and isinstance(n_heads, int) and n_heads % sp:
+        raise SystemExit(f"--sp_group_size {sp} must divide the DiT's {n_heads} attention heads (all-to-all over "
+                         "heads): choose SP_SIZE among its divisors")
     try:
         parse_resolution(args.resolution)
     except ValueError as e:
@@ -216,11 +241,13 @@ def check_args(args: argparse.Namespace, world_size: int) -> None:
         if not args.sync_video_input:
             raise SystemExit("--use_temporal_pyramid needs --sync_video_input: the ranks of a sync group train "
                              "different units of the same clip")
-    if args.sync_video_input and world_size % args.video_sync_group and args.video_sync_group % world_size:
-        raise SystemExit(f"{world_size} processes and --video_sync_group {args.video_sync_group} must divide one "
-                         "another: GPUS * NNODES a multiple of VIDEO_SYNC_GROUP (one slot per process), or "
-                         "VIDEO_SYNC_GROUP a multiple of GPUS * NNODES (a virtual group: each process trains "
-                         "VIDEO_SYNC_GROUP / processes slots of the clip in turn, the same update)")
+    data_world = world_size // sp  # data-parallel ranks: the processes of an SP group count once
+    if args.sync_video_input and data_world % args.video_sync_group and args.video_sync_group % data_world:
+        raise SystemExit(f"{data_world} data-parallel ranks ({world_size} processes / SP_SIZE {sp}) and "
+                         f"--video_sync_group {args.video_sync_group} must divide one another: GPUS * NNODES / SP_SIZE "
+                         "a multiple of VIDEO_SYNC_GROUP (one slot per rank), or VIDEO_SYNC_GROUP a multiple of it (a "
+                         "virtual group: each rank trains VIDEO_SYNC_GROUP / ranks slots of the clip in turn, the "
+                         "same update)")
 
 
 def strategy_of(args: argparse.Namespace) -> str:
@@ -367,6 +394,7 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
         min_lr=args.min_lr, max_grad_norm=args.clip_grad or None, skip_loss_threshold=args.skip_loss_threshold,
         ema_decay=args.ema_decay if args.ema_update else None, ema_update_every=args.ema_update_every,
         seed=args.seed, video_sync_group=args.video_sync_group if args.sync_video_input else 1,
+        sp_size=sp_size_of(args),
         shuffle=not args.no_shuffle, num_workers=args.num_workers, checkpoint_every=checkpoint_every,
         keep_last_checkpoints=args.keep_last_checkpoints, resume=args.resume, export_dtype=args.export_dtype,
         tensorboard=args.report_to == "tensorboard", validate_every=args.validation_every)

@@ -21,9 +21,10 @@ EXPORT_DTYPES = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp3
 class TrainConfig:
     """Everything the loop needs.
 
-    Sizes: ``batch_size`` is per rank and per micro-batch [--batch_size]; an optimizer step uses
-    ``batch_size * world_size * grad_accum_steps`` samples [--gradient_accumulation_steps]; ``max_steps`` counts
-    optimizer steps [--epochs * --iters_per_epoch].
+    Sizes: ``batch_size`` is per data-parallel rank and per micro-batch [--batch_size]; an optimizer step uses
+    ``batch_size * (world_size / sp_size) * grad_accum_steps`` samples [--gradient_accumulation_steps] (the
+    ``sp_size`` processes of a sequence-parallel group share one batch); ``max_steps`` counts optimizer steps
+    [--epochs * --iters_per_epoch].
     """
 
     output_dir: str
@@ -52,6 +53,7 @@ class TrainConfig:
     # data
     seed: int = 0
     video_sync_group: int = 1                  # [--video_sync_group], 1 = every rank reads its own batches
+    sp_size: int = 1                           # [--sp_group_size] processes splitting one sample's tokens (Ulysses)
     shuffle: bool = True                       # --no_shuffle: annotation order (to reproduce a data problem)
     num_workers: int = 0
     # checkpoints and export (to output_dir/export/transformer, and transformer_ema with EMA)
@@ -69,7 +71,8 @@ class TrainConfig:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
         if self.mixed_precision not in PRECISIONS:
             raise ValueError(f"mixed_precision must be one of {PRECISIONS}, got {self.mixed_precision!r}")
-        for name in ("max_steps", "batch_size", "grad_accum_steps", "video_sync_group", "ema_update_every"):
+        for name in ("max_steps", "batch_size", "grad_accum_steps", "video_sync_group", "ema_update_every",
+                     "sp_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.checkpoint_every < 0:

@@ -81,7 +81,9 @@ class PyramidFlowLoss:
         tokens = text.prompt_embeds.shape[0] * text.prompt_embeds.shape[1]
         tokens += sum(c.shape[0] * c.shape[2] * c.shape[3] * c.shape[4] // 4 for col in step.sample for c in col)
         if self.trace is not None:
+            sp = getattr(ctx.module, "sequence_parallel", None)
             self.trace.write({"step": ctx.step, "micro_step": ctx.micro_step, "rank": ctx.rank,
+                              "sp_size": sp.size if sp is not None else 1, "sp_rank": sp.rank if sp is not None else 0,
                               "world_size": ctx.world_size, "sync_rank": ctx.sync_rank,
                               "sync_group_index": ctx.sync_group_index, "paths": batch.paths,
                               "units_per_stage": step.units_per_stage, "loss": float(loss.detach())})

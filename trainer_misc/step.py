@@ -81,9 +81,11 @@ class StepRunner:
     MAX_CONSECUTIVE_BAD = 50
 
     def __init__(self, engine: TrainEngine, compute_loss: ComputeLoss, data_iter: Iterator, config: TrainConfig,
-                 sync: SyncGroupPosition, counters: RunCounters, streams: Optional[SlotStreams] = None) -> None:
+                 sync: SyncGroupPosition, counters: RunCounters, streams: Optional[SlotStreams] = None,
+                 sp_rank: int = 0) -> None:
         self.engine, self.compute_loss, self.data_iter, self.config, self.sync = (engine, compute_loss, data_iter,
                                                                                   config, sync)
+        self.sp_rank = sp_rank  # position in the sequence-parallel group (its config.sp_size ranks share a batch)
         self.counters = counters
         self.streams = streams
         if sync.virtual > 1 and config.skip_loss_threshold is not None:
@@ -121,8 +123,9 @@ class StepRunner:
             for path, reason in bad:
                 logger.warning("rank %d step %d: bad sample %s: %s; skipping its batch", self.engine.rank, step,
                                path, reason)
-            # The ranks of a sync group read the same batch: its bad files are counted once, by the group's first.
-            counted = len(bad) if self.sync.position == 0 else 0
+            # The ranks of a sync group (and of an SP group) read the same batch: its bad files are counted once, by
+            # the group's first.
+            counted = len(bad) if self.sync.position == 0 and self.sp_rank == 0 else 0
             n_bad, n_counted = all_reduce_host([len(bad), counted])
             if n_bad == 0:
                 return batch
@@ -212,7 +215,7 @@ class StepRunner:
         elif not outcome.applied:
             logger.warning("step %d: update not applied (fp16 loss-scale overflow)", step)
         elapsed = time.perf_counter() - t0
-        samples = cfg.batch_size * engine.world_size * passes
+        samples = cfg.batch_size * (engine.world_size // cfg.sp_size) * passes  # SP groups count once
         return StepRecord(step=step + 1, loss=sum(pass_losses) / passes, lr=lr, grad_norm=grad_norm,
                           skipped=kept == 0, applied=outcome is not None and outcome.applied,
                           dropped_micro_batches=passes - kept, step_time=elapsed, samples_per_sec=samples / elapsed,
@@ -222,7 +225,10 @@ class StepRunner:
     def _read_step(self, losses: list[torch.Tensor], tokens_local: float, stats: dict[str, Any],
                    outcome: Optional[StepOutcome]) -> tuple[list[float], float, dict[str, float], Optional[float]]:
         """The step's one all-reduce and one device-to-host copy: per-pass losses averaged over ranks, tokens
-        summed over ranks, this rank's stats, and the gradient norm."""
+        summed over ranks, this rank's stats, and the gradient norm.
+
+        The ranks of an SP group compute the same loss on the same tokens: the mean over ranks is the mean over
+        data-parallel ranks, and their tokens are counted once."""
         device = self.engine.device
         names = list(stats)
         reduced = all_reduce_sum(torch.cat([torch.stack(losses).to(device),
@@ -235,4 +241,4 @@ class StepRunner:
         n = len(losses)
         pass_losses = [v / self.engine.world_size for v in values[:n]]
         read_stats = dict(zip(names, values[n + 1:n + 1 + len(names)]))
-        return pass_losses, values[n], read_stats, (values[-1] if norm is not None else None)
+        return pass_losses, values[n] / self.config.sp_size, read_stats, (values[-1] if norm is not None else None)

@@ -21,7 +21,10 @@ optimizer, EMA, RNG states of every rank and the data position, so the run conti
 **Data**: a map-style dataset read through ``ResumableBatchSampler`` (``batch_size`` per rank; with
 ``video_sync_group = k`` the ranks of a group read identical batches; with ``k`` a multiple of the process count the
 group is *virtual*: every process reads the same batches and trains ``k / processes`` slots of each in turn, see
-``distributed.sync_group_position`` and ``step.StepRunner.run``). ``group_keys`` (optional, one per sample)
+``distributed.sync_group_position`` and ``step.StepRunner.run``). With ``sp_size = S`` (sequence parallelism) the
+``S`` consecutive ranks of an SP group read the same batches and draw the same noise (everything data-related is
+keyed by the *data* rank, ``rank // S``), and the model splits each sample's tokens over them
+(``model.enable_sequence_parallel``, ``distributed.parallel_layout``). ``group_keys`` (optional, one per sample)
 keep equal-shape samples together. The DataLoader gets its own seeded generator, so building it never moves the
 global RNG; randomness inside ``dataset[i]`` should derive from ``i`` for resumes to be exact with workers.
 
@@ -42,7 +45,9 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from .checkpoint import export_model, gather_full_weights, load_rank_tensors, restore_rank_rng, save_checkpoint
 from .config import EXPORT_DTYPES, TrainConfig
-from .distributed import barrier, seed_everything, sync_group_position
+from pyramid_dit.sequence_parallel import SequenceParallel
+
+from .distributed import barrier, parallel_layout, seed_everything, sequence_parallel_group
 from .failures import RunStopped, StopSignals
 from .run_lock import lock_output_dir
 from .ema import ShardedEMA
@@ -109,10 +114,14 @@ def train(model: nn.Module, compute_loss: ComputeLoss, dataset: Dataset, config:
     checkpoint_root = output_dir / "checkpoints"
     config.schedule()  # validate the schedule before any process group exists
 
-    # Sync-group layout from the launcher's variables (the engine checks they are what it set up): a virtual group
-    # makes each process accumulate one backward pass per slot it trains.
+    # Rank layout (data parallel x sync group x sequence parallel) from the launcher's variables (the engine checks
+    # they are what it set up): a virtual group makes each process accumulate one backward pass per slot it trains.
     launched_rank, launched_world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    sync = sync_group_position(launched_rank, launched_world, config.video_sync_group)
+    layout = parallel_layout(launched_rank, launched_world, config.video_sync_group, config.sp_size)
+    sync = layout.sync
+    if config.sp_size > 1 and not hasattr(model, "enable_sequence_parallel"):
+        raise TypeError(f"sp_size={config.sp_size}: {type(model).__name__} has no enable_sequence_parallel (only the "
+                        "Pyramid Flow DiTs split their sequence)")
 
     # Model, optimizer and sharding.
     engine = TrainEngine(model, build_adamw(model, config.lr, config.betas, config.eps, config.weight_decay),
@@ -122,6 +131,12 @@ def train(model: nn.Module, compute_loss: ComputeLoss, dataset: Dataset, config:
     if (rank, world) != (launched_rank, launched_world):
         raise RuntimeError(f"launcher said rank {launched_rank} of {launched_world}, the engine runs rank {rank} of "
                            f"{world}")
+    if config.sp_size > 1:  # after the engine: its process group exists now (new_group is collective)
+        engine.module.enable_sequence_parallel(SequenceParallel.of(sequence_parallel_group(config.sp_size)))
+        if engine.is_main:
+            logger.info("sequence parallelism: %d groups of %d processes; each process holds 1/%d of every sample's "
+                        "tokens and %d data-parallel ranks read different batches", layout.data_world,
+                        config.sp_size, config.sp_size, layout.data_world)
     lora = has_lora(engine.module)  # adapters only train; validation and export see the merged weights
     streams = SlotStreams(sync.positions, config.seed, engine.device) if sync.virtual > 1 else None
     if engine.is_main:
@@ -138,14 +153,14 @@ def train(model: nn.Module, compute_loss: ComputeLoss, dataset: Dataset, config:
     sampler, loader = _build_loader(dataset, config, sync, counters.data_position, collate_fn, group_keys,
                                     engine.device)
     check_data_layout(resumed_from, saved, sampler, config)
-    runner = StepRunner(engine, compute_loss, iter(loader), config, sync, counters, streams)
+    runner = StepRunner(engine, compute_loss, iter(loader), config, sync, counters, streams, sp_rank=layout.sp_rank)
     # RNG last, so nothing above (model wrapping, DataLoader set-up) shifts the streams the objective draws from.
     if resumed_from is not None:
         restore_rank_rng(resumed_from, rank, engine.device)
         if streams is not None:
             streams.load_state_dict(load_rank_tensors(resumed_from, rank, SLOT_RNG_FILE), source=str(resumed_from))
     else:
-        seed_everything(config.seed, rank)
+        seed_everything(config.seed, layout.data_rank)  # the ranks of an SP group draw the same noise
 
     log = MetricsLog(output_dir, start_step, config.tensorboard) if engine.is_main else None
     progress = None
