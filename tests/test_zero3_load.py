@@ -146,7 +146,7 @@ def _worker(spec: dict) -> None:
                 outcome = engine.step()
     report.update(param_dtype=str(engine.param_dtype), timestep_dtypes=reached, grad_accum_dtypes=grad_dtypes,
                   communication_dtype=str(engine.model.communication_data_type), applied=outcome.applied,
-                  grad_norm=outcome.grad_norm)
+                  grad_norm=float(outcome.grad_norm))
     out = Path(spec["result_dir"])
     out.mkdir(parents=True, exist_ok=True)
     (out / f"rank{rank}.json").write_text(json.dumps(report))
