@@ -12,6 +12,7 @@ set -eu
 SCRIPT_NAME=generate.sh
 . "$(dirname "$0")/_common.sh"
 
+: "${GPUS:=1}"                              # processes splitting each video's sequence (sequence parallelism; divides the DiT's head count)
 : "${MODEL_NAME:=pyramid_flux}"             # pyramid_flux (pyramid-flow-miniflux) | pyramid_mmdit (pyramid-flow-sd3)
 : "${MODEL_PATH:=}"                         # the downloaded model folder (causal_video_vae/, text encoders, DiTs)
 : "${VARIANT:=diffusion_transformer_384p}"  # DiT subfolder: diffusion_transformer_384p | diffusion_transformer_768p
@@ -54,6 +55,14 @@ is_uint "$HEIGHT" && [ "$HEIGHT" -gt 0 ] && [ $((HEIGHT % 64)) -eq 0 ] || die "H
 is_uint "$WIDTH" && [ "$WIDTH" -gt 0 ] && [ $((WIDTH % 64)) -eq 0 ] || die "WIDTH=$WIDTH must be a positive multiple of 64"
 is_uint "$TEMP" && [ "$TEMP" -ge 1 ] || die "TEMP=$TEMP must be a positive integer (latent frames)"
 case "$CPU_OFFLOAD" in 0|1) ;; *) die "CPU_OFFLOAD=$CPU_OFFLOAD must be 0 or 1" ;; esac
+is_uint "$GPUS" && [ "$GPUS" -gt 0 ] || die "GPUS=$GPUS must be a positive integer (processes splitting each video)"
+if [ "$GPUS" -gt 1 ]; then
+    DIT_CONFIG="${DIT_PATH:-$MODEL_PATH/$VARIANT}/config.json"
+    heads=$(python3 -c "import json, sys; print(json.load(open(sys.argv[1])).get('num_attention_heads', 0))" \
+        "$DIT_CONFIG") || die "cannot read $DIT_CONFIG"
+    [ "$heads" -gt 0 ] && [ $((heads % GPUS)) -eq 0 ] \
+        || die "GPUS=$GPUS must divide the DiT's $heads attention heads ($DIT_CONFIG): each process attends with heads/GPUS of them; choose a divisor of $heads"
+fi
 
 set -- "$REPO/tools/generate.py" --model_name "$MODEL_NAME" --model_path "$MODEL_PATH" --variant "$VARIANT" \
     --temp "$TEMP" --height "$HEIGHT" --width "$WIDTH" \
@@ -70,5 +79,7 @@ set -- "$@" --num_inference_steps $NUM_INFERENCE_STEPS --video_num_inference_ste
 [ "${NEGATIVE_PROMPT+set}" != set ] || set -- "$@" --negative_prompt "$NEGATIVE_PROMPT"
 [ "${PROMPT_SUFFIX+set}" != set ] || set -- "$@" --prompt_suffix "$PROMPT_SUFFIX"
 
+# One process: python3; GPUS > 1: torchrun, the processes split each video's sequence (rank 0 writes).
+NNODES=1
 # shellcheck disable=SC2086  # EXTRA_ARGS is a list of flags
-exec python3 "$@" $EXTRA_ARGS
+launch "$@" $EXTRA_ARGS

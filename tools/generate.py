@@ -16,6 +16,10 @@ A finetuned DiT replaces the variant's: ``--dit_path`` for a folder exported by 
 with ``--seed + i`` (so it equals a single run of that prompt with that seed). The output suffix picks the
 format: ``.mp4``, ``.gif`` or ``.png`` (a strip of frames). ``--temp`` counts latent frames: the video has
 ``1 + 8 * (temp - 1)`` frames (16 -> 121 frames, 5 s at 24 fps).
+
+Launched by ``torchrun --nproc_per_node N`` (``GPUS=N sh scripts/generate.sh``), the N processes generate the same
+videos together: the DiT splits each sequence over them (sequence parallelism, :mod:`pyramid_dit.sequence_parallel`;
+N divides the DiT's head count), every process draws the same seeded noise, and process 0 decodes and writes.
 """
 from __future__ import annotations
 
@@ -150,6 +154,22 @@ def output_paths(output: str, count: int) -> List[Path]:
     return [out.with_name(f"{out.stem}_{i:03d}{out.suffix}") for i in range(count)]
 
 
+def join_processes(pipe) -> bool:
+    """Under ``torchrun`` with several processes: join them into one sequence-parallel group over the DiT (each
+    holds 1/N of every sequence; all make the same calls with the same noise). Returns whether this process writes
+    the outputs (process 0; the only one without torchrun)."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return True
+    from pyramid_dit.sequence_parallel import SequenceParallel
+    from trainer_misc.distributed import init_process_group, sequence_parallel_group
+
+    rank, world = init_process_group(pipe.device)
+    pipe.dit.enable_sequence_parallel(SequenceParallel.of(sequence_parallel_group(world)))
+    return rank == 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> List[Path]:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -175,8 +195,10 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Path]:
         device=args.device, dtype=None if args.dtype == "auto" else getattr(torch, DTYPES[args.dtype]),
         cpu_offload=args.cpu_offload, model_name=args.model_name,
     )
-    print(f"loaded {args.dit_path or args.dit_weight or Path(args.model_path) / args.variant} on {pipe.device} "
-          f"({str(pipe.dtype).replace('torch.', '')}) in {time.time() - start:.1f}s", flush=True)
+    writer = join_processes(pipe)
+    if writer:
+        print(f"loaded {args.dit_path or args.dit_weight or Path(args.model_path) / args.variant} on {pipe.device} "
+              f"({str(pipe.dtype).replace('torch.', '')}) in {time.time() - start:.1f}s", flush=True)
 
     written = []
     for index, (prompt, path) in enumerate(zip(prompts, output_paths(args.output, len(prompts)))):
@@ -186,9 +208,11 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Path]:
             height=args.height, width=args.width, temp=args.temp,
             num_inference_steps=args.num_inference_steps, video_num_inference_steps=args.video_num_inference_steps,
             guidance_scale=args.guidance_scale, video_guidance_scale=args.video_guidance_scale,
-            seed=args.seed + index, output_type="uint8", decode_window=args.decode_window,
+            seed=args.seed + index, output_type="uint8" if writer else "latent", decode_window=args.decode_window,
             vae_tile_size=args.vae_tile_size or None,
         )
+        if not writer:  # the other processes only helped the DiT; process 0 decodes and writes
+            continue
         save_video(video[0], path, fps=args.fps, progress=True)
         frames, height, width = video.shape[2:]
         print(f"wrote {path} ({frames} frames, {width}x{height}, seed {args.seed + index}) in "
@@ -204,3 +228,6 @@ if __name__ == "__main__":
         # Loading and validation errors carry the file / key / flag in their message; a traceback adds nothing.
         print(f"generate.py: error: {e}", file=sys.stderr)
         sys.exit(1)
+    from trainer_misc.distributed import exit_process
+
+    exit_process(0)  # several processes: tear the group down on every rank and leave cleanly
