@@ -2,10 +2,13 @@
 
 How a video is sampled (the inference counterpart of :mod:`pyramid_dit.objective`):
 
-* The video is a sequence of *units* in latent time: the first latent frame alone, then groups of
-  ``frame_per_unit`` frames (1 for the released models). Units are generated one after another
-  (autoregressively); text-to-video generates unit 0 as an image with ``guidance_scale``, image-to-video takes
-  the VAE latent of the given image as unit 0. Later units use ``video_guidance_scale``.
+* The video is a sequence of *units* in latent time (:func:`pyramid_dit.sampling_plan.frame_units`). In the
+  autoregressive mode (``mode="ar"``, the released video models) they are the first latent frame alone, then groups
+  of ``frame_per_unit`` frames (1 for the released models), generated one after another; text-to-video generates
+  unit 0 as an image with ``guidance_scale``, image-to-video takes the VAE latent of the given image as unit 0.
+  Later units use ``video_guidance_scale``. In the full-sequence mode (``mode="full_sequence"``, DiTs trained
+  without the temporal pyramid, and text-to-image) all latent frames are one unit with no history, denoised
+  jointly with ``num_inference_steps`` and ``guidance_scale``, as that objective trained them.
 * Each unit runs through the spatial pyramid, lowest resolution first. Within a stage the scheduler takes plain
   flow-matching Euler steps. Between stages the latent is upsampled 2x (nearest) and re-noised:
   ``alpha * latent + beta * block_noise`` (correlated 2x2 noise, :mod:`pyramid_dit.block_noise`), which puts it
@@ -26,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-from pathlib import Path
 from typing import Iterator, List, Optional, Sequence, Union
 
 import torch
@@ -37,14 +39,8 @@ from pyramid_dit.block_noise import renoise_coefficients
 from pyramid_dit.kinds import get_kind, kind_of_dit
 from pyramid_dit.media import ImageInput, image_to_tensor, to_uint8
 from pyramid_dit.noise import GeneratorNoise, NoiseSource
-from pyramid_dit.pyramid import (
-    history_plan,
-    noise_pyramid,
-    num_units,
-    spatial_pyramid,
-    unit_frames,
-    upsample_nearest,
-)
+from pyramid_dit.pyramid import history_plan, noise_pyramid, spatial_pyramid, unit_frames, upsample_nearest
+from pyramid_dit.sampling_plan import VAE_DOWNSAMPLE, check_pixel_size, frame_units, per_stage_steps
 from pyramid_dit.scheduler import PyramidFlowMatchEulerDiscreteScheduler
 from pyramid_dit.text_features import TextFeatures
 from trainer_misc.distributed import resolve_device
@@ -58,29 +54,10 @@ DEFAULT_NEGATIVE_PROMPT = (
 # tools/generate.py appends it by default (--prompt_suffix).
 AESTHETIC_SUFFIX = ", hyper quality, Ultra HD, 8K"
 
-VAE_DOWNSAMPLE = 8  # pixels per latent cell
 OUTPUT_TYPES = ("latent", "pt", "uint8")
 
 
 # ------------------------------------------------------------------------------------------------- helpers
-def _per_stage(steps: Union[int, Sequence[int]], num_stages: int, name: str) -> List[int]:
-    steps = [steps] * num_stages if isinstance(steps, int) else [int(s) for s in steps]
-    if len(steps) == 1:
-        steps = steps * num_stages
-    if len(steps) != num_stages or any(s < 1 for s in steps):
-        raise ValueError(f"{name} must be one positive step count or one per stage ({num_stages}), got {steps}")
-    return steps
-
-
-def _check_size(height: int, width: int, num_stages: int) -> None:
-    # The latent (pixels / 8) is halved num_stages - 1 times and the lowest stage must still be cut into 2x2
-    # patches: multiples of 8 * 2**(num_stages - 1) * 2 pixels (64 for the usual 3 stages).
-    multiple = VAE_DOWNSAMPLE * 2 ** num_stages
-    if height <= 0 or width <= 0 or height % multiple or width % multiple:
-        raise ValueError(f"height and width must be positive multiples of {multiple} pixels ({num_stages} pyramid "
-                         f"stages halve the latent {num_stages - 1} times, then 2x2 patches), got {height}x{width}")
-
-
 def _device_of(module: nn.Module) -> torch.device:
     return next(module.parameters()).device
 
@@ -172,60 +149,13 @@ class PyramidFlowPipeline:
             dtype: weight and compute dtype; default bfloat16 on CUDA, float32 on the CPU.
             cpu_offload: see the class docstring; needs a CUDA device.
         """
-        from pyramid_dit.kinds import get_kind
+        from pyramid_dit.pipeline_loading import load_modules
 
-        kind = get_kind(model_name)
-        model_path = Path(model_path)
-        device = resolve_device(device)
-        dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-        if cpu_offload and device.type != "cuda":
-            raise ValueError("cpu_offload moves modules between the CPU and a CUDA device; it needs device='cuda'")
-        if dit_path is not None and dit_weight is not None:
-            raise ValueError("give either dit_path (a finetuned DiT folder) or dit_weight (a state-dict file), "
-                             "not both")
-        if not model_path.is_dir():
-            raise FileNotFoundError(f"model folder {model_path} does not exist; download {kind.hub_repo} there, "
-                                    f"or build a tiny one with tools/build_tiny_checkpoint.py --kind {kind.name}")
-
-        if dit_path is not None:
-            dit_folder = Path(dit_path)
-            if not (dit_folder / "config.json").is_file():
-                raise FileNotFoundError(f"dit_path {dit_folder} has no config.json; point it at a DiT folder "
-                                        "exported by the trainer (config.json + diffusion_pytorch_model.safetensors)")
-        else:
-            dit_folder = model_path / variant
-            if not (dit_folder / "config.json").is_file():
-                found = sorted(p.name for p in model_path.glob("diffusion_transformer_*") if p.is_dir())
-                raise FileNotFoundError(f"DiT variant folder {dit_folder} (config.json) not found; variants in "
-                                        f"{model_path}: {found or 'none'}")
-        dit = kind.dit().from_pretrained(dit_folder, torch_dtype=dtype)
-        from trainer_misc.checkpoint import check_finite_weights, load_dit_weights
-
-        if dit_weight is not None:
-            load_dit_weights(dit, dit_weight)  # refuses NaN / inf tensors, naming them
-        else:
-            check_finite_weights(dit, str(dit_folder))
-        dit.requires_grad_(False).eval()
-
-        vae = None
-        if load_vae:
-            from video_vae.modeling_causal_vae import CausalVideoVAE
-
-            vae_folder = model_path / "causal_video_vae"
-            if not (vae_folder / "config.json").is_file():
-                raise FileNotFoundError(f"VAE folder {vae_folder} (config.json) not found in the model folder")
-            vae = CausalVideoVAE.from_pretrained(vae_folder, torch_dtype=dtype).requires_grad_(False).eval()
-
-        text_encoder = None
-        if load_text_encoder:
-            text_encoder = kind.load_text_encoder(model_path, torch_dtype=dtype)
-
-        if not cpu_offload:
-            for module in (dit, vae, text_encoder):
-                if module is not None:
-                    module.to(device)
-        return cls(dit, vae, text_encoder, model_name=model_name, device=device, dtype=dtype,
-                   cpu_offload=cpu_offload)
+        modules = load_modules(model_path, variant=variant, dit_path=dit_path, dit_weight=dit_weight, device=device,
+                               dtype=dtype, cpu_offload=cpu_offload, load_text_encoder=load_text_encoder,
+                               load_vae=load_vae, model_name=model_name)
+        return cls(modules.dit, modules.vae, modules.text_encoder, model_name=model_name, device=modules.device,
+                   dtype=modules.dtype, cpu_offload=cpu_offload)
 
     # ----------------------------------------------------------------------------------- module handling
     @contextlib.contextmanager
@@ -315,6 +245,7 @@ class PyramidFlowPipeline:
         height: Optional[int] = None,
         width: Optional[int] = None,
         temp: int = 16,
+        mode: str = "ar",
         num_inference_steps: Union[int, Sequence[int]] = (20, 20, 20),
         video_num_inference_steps: Union[int, Sequence[int]] = (10, 10, 10),
         guidance_scale: float = 7.0,
@@ -336,9 +267,12 @@ class PyramidFlowPipeline:
             image: image-to-video input (PIL image, or float tensor ``[3, H, W]`` / ``[B, 3, H, W]`` in [0, 1]) of
                 exactly ``height x width`` (default: its size); it becomes the first frame.
             height, width: pixels, multiples of 64 (``8 * 2**stages``).
-            temp: latent frames, first frame included: the video has ``1 + 8 * (temp - 1)`` frames.
-            num_inference_steps: Euler steps per stage for the first frame (one int for all stages, or a list).
-            video_num_inference_steps: Euler steps per stage for every later unit.
+            temp: latent frames, first frame included: the video has ``1 + 8 * (temp - 1)`` frames (1: an image).
+            mode: ``"ar"`` (unit by unit, for temporal-pyramid DiTs) or ``"full_sequence"`` (all frames jointly, for
+                DiTs trained without it; no image-to-video). See the module docstring.
+            num_inference_steps: Euler steps per stage for the first frame, or for the whole clip in the
+                full-sequence mode (one int for all stages, or a list).
+            video_num_inference_steps: Euler steps per stage for every later unit (autoregressive mode).
             guidance_scale / video_guidance_scale: guidance of the first frame / of later units. Guidance runs
                 when the scale is > 1; at <= 1 only the conditional prediction is used (scale 1 is equivalent).
             seed: seeds a :class:`GeneratorNoise`; or give ``noise`` (any :class:`NoiseSource`), not both. With
@@ -354,10 +288,12 @@ class PyramidFlowPipeline:
         if seed is not None and noise is not None:
             raise ValueError("give seed or noise, not both (a NoiseSource carries its own randomness)")
         noise = noise or GeneratorNoise(seed)
-        if temp < 1 or (temp - 1) % self.frame_per_unit:
-            raise ValueError(f"temp={temp}: needs 1 + k * frame_per_unit ({self.frame_per_unit}) latent frames, k >= 0")
+        units = frame_units(temp, mode, self.frame_per_unit)
         image_pixels = None
         if image is not None:
+            if mode != "ar":
+                raise ValueError("image-to-video needs mode='ar': a full-sequence DiT was never shown a clean first "
+                                 "frame to continue (its objective has no history)")
             image_pixels = image_to_tensor(image)
             img_h, img_w = image_pixels.shape[-2:]
             height, width = height or img_h, width or img_w
@@ -366,9 +302,9 @@ class PyramidFlowPipeline:
                                  "first (e.g. pyramid_dit.resize.resize_crop_image)")
         if height is None or width is None:
             raise ValueError("height and width are required for text-to-video")
-        _check_size(height, width, self.num_stages)
-        first_steps = _per_stage(num_inference_steps, self.num_stages, "num_inference_steps")
-        video_steps = _per_stage(video_num_inference_steps, self.num_stages, "video_num_inference_steps")
+        check_pixel_size(height, width, self.num_stages)
+        first_steps = per_stage_steps(num_inference_steps, self.num_stages, "num_inference_steps")
+        video_steps = per_stage_steps(video_num_inference_steps, self.num_stages, "video_num_inference_steps")
 
         positive, negative = self._text_inputs(prompt, prompt_features, negative_prompt, negative_features)
         batch = positive.prompt_embeds.shape[0]
@@ -384,11 +320,10 @@ class PyramidFlowPipeline:
                 raise ValueError(f"image batch {image_pixels.shape[0]} must be 1 or the prompt batch {batch}")
             generated.append(self.encode_image(image_pixels.expand(batch, -1, -1, -1), noise))
 
-        units = num_units(temp, self.frame_per_unit)
         with self._using(self.dit, "DiT"):
-            for unit in tqdm(range(len(generated), units), desc="units", disable=not progress):
+            for unit in tqdm(range(len(generated), len(units)), desc="units", disable=not progress):
                 first = unit == 0
-                latents = lowest[:, :, unit_frames(unit, unit + 1, self.frame_per_unit)]
+                latents = lowest[:, :, units[unit]]
                 history = self._history(generated, unit) if generated else [[] for _ in range(self.num_stages)]
                 generated.append(self._denoise_unit(
                     latents, history, positive, cfg_text, first_steps if first else video_steps,
@@ -420,7 +355,8 @@ class PyramidFlowPipeline:
 
     def _denoise_unit(self, latents: torch.Tensor, history: List[List[torch.Tensor]], positive: TextFeatures,
                       cfg_text: TextFeatures, steps: List[int], scale: float, noise: NoiseSource) -> torch.Tensor:
-        """Run one unit through every stage, starting from its lowest-stage noise; returns the clean latent."""
+        """Run one unit (one latent frame, a group of them, or the whole clip) through every stage, starting from its
+        lowest-stage noise; returns the clean latent."""
         cfg = scale > 1
         text = cfg_text if cfg else positive
         rows = text.prompt_embeds.shape[0]
