@@ -30,6 +30,7 @@ import torch  # noqa: E402
 from pyramid_dit.objective import PyramidFlowObjective  # noqa: E402
 from pyramid_dit.scheduler import PyramidFlowMatchEulerDiscreteScheduler  # noqa: E402
 from pyramid_dit.text_features import TextFeatures  # noqa: E402
+from pyramid_dit.training_record import TRAINING_RECORD, training_record  # noqa: E402
 from trainer_misc.annotation import resolve_data_root  # noqa: E402
 from trainer_misc.data_check import DataSpec, image_buckets, is_dry_run, run_data_check  # noqa: E402
 from trainer_misc.datasets import ImageDataset, VideoLatentDataset, collate, parse_resolution  # noqa: E402
@@ -367,8 +368,7 @@ def build_validation(args: argparse.Namespace, side: ModelSide, dataset, null_te
             negative = side.text_encoder.encode([""], device).to(device="cpu")
     else:
         negative = null_text
-    width, height = (IMAGE_BUCKETS.get(args.resolution) or [parse_resolution(args.resolution)])[0] \
-        if args.task == "t2i" else parse_resolution(args.resolution)
+    width, height = image_buckets(args.resolution)[0] if args.task == "t2i" else parse_resolution(args.resolution)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.model_dtype]
     return ValidationSampler(
         type(side.dit).from_config(side.dit.config),
@@ -376,7 +376,13 @@ def build_validation(args: argparse.Namespace, side: ModelSide, dataset, null_te
         negative,
         width=width, height=height, temp=1 if args.task == "t2i" else (args.validation_temp or args.max_frames),
         steps=args.validation_steps, dtype=dtype, device=device, output_dir=args.output_dir,
-        offload=args.validation_offload, tensorboard=args.report_to == "tensorboard", model_name=args.model_name)
+        offload=args.validation_offload, tensorboard=args.report_to == "tensorboard", model_name=args.model_name,
+        mode=trained_as(args)["sampling_mode"])
+
+
+def trained_as(args: argparse.Namespace) -> dict:
+    """What this run teaches (task, sampling mode): recorded in the export for generation, used by validation."""
+    return training_record(args.task, args.use_temporal_pyramid)
 
 
 def train_config(args: argparse.Namespace) -> TrainConfig:
@@ -397,7 +403,8 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
         sp_size=sp_size_of(args),
         shuffle=not args.no_shuffle, num_workers=args.num_workers, checkpoint_every=checkpoint_every,
         keep_last_checkpoints=args.keep_last_checkpoints, resume=args.resume, export_dtype=args.export_dtype,
-        tensorboard=args.report_to == "tensorboard", validate_every=args.validation_every)
+        tensorboard=args.report_to == "tensorboard", validate_every=args.validation_every,
+        export_files={TRAINING_RECORD: trained_as(args)})
 
 
 def run_summary(result, world_size: int, output_dir: str) -> str:

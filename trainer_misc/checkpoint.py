@@ -257,13 +257,15 @@ def _is_diffusers_model(module: nn.Module) -> bool:
     return diffusers is not None and isinstance(module, diffusers.ModelMixin)
 
 
-def export_pretrained(module: nn.Module, state_dict: Mapping[str, torch.Tensor], out_dir: Path) -> Path:
+def export_pretrained(module: nn.Module, state_dict: Mapping[str, torch.Tensor], out_dir: Path,
+                      files: Optional[Mapping[str, Any]] = None) -> Path:
     """Write ``state_dict`` as a pretrained folder for ``module``'s class, atomically (temp folder, rename).
 
     A diffusers model (``ModelMixin``) gets what its ``save_pretrained`` writes for a single shard: ``config.json``
     plus ``diffusion_pytorch_model.safetensors`` with the state-dict key names, so ``from_pretrained`` loads it.
     (We write the two files ourselves because under ZeRO-3, and for the EMA, no module holds the full weights to
-    call ``save_pretrained`` on.) Any other module gets a plain ``model.safetensors``.
+    call ``save_pretrained`` on.) Any other module gets a plain ``model.safetensors``. ``files`` (name -> JSON
+    content) are written beside them, inside the temp folder, so a folder never appears without them.
     """
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
@@ -276,6 +278,8 @@ def export_pretrained(module: nn.Module, state_dict: Mapping[str, torch.Tensor],
         atomic_save_safetensors(state_dict, tmp / SAFETENSORS_WEIGHTS_NAME, metadata={"format": "pt"})
     else:
         atomic_save_safetensors(state_dict, tmp / "model.safetensors", metadata={"format": "pt"})
+    for name, content in (files or {}).items():
+        write_json_atomic(content, tmp / name)
     if out_dir.exists():
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)
@@ -303,11 +307,11 @@ def gather_full_weights(engine: "TrainEngine", ema: Optional["ShardedEMA"] = Non
 
 
 def export_model(engine: "TrainEngine", out_dir: Path, ema: Optional["ShardedEMA"] = None,
-                 dtype: Optional[torch.dtype] = None) -> list[Path]:
+                 dtype: Optional[torch.dtype] = None, files: Optional[Mapping[str, Any]] = None) -> list[Path]:
     """Export the trained model to ``out_dir`` and, with ``ema``, its EMA to ``out_dir`` + ``_ema``.
 
     Collective (see :func:`gather_full_weights`); rank 0 writes and returns the folders, other ranks return ``[]``.
-    ``dtype`` casts floating tensors of both.
+    ``dtype`` casts floating tensors of both; ``files`` go into both (see :func:`export_pretrained`).
     """
     out_dir = Path(out_dir)
     state, ema_state = gather_full_weights(engine, ema)
@@ -315,10 +319,10 @@ def export_model(engine: "TrainEngine", out_dir: Path, ema: Optional["ShardedEMA
     if engine.is_main:
         def cast(t: torch.Tensor) -> torch.Tensor:
             return t.to(dtype) if dtype is not None and t.is_floating_point() else t
-        written.append(export_pretrained(engine.module, {k: cast(v) for k, v in state.items()}, out_dir))
+        written.append(export_pretrained(engine.module, {k: cast(v) for k, v in state.items()}, out_dir, files))
         if ema_state is not None:
             written.append(export_pretrained(engine.module, {k: cast(v) for k, v in ema_state.items()},
-                                             out_dir.with_name(out_dir.name + "_ema")))
+                                             out_dir.with_name(out_dir.name + "_ema"), files))
     barrier()
     return written
 

@@ -4,6 +4,7 @@ The reference's flag names are given in brackets where the meaning is the same.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
@@ -61,6 +62,9 @@ class TrainConfig:
     keep_last_checkpoints: Optional[int] = None
     resume: str = "auto"                       # auto | never | path to a checkpoint folder [--resume]
     export_dtype: Optional[str] = None         # None keeps the training dtype; bf16 | fp16 | fp32
+    # JSON files written next to config.json in every exported model folder (name -> content), e.g. the training
+    # record that tells generation how the DiT was trained (pyramid_dit/training_record.py)
+    export_files: dict = dataclasses.field(default_factory=dict)
     # validation samples: every N steps (0 = off) train() calls its ``validate`` on rank 0 with the weights
     validate_every: int = 0
     # logging

@@ -165,9 +165,10 @@ def read_adapter_config(path: os.PathLike | str) -> dict:
     return json.loads((Path(path) / ADAPTER_CONFIG).read_text())
 
 
-def export_lora(engine, export_root: Path, ema=None, dtype=None) -> list[Path]:
+def export_lora(engine, export_root: Path, ema=None, dtype=None, files=None) -> list[Path]:
     """``export_root/transformer`` (merged, official keys) and ``export_root/lora`` (the adapter), plus ``_ema``
-    twins with EMA. Collective, like ``checkpoint.export_model``; rank 0 writes and returns the folders."""
+    twins with EMA. Collective, like ``checkpoint.export_model``; rank 0 writes and returns the folders. ``files``
+    (name -> JSON content) go into the merged DiT folders, as ``checkpoint.export_pretrained`` writes them."""
     from .checkpoint import export_pretrained, gather_full_weights
     from .distributed import barrier
 
@@ -180,7 +181,8 @@ def export_lora(engine, export_root: Path, ema=None, dtype=None) -> list[Path]:
             merged = merged_state_dict(weights, engine.module)
             if dtype is not None:
                 merged = {k: v.to(dtype) if v.is_floating_point() else v for k, v in merged.items()}
-            written.append(export_pretrained(engine.module, merged, Path(export_root) / f"transformer{suffix}"))
+            written.append(export_pretrained(engine.module, merged, Path(export_root) / f"transformer{suffix}",
+                                             files))
             written.append(save_adapter(weights, engine.module, Path(export_root) / f"lora{suffix}"))
     barrier()
     return written

@@ -209,10 +209,11 @@ def train(model: nn.Module, compute_loss: ComputeLoss, dataset: Dataset, config:
             log.close()
 
     if lora:  # export/transformer (merged, official keys) + export/lora (peft format)
-        exported = export_lora(engine, output_dir / "export", ema, dtype=EXPORT_DTYPES[config.export_dtype])
+        exported = export_lora(engine, output_dir / "export", ema, dtype=EXPORT_DTYPES[config.export_dtype],
+                               files=config.export_files)
     else:
         exported = export_model(engine, output_dir / "export" / EXPORT_NAME, ema,
-                                dtype=EXPORT_DTYPES[config.export_dtype])
+                                dtype=EXPORT_DTYPES[config.export_dtype], files=config.export_files)
     if lock is not None:
         lock.release()
     return TrainResult(records=records, start_step=start_step, final_step=max(start_step, config.max_steps),

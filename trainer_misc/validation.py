@@ -6,6 +6,10 @@ only their weights are refreshed at each validation; the clips are short (few la
 ``offload`` keeps both on the CPU between validations; the CUDA cache is emptied afterwards. The prompts come from
 the extracted text features (or the training run's own text encoder), and the negative prompt is the extracted
 empty-prompt features: no text encoder is ever loaded just for validation.
+
+Samples use the sampler that matches what the run trains (``mode``): autoregressive for the temporal pyramid,
+full-sequence (all latent frames jointly, no history) for training without it and for images; a sample from the
+other loop would judge the weights on a task they are not learning.
 """
 from __future__ import annotations
 
@@ -75,13 +79,19 @@ class ValidationSampler:
         offload: keep the DiT and VAE on the CPU between validations (moved to ``device`` only while sampling).
         output_dir: samples go to ``<output_dir>/samples/step-<step>/``; tensorboard to ``<output_dir>/logs``.
         model_name: the DiT's kind (``pyramid_flux`` / ``pyramid_mmdit``; selects the latent normalisation).
+        mode: ``"ar"`` or ``"full_sequence"``: the sampling mode of the trained objective
+            (:func:`pyramid_dit.training_record.training_record`).
     """
 
     def __init__(self, dit: nn.Module, vae: nn.Module, prompts: Sequence[ValidationPrompt], negative: TextFeatures,
                  *, width: int, height: int, temp: int, steps: Sequence[int], dtype: torch.dtype,
                  device: torch.device, output_dir: str, offload: bool = False, tensorboard: bool = True,
-                 model_name: str = "pyramid_flux") -> None:
-        self.dtype, self.device, self.offload, self.model_name = dtype, device, offload, model_name
+                 model_name: str = "pyramid_flux", mode: str = "ar") -> None:
+        from pyramid_dit.training_record import SAMPLING_MODES
+
+        if mode not in SAMPLING_MODES:
+            raise ValueError(f"mode must be one of {SAMPLING_MODES}, got {mode!r}")
+        self.dtype, self.device, self.offload, self.model_name, self.mode = dtype, device, offload, model_name, mode
         home = torch.device("cpu") if offload else device
         self.dit, self.vae = (_in_dtype(m, dtype).to(home).eval().requires_grad_(False) for m in (dit, vae))
         self.prompts, self.negative = list(prompts), negative
@@ -107,7 +117,7 @@ class ValidationSampler:
         try:
             for i, prompt in enumerate(self.prompts):
                 video = pipe.generate(prompt_features=prompt.features, negative_features=self.negative,
-                                      height=self.height, width=self.width, temp=self.temp,
+                                      height=self.height, width=self.width, temp=self.temp, mode=self.mode,
                                       num_inference_steps=self.steps,
                                       video_num_inference_steps=[max(1, n // 2) for n in self.steps],
                                       seed=i, progress=False)[0]
