@@ -19,6 +19,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from pyramid_dit.training_record import read_training_record
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
@@ -137,6 +139,7 @@ def test_ar_zero3_two_ranks_share_clip_train_different_units(workspace):
     assert [m["step"] for m in log] == [1, 2] and log[-1]["bad_samples"] == reads >= 1
     assert all(m["loss"] == m["loss"] for m in log)
     assert_reloads(out / "export" / "transformer", workspace["model"], "diffusion_transformer_384p")
+    assert read_training_record(out / "export" / "transformer")[:2] == ("t2v", "ar")  # generation's default
     # Validation samples from the gathered ZeRO-3 weights, every step, as mp4 and in tensorboard.
     import decord
     for step in (1, 2):
@@ -168,6 +171,7 @@ def test_full_sequence_t2v_zero2(workspace):
         assert report["param_numel_local"] == report["param_numel_total"]  # ZeRO-2 keeps full parameters ...
         assert report["optim_state_numel_local"] < report["param_numel_total"]  # ... and shards Adam state
     assert_reloads(out / "export" / "transformer", workspace["model"], "diffusion_transformer_384p")
+    assert read_training_record(out / "export" / "transformer")[:2] == ("t2v", "full_sequence")
 
 
 # Log lines that used to bury what matters, each printed by every process: DeepSpeed guessing the accelerator,
@@ -186,6 +190,7 @@ def test_t2i_zero3_encodes_images_and_text_on_the_fly(workspace):
     assert len(steps) == 2 and all(p.endswith(".png") for x in steps for p in x["paths"])
     assert all(by_rank[r][-1]["sharding"]["zero3_partitioned"] for r in (0, 1))
     assert_reloads(out / "export" / "transformer", workspace["model"], "diffusion_transformer_image")
+    assert read_training_record(out / "export" / "transformer")[:2] == ("t2i", "full_sequence")
     assert not [line for line in (result.stdout + result.stderr).splitlines() if any(n in line for n in LOG_NOISE)]
 
 

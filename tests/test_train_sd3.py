@@ -12,6 +12,8 @@ import pytest
 import torch
 from test_train_integration import metrics, run_script, traces
 
+from pyramid_dit.training_record import read_training_record
+
 
 @pytest.fixture(scope="module")
 def sd3_workspace(tmp_path_factory) -> dict[str, Path]:
@@ -87,3 +89,5 @@ def test_full_sequence_zero2_with_validation_samples(sd3_workspace):
     assert [m["step"] for m in metrics(out)] == [1, 2]
     assert (out / "samples" / "step-000002" / "prompt0.mp4").stat().st_size > 0
     _assert_reloads(out / "export" / "transformer", sd3_workspace["model"])
+    # validation sampled the full sequence (the run's objective), and generation will too
+    assert read_training_record(out / "export" / "transformer")[:2] == ("t2v", "full_sequence")

@@ -10,6 +10,19 @@ Image-to-video (the image is resized to cover ``--width x --height`` and centre-
     python3 tools/generate.py --model_path PATH/pyramid-flow-miniflux --image first_frame.png \
         --prompt "FPV flying over the Great Wall" --output out/wall.mp4
 
+Text-to-image (one latent frame, written as a PNG of ``--width x --height``), from the released image DiT or a t2i
+finetune::
+
+    python3 tools/generate.py --model_path PATH/pyramid-flow-miniflux --task t2i --prompt "a red ball on a beach" \
+        --output out/ball.png
+
+How the DiT was trained decides the defaults: a folder exported by the trainer records it
+(``pyramid_flow_training.json``: ``t2v`` or ``t2i``, ``ar`` or ``full_sequence``); without that file
+``diffusion_transformer_image`` is a text-to-image DiT and every other variant an autoregressive video DiT.
+``--task`` and ``--mode`` override it: ``--mode full_sequence`` denoises all latent frames jointly (DiTs trained by
+``scripts/train_pyramid_flow_without_ar.sh``), ``--mode ar`` one unit after another (``scripts/train_pyramid_flow.sh``
+and the released video DiTs). ``--temp 1`` (the default for t2i) generates one image.
+
 A finetuned DiT replaces the variant's: ``--dit_path`` for a folder exported by the trainer (``config.json`` +
 ``diffusion_pytorch_model.safetensors``), ``--dit_weight`` for a single state-dict file. With ``--prompt_file``
 (one prompt per line) every prompt gets its own video, ``<output stem>_<index>.<suffix>``, prompt ``i`` seeded
@@ -37,6 +50,9 @@ STAGES = 3  # the released models' pyramid
 SIZE_MULTIPLE = 8 * 2 ** STAGES  # latent halves twice and is then cut into 2x2 patches
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
+from pyramid_dit.training_record import (IMAGE_VARIANT, SAMPLING_MODES, TASKS, TrainedAs,  # noqa: E402
+                                         read_training_record)
+
 
 def build_parser() -> argparse.ArgumentParser:
     from pyramid_dit.pipeline import AESTHETIC_SUFFIX, DEFAULT_NEGATIVE_PROMPT
@@ -48,29 +64,41 @@ def build_parser() -> argparse.ArgumentParser:
                    "diffusion_transformer_*/)")
     g.add_argument("--model_name", default="pyramid_flux", choices=["pyramid_flux", "pyramid_mmdit"],
                    help="model kind: pyramid_flux (rain1011/pyramid-flow-miniflux) or pyramid_mmdit (pyramid-flow-sd3)")
-    g.add_argument("--variant", default="diffusion_transformer_384p", help="DiT subfolder of --model_path")
+    g.add_argument("--variant", default=None, help="DiT subfolder of --model_path (default: "
+                   f"{IMAGE_VARIANT} for t2i when the folder has it, else diffusion_transformer_384p)")
     g.add_argument("--dit_path", default=None, help="finetuned DiT folder (config.json + "
                    "diffusion_pytorch_model.safetensors) used instead of --variant")
     g.add_argument("--dit_weight", default=None, help="single-file DiT state dict (.safetensors, or .pt/.pth/.bin "
                    "read with weights_only=True) loaded into the --variant architecture")
     g = p.add_argument_group("what to generate")
+    g.add_argument("--task", default=None, choices=TASKS, help="t2v (video) or t2i (one image, --temp 1, .png); "
+                   "default: what the DiT was trained for (its pyramid_flow_training.json, else t2i for "
+                   f"{IMAGE_VARIANT} and t2v for the other variants)")
+    g.add_argument("--mode", default=None, choices=SAMPLING_MODES, help="ar: one latent frame after another; "
+                   "full_sequence: all latent frames jointly; default: how the DiT was trained (its "
+                   "pyramid_flow_training.json, else ar)")
     g.add_argument("--prompt", default=None, help="the text prompt")
     g.add_argument("--prompt_file", default=None, help="text file, one prompt per line (blank lines skipped)")
     g.add_argument("--prompt_suffix", default=AESTHETIC_SUFFIX, help="appended to every prompt (the reference's "
                    "aesthetic suffix); '' to disable")
     g.add_argument("--negative_prompt", default=DEFAULT_NEGATIVE_PROMPT, help="classifier-free guidance negative")
     g.add_argument("--image", default=None, help="image-to-video: the first frame (any format PIL reads)")
-    g.add_argument("--temp", type=int, default=16, help="latent frames (video frames = 1 + 8 * (temp - 1))")
-    g.add_argument("--height", type=int, default=384, help=f"pixels, a multiple of {SIZE_MULTIPLE} (384p: 384)")
-    g.add_argument("--width", type=int, default=640, help=f"pixels, a multiple of {SIZE_MULTIPLE} (384p: 640)")
+    g.add_argument("--temp", type=int, default=None, help="latent frames (video frames = 1 + 8 * (temp - 1)); "
+                   "default 16, 1 (an image) for t2i")
+    g.add_argument("--height", type=int, default=None, help=f"pixels, a multiple of {SIZE_MULTIPLE} (default: 768 "
+                   "for the 768p and image variants, else 384)")
+    g.add_argument("--width", type=int, default=None, help=f"pixels, a multiple of {SIZE_MULTIPLE} (default: 1280 "
+                   "for the 768p and image variants, else 640)")
     g = p.add_argument_group("sampling")
     g.add_argument("--num_inference_steps", type=int, nargs="+", default=[20, 20, 20],
-                   help="Euler steps per stage for the first frame (one value, or one per stage)")
+                   help="Euler steps per stage for the first frame, or for all frames with --mode full_sequence "
+                   "(one value, or one per stage)")
     g.add_argument("--video_num_inference_steps", type=int, nargs="+", default=[10, 10, 10],
-                   help="Euler steps per stage for every later latent frame")
+                   help="Euler steps per stage for every later latent frame (--mode ar)")
     g.add_argument("--guidance_scale", type=float, default=7.0, help="classifier-free guidance of the first frame "
-                   "(t2v); <= 1 turns guidance off (conditional prediction only)")
-    g.add_argument("--video_guidance_scale", type=float, default=5.0, help="guidance of the later frames")
+                   "(of every frame with --mode full_sequence; the reference uses 9 for images); <= 1 turns "
+                   "guidance off (conditional prediction only)")
+    g.add_argument("--video_guidance_scale", type=float, default=5.0, help="guidance of the later frames (--mode ar)")
     g.add_argument("--seed", type=int, default=0)
     g = p.add_argument_group("runtime")
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
@@ -83,8 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--vae_tile_size", type=int, default=256, help="VAE decode tile size in pixels; 0 disables "
                    "tiling")
     g = p.add_argument_group("output")
-    g.add_argument("--output", default="outputs/sample.mp4", help="output file; the suffix picks the format "
-                   "(.mp4, .gif, .png strip)")
+    g.add_argument("--output", default=None, help="output file; the suffix picks the format (.mp4, .gif, .png "
+                   "strip; one image is always .png); default outputs/sample.mp4, outputs/sample.png for an image")
     g.add_argument("--fps", type=float, default=24.0)
     return p
 
@@ -99,18 +127,20 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error("--dit_path (a DiT folder) and --dit_weight (a state-dict file) are alternatives; give one")
     for name in ("height", "width"):
         value = getattr(args, name)
-        if value <= 0 or value % SIZE_MULTIPLE:
+        if value is not None and (value <= 0 or value % SIZE_MULTIPLE):
             p.error(f"--{name} {value} must be a positive multiple of {SIZE_MULTIPLE} (the latent, 1/8 of the "
                     f"pixels, is halved twice by the pyramid and then cut into 2x2 patches); e.g. 384x640, 768x1280")
-    if args.temp < 1:
+    if args.temp is not None and args.temp < 1:
         p.error(f"--temp {args.temp} must be >= 1 (latent frames, the first one included)")
+    if args.task == "t2i" and args.temp not in (None, 1):
+        p.error(f"--task t2i generates one image: drop --temp {args.temp} (or use --task t2v)")
     for name in ("num_inference_steps", "video_num_inference_steps"):
         steps = getattr(args, name)
         if len(steps) not in (1, STAGES) or min(steps) < 1:
             p.error(f"--{name} {steps}: give one positive step count or one per stage ({STAGES})")
-    if args.image is not None and args.temp < 2:
+    if args.image is not None and args.temp is not None and args.temp < 2:
         p.error("--image (image-to-video) needs --temp >= 2: the image is latent frame 0")
-    if Path(args.output).suffix.lower() not in VIDEO_SUFFIXES:
+    if args.output is not None and Path(args.output).suffix.lower() not in VIDEO_SUFFIXES:
         p.error(f"--output {args.output}: the suffix must be one of {', '.join(VIDEO_SUFFIXES)}")
     if args.fps <= 0:
         p.error("--fps must be positive")
@@ -135,6 +165,39 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
                              ("--dit_weight", args.dit_weight, "file"), ("--dit_path", args.dit_path, "folder")):
         if path is not None and not (Path(path).is_dir() if kind == "folder" else Path(path).is_file()):
             p.error(f"{flag} {path}: no such {kind}")
+
+
+def resolve_defaults(p: argparse.ArgumentParser, args: argparse.Namespace) -> TrainedAs:
+    """Fill the flags left unset from how the DiT was trained (its training record) and from the variant; returns
+    that record. Runs after :func:`check_args`, before any model is loaded."""
+    from pyramid_dit.pipeline_loading import resolve_dit_folder
+
+    model_path = Path(args.model_path)
+    from_export = read_training_record(args.dit_path) if args.dit_path else None
+    task_hint = args.task or (from_export.task if from_export else None)
+    if args.variant is None:
+        has_image_dit = (model_path / IMAGE_VARIANT / "config.json").is_file()
+        args.variant = IMAGE_VARIANT if task_hint == "t2i" and has_image_dit else "diffusion_transformer_384p"
+    trained = from_export or read_training_record(resolve_dit_folder(model_path, args.variant))
+    args.task = args.task or trained.task
+    args.mode = args.mode or trained.sampling_mode
+    if args.temp is None:
+        args.temp = 1 if args.task == "t2i" else 16
+    elif args.task == "t2i" and args.temp != 1:
+        p.error(f"the DiT was trained for t2i ({trained.source}): one image, so --temp 1, or --task t2v to sample "
+                f"{args.temp} latent frames anyway")
+    if args.image is not None and (args.mode != "ar" or args.temp < 2):
+        p.error(f"--image (image-to-video) needs --mode ar and --temp >= 2 (only the autoregressive sampler "
+                f"continues a given first frame); this run is {args.task}, mode {args.mode} (trained as "
+                f"{trained.task}/{trained.sampling_mode}: {trained.source})")
+    large = "768p" in args.variant or args.variant == IMAGE_VARIANT
+    args.height = args.height or (768 if large else 384)
+    args.width = args.width or (1280 if large else 640)
+    if args.output is None:
+        args.output = "outputs/sample.png" if args.temp == 1 else "outputs/sample.mp4"
+    elif args.temp == 1 and not args.output.lower().endswith(".png"):
+        p.error(f"--output {args.output}: one image (--temp 1, --task t2i) is written as .png")
+    return trained
 
 
 def read_prompts(args: argparse.Namespace) -> List[str]:
@@ -174,6 +237,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Path]:
     parser = build_parser()
     args = parser.parse_args(argv)
     check_args(parser, args)
+    trained = resolve_defaults(parser, args)
 
     import torch
 
@@ -198,14 +262,15 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Path]:
     writer = join_processes(pipe)
     if writer:
         print(f"loaded {args.dit_path or args.dit_weight or Path(args.model_path) / args.variant} on {pipe.device} "
-              f"({str(pipe.dtype).replace('torch.', '')}) in {time.time() - start:.1f}s", flush=True)
+              f"({str(pipe.dtype).replace('torch.', '')}) in {time.time() - start:.1f}s; {args.task}, mode "
+              f"{args.mode} (trained as {trained.task}/{trained.sampling_mode}: {trained.source})", flush=True)
 
     written = []
     for index, (prompt, path) in enumerate(zip(prompts, output_paths(args.output, len(prompts)))):
         start = time.time()
         video = pipe.generate(
             prompt + args.prompt_suffix, negative_prompt=args.negative_prompt, image=image,
-            height=args.height, width=args.width, temp=args.temp,
+            height=args.height, width=args.width, temp=args.temp, mode=args.mode,
             num_inference_steps=args.num_inference_steps, video_num_inference_steps=args.video_num_inference_steps,
             guidance_scale=args.guidance_scale, video_guidance_scale=args.video_guidance_scale,
             seed=args.seed + index, output_type="uint8" if writer else "latent", decode_window=args.decode_window,
@@ -215,7 +280,8 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Path]:
             continue
         save_video(video[0], path, fps=args.fps, progress=True)
         frames, height, width = video.shape[2:]
-        print(f"wrote {path} ({frames} frames, {width}x{height}, seed {args.seed + index}) in "
+        what = "1 image" if frames == 1 else f"{frames} frames"
+        print(f"wrote {path} ({what}, {width}x{height}, seed {args.seed + index}) in "
               f"{time.time() - start:.1f}s", flush=True)
         written.append(path)
     return written
