@@ -46,12 +46,12 @@ import argparse
 import time
 from typing import List, Optional, Sequence
 
+from pyramid_dit.training_record import (IMAGE_VARIANT, SAMPLING_MODES, TASKS, TrainedAs,  # noqa: E402
+                                         read_training_record)
+
 STAGES = 3  # the released models' pyramid
 SIZE_MULTIPLE = 8 * 2 ** STAGES  # latent halves twice and is then cut into 2x2 patches
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-
-from pyramid_dit.training_record import (IMAGE_VARIANT, SAMPLING_MODES, TASKS, TrainedAs,  # noqa: E402
-                                         read_training_record)
 
 
 def build_parser() -> argparse.ArgumentParser:
