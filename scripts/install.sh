@@ -52,7 +52,7 @@ cpu_index_reachable() {
         "$TORCH_CPU_INDEX" >/dev/null 2>&1
 }
 
-if [ "$IF_MISSING" = 1 ] && "$PYTHON" -c "import torch, diffusers, transformers, accelerate, deepspeed, decord, safetensors, einops, imageio_ffmpeg" >/dev/null 2>&1; then
+if [ "$IF_MISSING" = 1 ] && "$PYTHON" -c "import torch, diffusers, transformers, accelerate, deepspeed, decord, safetensors, einops, imageio_ffmpeg, peft, pytest, xdist" >/dev/null 2>&1; then
     say "requirements already installed (torch $(torch_summary))"
     exit 0
 fi

@@ -6,6 +6,7 @@ so every clone runs the parity tests; a missing golden folder or file is a failu
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,18 @@ import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 GOLDEN_DIR = Path(__file__).resolve().parent / "golden"
+
+
+# Parallel workers (pytest-xdist): each launches 2-process runs through the scripts, whose rendezvous port defaults to
+# 29500; give every worker its own so two concurrent launches never meet.
+if "PYTEST_XDIST_WORKER" in os.environ:
+    os.environ["MASTER_PORT"] = str(29500 + 10 * (1 + int(os.environ["PYTEST_XDIST_WORKER"].lstrip("gw") or 0)))
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    """``-n auto`` (pytest.ini): at most 4 workers, at most one per core. Most tests wait on process start-up and
+    2-process launches, so 2 workers on a 2-core machine take about half the wall time of one."""
+    return max(1, min(4, os.cpu_count() or 1))
 
 
 @pytest.fixture(scope="session")
