@@ -68,9 +68,30 @@ def require_subfolders(model_path: str | Path, subfolders: dict[str, str], relea
 class FrozenTextEncoder(nn.Module):
     """What every text encoder of a DiT kind shares: frozen weights, always in eval mode (``train()`` keeps it
     there: dropout in T5 would make the features of a prompt random), ``device`` of the sequence encoder named by
-    ``sequence_encoder``, and ``module(prompts)`` = :meth:`encode`."""
+    ``sequence_encoder``, ``module(prompts)`` = :meth:`encode`, and loading from the official subfolders.
+
+    A subclass names its parts in ``subfolders`` (subfolder -> transformers class, optionally followed by a note),
+    which are also its constructor's keyword arguments, and the release it comes from."""
 
     sequence_encoder: str
+    subfolders: dict[str, str]
+    release: str
+    build_hint: str
+
+    @classmethod
+    def from_pretrained(cls, model_path: str | Path, torch_dtype: torch.dtype = torch.float32,
+                        max_sequence_length: int = 128) -> FrozenTextEncoder:
+        """Load every part from its official subfolder. ``torch_dtype`` goes to the transformers loaders rather
+        than a ``.to()`` afterwards, as in the original pipelines: in float16, T5 keeps its ``wo`` layers in
+        float32."""
+        import transformers
+
+        model_path = require_subfolders(model_path, cls.subfolders, cls.release, cls.build_hint)
+        dtype = _dtype_kwarg(torch_dtype)
+        parts = {name: getattr(transformers, kind.split()[0]).from_pretrained(
+                     model_path / name, **({} if name.startswith("tokenizer") else dtype))
+                 for name, kind in cls.subfolders.items()}
+        return cls(**parts, max_sequence_length=max_sequence_length)
 
     def train(self, mode: bool = True) -> FrozenTextEncoder:
         return super().train(False)
@@ -93,6 +114,9 @@ class FluxTextEncoder(FrozenTextEncoder):
     """
 
     sequence_encoder = "text_encoder_2"
+    subfolders = TEXT_SUBFOLDERS
+    release = "rain1011/pyramid-flow-miniflux"
+    build_hint = "tools/build_tiny_checkpoint.py"
 
     def __init__(self, tokenizer, text_encoder: nn.Module, tokenizer_2, text_encoder_2: nn.Module,
                  max_sequence_length: int = 128) -> None:
@@ -112,25 +136,6 @@ class FluxTextEncoder(FrozenTextEncoder):
         self.max_sequence_length = max_sequence_length
         self.requires_grad_(False)
         self.train(False)
-
-    @classmethod
-    def from_pretrained(cls, model_path: str | Path, torch_dtype: torch.dtype = torch.float32,
-                        max_sequence_length: int = 128) -> FluxTextEncoder:
-        """Load from a model folder with the official ``tokenizer/ text_encoder/ tokenizer_2/ text_encoder_2/``
-        subfolders. ``torch_dtype`` goes to the transformers loaders rather than a ``.to()`` afterwards, as in the
-        original pipeline: in float16, T5 keeps its ``wo`` layers in float32."""
-        from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
-
-        model_path = require_subfolders(model_path, TEXT_SUBFOLDERS, "rain1011/pyramid-flow-miniflux",
-                                        "tools/build_tiny_checkpoint.py")
-        dtype = _dtype_kwarg(torch_dtype)
-        return cls(
-            tokenizer=CLIPTokenizer.from_pretrained(model_path / "tokenizer"),
-            text_encoder=CLIPTextModel.from_pretrained(model_path / "text_encoder", **dtype),
-            tokenizer_2=T5TokenizerFast.from_pretrained(model_path / "tokenizer_2"),
-            text_encoder_2=T5EncoderModel.from_pretrained(model_path / "text_encoder_2", **dtype),
-            max_sequence_length=max_sequence_length,
-        )
 
     @torch.no_grad()
     def encode(self, prompts: str | list[str], device: torch.device | str | None = None) -> TextFeatures:

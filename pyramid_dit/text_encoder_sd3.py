@@ -12,12 +12,11 @@ Both CLIP tokenizers pad and truncate to the first tokenizer's ``model_max_lengt
 """
 from __future__ import annotations
 
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from pyramid_dit.text_encoder import FrozenTextEncoder, _dtype_kwarg, check_prompts, require_subfolders
+from pyramid_dit.text_encoder import FrozenTextEncoder, check_prompts
 from pyramid_dit.text_features import TextFeatures
 
 # Subfolders of an official SD3-kind model folder holding the text side, and what each holds.
@@ -38,6 +37,9 @@ class SD3TextEncoder(FrozenTextEncoder):
     """
 
     sequence_encoder = "text_encoder_3"
+    subfolders = SD3_TEXT_SUBFOLDERS
+    release = "rain1011/pyramid-flow-sd3"
+    build_hint = "tools/build_tiny_checkpoint.py --kind pyramid_mmdit"
 
     def __init__(self, tokenizer, text_encoder: nn.Module, tokenizer_2, text_encoder_2: nn.Module, tokenizer_3,
                  text_encoder_3: nn.Module, max_sequence_length: int = 128) -> None:
@@ -56,26 +58,6 @@ class SD3TextEncoder(FrozenTextEncoder):
         self.max_sequence_length = max_sequence_length
         self.requires_grad_(False)
         self.train(False)
-
-    @classmethod
-    def from_pretrained(cls, model_path: str | Path, torch_dtype: torch.dtype = torch.float32,
-                        max_sequence_length: int = 128) -> SD3TextEncoder:
-        """Load from a model folder with the official ``tokenizer*/ text_encoder*/`` subfolders (see
-        ``SD3_TEXT_SUBFOLDERS``); ``torch_dtype`` goes to the transformers loaders, as in the release."""
-        from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
-
-        model_path = require_subfolders(model_path, SD3_TEXT_SUBFOLDERS, "rain1011/pyramid-flow-sd3",
-                                        "tools/build_tiny_checkpoint.py --kind pyramid_mmdit")
-        dtype = _dtype_kwarg(torch_dtype)
-        return cls(
-            tokenizer=CLIPTokenizer.from_pretrained(model_path / "tokenizer"),
-            text_encoder=CLIPTextModelWithProjection.from_pretrained(model_path / "text_encoder", **dtype),
-            tokenizer_2=CLIPTokenizer.from_pretrained(model_path / "tokenizer_2"),
-            text_encoder_2=CLIPTextModelWithProjection.from_pretrained(model_path / "text_encoder_2", **dtype),
-            tokenizer_3=T5TokenizerFast.from_pretrained(model_path / "tokenizer_3"),
-            text_encoder_3=T5EncoderModel.from_pretrained(model_path / "text_encoder_3", **dtype),
-            max_sequence_length=max_sequence_length,
-        )
 
     @torch.no_grad()
     def encode(self, prompts: str | list[str], device: torch.device | str | None = None) -> TextFeatures:
