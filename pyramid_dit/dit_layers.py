@@ -22,10 +22,10 @@ from pyramid_dit.embeddings import apply_rope
 from pyramid_dit.packing import PackedSequence, attend, gated_residual, modulate, per_column, queries_from, tails
 
 
-def _rms(x: torch.Tensor, eps: float) -> torch.Tensor:
-    if hasattr(F, "rms_norm"):  # torch >= 2.4: fused, same float32 result as the formula below
-        return F.rms_norm(x, x.shape[-1:], eps=eps)
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    if hasattr(F, "rms_norm"):  # torch >= 2.4: one fused op with the scale, same float32 result as the formula
+        return F.rms_norm(x, x.shape[-1:], weight=weight, eps=eps)
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
 
 
 class RMSNorm(nn.Module):
@@ -40,7 +40,7 @@ class RMSNorm(nn.Module):
         return (self.normalize_fp32(x)).to(x.dtype)
 
     def normalize_fp32(self, x: torch.Tensor) -> torch.Tensor:
-        return _rms(x.float(), self.eps) * self.weight.float()
+        return _rms(x.float(), self.weight.float(), self.eps)
 
 
 def heads(linear: nn.Linear, x: torch.Tensor, n_heads: int) -> torch.Tensor:

@@ -104,11 +104,14 @@ def rope_tables(positions: torch.Tensor, axes_dims: Sequence[int], theta: float 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
     """Rotate adjacent channel pairs ``(x[2i], x[2i+1])`` of ``x`` ``[..., head_dim]`` by the tables' angles.
 
-    ``(x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin)``, written as ``x * cos + swap_pairs(x) * signed_sin`` so
-    it takes four tensor passes; tables (from :func:`rope_tables`) broadcast against ``x``.
+    ``(x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin)``: each pair is read as the complex number ``x0 + i x1``
+    and multiplied by ``cos + i sin`` (tables from :func:`rope_tables`, broadcasting against ``x``). One complex
+    multiply is one pass over ``x`` forward and one backward, bit-equal to the real formula (no fused
+    multiply-add), where the real form needs a pair swap (a copy) and four passes each way.
     """
-    swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
-    return x * cos + swapped * signed_sin
+    rotation = torch.complex(cos[..., 0::2], signed_sin[..., 1::2])
+    pairs = torch.view_as_complex(x.contiguous().unflatten(-1, (-1, 2)))
+    return torch.view_as_real(pairs * rotation).flatten(-2)
 
 
 # --------------------------------------------------------------------------------------------------------
