@@ -129,6 +129,8 @@ class PyramidFlowPipeline:
         variant: str = "diffusion_transformer_384p",
         dit_path: Union[str, os.PathLike, None] = None,
         dit_weight: Union[str, os.PathLike, None] = None,
+        lora_path: Union[str, os.PathLike, None] = None,
+        lora_scale: float = 1.0,
         device: Union[str, torch.device] = "auto",
         dtype: Optional[torch.dtype] = None,
         cpu_offload: bool = False,
@@ -145,15 +147,20 @@ class PyramidFlowPipeline:
                 trainer exports) used instead of the variant.
             dit_weight: a single-file DiT state dict (``.safetensors``; ``.pt``/``.pth``/``.bin`` are read with
                 ``weights_only=True``) loaded into the variant's architecture. Not together with ``dit_path``.
+            lora_path: a peft-format LoRA adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``,
+                the trainer's ``export/lora``) applied on top of whichever DiT was loaded, without merging, so one
+                base DiT serves several adapters and ``lora_scale`` can weaken or strengthen one.
+            lora_scale: multiplies the adapter's ``alpha / rank``; 1 reproduces the merged export, 0 the base DiT.
             device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"`` or a torch device.
             dtype: weight and compute dtype; default bfloat16 on CUDA, float32 on the CPU.
             cpu_offload: see the class docstring; needs a CUDA device.
         """
         from pyramid_dit.pipeline_loading import load_modules
 
-        modules = load_modules(model_path, variant=variant, dit_path=dit_path, dit_weight=dit_weight, device=device,
-                               dtype=dtype, cpu_offload=cpu_offload, load_text_encoder=load_text_encoder,
-                               load_vae=load_vae, model_name=model_name)
+        modules = load_modules(model_path, variant=variant, dit_path=dit_path, dit_weight=dit_weight,
+                               lora_path=lora_path, lora_scale=lora_scale, device=device, dtype=dtype,
+                               cpu_offload=cpu_offload, load_text_encoder=load_text_encoder, load_vae=load_vae,
+                               model_name=model_name)
         return cls(modules.dit, modules.vae, modules.text_encoder, model_name=model_name, device=modules.device,
                    dtype=modules.dtype, cpu_offload=cpu_offload)
 

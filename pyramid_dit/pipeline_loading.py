@@ -46,7 +46,7 @@ def resolve_dit_folder(model_path: PathLike, variant: str, dit_path: Optional[Pa
 
 
 def load_modules(model_path: PathLike, *, variant: str, dit_path: Optional[PathLike], dit_weight: Optional[PathLike],
-                 device: Union[str, torch.device], dtype: Optional[torch.dtype], cpu_offload: bool,
+                 device: Union[str, torch.device], lora_path: Optional[PathLike] = None, lora_scale: float = 1.0, dtype: Optional[torch.dtype], cpu_offload: bool,
                  load_text_encoder: bool, load_vae: bool, model_name: str) -> LoadedModules:
     """DiT (finite weights checked), VAE and text encoder in eval mode, frozen; on ``device`` unless
     ``cpu_offload``. See ``PyramidFlowPipeline.from_pretrained`` for the arguments."""
@@ -72,6 +72,10 @@ def load_modules(model_path: PathLike, *, variant: str, dit_path: Optional[PathL
         load_dit_weights(dit, dit_weight)  # refuses NaN / inf tensors, naming them
     else:
         check_finite_weights(dit, str(dit_folder))
+    if lora_path is not None:
+        from trainer_misc.lora import load_adapter
+
+        load_adapter(dit, lora_path, scale=lora_scale)  # peft's layers, in the base layers' dtype, not merged
     dit.requires_grad_(False).eval()
 
     vae = None

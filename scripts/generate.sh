@@ -1,8 +1,10 @@
 #!/bin/sh
 # Generate a video (text-to-video, or image-to-video with IMAGE) or an image (TASK=t2i, a .png) with
 # tools/generate.py, from the official model folder and optionally a finetuned DiT (DIT_PATH: a folder exported by
-# the trainer; DIT_WEIGHT: a state-dict file). TASK and MODE default to how the DiT was trained (an exported folder
-# records it in pyramid_flow_training.json; the released diffusion_transformer_image is t2i, the other variants ar).
+# the trainer; DIT_WEIGHT: a state-dict file) and/or a LoRA adapter applied without merging (LORA_PATH: the
+# trainer's export/lora; LORA_SCALE: its strength). TASK and MODE default to how the DiT was trained (an exported
+# folder records it in pyramid_flow_training.json; the released diffusion_transformer_image is t2i, the other
+# variants ar).
 #
 # Every variable below can be set from the environment, e.g.
 #   MODEL_PATH=ckpt/pyramid-flow-miniflux DIT_PATH=runs/run1/export/transformer_ema PROMPT="a red ball on a beach" \
@@ -23,6 +25,8 @@ SCRIPT_NAME=generate.sh
                                             # (default: _image for TASK=t2i when MODEL_PATH has it, else _384p)
 : "${DIT_PATH:=}"                           # finetuned DiT folder (config.json + diffusion_pytorch_model.safetensors)
 : "${DIT_WEIGHT:=}"                         # ... or a single state-dict file (.safetensors / .pt / .bin)
+: "${LORA_PATH:=}"                          # LoRA adapter folder (export/lora: adapter_config.json + weights)
+: "${LORA_SCALE:=1}"                        # adapter strength: 1 as trained (= export/transformer), 0 = base DiT
 : "${PROMPT:=}"                             # the prompt ...
 : "${PROMPT_FILE:=}"                        # ... or a file with one prompt per line (one video each)
 : "${IMAGE:=}"                              # image-to-video: the first frame
@@ -52,6 +56,9 @@ check_model_name
 [ -n "$MODEL_PATH" ] || die "set MODEL_PATH to the downloaded model folder (e.g. ckpt/pyramid-flow-miniflux)"
 [ -d "$MODEL_PATH" ] || die "MODEL_PATH=$MODEL_PATH is not a folder"
 [ -z "$DIT_PATH" ] || [ -z "$DIT_WEIGHT" ] || die "set DIT_PATH or DIT_WEIGHT, not both"
+[ -z "$LORA_PATH" ] || [ -f "$LORA_PATH/adapter_config.json" ] \
+    || die "LORA_PATH=$LORA_PATH has no adapter_config.json; point it at a run's export/lora folder"
+[ -n "$LORA_PATH" ] || [ "$LORA_SCALE" = 1 ] || die "LORA_SCALE=$LORA_SCALE scales an adapter: set LORA_PATH too"
 [ -n "$DIT_PATH" ] || [ -z "$VARIANT" ] || [ -f "$MODEL_PATH/$VARIANT/config.json" ] \
     || die "no $VARIANT/config.json in MODEL_PATH=$MODEL_PATH; set VARIANT to one of its diffusion_transformer_* folders"
 [ -n "$PROMPT" ] || [ -n "$PROMPT_FILE" ] || die "set PROMPT (or PROMPT_FILE, one prompt per line)"
@@ -93,6 +100,7 @@ set -- "$@" --num_inference_steps $NUM_INFERENCE_STEPS --video_num_inference_ste
 [ -z "$IMAGE" ] || set -- "$@" --image "$IMAGE"
 [ -z "$DIT_PATH" ] || set -- "$@" --dit_path "$DIT_PATH"
 [ -z "$DIT_WEIGHT" ] || set -- "$@" --dit_weight "$DIT_WEIGHT"
+[ -z "$LORA_PATH" ] || set -- "$@" --lora_path "$LORA_PATH" --lora_scale "$LORA_SCALE"
 [ "$CPU_OFFLOAD" = 0 ] || set -- "$@" --cpu_offload
 [ "${NEGATIVE_PROMPT+set}" != set ] || set -- "$@" --negative_prompt "$NEGATIVE_PROMPT"
 [ "${PROMPT_SUFFIX+set}" != set ] || set -- "$@" --prompt_suffix "$PROMPT_SUFFIX"

@@ -187,6 +187,44 @@ def test_from_pretrained_with_finetuned_dit(tiny_model, tmp_path):
                                             load_text_encoder=False)
 
 
+
+def test_lora_path_equals_the_merged_export_and_scale_zero_equals_the_base(tiny_model, pipe, tmp_path):
+    """--lora_path applies export/lora without merging: at scale 1 the video equals the merged export's
+    (export/transformer), at scale 0 the base DiT's, and in between it differs from both."""
+    from pyramid_dit.kinds import get_kind
+    from trainer_misc.lora import LoraSettings, add_lora, merged_state_dict, save_adapter
+
+    dit = PyramidFluxTransformer.from_pretrained(tiny_model / "diffusion_transformer_384p")
+    add_lora(dit, LoraSettings(rank=4, alpha=8.0, targets=get_kind("pyramid_flux").lora_targets))
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():  # B starts at zero (a no-op adapter): give it values, as training would
+        for name, p in dit.named_parameters():
+            if ".lora_B." in name:
+                p.copy_(0.05 * torch.randn(p.shape, generator=g))
+    save_adapter(dit.state_dict(), dit, tmp_path / "lora")
+    merged = PyramidFluxTransformer.from_pretrained(tiny_model / "diffusion_transformer_384p")
+    merged.load_state_dict(merged_state_dict(dit.state_dict(), dit), strict=True)
+    merged.save_pretrained(tmp_path / "transformer")
+
+    def latents(**source):
+        loaded = PyramidFlowPipeline.from_pretrained(tiny_model, device="cpu", load_text_encoder=False,
+                                                     load_vae=False, **source)
+        return PyramidFlowPipeline(loaded.dit, pipe.vae, pipe.text_encoder).generate(
+            "a red ball", height=64, width=64, temp=2, seed=4, output_type="latent", **SMALL)
+
+    base, want = latents(), latents(dit_path=tmp_path / "transformer")
+    got, off, half = (latents(lora_path=tmp_path / "lora", lora_scale=s) for s in (1.0, 0.0, 0.5))
+    err = ((got - want).abs().max() / want.abs().max()).item()
+    print(f"--lora_path vs merged export: relative max difference {err:.3g}")
+    assert err <= 1e-5, f"--lora_path differs from the merged export by {err:.3g}"
+    assert torch.equal(off, base)
+    assert (want - base).abs().max() > 1e-3, "the adapter changed nothing: the test would prove nothing"
+    assert (half - base).abs().max() > 1e-4 and (half - want).abs().max() > 1e-4
+    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+        PyramidFlowPipeline.from_pretrained(tiny_model, device="cpu", load_text_encoder=False, load_vae=False,
+                                            lora_path=tmp_path / "transformer")
+
+
 # -------------------------------------------------------------------------------------------- video files
 def test_decode_and_write_report_progress(pipe, tmp_path, capsys):
     """Decode reports once per decoded piece (temporal window x spatial tile) against the real count of decoder
@@ -247,6 +285,8 @@ def test_cli_rejects_bad_flags(tiny_model, capsys):
         (["--output", "out.avi"], "suffix must be one of"),
         (["--num_inference_steps", "1", "2"], "one per stage"),
         (["--image", "missing.png"], "no such file"),
+        (["--lora_path", "missing_lora"], "no such folder"),
+        (["--lora_scale", "0.5"], "give --lora_path too"),
     ]
     for extra, message in cases:
         with pytest.raises(SystemExit) as exc:

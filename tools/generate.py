@@ -24,7 +24,9 @@ How the DiT was trained decides the defaults: a folder exported by the trainer r
 and the released video DiTs). ``--temp 1`` (the default for t2i) generates one image.
 
 A finetuned DiT replaces the variant's: ``--dit_path`` for a folder exported by the trainer (``config.json`` +
-``diffusion_pytorch_model.safetensors``), ``--dit_weight`` for a single state-dict file. With ``--prompt_file``
+``diffusion_pytorch_model.safetensors``), ``--dit_weight`` for a single state-dict file. ``--lora_path`` applies a
+LoRA adapter (the trainer's ``export/lora``, peft format) on top of that DiT without merging, its output scaled by
+``--lora_scale`` (1: as trained, equal to ``export/transformer``; 0: the base DiT). With ``--prompt_file``
 (one prompt per line) every prompt gets its own video, ``<output stem>_<index>.<suffix>``, prompt ``i`` seeded
 with ``--seed + i`` (so it equals a single run of that prompt with that seed). The output suffix picks the
 format: ``.mp4``, ``.gif`` or ``.png`` (a strip of frames). ``--temp`` counts latent frames: the video has
@@ -70,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "diffusion_pytorch_model.safetensors) used instead of --variant")
     g.add_argument("--dit_weight", default=None, help="single-file DiT state dict (.safetensors, or .pt/.pth/.bin "
                    "read with weights_only=True) loaded into the --variant architecture")
+    g.add_argument("--lora_path", default=None, help="LoRA adapter folder (adapter_config.json + "
+                   "adapter_model.safetensors, the trainer's export/lora) applied to the DiT without merging")
+    g.add_argument("--lora_scale", type=float, default=1.0, help="adapter strength: 1 as trained (equals the merged "
+                   "export), 0 the base DiT; needs --lora_path")
     g = p.add_argument_group("what to generate")
     g.add_argument("--task", default=None, choices=TASKS, help="t2v (video) or t2i (one image, --temp 1, .png); "
                    "default: what the DiT was trained for (its pyramid_flow_training.json, else t2i for "
@@ -125,6 +131,8 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error("give exactly one of --prompt and --prompt_file")
     if args.dit_path and args.dit_weight:
         p.error("--dit_path (a DiT folder) and --dit_weight (a state-dict file) are alternatives; give one")
+    if args.lora_scale != 1.0 and args.lora_path is None:
+        p.error("--lora_scale scales an adapter: give --lora_path too")
     for name in ("height", "width"):
         value = getattr(args, name)
         if value is not None and (value <= 0 or value % SIZE_MULTIPLE):
@@ -162,7 +170,8 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error(f"--model_path {args.model_path} is not a folder; download {get_kind(args.model_name).hub_repo} there "
                 f"(or build a tiny one: python3 tools/build_tiny_checkpoint.py --kind {args.model_name} --out DIR)")
     for flag, path, kind in (("--prompt_file", args.prompt_file, "file"), ("--image", args.image, "file"),
-                             ("--dit_weight", args.dit_weight, "file"), ("--dit_path", args.dit_path, "folder")):
+                             ("--dit_weight", args.dit_weight, "file"), ("--dit_path", args.dit_path, "folder"),
+                             ("--lora_path", args.lora_path, "folder")):
         if path is not None and not (Path(path).is_dir() if kind == "folder" else Path(path).is_file()):
             p.error(f"{flag} {path}: no such {kind}")
 
@@ -256,14 +265,16 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Path]:
     start = time.time()
     pipe = PyramidFlowPipeline.from_pretrained(
         args.model_path, variant=args.variant, dit_path=args.dit_path, dit_weight=args.dit_weight,
+        lora_path=args.lora_path, lora_scale=args.lora_scale,
         device=args.device, dtype=None if args.dtype == "auto" else getattr(torch, DTYPES[args.dtype]),
         cpu_offload=args.cpu_offload, model_name=args.model_name,
     )
     writer = join_processes(pipe)
     if writer:
-        print(f"loaded {args.dit_path or args.dit_weight or Path(args.model_path) / args.variant} on {pipe.device} "
-              f"({str(pipe.dtype).replace('torch.', '')}) in {time.time() - start:.1f}s; {args.task}, mode "
-              f"{args.mode} (trained as {trained.task}/{trained.sampling_mode}: {trained.source})", flush=True)
+        adapter = f" + LoRA {args.lora_path} x {args.lora_scale:g}" if args.lora_path else ""
+        print(f"loaded {args.dit_path or args.dit_weight or Path(args.model_path) / args.variant}{adapter} on "
+              f"{pipe.device} ({str(pipe.dtype).replace('torch.', '')}) in {time.time() - start:.1f}s; {args.task}, "
+              f"mode {args.mode} (trained as {trained.task}/{trained.sampling_mode}: {trained.source})", flush=True)
 
     written = []
     for index, (prompt, path) in enumerate(zip(prompts, output_paths(args.output, len(prompts)))):
