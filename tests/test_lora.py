@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from pyramid_dit.kinds import KINDS, get_kind
 from pyramid_dit.modeling_pyramid_flux import PyramidFluxTransformer
 from test_dit import TINY, make_inputs, tiny_model
+from trainer_misc.checkpoint import export_pretrained
 from trainer_misc.lora import LoraSettings, add_lora, load_adapter, merged_state_dict, save_adapter
 from trainer_misc.optim import build_adamw
 
@@ -89,3 +92,37 @@ def test_adapter_folder_is_peft_format_and_applies_without_merging(tmp_path):
         base_out, off_out = tiny_model().eval()(**inputs), off(**inputs)
     assert all(torch.allclose(g, w, rtol=0, atol=1e-6) for g, w in zip(got, want))
     assert all(torch.equal(o, b) for o, b in zip(off_out, base_out))
+
+
+GOLDEN = {"pyramid_flux": ("flux_tiny", "pyramid_flux_miniflux.json"),
+          "pyramid_mmdit": ("mmdit_tiny", "pyramid_mmdit_sd3.json")}
+
+
+@pytest.mark.parametrize("kind", sorted(GOLDEN))
+def test_merged_export_has_the_reference_state_dict_layout(kind, golden_dir, tmp_path):
+    """The reference class loads export/transformer: its keys and shapes are the ones the reference class wrote for
+    the tiny config (tests/golden/<kind>_tiny, written by the reference) and listed at released size
+    (tests/golden/keys, meta device), adapters or not, and its config.json carries the reference's values."""
+    tiny_dir, listing_file = GOLDEN[kind]
+    golden = golden_dir / tiny_dir
+    cls, targets = get_kind(kind).dit(), get_kind(kind).lora_targets
+    model = cls.from_pretrained(golden).eval()
+    add_lora(model, LoraSettings(rank=4, alpha=4.0, targets=targets))
+    out = export_pretrained(model, merged_state_dict(model.state_dict(), model), tmp_path / "transformer")
+    with safe_open(str(out / "diffusion_pytorch_model.safetensors"), "pt") as ours, \
+            safe_open(str(golden / "diffusion_pytorch_model.safetensors"), "pt") as ref:
+        ours_shapes = {k: ours.get_slice(k).get_shape() for k in ours.keys()}
+        ref_shapes = {k: ref.get_slice(k).get_shape() for k in ref.keys()}
+    assert ours_shapes == ref_shapes, (f"missing {sorted(set(ref_shapes) - set(ours_shapes))[:5]}, "
+                                       f"extra {sorted(set(ours_shapes) - set(ref_shapes))[:5]}")
+    config, ref_config = (json.loads((d / "config.json").read_text()) for d in (out, golden))
+    assert config["_class_name"] == ref_config["_class_name"]
+    assert {k: config.get(k) for k in ref_config if not k.startswith("_")} == \
+        {k: v for k, v in ref_config.items() if not k.startswith("_")}
+
+    listing = json.loads((golden_dir / "keys" / listing_file).read_text())
+    with torch.device("meta"):
+        released = cls(**listing["model_config"])
+    add_lora(released, LoraSettings(rank=16, alpha=16.0, targets=targets))
+    merged = merged_state_dict(released.state_dict(), released)
+    assert {k: list(v.shape) for k, v in merged.items()} == listing["state_dict"]
