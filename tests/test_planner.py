@@ -55,3 +55,35 @@ def test_memory_grows_with_resolution_and_checkpointing_lowers_activations():
                     height=128).values()) > sum(base.values())
     ckpt = peak(gpus=8, video_sync_group=4, shard_strategy="zero2", dtype="bf16", gradient_checkpointing=True)
     assert ckpt["activations"] < base["activations"]
+
+
+def test_lora_counts_grads_and_optimizer_state_of_the_adapters_only():
+    """LORA_RANK > 0: gradients, master weights and AdamW state are those of the adapters, counted here on a meta
+    model without peft (rank x (in + out) per targeted block linear)."""
+    import math
+    import re
+
+    from pyramid_dit.kinds import get_kind
+    from trainer_misc.engine import DEEPSPEED_BUCKET_ELEMENTS
+    from trainer_misc.planner import model_size
+
+    rank, targets = 4, get_kind("pyramid_flux").lora_targets
+    with torch.device("meta"):
+        plain = PyramidFluxTransformer(**TINY)
+    block_linear = re.compile(r".*blocks\.\d+\.(?:" + "|".join(map(re.escape, targets)) + ")")
+    adapters = sum(rank * (m.in_features + m.out_features) for name, m in plain.named_modules()
+                   if isinstance(m, torch.nn.Linear) and block_linear.fullmatch(name))
+    base = sum(p.numel() for p in plain.parameters())
+    lora = replace(SMALL, lora_rank=rank)
+    assert model_size(lora) == (base + adapters, adapters)
+
+    ddp, _ = predict_memory(lora)
+    assert (ddp["grads"], ddp["optimizer"], ddp["params"]) == (4 * adapters, 8 * adapters, 4 * (base + adapters))
+    zero2 = replace(lora, shard_strategy="zero2", dtype="bf16")
+    parts, _ = predict_memory(zero2)
+    assert parts["optimizer"] == math.ceil(12 * adapters / 2)  # fp32 master + 2 AdamW states, over 2 GPUs
+    assert parts["grads"] == math.ceil(4 * adapters / 2) + 4 * min(DEEPSPEED_BUCKET_ELEMENTS, adapters)
+    full, _ = predict_memory(replace(zero2, lora_rank=0))
+    assert full["optimizer"] == math.ceil(12 * base / 2)  # the full finetune: every base parameter
+    with pytest.raises(ValueError, match="zero3"):
+        replace(lora, shard_strategy="zero3")

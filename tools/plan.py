@@ -99,6 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gradient_checkpointing_ratio", type=float, default=0.75)
     p.add_argument("--video_sync_group", type=int, default=None,
                    help="AR only (default: the largest of 8, 4, 2, 1 dividing --gpus and --num_frames)")
+    p.add_argument("--lora_rank", type=int, default=0, help="LoRA rank (LORA_RANK); 0: full finetune. Gradients and "
+                   "optimizer state are then counted for the adapters only")
+    p.add_argument("--lora_targets", default="", help="comma-separated LoRA target layers (LORA_TARGETS; default: "
+                   "the kind's, pyramid_dit/kinds.py)")
     p.add_argument("--gpu_memory", type=float, default=None,
                    help="GiB per GPU to fit in (default: the visible GPU's, else 80)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -115,6 +119,9 @@ def launch_from_args(args: argparse.Namespace) -> Launch:
         raise SystemExit(f"--batch_size {args.batch_size}: a positive multiple of 4 (1:2:1 over 3 stages)")
     if min(args.gpus, args.num_frames, args.grad_accum) < 1:
         raise SystemExit("--gpus, --num_frames and --grad_accum must be >= 1")
+    if args.lora_rank < 0 or (args.lora_rank and args.shard_strategy == "zero3"):
+        raise SystemExit(f"--lora_rank {args.lora_rank}: must be >= 0, and LoRA runs with ddp or zero2 (the "
+                         "trainer refuses zero3)")
     group = args.video_sync_group or default_sync_group(args.gpus, args.num_frames)
     if args.task == "ar" and ((args.gpus % group and group % args.gpus) or args.num_frames % group):
         raise SystemExit(f"--video_sync_group {group} must divide --num_frames {args.num_frames} and divide or be "
@@ -123,7 +130,13 @@ def launch_from_args(args: argparse.Namespace) -> Launch:
                   num_frames=args.num_frames, batch_size=args.batch_size, gpus=args.gpus,
                   shard_strategy=args.shard_strategy, dtype=args.dtype, grad_accum=args.grad_accum,
                   gradient_checkpointing=args.gradient_checkpointing,
-                  gradient_checkpointing_ratio=args.gradient_checkpointing_ratio, video_sync_group=group)
+                  gradient_checkpointing_ratio=args.gradient_checkpointing_ratio, video_sync_group=group,
+                  lora_rank=args.lora_rank, lora_targets=_targets(args.lora_targets))
+
+
+def _targets(text: str) -> tuple[str, ...]:
+    """``LORA_TARGETS`` as the trainer parses it (empty: the kind's default)."""
+    return tuple(t.strip() for t in text.split(",") if t.strip())
 
 
 def _flops(n: float) -> str:
@@ -165,7 +178,8 @@ def plan_training_launch(args: argparse.Namespace, world_size: int) -> str:
                     shard_strategy=strategy, dtype=args.model_dtype, grad_accum=args.gradient_accumulation_steps,
                     gradient_checkpointing=args.gradient_checkpointing,
                     gradient_checkpointing_ratio=args.gradient_checkpointing_ratio,
-                    video_sync_group=args.video_sync_group if task == "ar" else 1)
+                    video_sync_group=args.video_sync_group if task == "ar" else 1,
+                    lora_rank=args.lora_rank, lora_targets=_targets(args.lora_targets))
     print(f"DRY_RUN: planning this launch ({kind}, {task}, {args.resolution}, NUM_FRAMES={args.max_frames}, "
           f"{world_size} process(es), {strategy}) on meta tensors ...", flush=True)
     result = plan(launch, default_gpu_memory_gib())

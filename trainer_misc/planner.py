@@ -12,6 +12,9 @@ backward on meta tensors (no storage, no arithmetic) with the real objective bui
   tensors torch would take the "math" attention path, which materialises the attention matrix; GPU training
   takes fused kernels that keep only a log-sum-exp per query, so attention is routed to the fused kernel's
   shape function (:func:`fused_attention`).
+* LoRA (``Launch.lora_rank > 0``): the traced model carries the same peft adapters the trainer injects
+  (``trainer_misc.lora.add_lora``), so base weights are frozen: gradients, master weights and AdamW state are
+  counted for the adapters only, and the activations are those of the adapted, frozen-base step.
 * Sharding: DDP / ZeRO-2 / ZeRO-3 are not simulated on one process. The per-category bytes of the traced
   step are divided as each strategy divides them (:func:`per_gpu_bytes`); that arithmetic is stated next to
   every prediction.
@@ -166,14 +169,24 @@ class Launch:
     gradient_checkpointing_ratio: float = 0.75
     video_sync_group: int = 8
     text_tokens: int = TEXT_TOKENS
+    lora_rank: int = 0  # LORA_RANK; 0: full finetune
+    lora_targets: tuple[str, ...] = ()  # LORA_TARGETS; empty: the kind's default (pyramid_dit/kinds.py)
+
+    def __post_init__(self) -> None:
+        if self.lora_rank < 0:
+            raise ValueError(f"lora_rank must be >= 0, got {self.lora_rank}")
+        if self.lora_rank and self.shard_strategy == "zero3":
+            raise ValueError("LoRA with zero3 is refused by the trainer; plan it with ddp or zero2")
 
     @property
     def frames(self) -> int:
         return 1 if self.task == "t2i" else self.num_frames
 
 
-def build_model(kind: str, config: dict, dtype: torch.dtype = torch.bfloat16) -> torch.nn.Module:
-    """The DiT of ``kind`` with ``config`` on the meta device (no memory), in ``dtype``."""
+def build_model(kind: str, config: dict, dtype: torch.dtype = torch.bfloat16, lora_rank: int = 0,
+                lora_targets: tuple[str, ...] = ()) -> torch.nn.Module:
+    """The DiT of ``kind`` with ``config`` on the meta device (no memory), in ``dtype``; with ``lora_rank`` > 0
+    carrying the trainer's adapters (base frozen), built in the same dtype."""
     if kind == "pyramid_flux":
         from pyramid_dit.modeling_pyramid_flux import PyramidFluxTransformer as cls
     elif kind == "pyramid_mmdit":
@@ -184,7 +197,14 @@ def build_model(kind: str, config: dict, dtype: torch.dtype = torch.bfloat16) ->
     torch.set_default_dtype(dtype)
     try:
         with torch.device("meta"):
-            return cls(**config)
+            model = cls(**config)
+            if lora_rank:
+                from pyramid_dit.kinds import get_kind
+                from trainer_misc.lora import LoraSettings, add_lora
+
+                targets = tuple(lora_targets) or get_kind(kind).lora_targets
+                add_lora(model, LoraSettings(lora_rank, float(lora_rank), targets))
+            return model
     finally:
         torch.set_default_dtype(previous)
 
@@ -241,7 +261,7 @@ def _tokens(shapes: list[list[tuple[int, ...]]], patch: int = 2) -> int:
 # ------------------------------------------------------------------------------------------------ counting
 
 def _trace_flops(launch: Launch, config: dict, shapes) -> int:
-    model = build_model(launch.model_kind, config)
+    model = build_model(launch.model_kind, config, torch.bfloat16, launch.lora_rank, launch.lora_targets)
     with flop_counter_mode() as counter, fused_attention():
         _loss(model(**dit_inputs(launch, shapes, torch.bfloat16))).backward()
     return counter.get_total_flops()
@@ -274,8 +294,12 @@ class TracedMemory:
     activation_bytes: int  # peak of everything else alive: saved activations, temporaries, inputs
 
 
+def _build(launch: Launch, dtype: torch.dtype = torch.bfloat16) -> torch.nn.Module:
+    return build_model(launch.model_kind, launch.model_config, dtype, launch.lora_rank, launch.lora_targets)
+
+
 def trace_memory(launch: Launch, shapes, dtype: torch.dtype) -> TracedMemory:
-    model = build_model(launch.model_kind, launch.model_config, dtype)
+    model = _build(launch, dtype)
     model.train()
     if launch.gradient_checkpointing:
         model.enable_gradient_checkpointing(launch.gradient_checkpointing_ratio)
@@ -299,8 +323,10 @@ def per_gpu_bytes(launch: Launch, n_params: int, n_trainable: int, traced: Trace
     mixed = launch.dtype != "fp32"
     if launch.shard_strategy == "ddp":
         # DDP keeps fp32 parameters and gradients on every GPU and autocasts the forward; AdamW: 2 fp32 states.
+        # Autocast caches a low-precision copy of each trainable weight for the step (torch caches only leaves
+        # that require grad: frozen LoRA base weights are recast per use, not kept).
         return {"params": 4 * n_params, "grads": 4 * n_trainable, "optimizer": 8 * n_trainable,
-                "activations": traced.activation_bytes + (2 * n_params if mixed else 0)}
+                "activations": traced.activation_bytes + (2 * n_trainable if mixed else 0)}
     # DeepSpeed ZeRO: model-dtype parameters; fp32 master weights + 2 fp32 Adam states, split over the GPUs;
     # gradients reduced / accumulated in fp32 (engine's default) into this GPU's partition, through a bucket.
     p_bytes = traced.param_bytes
@@ -315,7 +341,8 @@ def per_gpu_bytes(launch: Launch, n_params: int, n_trainable: int, traced: Trace
 
 
 SHARDING_NOTE = {
-    "ddp": "DDP: fp32 params, grads and AdamW state on every GPU; activations traced (+ autocast weight copies)",
+    "ddp": "DDP: fp32 params, grads and AdamW state on every GPU; activations traced (+ autocast copies of the "
+           "trainable weights)",
     "zero2": "ZeRO-2 arithmetic: params in model dtype on every GPU; fp32 grads, master weights and AdamW state "
              "divided by the GPU count (+ one fp32 reduce bucket); activations traced",
     "zero3": "ZeRO-3 arithmetic: params, fp32 grads, master weights and AdamW state divided by the GPU count "
@@ -326,8 +353,8 @@ SHARDING_NOTE = {
 # ------------------------------------------------------------------------------------------------ the plan
 
 def model_size(launch: Launch) -> tuple[int, int]:
-    """(parameters, trainable parameters) of the launch's DiT."""
-    model = build_model(launch.model_kind, launch.model_config)
+    """(parameters, trainable parameters) of the launch's DiT (with LoRA: the adapters are the trainable ones)."""
+    model = _build(launch)
     return (sum(p.numel() for p in model.parameters()),
             sum(p.numel() for p in model.parameters() if p.requires_grad))
 
@@ -355,6 +382,8 @@ def plan(launch: Launch, gpu_memory_gib: float) -> dict[str, Any]:
     n_params, n_trainable = model_size(launch)
     parts, tokens = predict_memory(launch)
     peak = sum(parts.values())
+    lora = (f"; LoRA rank {launch.lora_rank}: grads, master weights and AdamW state of the "
+            f"{n_trainable:,} adapter parameters only" if launch.lora_rank else "")
     result: dict[str, Any] = {
         "launch": {k: v for k, v in asdict(launch).items() if k != "model_config"},
         "params": n_params,
@@ -367,7 +396,7 @@ def plan(launch: Launch, gpu_memory_gib: float) -> dict[str, Any]:
         "peak_gib_per_gpu": round(peak / GIB, 2),
         "peak_breakdown_gib": {k: round(v / GIB, 2) for k, v in parts.items()},
         "peak_breakdown_bytes": parts,
-        "sharding": SHARDING_NOTE[launch.shard_strategy],
+        "sharding": SHARDING_NOTE[launch.shard_strategy] + lora,
         "gpu_memory_gib": gpu_memory_gib,
         "fits": peak <= gpu_memory_gib * GIB,
         "prediction": "PREDICTION from CPU tracing (meta tensors), not measured on a GPU; the CUDA context "
@@ -381,16 +410,21 @@ def plan(launch: Launch, gpu_memory_gib: float) -> dict[str, Any]:
 def cheapest_fix(launch: Launch, gpu_memory_gib: float) -> Optional[str]:
     """The first change, cheapest first, whose plan fits: gradient checkpointing, zero3, fewer frames, more GPUs."""
     candidates: list[tuple[str, Launch]] = []
+    if launch.lora_rank and launch.shard_strategy == "ddp" and launch.dtype != "fp32":
+        # DDP keeps the frozen base in fp32; ZeRO-2 (on any process count) keeps it in the model dtype.
+        candidates.append(("SHARD_STRATEGY=zero2 (frozen base weights in bf16 instead of fp32)",
+                           replace(launch, shard_strategy="zero2")))
     if not launch.gradient_checkpointing:
         candidates.append(("turn on gradient checkpointing (GRADIENT_CHECKPOINTING=1)",
                            replace(launch, gradient_checkpointing=True)))
     base = replace(launch, gradient_checkpointing=True)
-    if launch.shard_strategy != "zero3" and launch.gpus > 1:
+    zero3 = not launch.lora_rank  # the trainer refuses LoRA under zero3
+    if zero3 and launch.shard_strategy != "zero3" and launch.gpus > 1:
         candidates.append(("gradient checkpointing + SHARD_STRATEGY=zero3", replace(base, shard_strategy="zero3")))
     if launch.task != "t2i" and launch.num_frames > 1:
         half = max(launch.num_frames // 2, 1)
         candidates.append((f"gradient checkpointing + NUM_FRAMES={half}", replace(base, num_frames=half)))
-    for more in (launch.gpus * 2, launch.gpus * 4):
+    for more in (launch.gpus * 2, launch.gpus * 4) if zero3 else ():
         candidates.append((f"gradient checkpointing + zero3 on {more} GPUs",
                            replace(base, shard_strategy="zero3", gpus=more)))
     for text, option in candidates:
@@ -416,6 +450,9 @@ def measure_step(launch: Launch, seed: int = 0) -> dict[str, dict[str, int]]:
 
     if launch.dtype != "fp32" or launch.gpus != 1 or launch.shard_strategy != "ddp":
         raise ValueError("measure a single-process fp32 'ddp' launch (what runs on this CPU)")
+    if launch.lora_rank:
+        raise ValueError("measure a full finetune: torch's MemTracker registers a gradient hook on every parameter "
+                         "and fails on LoRA's frozen base weights")
     shapes = max(rank_shapes(launch), key=_tokens)
     n_params, n_trainable = model_size(launch)
     predicted = per_gpu_bytes(launch, n_params, n_trainable, trace_memory(launch, shapes, torch.float32))
