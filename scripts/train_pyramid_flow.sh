@@ -40,6 +40,7 @@ SCRIPT_NAME=train_pyramid_flow.sh
 : "${LORA_ALPHA:=}"                   # LoRA alpha (scale alpha/rank; default: LORA_RANK)
 : "${LORA_TARGETS:=}"                 # comma-separated block layer names (default: the kind's, pyramid_dit/kinds.py)
 : "${LORA_DROPOUT:=0}"
+: "${OFFLOAD:=0}"                     # 1: ZeRO optimizer state + fp32 master weights in CPU RAM (DeepSpeed CPU Adam; slower)
 : "${KEEP_CKPTS:=0}"                 # keep only the newest N checkpoints (0: keep all)
 : "${COLLECTIVE_TIMEOUT_MIN:=10}"     # a rank that stops responding for this long ends the run (minutes)
 : "${GRADIENT_CHECKPOINTING:=}"       # 1 recomputes activations; unset: on for 768p only
@@ -78,6 +79,8 @@ if [ "$LORA_RANK" -gt 0 ]; then
     [ -z "$LORA_ALPHA" ] || set -- "$@" --lora_alpha "$LORA_ALPHA"
     [ -z "$LORA_TARGETS" ] || set -- "$@" --lora_targets "$LORA_TARGETS"
 fi
+case "$OFFLOAD" in 0) ;; 1) [ "$SHARD_STRATEGY" != ddp ] || die "OFFLOAD=1 is DeepSpeed's optimizer CPU offload: set SHARD_STRATEGY=zero2 or zero3"
+    set -- "$@" --offload_optimizer ;; *) die "OFFLOAD=$OFFLOAD must be 0 or 1" ;; esac
 [ -z "$DATA_ROOT" ] || set -- "$@" --data_root "$DATA_ROOT"
 # shellcheck disable=SC2086
 set -- "$@" $SP_ARGS

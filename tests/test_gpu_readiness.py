@@ -44,6 +44,21 @@ def test_deepspeed_buckets_are_sized_for_the_dit_not_the_5e8_default():
     assert deepspeed_config(EngineConfig(strategy="zero2"), CPU)["zero_optimization"]["overlap_comm"] is False
 
 
+def test_optimizer_offload_config_pins_memory_on_gpu_and_keeps_our_cpu_adam():
+    """OFFLOAD=1: ZeRO's optimizer state goes to pinned host memory on GPUs; the optimizer we build is kept (accelerate
+    would otherwise swap in an L2-mode DeepSpeedCPUAdam); DDP has no optimizer offload and is refused."""
+    for strategy in ("zero2", "zero3"):
+        cfg = deepspeed_config(EngineConfig(strategy=strategy, offload_optimizer=True), CUDA)
+        assert cfg["zero_optimization"]["offload_optimizer"] == {"device": "cpu", "pin_memory": True}
+        assert cfg["zero_force_ds_cpu_optimizer"] is False
+        plain = deepspeed_config(EngineConfig(strategy=strategy), CUDA)
+        assert "offload_optimizer" not in plain["zero_optimization"] and "zero_force_ds_cpu_optimizer" not in plain
+    assert deepspeed_config(EngineConfig(strategy="zero2", offload_optimizer=True), CPU)["zero_optimization"][
+        "offload_optimizer"]["pin_memory"] is False
+    with pytest.raises(ValueError, match="SHARD_STRATEGY=zero2 or zero3"):
+        EngineConfig(strategy="ddp", offload_optimizer=True)
+
+
 def test_grad_reduce_dtype_is_checked():
     with pytest.raises(ValueError, match="grad_reduce_dtype"):
         EngineConfig(grad_reduce_dtype="bf16")

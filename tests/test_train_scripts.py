@@ -52,6 +52,8 @@ CASES = [
     (AR, {"SHARD_STRATEGY": "fsdp"}, "SHARD_STRATEGY=fsdp must be ddp, zero2 or zero3"),
     (AR, {"ANNO_FILE": "/nonexistent.jsonl"}, "ANNO_FILE=/nonexistent.jsonl not found"),
     (AR, {"MODEL_NAME": "sd3"}, "MODEL_NAME=sd3 must be pyramid_flux (rain1011/pyramid-flow-miniflux) or pyramid_mmdit"),
+    (AR, {"OFFLOAD": "1", "SHARD_STRATEGY": "ddp"}, "OFFLOAD=1 is DeepSpeed's optimizer CPU offload: set SHARD_STRATEGY=zero2"),
+    (NON_AR, {"OFFLOAD": "yes"}, "OFFLOAD=yes must be 0 or 1"),
     ("generate.sh", {"PROMPT": "x", "LORA_PATH": "/nonexistent"}, "LORA_PATH=/nonexistent has no adapter_config.json"),
     ("generate.sh", {"PROMPT": "x", "LORA_SCALE": "0.5"}, "LORA_SCALE=0.5 scales an adapter: set LORA_PATH too"),
 ]

@@ -156,6 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dtype of the cross-rank gradient reduction and of the accumulation over micro-batches: "
                         "fp32 (default, exact enough for many ranks) or model (the training dtype, e.g. bf16: "
                         "half the gradient traffic, as the reference)")
+    g.add_argument("--offload_optimizer", action="store_true",
+                   help="zero2/zero3: keep fp32 master weights, gradients and AdamW state in CPU memory and update "
+                        "them there with DeepSpeed's CPU Adam (less GPU memory, slower steps; OFFLOAD=1)")
 
     g = p.add_argument_group("output")
     g.add_argument("--output_dir", required=True, help="checkpoints, tensorboard logs and the exported DiT")
@@ -233,6 +236,8 @@ def check_args(args: argparse.Namespace, world_size: int) -> None:
     if args.lora_rank and strategy_of(args) == "zero3":
         raise SystemExit("--lora_rank with zero3 is not supported (untested); LoRA state is small, use "
                          "SHARD_STRATEGY=zero2 or ddp")
+    if args.offload_optimizer and strategy_of(args) == "ddp":
+        raise SystemExit("--offload_optimizer is DeepSpeed's optimizer CPU offload: use SHARD_STRATEGY=zero2 or zero3")
     if args.task == "t2i" and args.use_temporal_pyramid:
         raise SystemExit("--task t2i trains single frames: drop --use_temporal_pyramid")
     if args.use_temporal_pyramid:
@@ -394,7 +399,7 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(
         output_dir=args.output_dir, max_steps=max_steps, batch_size=args.batch_size, strategy=strategy_of(args),
         mixed_precision=args.model_dtype, grad_reduce_dtype=args.grad_reduce_dtype, device=args.device,
-        grad_accum_steps=args.gradient_accumulation_steps,
+        offload_optimizer=args.offload_optimizer, grad_accum_steps=args.gradient_accumulation_steps,
         lr=args.lr, betas=(args.opt_beta1, args.opt_beta2), eps=args.opt_eps, weight_decay=args.weight_decay,
         lr_scheduler=args.lr_scheduler, warmup_steps=min(warmup, max_steps), warmup_start_lr=args.warmup_lr,
         min_lr=args.min_lr, max_grad_norm=args.clip_grad or None, skip_loss_threshold=args.skip_loss_threshold,

@@ -34,6 +34,7 @@ class TrainConfig:
     strategy: str = "ddp"                      # [--fsdp_shard_strategy] ddp | zero2 | zero3
     mixed_precision: str = "bf16"              # [--model_dtype] bf16 | fp16 | fp32
     grad_reduce_dtype: str = "fp32"            # fp32 | model: gradient reduction/accumulation (EngineConfig)
+    offload_optimizer: bool = False            # [--offload_optimizer] OFFLOAD=1: ZeRO optimizer state on the CPU
     device: str = "auto"                       # auto | cuda | cpu
     grad_accum_steps: int = 1
     # optimizer [--lr --opt_beta1 --opt_beta2 --opt_eps --weight_decay]
@@ -91,7 +92,8 @@ class TrainConfig:
         """The engine settings; also what ``engine.model_init_context`` needs to build a ZeRO-3 model."""
         return EngineConfig(strategy=self.strategy, mixed_precision=self.mixed_precision, device=self.device,
                             grad_accum_steps=self.grad_accum_steps, max_grad_norm=self.max_grad_norm,
-                            micro_batch_size=self.batch_size, grad_reduce_dtype=self.grad_reduce_dtype)
+                            micro_batch_size=self.batch_size, grad_reduce_dtype=self.grad_reduce_dtype,
+                            offload_optimizer=self.offload_optimizer)
 
     def schedule(self) -> LRSchedule:
         return LRSchedule(self.lr_scheduler, self.lr, self.max_steps, self.warmup_steps, self.warmup_start_lr,

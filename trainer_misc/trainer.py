@@ -124,7 +124,9 @@ def train(model: nn.Module, compute_loss: ComputeLoss, dataset: Dataset, config:
                         "Pyramid Flow DiTs split their sequence)")
 
     # Model, optimizer and sharding.
-    engine = TrainEngine(model, build_adamw(model, config.lr, config.betas, config.eps, config.weight_decay),
+    optimizer = build_adamw(model, config.lr, config.betas, config.eps, config.weight_decay,
+                            cpu_offload=config.offload_optimizer)
+    engine = TrainEngine(model, optimizer,
                          dataclasses.replace(config.engine_config(),
                                              grad_accum_steps=config.grad_accum_steps * sync.virtual))
     rank, world = engine.rank, engine.world_size
