@@ -87,3 +87,20 @@ def test_lora_counts_grads_and_optimizer_state_of_the_adapters_only():
     assert full["optimizer"] == math.ceil(12 * base / 2)  # the full finetune: every base parameter
     with pytest.raises(ValueError, match="zero3"):
         replace(lora, shard_strategy="zero3")
+
+
+def test_optimizer_offload_leaves_the_reduce_bucket_on_the_gpu():
+    """OFFLOAD=1 moves master weights, AdamW state and the gradient partition to host memory (arithmetic); params
+    and traced activations are unchanged."""
+    from trainer_misc.engine import DEEPSPEED_BUCKET_ELEMENTS
+    from trainer_misc.planner import model_size
+
+    zero2 = replace(SMALL, shard_strategy="zero2", dtype="bf16")
+    on, _ = predict_memory(replace(zero2, offload_optimizer=True))
+    off, _ = predict_memory(zero2)
+    trainable = model_size(zero2)[1]
+    assert on["optimizer"] == 0 < off["optimizer"]
+    assert on["grads"] == 4 * min(DEEPSPEED_BUCKET_ELEMENTS, trainable) < off["grads"]
+    assert (on["params"], on["activations"]) == (off["params"], off["activations"])
+    with pytest.raises(ValueError, match="zero2 or zero3"):
+        replace(SMALL, offload_optimizer=True)

@@ -103,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "optimizer state are then counted for the adapters only")
     p.add_argument("--lora_targets", default="", help="comma-separated LoRA target layers (LORA_TARGETS; default: "
                    "the kind's, pyramid_dit/kinds.py)")
+    p.add_argument("--offload_optimizer", action="store_true", help="OFFLOAD=1 (zero2/zero3): master weights, AdamW "
+                   "state and gradient partition in host memory")
     p.add_argument("--gpu_memory", type=float, default=None,
                    help="GiB per GPU to fit in (default: the visible GPU's, else 80)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -119,6 +121,8 @@ def launch_from_args(args: argparse.Namespace) -> Launch:
         raise SystemExit(f"--batch_size {args.batch_size}: a positive multiple of 4 (1:2:1 over 3 stages)")
     if min(args.gpus, args.num_frames, args.grad_accum) < 1:
         raise SystemExit("--gpus, --num_frames and --grad_accum must be >= 1")
+    if args.offload_optimizer and args.shard_strategy == "ddp":
+        raise SystemExit("--offload_optimizer is DeepSpeed's optimizer offload: --shard_strategy zero2 or zero3")
     if args.lora_rank < 0 or (args.lora_rank and args.shard_strategy == "zero3"):
         raise SystemExit(f"--lora_rank {args.lora_rank}: must be >= 0, and LoRA runs with ddp or zero2 (the "
                          "trainer refuses zero3)")
@@ -131,7 +135,8 @@ def launch_from_args(args: argparse.Namespace) -> Launch:
                   shard_strategy=args.shard_strategy, dtype=args.dtype, grad_accum=args.grad_accum,
                   gradient_checkpointing=args.gradient_checkpointing,
                   gradient_checkpointing_ratio=args.gradient_checkpointing_ratio, video_sync_group=group,
-                  lora_rank=args.lora_rank, lora_targets=_targets(args.lora_targets))
+                  lora_rank=args.lora_rank, lora_targets=_targets(args.lora_targets),
+                  offload_optimizer=args.offload_optimizer)
 
 
 def _targets(text: str) -> tuple[str, ...]:
@@ -179,7 +184,8 @@ def plan_training_launch(args: argparse.Namespace, world_size: int) -> str:
                     gradient_checkpointing=args.gradient_checkpointing,
                     gradient_checkpointing_ratio=args.gradient_checkpointing_ratio,
                     video_sync_group=args.video_sync_group if task == "ar" else 1,
-                    lora_rank=args.lora_rank, lora_targets=_targets(args.lora_targets))
+                    lora_rank=args.lora_rank, lora_targets=_targets(args.lora_targets),
+                    offload_optimizer=args.offload_optimizer)
     print(f"DRY_RUN: planning this launch ({kind}, {task}, {args.resolution}, NUM_FRAMES={args.max_frames}, "
           f"{world_size} process(es), {strategy}) on meta tensors ...", flush=True)
     result = plan(launch, default_gpu_memory_gib())

@@ -171,12 +171,15 @@ class Launch:
     text_tokens: int = TEXT_TOKENS
     lora_rank: int = 0  # LORA_RANK; 0: full finetune
     lora_targets: tuple[str, ...] = ()  # LORA_TARGETS; empty: the kind's default (pyramid_dit/kinds.py)
+    offload_optimizer: bool = False  # OFFLOAD=1 (ZeRO only)
 
     def __post_init__(self) -> None:
         if self.lora_rank < 0:
             raise ValueError(f"lora_rank must be >= 0, got {self.lora_rank}")
         if self.lora_rank and self.shard_strategy == "zero3":
             raise ValueError("LoRA with zero3 is refused by the trainer; plan it with ddp or zero2")
+        if self.offload_optimizer and self.shard_strategy == "ddp":
+            raise ValueError("optimizer offload (OFFLOAD=1) is DeepSpeed's: plan it with zero2 or zero3")
 
     @property
     def frames(self) -> int:
@@ -333,11 +336,15 @@ def per_gpu_bytes(launch: Launch, n_params: int, n_trainable: int, traced: Trace
     master = 4 * n_trainable if mixed else 0
     grads = math.ceil(4 * n_trainable / n) + 4 * min(DEEPSPEED_BUCKET_ELEMENTS, n_trainable)
     params = p_bytes
+    optimizer = math.ceil((master + 8 * n_trainable) / n)
+    if launch.offload_optimizer:
+        # ZeRO-Offload: master weights, AdamW state and the fp32 gradient partition live in host memory; the GPU
+        # keeps the reduce bucket.
+        optimizer, grads = 0, 4 * min(DEEPSPEED_BUCKET_ELEMENTS, n_trainable)
     if launch.shard_strategy == "zero3":
         elem = p_bytes // max(n_params, 1)
         params = math.ceil(p_bytes / n) + elem * min(DEEPSPEED_BUCKET_ELEMENTS, n_params)  # + prefetched blocks
-    return {"params": params, "grads": grads, "optimizer": math.ceil((master + 8 * n_trainable) / n),
-            "activations": traced.activation_bytes}
+    return {"params": params, "grads": grads, "optimizer": optimizer, "activations": traced.activation_bytes}
 
 
 SHARDING_NOTE = {
@@ -384,6 +391,10 @@ def plan(launch: Launch, gpu_memory_gib: float) -> dict[str, Any]:
     peak = sum(parts.values())
     lora = (f"; LoRA rank {launch.lora_rank}: grads, master weights and AdamW state of the "
             f"{n_trainable:,} adapter parameters only" if launch.lora_rank else "")
+    if launch.offload_optimizer:
+        lora += (f"; OFFLOAD=1: master weights, AdamW state and fp32 gradient partition in host memory "
+                 f"({math.ceil(16 * n_trainable / launch.gpus) / GIB:.1f} GiB of CPU RAM per process), GPU keeps "
+                 "the reduce bucket")
     result: dict[str, Any] = {
         "launch": {k: v for k, v in asdict(launch).items() if k != "model_config"},
         "params": n_params,
@@ -408,7 +419,8 @@ def plan(launch: Launch, gpu_memory_gib: float) -> dict[str, Any]:
 
 
 def cheapest_fix(launch: Launch, gpu_memory_gib: float) -> Optional[str]:
-    """The first change, cheapest first, whose plan fits: gradient checkpointing, zero3, fewer frames, more GPUs."""
+    """The first change, cheapest first, whose plan fits: gradient checkpointing, optimizer offload, zero3, fewer
+    frames, more GPUs."""
     candidates: list[tuple[str, Launch]] = []
     if launch.lora_rank and launch.shard_strategy == "ddp" and launch.dtype != "fp32":
         # DDP keeps the frozen base in fp32; ZeRO-2 (on any process count) keeps it in the model dtype.
@@ -418,6 +430,9 @@ def cheapest_fix(launch: Launch, gpu_memory_gib: float) -> Optional[str]:
         candidates.append(("turn on gradient checkpointing (GRADIENT_CHECKPOINTING=1)",
                            replace(launch, gradient_checkpointing=True)))
     base = replace(launch, gradient_checkpointing=True)
+    if launch.shard_strategy != "ddp" and not launch.offload_optimizer:
+        candidates.append(("gradient checkpointing + OFFLOAD=1 (optimizer state in host memory, slower steps)",
+                           replace(base, offload_optimizer=True)))
     zero3 = not launch.lora_rank  # the trainer refuses LoRA under zero3
     if zero3 and launch.shard_strategy != "zero3" and launch.gpus > 1:
         candidates.append(("gradient checkpointing + SHARD_STRATEGY=zero3", replace(base, shard_strategy="zero3")))
