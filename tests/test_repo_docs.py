@@ -47,3 +47,20 @@ def test_requirement_lower_bounds_are_the_ci_tested_versions():
         tested = oldest.get(name) or pins[name]
         bound = _version(bounds[name])
         assert bound == _version(tested)[:len(bound)], f"requirements {name}>={bounds[name]} but CI tests {tested}"
+
+
+def test_gpu_table_rows_are_what_tools_gpu_table_prints():
+    """The README's "Which GPUs do I need" table has tools/gpu_table.py's header and, in order, one row for each
+    launch of its default grid, each with one figure per column (the figures take minutes to trace: not redone)."""
+    from tools.gpu_table import HEADER, grid, row_key
+
+    text = (REPO / "README.md").read_text()
+    section = text.split("#### Which GPUs do I need", 1)[1].split("\n#", 1)[0]
+    lines = [line for line in section.splitlines() if line.startswith("|")]
+    assert tuple(lines[:2]) == HEADER
+    keys = [row_key(*launch) for launch in grid()]
+    assert [line[:len(key)] for line, key in zip(lines[2:], keys)] == keys and len(lines) - 2 == len(keys)
+    columns = HEADER[0].count("|") - 1
+    for line in lines[2:]:
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        assert len(cells) == columns and all(float(c) > 0 for c in cells[4:]), line

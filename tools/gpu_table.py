@@ -22,6 +22,24 @@ from trainer_misc.planner import (GIB, Launch, _tokens, flops_per_step, model_si
                                   rank_shapes, trace_memory)
 
 
+HEADER = ("| model | resolution | NUM_FRAMES | mode | 8xZeRO-2 GiB/GPU | 8xZeRO-3 GiB/GPU | 1 GPU + ckpt GiB | "
+          "PFLOP/step (8 GPUs) |", "|---|---|---|---|---|---|---|---|")
+DEFAULTS = {"models": ["released-miniflux", "released-sd3"], "resolutions": ["384p", "768p"], "num_frames": [16, 32],
+            "tasks": ["ar", "t2v"]}
+MODE = {"ar": "AR", "t2v": "full-seq"}
+
+
+def row_key(model: str, resolution: str, frames: int, task: str) -> str:
+    """The first four cells of a row (what it is a prediction for)."""
+    return f"| {model.removeprefix('released-')} | {resolution} | {frames} | {MODE[task]} |"
+
+
+def grid(models=DEFAULTS["models"], resolutions=DEFAULTS["resolutions"], num_frames=DEFAULTS["num_frames"],
+         tasks=DEFAULTS["tasks"]) -> list[tuple[str, str, int, str]]:
+    """The rows, in table order; with the defaults, the README's table."""
+    return [(m, r, f, t) for m in models for r in resolutions for f in num_frames for t in tasks]
+
+
 def row(model: str, resolution: str, frames: int, task: str) -> str:
     kind, config = load_model_config(model)
     width, height = pixel_size(resolution, task)
@@ -35,26 +53,19 @@ def row(model: str, resolution: str, frames: int, task: str) -> str:
     traced1 = trace_memory(single, max(rank_shapes(single), key=_tokens), torch.bfloat16)
     peaks.append(sum(per_gpu_bytes(single, n, n_train, traced1).values()) / GIB)
     flops = flops_per_step(base) / 1e15
-    name = {"ar": "AR", "t2v": "full-seq"}[task]
-    return (f"| {model.removeprefix('released-')} | {resolution} | {frames} | {name} | {peaks[0]:.1f} | "
-            f"{peaks[1]:.1f} | {peaks[2]:.1f} | {flops:.2f} |")
+    return f"{row_key(model, resolution, frames, task)} {peaks[0]:.1f} | {peaks[1]:.1f} | {peaks[2]:.1f} | {flops:.2f} |"
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", nargs="+", default=["released-miniflux", "released-sd3"])
-    p.add_argument("--resolutions", nargs="+", default=["384p", "768p"])
-    p.add_argument("--num_frames", nargs="+", type=int, default=[16, 32])
-    p.add_argument("--tasks", nargs="+", default=["ar", "t2v"], choices=["ar", "t2v"])
+    p.add_argument("--models", nargs="+", default=DEFAULTS["models"])
+    p.add_argument("--resolutions", nargs="+", default=DEFAULTS["resolutions"])
+    p.add_argument("--num_frames", nargs="+", type=int, default=DEFAULTS["num_frames"])
+    p.add_argument("--tasks", nargs="+", default=DEFAULTS["tasks"], choices=list(MODE))
     args = p.parse_args(argv)
-    print("| model | resolution | NUM_FRAMES | mode | 8xZeRO-2 GiB/GPU | 8xZeRO-3 GiB/GPU | 1 GPU + ckpt GiB | "
-          "PFLOP/step (8 GPUs) |")
-    print("|---|---|---|---|---|---|---|---|")
-    for model in args.models:
-        for res in args.resolutions:
-            for frames in args.num_frames:
-                for task in args.tasks:
-                    print(row(model, res, frames, task), flush=True)
+    print("\n".join(HEADER))
+    for key in grid(args.models, args.resolutions, args.num_frames, args.tasks):
+        print(row(*key), flush=True)
     return 0
 
 
