@@ -253,3 +253,25 @@ def test_loss_spike_skip_is_opt_in():
     """The reference always drops updates whose loss reaches 2.0; here only with --skip_loss_threshold."""
     assert _train_config().skip_loss_threshold is None
     assert _train_config("--skip_loss_threshold", "2.0").skip_loss_threshold == 2.0
+
+
+def test_dry_run_plans_the_lora_and_offload_launch_it_was_given(tmp_path):
+    """DRY_RUN's plan (tools/plan.py plan_training_launch) is the one of the parsed flags: LORA_RANK and OFFLOAD
+    reach it (in-process, tiny DiT config; the scripts' DRY_RUN path is tests/test_train_integration.py's)."""
+    import json
+
+    from tools.plan import plan_training_launch
+    from train.train_pyramid_flow import build_parser
+
+    tiny = dict(_class_name="PyramidFluxTransformer", patch_size=1, in_channels=64, num_layers=1,
+                num_single_layers=1, attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                pooled_projection_dim=24, axes_dims_rope=[4, 6, 6])
+    (tmp_path / "diffusion_transformer_384p").mkdir()
+    (tmp_path / "diffusion_transformer_384p" / "config.json").write_text(json.dumps(tiny))
+    flags = ["--model_path", str(tmp_path), "--anno_file", "a", "--output_dir", "o", "--resolution", "64x64",
+             "--max_frames", "4", "--batch_size", "4", "--shard_strategy", "zero2"]
+    plain = plan_training_launch(build_parser().parse_args(flags), 1)
+    lora = plan_training_launch(build_parser().parse_args(flags + ["--lora_rank", "4", "--offload_optimizer"]), 1)
+    assert "LoRA" not in plain and "OFFLOAD" not in plain
+    assert "LoRA rank 4: grads, master weights and AdamW state of the" in lora
+    assert "OFFLOAD=1: master weights, AdamW state and fp32 gradient partition in host memory" in lora
