@@ -271,3 +271,24 @@ def test_unsupported_config_is_rejected() -> None:
         CausalVideoVAE(**TINY_CONFIG, interpolate=True)
     with pytest.raises(ValueError, match="decoder_in_channels"):
         CausalVideoVAE(**{**TINY_CONFIG, "decoder_in_channels": 4})
+
+
+# ---------------------------------------------------------------- fast paths
+
+
+def test_cpu_inference_convolution_route_matches_torch() -> None:
+    """A single clip whose N*C*T*H is under torch's oneDNN threshold but large overall goes to oneDNN in
+    inference (causal_conv._conv3d); it must compute the same convolution, and training keeps torch's kernel."""
+    from video_vae.causal_conv import MKLDNN_MIN_NUMEL, CausalConv3d
+
+    gen = torch.Generator().manual_seed(3)
+    conv = CausalConv3d(16, 16, kernel_size=3)
+    x = torch.randn(1, 16, 5, 40, 96, generator=gen)  # 1*16*7*40 padded = 4480 <= 20480, 307k elements per clip
+    assert x[0].numel() >= MKLDNN_MIN_NUMEL
+    padded = torch.cat([x.new_zeros(1, 16, 2, 40, 96), x], dim=2)
+    expected = torch.nn.functional.conv3d(padded, conv.conv.weight, conv.conv.bias, padding=(0, 1, 1))
+    with torch.no_grad():
+        fast = conv(x)
+    assert _rel_err(fast, expected) < 1e-5
+    train = conv(x)  # weights require grad: torch's own kernel, differentiable
+    assert train.requires_grad and _rel_err(train.detach(), expected.detach()) < 1e-6
