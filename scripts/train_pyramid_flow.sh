@@ -59,30 +59,5 @@ is_uint "$VIDEO_SYNC_GROUP" && [ "$VIDEO_SYNC_GROUP" -gt 0 ] || die "VIDEO_SYNC_
 [ $((DATA_WORLD % VIDEO_SYNC_GROUP)) -eq 0 ] || [ $((VIDEO_SYNC_GROUP % DATA_WORLD)) -eq 0 ] \
     || die "GPUS*NNODES/SP_SIZE=$DATA_WORLD data-parallel ranks and VIDEO_SYNC_GROUP=$VIDEO_SYNC_GROUP must divide one another: a multiple of VIDEO_SYNC_GROUP gives each rank one slot of a group, a divisor of it makes each rank train VIDEO_SYNC_GROUP/ranks slots of the clip in turn (same update, more time per step)"
 
-set -- "$REPO/train/train_pyramid_flow.py" --task t2v --use_temporal_pyramid --sync_video_input \
-    --video_sync_group "$VIDEO_SYNC_GROUP" --shard_strategy "$SHARD_STRATEGY" \
-    --model_name "$MODEL_NAME" --model_path "$MODEL_PATH" --model_variant "$VARIANT" --model_dtype "$MODEL_DTYPE" \
-    --output_dir "$OUTPUT_DIR" --batch_size "$BATCH_SIZE" --gradient_accumulation_steps "$GRAD_ACCU_STEPS" \
-    --resolution "$RESOLUTION" --max_frames "$NUM_FRAMES" --anno_file "$ANNO_FILE" --frame_per_unit 1 \
-    --schedule_shift 1.0 --lr_scheduler constant_with_warmup --opt_beta1 0.9 --opt_beta2 0.95 \
-    --weight_decay 1e-4 --clip_grad 1.0 --lr "$LR" --warmup_steps "$WARMUP_STEPS" --warmup_epochs "$WARMUP_EPOCHS" \
-    --epochs "$EPOCHS" --iters_per_epoch "$ITERS_PER_EPOCH" --save_ckpt_freq "$SAVE_CKPT_FREQ" \
-    --save_every_steps "$SAVE_EVERY_STEPS" --num_workers "$NUM_WORKERS" --seed 42
-is_uint "$KEEP_CKPTS" || die "KEEP_CKPTS=$KEEP_CKPTS must be a non-negative integer (0 keeps every checkpoint)"
-[ "$KEEP_CKPTS" = 0 ] || set -- "$@" --keep_last_checkpoints "$KEEP_CKPTS"
-export COLLECTIVE_TIMEOUT_MIN
-[ "$GRADIENT_CHECKPOINTING" = 0 ] || set -- "$@" --gradient_checkpointing
-is_uint "$LORA_RANK" || die "LORA_RANK=$LORA_RANK must be 0 (full finetune) or a positive integer rank"
-if [ "$LORA_RANK" -gt 0 ]; then
-    [ "$SHARD_STRATEGY" != zero3 ] || die "LORA_RANK=$LORA_RANK needs SHARD_STRATEGY=zero2 or ddp (LoRA with zero3 is not supported)"
-    set -- "$@" --lora_rank "$LORA_RANK" --lora_dropout "$LORA_DROPOUT"
-    [ -z "$LORA_ALPHA" ] || set -- "$@" --lora_alpha "$LORA_ALPHA"
-    [ -z "$LORA_TARGETS" ] || set -- "$@" --lora_targets "$LORA_TARGETS"
-fi
-case "$OFFLOAD" in 0) ;; 1) [ "$SHARD_STRATEGY" != ddp ] || die "OFFLOAD=1 is DeepSpeed's optimizer CPU offload: set SHARD_STRATEGY=zero2 or zero3"
-    set -- "$@" --offload_optimizer ;; *) die "OFFLOAD=$OFFLOAD must be 0 or 1" ;; esac
-[ -z "$DATA_ROOT" ] || set -- "$@" --data_root "$DATA_ROOT"
-# shellcheck disable=SC2086
-set -- "$@" $SP_ARGS
-# shellcheck disable=SC2086  # EXTRA_ARGS is a list of flags
-launch "$@" $EXTRA_ARGS
+launch_training --task t2v --use_temporal_pyramid --sync_video_input --video_sync_group "$VIDEO_SYNC_GROUP" \
+    --frame_per_unit 1
