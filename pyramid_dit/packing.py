@@ -206,7 +206,7 @@ def pack_columns(columns: list[list[torch.Tensor]], text_mask: torch.Tensor, *, 
         kept = (valid_host * torch.arange(1, T + 1)).amax(dim=(0, 2)).tolist()  # per column: 1 + last valid
         fully_valid = [bool(valid_host[:, c, :kept[c]].all()) for c in range(n)]
     n_axes = len(rope_axes) if rope_axes is not None else 0
-    video_pos, joint_pos, last_pos, groups, last_groups = [], [], [], [], []
+    video_pos, last_pos, groups, last_groups = [], [], [], []
     for c, clips in enumerate(columns):
         grid_h, grid_w = clips[-1].shape[3] // patch, clips[-1].shape[4] // patch
         pos, frame_sizes = [], []
@@ -217,20 +217,29 @@ def pack_columns(columns: list[list[torch.Tensor]], text_mask: torch.Tensor, *, 
             frame_sizes += [h * w] * t
         video_pos.append(torch.cat(pos))
         last_pos.append(pos[-1])
-        if joint_rope:
-            joint_pos += [torch.zeros(kept[c], n_axes, device=device), video_pos[-1]]
         text_valid = None if fully_valid[c] else text_mask.view(batch, n, T)[:, c, :kept[c]].bool()
         groups.append(attention_groups(kept[c], text_valid, frame_sizes, temporal_causal))
         first_last = kept[c] + video_pos[-1].shape[0] - last_pos[-1].shape[0]  # where the last clip starts
         last_groups.append(queries_from(groups[-1], first_last))
 
-    def tables(positions: list[torch.Tensor]) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
-        return rope_tables(torch.cat(positions), rope_axes) if n_axes and positions else None
+    video_lens, last_lens = [p.shape[0] for p in video_pos], [p.shape[0] for p in last_pos]
+    rope_video = rope_joint = rope_last = None
+    if n_axes:
+        # Angles (float64) are formed once, for the video tokens. The other layouts reuse those rows: a column's
+        # last clip is the end of its video rows, and text sits at angle 0 (cos 1, sin 0).
+        rope_video = rope_tables(torch.cat(video_pos), rope_axes)
+        per_column = [table.split(video_lens) for table in rope_video]
+        rope_last = tuple(torch.cat([rows[-n_last:] for rows, n_last in zip(parts, last_lens)])
+                          for parts in per_column)
+        if joint_rope:
+            cos = rope_video[0]
+            text_cos, text_sin = cos.new_ones(max(kept), cos.shape[1]), cos.new_zeros(max(kept), cos.shape[1])
+            rope_joint = tuple(torch.cat([r for rows, t in zip(parts, kept) for r in (text[:t], rows)])
+                               for parts, text in zip(per_column, (text_cos, text_sin)))
 
     seq = PackedSequence(
-        batch=batch, text_lens=kept, video_lens=[p.shape[0] for p in video_pos],
-        last_lens=[p.shape[0] for p in last_pos], groups=groups, last_groups=last_groups,
-        rope_video=tables(video_pos), rope_joint=tables(joint_pos), rope_last=tables(last_pos),
+        batch=batch, text_lens=kept, video_lens=video_lens, last_lens=last_lens, groups=groups,
+        last_groups=last_groups, rope_video=rope_video, rope_joint=rope_joint, rope_last=rope_last,
     )
     if sp is not None and sp.size > 1:
         seq.shards = {"text": StreamShard(sp, sum(seq.text_lens)), "video": StreamShard(sp, sum(seq.video_lens)),
