@@ -1,8 +1,8 @@
 #!/bin/sh
 # The whole finetuning workflow, end to end, on a tiny random-weight model built on the spot (no downloads):
 #   tiny checkpoint -> demo clips -> VAE latents + text features -> AR training -> resume -> generated video.
-# Runs on a GPU when there is one, else on the CPU with 2 processes (gloo). On a 2-core CPU: ~7 min from an empty
-# virtualenv (~2.5 min of it installing, 1.7 GB), ~3-4.5 min once installed.
+# Runs on a GPU when there is one, else on the CPU with 2 processes (gloo). On a 2-core CPU: ~2 min from an empty
+# virtualenv (~1 min of it installing, 1.7 GB; longer over a slow network), ~1 min once installed.
 # The generated video is noise (the model is tiny and random); every step is the code path of the real model.
 #
 #   sh scripts/quickstart.sh                     # everything under outputs/quickstart/
