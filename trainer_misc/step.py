@@ -224,21 +224,25 @@ class StepRunner:
 
     def _read_step(self, losses: list[torch.Tensor], tokens_local: float, stats: dict[str, Any],
                    outcome: Optional[StepOutcome]) -> tuple[list[float], float, dict[str, float], Optional[float]]:
-        """The step's one all-reduce and one device-to-host copy: per-pass losses averaged over ranks, tokens
-        summed over ranks, this rank's stats, and the gradient norm.
+        """The step's one device-to-host copy: per-pass losses averaged over ranks (one all-reduce on the device),
+        this rank's tensor stats and the gradient norm; token counts and number stats never leave the host (the
+        tokens are summed over ranks through the host group). No host value is copied to the device: a copy from
+        pageable memory would wait for the GPU stream too.
 
         The ranks of an SP group compute the same loss on the same tokens: the mean over ranks is the mean over
         data-parallel ranks, and their tokens are counted once."""
         device = self.engine.device
-        names = list(stats)
-        reduced = all_reduce_sum(torch.cat([torch.stack(losses).to(device),
-                                            torch.tensor([tokens_local], dtype=torch.float64, device=device)]))
-        local = [torch.as_tensor(stats[n], dtype=torch.float64).reshape(1).to(device) for n in names]
+        on_device = [n for n, v in stats.items() if isinstance(v, torch.Tensor) and v.device.type == device.type]
+        host_stats = {n: float(v) for n, v in stats.items() if n not in on_device}  # numbers, or CPU tensors
         norm = outcome.grad_norm if outcome is not None else None
-        if norm is not None:
-            local.append(norm.double().reshape(1).to(device))
-        values = torch.cat([reduced, *local]).tolist()  # the host sync of the step
+        norm_on_device = norm is not None and norm.device.type == device.type
+        parts = [all_reduce_sum(torch.stack(losses))] + [stats[n].double().reshape(1) for n in on_device]
+        if norm_on_device:
+            parts.append(norm.double().reshape(1))
+        values = torch.cat(parts).tolist()  # the host sync of the step
         n = len(losses)
         pass_losses = [v / self.engine.world_size for v in values[:n]]
-        read_stats = dict(zip(names, values[n + 1:n + 1 + len(names)]))
-        return pass_losses, values[n] / self.config.sp_size, read_stats, (values[-1] if norm is not None else None)
+        read_stats = {**host_stats, **dict(zip(on_device, values[n:n + len(on_device)]))}
+        grad_norm = values[-1] if norm_on_device else (float(norm) if norm is not None else None)
+        tokens = all_reduce_host([tokens_local])[0] / self.config.sp_size
+        return pass_losses, tokens, {name: read_stats[name] for name in stats}, grad_norm
