@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from pyramid_dit.embeddings import apply_rope
-from pyramid_dit.packing import PackedSequence, attend, gated_residual, modulate, per_column, queries_from, tails
+from pyramid_dit.packed_ops import attend, gated_residual, modulate, per_column, tails
+from pyramid_dit.packing import PackedSequence, queries_from
 
 
 def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from pyramid_dit.dit_layers import AdaNorm, JointTransformerBlock, RMSNorm, heads, norm_rope
-from pyramid_dit.packing import PackedSequence, attend, gated_residual, modulate, per_column, tails
+from pyramid_dit.packed_ops import attend, gated_residual, modulate, per_column, tails
+from pyramid_dit.packing import PackedSequence
 
 
 class FluxTransformerBlock(JointTransformerBlock):

@@ -29,6 +29,7 @@ from torch.utils.checkpoint import checkpoint
 from pyramid_dit.dit_layers import AdaNorm
 from pyramid_dit.embeddings import TimestepTextEmbedding
 from pyramid_dit.flux_blocks import FluxSingleTransformerBlock, FluxTransformerBlock
+from pyramid_dit.packed_ops import modulate, per_column, tails
 from pyramid_dit.packing import (
     Column,
     PackedDiTMixin,
@@ -36,10 +37,7 @@ from pyramid_dit.packing import (
     check_columns,
     pack_columns,
     packed_text,
-    modulate,
     patchify,
-    per_column,
-    tails,
     unpatchify,
 )
 

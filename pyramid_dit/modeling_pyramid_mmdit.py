@@ -31,17 +31,15 @@ from torch.utils.checkpoint import checkpoint
 
 from pyramid_dit.dit_layers import AdaNorm, JointTransformerBlock
 from pyramid_dit.embeddings import TimestepTextEmbedding, sincos_table_2d
+from pyramid_dit.packed_ops import modulate, per_column, tails
 from pyramid_dit.packing import (
     Column,
     PackedDiTMixin,
     PackedSequence,
     check_columns,
-    modulate,
     pack_columns,
     packed_text,
     patchify,
-    per_column,
-    tails,
     unpatchify,
 )
 

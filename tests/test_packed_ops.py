@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from pyramid_dit.packing import AttentionGroup, attend, gated_residual, modulate
+from pyramid_dit.packed_ops import attend, gated_residual, modulate
+from pyramid_dit.packing import AttentionGroup
 
 LENS = [3, 0, 5, 2]  # an empty segment too (a sequence-parallel part may hold none of a column)
 
