@@ -9,7 +9,9 @@ number, and a resumed run gets the same values with no object to restore.
 """
 from __future__ import annotations
 
+import logging
 import math
+import os
 from dataclasses import dataclass
 from typing import Iterable, Optional
 
@@ -17,6 +19,8 @@ import torch
 from torch import nn
 
 __all__ = ["LRSchedule", "build_adamw", "split_decay_groups"]
+
+logger = logging.getLogger(__name__)
 
 
 def split_decay_groups(model: nn.Module, weight_decay: float,
@@ -68,6 +72,9 @@ def _cpu_adamw(groups: list[dict], lr: float, betas: tuple[float, float], eps: f
     if not builder.is_compatible(verbose=False):
         raise RuntimeError("OFFLOAD=1 needs DeepSpeed's CPU Adam op, which DeepSpeed reports as not buildable here "
                            "(see `ds_report`); set OFFLOAD=0")
+    # The first use compiles a C++ op (minutes on a small CPU, silent otherwise); later runs load it from the cache.
+    logger.info("OFFLOAD=1: loading DeepSpeed's CPU Adam op (the first time it is compiled with g++: about 2-3 min "
+                "on 2 cores, then cached under %s)", os.environ.get("TORCH_EXTENSIONS_DIR", "~/.cache/torch_extensions"))
     try:
         builder.load(verbose=False)
     except (RuntimeError, OSError, ImportError, subprocess.CalledProcessError) as e:
