@@ -56,11 +56,17 @@ SIZE_MULTIPLE = 8 * 2 ** STAGES  # latent halves twice and is then cut into 2x2 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
+class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a flag's default, except None: those flags' help says what happens when they are not given."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from pyramid_dit.pipeline import AESTHETIC_SUFFIX, DEFAULT_NEGATIVE_PROMPT
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=_DefaultsHelp)
     g = p.add_argument_group("model")
     g.add_argument("--model_path", required=True, help="official model folder (causal_video_vae/, text encoders, "
                    "diffusion_transformer_*/)")
