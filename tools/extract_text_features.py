@@ -30,6 +30,7 @@ from typing import Sequence
 import torch
 from tqdm import tqdm
 
+from tools.cli import DefaultsHelp
 from tools.extraction_common import (DONE, FAILED, SKIPPED, DistContext, ItemResult, default_report_path,
                                      announce_failures, issue_results, parse_dtype, run_extraction, shard)
 from trainer_misc.annotation import AnnotationError, Entry, parse_annotation, resolve_data_root
@@ -136,7 +137,7 @@ def encode_batch(encoder, batch: list[tuple[Entry, str | None]], ctx: DistContex
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=DefaultsHelp)
     p.add_argument("--model_path", required=True,
                    help="model folder with text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/")
     p.add_argument("--model_name", default="pyramid_flux", choices=["pyramid_flux", "pyramid_mmdit"],

@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from pyramid_dit.resize import resize_crop_frames
+from tools.cli import DefaultsHelp
 from tools.extraction_common import (DONE, FAILED, SKIPPED, DistContext, ItemResult, default_report_path,
                                      announce_failures, issue_results, parse_dtype, run_extraction, shard)
 from trainer_misc.annotation import IMAGE_SUFFIXES, AnnotationError, VideoEntry, parse_annotation, resolve_data_root
@@ -230,7 +231,7 @@ def item_generator(seed: int, index: int) -> torch.Generator:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=DefaultsHelp)
     p.add_argument("--model_path", required=True, help="the causal_video_vae folder (holds config.json)")
     p.add_argument("--anno_file", required=True, help="video annotation jsonl (lines need video, text, latent)")
     p.add_argument("--data_root", default=None,

@@ -50,23 +50,17 @@ from typing import List, Optional, Sequence
 
 from pyramid_dit.training_record import (IMAGE_VARIANT, SAMPLING_MODES, TASKS, TrainedAs,  # noqa: E402
                                          read_training_record)
+from tools.cli import DefaultsHelp  # noqa: E402
 
 STAGES = 3  # the released models' pyramid
 SIZE_MULTIPLE = 8 * 2 ** STAGES  # latent halves twice and is then cut into 2x2 patches
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
-class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows a flag's default, except None: those flags' help says what happens when they are not given."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        return action.help if action.default is None else super()._get_help_string(action)
-
-
 def build_parser() -> argparse.ArgumentParser:
     from pyramid_dit.pipeline import AESTHETIC_SUFFIX, DEFAULT_NEGATIVE_PROMPT
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=_DefaultsHelp)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=DefaultsHelp)
     g = p.add_argument_group("model")
     g.add_argument("--model_path", required=True, help="official model folder (causal_video_vae/, text encoders, "
                    "diffusion_transformer_*/)")
