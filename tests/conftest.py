@@ -40,3 +40,19 @@ def _deterministic_threads():
     # The golden files were produced with 2 threads; fixed thread counts keep float reductions repeatable.
     torch.set_num_threads(2)
     yield
+
+
+# A tiny miniFLUX checkpoint folder (tools/build_tiny_checkpoint.py) and the generation pipeline loaded from it, once
+# per test module (a module may change the pipeline's state).
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    from tools.build_tiny_checkpoint import build_tiny_checkpoint
+
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", seed=0)
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_model: Path):
+    from pyramid_dit.pipeline import PyramidFlowPipeline
+
+    return PyramidFlowPipeline.from_pretrained(tiny_model, device="cpu")

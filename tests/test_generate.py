@@ -89,18 +89,6 @@ def test_block_noise_is_deterministic_and_validates():
 
 
 # ------------------------------------------------------------------------------------------ tiny pipeline
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    from tools.build_tiny_checkpoint import build_tiny_checkpoint
-
-    return build_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", seed=0)
-
-
-@pytest.fixture(scope="module")
-def pipe(tiny_model) -> PyramidFlowPipeline:
-    return PyramidFlowPipeline.from_pretrained(tiny_model, device="cpu")
-
-
 def test_t2v_shapes_and_seed_determinism(pipe):
     prompts = ["a red ball rolling left", "a dog running on the beach"]
     kwargs = dict(height=64, width=64, temp=2, negative_prompt="", **SMALL)

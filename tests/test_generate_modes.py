@@ -21,18 +21,6 @@ from pyramid_dit.training_record import TRAINING_RECORD, TrainedAs, read_trainin
 SMALL = dict(num_inference_steps=1, video_num_inference_steps=1, progress=False)
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    from tools.build_tiny_checkpoint import build_tiny_checkpoint
-
-    return build_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", seed=0)
-
-
-@pytest.fixture(scope="module")
-def pipe(tiny_model) -> PyramidFlowPipeline:
-    return PyramidFlowPipeline.from_pretrained(tiny_model, device="cpu")
-
-
 # ------------------------------------------------------------------------------------------ full sequence
 def test_full_sequence_shapes_and_seed_determinism(pipe):
     prompts = ["a red ball rolling left", "a dog running on the beach"]
