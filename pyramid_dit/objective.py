@@ -37,9 +37,8 @@ from typing import Any, Dict, List, NamedTuple, Optional, Sequence
 
 import torch
 
-from pyramid_dit.kinds import MODEL_NAMES
+from pyramid_dit.kinds import MODEL_NAMES, get_kind
 from pyramid_dit.pyramid import (
-    LatentNormalization,
     column_stages,
     history_plan,
     noise_pyramid,
@@ -155,7 +154,7 @@ class PyramidFlowObjective:
 
         self.scheduler = scheduler
         self.model_name = model_name
-        self.normalization = LatentNormalization.for_model(model_name)
+        self.normalization = get_kind(model_name).normalization
         self.num_stages = len(stages)
         self.sample_ratios = [int(r) for r in sample_ratios]
         self.column_stages = column_stages(self.sample_ratios)

@@ -23,21 +23,14 @@ class LatentNormalization:
 
     The causal VAE encodes the first frame of a clip on its own (like an image) and later frames in temporal
     groups, and the two have different statistics, hence two (shift, scale) pairs: the image pair applies to
-    frame 0 (or to a one-frame latent), the video pair to frames 1.. .
+    frame 0 (or to a one-frame latent), the video pair to frames 1.. . The released checkpoints' constants live
+    with the other per-kind facts: ``pyramid_dit.kinds.get_kind(model_name).normalization``.
     """
 
     image_shift: float
     image_scale: float
     video_shift: float = -0.2343
     video_scale: float = 1 / 3.0986
-
-    @classmethod
-    def for_model(cls, model_name: str) -> "LatentNormalization":
-        """Constants the released checkpoints were trained with (the image pair depends on the DiT kind; the
-        values live with the other per-kind facts in :mod:`pyramid_dit.kinds`)."""
-        from pyramid_dit.kinds import get_kind
-
-        return get_kind(model_name).normalization
 
     def normalize(self, latents: torch.Tensor) -> torch.Tensor:
         """VAE latents ``[B, C, T, H, W]`` -> DiT latents: ``(z - shift) * scale`` per frame group."""

@@ -13,9 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from pyramid_dit.kinds import get_kind
 from pyramid_dit.objective import PyramidFlowObjective, flow_matching_loss
 from pyramid_dit.pyramid import (
-    LatentNormalization,
     history_plan,
     noise_pyramid,
     sample_stage_length,
@@ -57,7 +57,7 @@ def _assert_close_rel(actual: torch.Tensor, expected: torch.Tensor, what: str, r
 @pytest.mark.parametrize("model_name", ["pyramid_flux", "pyramid_mmdit"])
 def test_normalisation_constants_and_round_trip(objective_json, model_name):
     golden = objective_json["latent_normalisation"][model_name]
-    norm = LatentNormalization.for_model(model_name)
+    norm = get_kind(model_name).normalization
     assert (norm.image_shift, norm.image_scale, norm.video_shift, norm.video_scale) == (
         golden["image_shift"], golden["image_scale"], golden["video_shift"], golden["video_scale"])
 
@@ -214,7 +214,7 @@ def test_ar_history_resolution_decreases_with_age():
 
 def test_ar_history_corruption_bounded_by_corrupt_ratio():
     # Raw latents equal to the shifts normalise to exactly 0, so each history clip is sigma * N(0, 1).
-    norm = LatentNormalization.for_model("pyramid_flux")
+    norm = get_kind("pyramid_flux").normalization
     raw = torch.full((8, 16, 8, 32, 32), norm.video_shift)
     raw[:, :, 0] = norm.image_shift
     torch.manual_seed(0)
