@@ -15,13 +15,14 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+
+from two_ranks import free_port
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -78,12 +79,6 @@ def _worker(spec: dict) -> int:
 
 # ----------------------------------------------------------------------------------------------------- launcher
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _config(out: Path, **kw) -> dict:
     cfg = dict(output_dir=str(out), max_steps=STEPS, batch_size=4, strategy="zero2", mixed_precision="fp32",
                device="cpu", lr=1e-2, warmup_steps=0, checkpoint_every=2, keep_last_checkpoints=2,
@@ -115,7 +110,7 @@ def launch(tmp: Path, name: str, config: dict, fault: dict | None = None, env: d
                     TORCH_ELASTIC_SHUTDOWN_TIMEOUT="3", **(env or {}))
     cmd = ["sh", "-c", '. "$0"; supervise "$@"', str(REPO / "scripts" / "_common.sh"), sys.executable, "-m",
            "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port",
-           str(_free_port()), str(Path(__file__).resolve()), str(spec_file)]
+           str(free_port()), str(Path(__file__).resolve()), str(spec_file)]
     start = time.monotonic()
     proc = subprocess.run(cmd, env=full_env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
     elapsed = time.monotonic() - start

@@ -11,9 +11,6 @@ full-sequence layout (one clip per column, several frames), text padding, stream
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -26,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from pyramid_dit.sequence_parallel import SequenceParallel, StreamShard  # noqa: E402
 from trainer_misc.distributed import parallel_layout  # noqa: E402
+from two_ranks import run_two_ranks  # noqa: E402
 
 TOL = 1e-5  # relative to the max |reference|, float32
 LAUNCH_TIMEOUT_S = 240
@@ -43,12 +41,6 @@ CASES = [
     ("sd3_full", "sd3", [[(3, 6, 6)], [(3, 8, 8)]], (3, 0), {"use_temporal_causal": False}, True),
 ]
 BATCH = {"flux_full_causal_ckpt": 2}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # --------------------------------------------------------------------------------------------------- worker
@@ -149,16 +141,7 @@ def worker(result_dir: Path) -> None:
 @pytest.fixture(scope="module")
 def reports(tmp_path_factory) -> list[dict]:
     tmp = tmp_path_factory.mktemp("sp")
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                            "MASTER_PORT")}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), TORCHDYNAMO_DISABLE="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), str(Path(__file__).resolve()), str(tmp)]
-    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
-    files = [tmp / f"rank{r}.json" for r in range(2)]
-    if not all(f.is_file() for f in files):
-        pytest.fail(f"SP launch failed (rc {proc.returncode})\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
-    return [json.loads(f.read_text()) for f in files]
+    return run_two_ranks(Path(__file__).resolve(), tmp, tmp, timeout=LAUNCH_TIMEOUT_S, what="SP launch")
 
 
 @pytest.mark.parametrize("case", [c[0] for c in CASES])

@@ -8,15 +8,14 @@ real sharding rather than "it ran".
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from two_ranks import run_two_ranks
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -141,33 +140,16 @@ def _worker(spec: dict) -> None:
 
 # ----------------------------------------------------------------------------------------------------- launcher
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(tmp: Path, name: str, config: dict, **extra) -> list[dict]:
     """Run the worker on 2 processes; return both ranks' reports (asserting the launch succeeded)."""
     result_dir = tmp / f"{name}_results"
     spec = {"config": config, "result_dir": str(result_dir), **extra}
     spec_file = tmp / f"{name}.json"
     spec_file.write_text(json.dumps(spec))
-    env = {k: v for k, v in os.environ.items() if k not in ("ACCELERATE_USE_CPU", "RANK", "WORLD_SIZE",
-                                                            "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    # TORCHDYNAMO_DISABLE: DeepSpeed's optimizer check imports a module that calls torch.compile at import time,
-    # which loads inductor (~6 s of CPU per process); the toy runs never compile anything.
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), TOKENIZERS_PARALLELISM="false", TORCHDYNAMO_DISABLE="1")
     # A private extensions folder: shows whether DeepSpeed JIT-compiled any C++ op (it must not on CPU).
-    env["TORCH_EXTENSIONS_DIR"] = str(tmp / "torch_extensions")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), str(Path(__file__).resolve()), str(spec_file)]
-    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
-    reports = [result_dir / f"rank{r}.json" for r in range(2)]
-    if not all(p.is_file() for p in reports):
-        pytest.fail(f"{name}: launch failed (rc {proc.returncode})\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
-    # A rare gloo abort after all work is done (documented in the CPU notes) does not invalidate the results.
-    return [json.loads(p.read_text()) for p in reports]
+    env = {"TOKENIZERS_PARALLELISM": "false", "TORCH_EXTENSIONS_DIR": str(tmp / "torch_extensions")}
+    return run_two_ranks(Path(__file__).resolve(), spec_file, result_dir, timeout=LAUNCH_TIMEOUT_S,
+                         what=f"{name}: launch", env=env)
 
 
 def _base_config(out: Path, strategy: str, **kw) -> dict:

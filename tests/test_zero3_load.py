@@ -15,15 +15,14 @@ One two-process launch (gloo, CPU) of this file as a worker. Each rank:
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
 import sys
 import threading
 from pathlib import Path
 
 import pytest
 import torch
+
+from two_ranks import run_two_ranks
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -155,12 +154,6 @@ def _worker(spec: dict) -> None:
 
 # ----------------------------------------------------------------------------------------------------- test
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def zero3_reports(tmp_path_factory) -> list[dict]:
     from pyramid_dit.modeling_pyramid_flux import PyramidFluxTransformer
@@ -170,18 +163,10 @@ def zero3_reports(tmp_path_factory) -> list[dict]:
     PyramidFluxTransformer(**DIT_CONFIG).save_pretrained(tmp / "model" / "dit")
     spec = tmp / "spec.json"
     spec.write_text(json.dumps({"model": str(tmp / "model"), "result_dir": str(tmp / "results")}))
-    env = {k: v for k, v in os.environ.items() if k not in ("ACCELERATE_USE_CPU", "RANK", "WORLD_SIZE",
-                                                            "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     # Large blocks mmapped (and so returned when freed): resident memory then tracks live tensors, not what
     # glibc keeps cached after the construction temporaries are freed.
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), TORCHDYNAMO_DISABLE="1", MALLOC_MMAP_THRESHOLD_="65536")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), str(Path(__file__).resolve()), str(spec)]
-    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
-    reports = [tmp / "results" / f"rank{r}.json" for r in range(2)]
-    if not all(p.is_file() for p in reports):
-        pytest.fail(f"launch failed (rc {proc.returncode})\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
-    return [json.loads(p.read_text()) for p in reports]
+    return run_two_ranks(Path(__file__).resolve(), spec, tmp / "results", timeout=LAUNCH_TIMEOUT_S,
+                         env={"MALLOC_MMAP_THRESHOLD_": "65536"})
 
 
 def test_zero3_load_holds_a_partition_per_rank_not_the_whole_model(zero3_reports):
