@@ -43,10 +43,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from .checkpoint import export_model, gather_full_weights, load_rank_tensors, restore_rank_rng, save_checkpoint
-from .config import EXPORT_DTYPES, TrainConfig
 from pyramid_dit.sequence_parallel import SequenceParallel
 
+from .checkpoint import export_model, gather_full_weights, load_rank_tensors, restore_rank_rng, save_checkpoint
+from .config import EXPORT_DTYPES, TrainConfig
 from .distributed import barrier, parallel_layout, seed_everything, sequence_parallel_group
 from .failures import RunStopped, StopSignals
 from .run_lock import lock_output_dir
