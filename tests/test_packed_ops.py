@@ -64,3 +64,23 @@ def test_prefix_attention_matches_masked_attention_with_gradients():
     w = torch.randn(out.shape, generator=g, dtype=torch.float64)
     for a, b in zip(_grads(out, [q, k, v], w), _grads(ref, [q, k, v], w)):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+def test_attention_never_takes_the_cudnn_kernel(monkeypatch):
+    """Masked SDPA on Hopper goes to cuDNN first, which builds a plan per new shape (seconds per AR step, measured
+    on an H200): every attention call of ``attend`` runs with cuDNN's backend switched off, and only then."""
+    seen = []
+    sdpa = F.scaled_dot_product_attention
+
+    def recording(*args, **kwargs):
+        seen.append((torch.backends.cuda.cudnn_sdp_enabled(), torch.backends.cuda.mem_efficient_sdp_enabled(),
+                     torch.backends.cuda.flash_sdp_enabled()))
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", recording)
+    q = k = v = torch.randn(1, 5, 2, 4)
+    groups = [AttentionGroup(n_queries=2, k_end=2, mask=None), AttentionGroup(n_queries=3, k_end=5, mask=None)]
+    assert torch.backends.cuda.cudnn_sdp_enabled()  # torch's default, restored after the call
+    attend(q, k, v, groups)
+    assert seen == [(False, True, True)] * 2
+    assert torch.backends.cuda.cudnn_sdp_enabled()

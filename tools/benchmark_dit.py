@@ -194,6 +194,12 @@ def load_reference_class(ref_root: Path, kind: str = "pyramid_flux"):
     for name in ("get_sequence_parallel_group", "get_sequence_parallel_world_size", "get_sequence_parallel_rank",
                  "all_to_all"):
         setattr(stub, name, _unavailable)
+    try:  # the reference's SD3 module imports IPython's ``embed`` (a debugging leftover) at import time
+        importlib.import_module("IPython")
+    except ImportError:
+        ipython = types.ModuleType("IPython")
+        ipython.embed = _unavailable
+        sys.modules["IPython"] = ipython
     package = types.ModuleType(f"_reference_{folder}")
     package.__path__ = [str(flux_dir)]
     saved = sys.modules.get("trainer_misc")

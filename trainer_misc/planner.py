@@ -75,9 +75,9 @@ class Launch:
 
 
 def build_model(kind: str, config: dict, dtype: torch.dtype = torch.bfloat16, lora_rank: int = 0,
-                lora_targets: tuple[str, ...] = ()) -> torch.nn.Module:
-    """The DiT of ``kind`` with ``config`` on the meta device (no memory), in ``dtype``; with ``lora_rank`` > 0
-    carrying the trainer's adapters (base frozen), built in the same dtype."""
+                lora_targets: tuple[str, ...] = (), device: torch.device | str = "meta") -> torch.nn.Module:
+    """The DiT of ``kind`` with ``config`` on ``device`` (default meta: no memory), in ``dtype``; with
+    ``lora_rank`` > 0 carrying the trainer's adapters (base frozen), built in the same dtype."""
     if kind == "pyramid_flux":
         from pyramid_dit.modeling_pyramid_flux import PyramidFluxTransformer as cls
     elif kind == "pyramid_mmdit":
@@ -87,7 +87,7 @@ def build_model(kind: str, config: dict, dtype: torch.dtype = torch.bfloat16, lo
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
-        with torch.device("meta"):
+        with torch.device(device):
             model = cls(**config)
             if lora_rank:
                 from pyramid_dit.kinds import get_kind
@@ -298,8 +298,9 @@ def plan(launch: Launch, gpu_memory_gib: float) -> dict[str, Any]:
         "sharding": SHARDING_NOTE[launch.shard_strategy] + lora,
         "gpu_memory_gib": gpu_memory_gib,
         "fits": peak <= gpu_memory_gib * GIB,
-        "prediction": "PREDICTION from CPU tracing (meta tensors), not measured on a GPU; the CUDA context "
-                      "(~0.5-1 GiB), NCCL buffers and allocator fragmentation are not included",
+        "prediction": "PREDICTION from CPU tracing (meta tensors); the activation part was 10-16% above what one "
+                      "H200 measured for both released kinds (tools/measure_gpu.py); the CUDA context (~0.5-1 GiB), "
+                      "NCCL buffers and allocator fragmentation are not included",
     }
     if not result["fits"]:
         result["cheapest_fix"] = cheapest_fix(launch, gpu_memory_gib)
