@@ -153,9 +153,9 @@ class _KeyPrefixes(torch.autograd.Function):
             total = g.clone()
         else:
             total = g.new_zeros(*g.shape[:2], ctx.length, g.shape[3])
-            total[:, :, :end] += g
-        for end, g in pairs[1:]:
-            total[:, :, :end] += g
+            total[:, :, :end].add_(g)
+        for end, g in pairs[1:]:  # add_ on the view: ``total[...] += g`` would also dispatch a slice and a copy_
+            total[:, :, :end].add_(g)
         return total, None
 
 

@@ -82,7 +82,14 @@ def is_main_process() -> bool:
 
 def barrier() -> None:
     if is_dist_initialized() and get_world_size() > 1:
-        dist.barrier()
+        _barrier()
+
+
+def _barrier() -> None:
+    """``dist.barrier`` on this rank's GPU under NCCL: without ``device_ids`` NCCL guesses the device from the rank
+    and warns that the guess can hang (seen at the end of every training run on a GPU)."""
+    nccl = dist.get_backend() == "nccl"
+    dist.barrier(device_ids=[torch.cuda.current_device()] if nccl else None)
 
 
 def destroy_process_group() -> None:
@@ -95,7 +102,7 @@ def destroy_process_group() -> None:
     """
     global _HOST_GROUP
     if is_dist_initialized():
-        dist.barrier()
+        _barrier()
         dist.destroy_process_group()  # every group, the host group too
         _HOST_GROUP = None
 
