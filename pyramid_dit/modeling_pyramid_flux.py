@@ -166,7 +166,8 @@ class PyramidFluxTransformer(PackedDiTMixin, ModelMixin, ConfigMixin):
         columns = [[col] if isinstance(col, torch.Tensor) else list(col) for col in columns]
         return pack_columns(columns, text_mask, patch=PATCH, rope_axes=self.axes_dims_rope, joint_rope=True,
                             interp_condition_pos=self.interp_condition_pos,
-                            temporal_causal=self.use_temporal_causal, sp=self.sequence_parallel)
+                            temporal_causal=self.use_temporal_causal, sp=self.sequence_parallel,
+                            attention_split=self.attention_split)
 
     def forward(
         self,

@@ -243,7 +243,8 @@ class PyramidDiffusionMMDiT(PackedDiTMixin, ModelMixin, ConfigMixin):
         columns = [[col] if isinstance(col, torch.Tensor) else list(col) for col in columns]
         return pack_columns(columns, text_mask, patch=self.patch_size, rope_axes=self.rope_axes, joint_rope=False,
                             interp_condition_pos=self.interp_condition_pos,
-                            temporal_causal=self.use_temporal_causal, sp=self.sequence_parallel)
+                            temporal_causal=self.use_temporal_causal, sp=self.sequence_parallel,
+                            attention_split=self.attention_split)
 
     def _clip_grids(self, columns: list[list[torch.Tensor]]) -> list[tuple[torch.Tensor, int, int]]:
         """Each clip with the token grid its positions are cropped at: the column's last clip's grid

@@ -148,19 +148,37 @@ class PackedSequence:
         return self.shards[stream].gather(x) if self.sharded else x
 
 
-def attention_groups(T: int, text_valid: Optional[torch.Tensor], frame_sizes: list[int], temporal_causal: bool
-                     ) -> list[AttentionGroup]:
+ATTENTION_SPLITS = ("frame", "column")
+
+
+def attention_groups(T: int, text_valid: Optional[torch.Tensor], frame_sizes: list[int], temporal_causal: bool,
+                     split: str = "frame", device: Optional[torch.device] = None) -> list[AttentionGroup]:
     """How one column's queries attend: its ``T`` text tokens (``text_valid`` ``[B, T]``, or ``None`` when none
     is padding) followed by frames of ``frame_sizes`` tokens.
 
     A query sees a key when the key is not text padding and, with ``temporal_causal``, the key's frame is not
     later than the query's (text counts as frame 0). For padding text queries this differs from the reference,
     which lets them see only each other; no valid token ever reads them, so outputs are equal.
+
+    ``split`` (temporal-causal columns only): ``"frame"`` gives one group per frame, whose keys end at that
+    frame, so keys no query of the group may see are skipped, not computed; ``"column"`` gives one group for the
+    whole column with the rule as a ``[B or 1, 1, L, L]`` mask, one attention call instead of one per frame for
+    more arithmetic (the masked keys are computed). Which is faster depends on the device and the sizes:
+    ``tools/benchmark_dit.py`` and ``tools/measure_gpu.py`` time both (``--attention_split``).
     """
+    if split not in ATTENTION_SPLITS:
+        raise ValueError(f"attention split {split!r}: expected one of {ATTENTION_SPLITS}")
     key_valid = None
     if text_valid is not None:
         key_valid = torch.cat([text_valid, text_valid.new_ones(text_valid.shape[0], sum(frame_sizes))], dim=1)
     ends = [T + s for s in itertools.accumulate(frame_sizes)]
+    if temporal_causal and split == "column" and len(ends) > 1:
+        sizes = torch.tensor([T + frame_sizes[0], *frame_sizes[1:]])
+        frame = torch.repeat_interleave(torch.arange(len(frame_sizes)), sizes).to(device)
+        mask = (frame[None, :] <= frame[:, None])[None, None]
+        if key_valid is not None:
+            mask = mask & key_valid[:, None, None, :]
+        return [AttentionGroup(n_queries=ends[-1], k_end=ends[-1], mask=mask)]
     if not temporal_causal:
         ends = ends[-1:]
     return [AttentionGroup(n_queries=end - start, k_end=end,
@@ -169,12 +187,16 @@ def attention_groups(T: int, text_valid: Optional[torch.Tensor], frame_sizes: li
 
 
 def queries_from(groups: list[AttentionGroup], first: int) -> list[AttentionGroup]:
-    """The groups restricted to queries ``first`` onwards (masks only depend on keys, so they carry over)."""
+    """The groups restricted to queries ``first`` onwards (a key-only mask carries over, a per-query one loses
+    the rows of the dropped queries)."""
     out, start = [], 0
     for g in groups:
         end = start + g.n_queries
         if end > first:
-            out.append(AttentionGroup(n_queries=end - max(start, first), k_end=g.k_end, mask=g.mask))
+            mask = g.mask
+            if mask is not None and mask.shape[2] > 1:
+                mask = mask[:, :, max(start, first) - start:]
+            out.append(AttentionGroup(n_queries=end - max(start, first), k_end=g.k_end, mask=mask))
         start = end
     return out
 
@@ -182,7 +204,8 @@ def queries_from(groups: list[AttentionGroup], first: int) -> list[AttentionGrou
 @torch.no_grad()
 def pack_columns(columns: list[list[torch.Tensor]], text_mask: torch.Tensor, *, patch: int,
                  rope_axes: Optional[Sequence[int]], joint_rope: bool, interp_condition_pos: bool,
-                 temporal_causal: bool, sp: Optional[SequenceParallel] = None) -> PackedSequence:
+                 temporal_causal: bool, sp: Optional[SequenceParallel] = None,
+                 attention_split: str = "frame") -> PackedSequence:
     """Positions, rotary tables and attention groups of the packed sequence (built once per call).
 
     ``rope_axes``: rotary channels per position axis, over the first ``len(rope_axes)`` of (frame, row, col);
@@ -190,6 +213,7 @@ def pack_columns(columns: list[list[torch.Tensor]], text_mask: torch.Tensor, *, 
     single-stream blocks need it).
 
     ``sp``: split every stream over this sequence-parallel group (see :class:`PackedSequence`).
+    ``attention_split``: one attention call per frame or per column (:func:`attention_groups`).
 
     Each column keeps its text up to the last valid token of its longest row: later positions are padding in
     every row of the column, and padding never influences a valid token, so dropping them changes no output and
@@ -218,7 +242,7 @@ def pack_columns(columns: list[list[torch.Tensor]], text_mask: torch.Tensor, *, 
         video_pos.append(torch.cat(pos))
         last_pos.append(pos[-1])
         text_valid = None if fully_valid[c] else text_mask.view(batch, n, T)[:, c, :kept[c]].bool()
-        groups.append(attention_groups(kept[c], text_valid, frame_sizes, temporal_causal))
+        groups.append(attention_groups(kept[c], text_valid, frame_sizes, temporal_causal, attention_split, device))
         first_last = kept[c] + video_pos[-1].shape[0] - last_pos[-1].shape[0]  # where the last clip starts
         last_groups.append(queries_from(groups[-1], first_last))
 
@@ -302,6 +326,9 @@ class PackedDiTMixin:
     gradient_checkpointing: bool
     gradient_checkpointing_ratio: float
     sequence_parallel: Optional[SequenceParallel] = None  # set by enable_sequence_parallel
+    # One attention call per frame (keys past it skipped) or per column (one masked call): same outputs, see
+    # packing.attention_groups. Not part of the config: it changes speed, not the model.
+    attention_split: str = "frame"
 
     def enable_sequence_parallel(self, sp: Optional[SequenceParallel]) -> None:
         """Split each forward call's sequence over ``sp`` (Ulysses, :mod:`pyramid_dit.sequence_parallel`);

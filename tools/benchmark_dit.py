@@ -222,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--reference", type=Path, help="Pyramid-Flow checkout to time its class as well")
     parser.add_argument("--kind", choices=sorted(CONFIGS), default="pyramid_flux", help="which DiT kind to time")
+    parser.add_argument("--attention_split", choices=["frame", "column"], default="frame",
+                        help="our attention: one call per frame (default) or one masked call per column")
     parser.add_argument("--padding", default=",".join(map(str, TEXT_PADDING)),
                         help="padding tokens at the end of each column's text row (4 comma-separated counts)")
     args = parser.parse_args(argv)
@@ -231,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     config = CONFIGS[args.kind]
     ours = get_kind(args.kind).dit()(**config)
+    ours.attention_split = args.attention_split
     with torch.no_grad():
         for p in ours.parameters():
             p.normal_(0.0, 0.02)
@@ -247,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     tokens = n_tokens(inputs)
     n_params = sum(p.numel() for p in ours.parameters())
     print(f"device {device} ({torch.get_num_threads()} threads), {args.dtype}, torch {torch.__version__}; "
+          f"attention split {args.attention_split}; "
           f"{n_params / 1e6:.1f} M parameters, {tokens} tokens per step")
 
     outputs = {name: [o.detach().float() for o in train_step(m, inputs)] for name, m in models.items()}  # warm-up

@@ -17,6 +17,8 @@ objective exactly as the planner builds it, and the DiT runs forward + backward 
   arithmetic and are not measured here.
 * time: median of ``--steps`` timed steps after one warm-up (CUDA-synchronised wall clock), and the achieved
   TFLOP/s over the planner's FLOP count (forward + backward, recompute not counted).
+* ``--attention_split frame column``: each case with each way of calling attention (per frame, per column;
+  ``pyramid_dit.packing.attention_groups``), to see which is faster on this GPU.
 * ``--reference``: the reference's class of the same kind, from a Pyramid-Flow checkout, with the same weights
   and inputs, timed alternately with ours (no gradient checkpointing: the two implement it differently), and
   the largest output difference relative to the largest reference output.
@@ -131,8 +133,10 @@ def _timed(device: torch.device, fn) -> float:
     return time.perf_counter() - start
 
 
-def measure(case: Case, prediction: dict, device: torch.device, steps: int, reference_root: Optional[Path]) -> dict:
+def measure(case: Case, prediction: dict, device: torch.device, steps: int, reference_root: Optional[Path],
+            split: str = "frame") -> dict:
     model = _build_on(device, case, seed=0)
+    model.attention_split = split
     if case.checkpointing:
         model.enable_gradient_checkpointing(case.launch().gradient_checkpointing_ratio)
     hooks = _drop_gradients(model)
@@ -145,7 +149,7 @@ def measure(case: Case, prediction: dict, device: torch.device, steps: int, refe
     peak = torch.cuda.max_memory_allocated(device) - param_bytes
     reserved = torch.cuda.max_memory_reserved(device) - param_bytes
     times = [_timed(device, lambda: _step(model, inputs)) for _ in range(steps)]
-    row = {"case": str(case), "tokens": prediction["tokens"],
+    row = {"case": str(case), "attention_split": split, "tokens": prediction["tokens"],
            "predicted_activation_gib": prediction["activation_bytes"] / GIB,
            "measured_activation_gib": peak / GIB, "reserved_gib": reserved / GIB,
            "param_gib": param_bytes / GIB,
@@ -192,7 +196,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cases", nargs="+", default=list(DEFAULT_CASES), help="kind:task:resolution:frames[:ckpt]")
     p.add_argument("--steps", type=int, default=3, help="timed steps per case (median reported)")
-    p.add_argument("--reference", type=Path, help="Pyramid-Flow checkout: time its DiT class as well")
+    p.add_argument("--reference", type=Path, help="Pyramid-Flow checkout: time its DiT class as well (with the "
+                                                  "first --attention_split)")
+    p.add_argument("--attention_split", nargs="+", choices=["frame", "column"], default=["frame"],
+                   help="our attention, one call per frame or one masked call per column (each is measured)")
     p.add_argument("--predictions", type=Path,
                    help="JSON of the planner's predictions per case: read if present, else written (tracing is CPU "
                         "work: do it once, on any machine, with --predict_only)")
@@ -217,17 +224,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}, CUDA {torch.version.cuda}", flush=True)
     rows = []
     for case in cases:
-        print(f"measuring {case} ...", flush=True)
-        rows.append(measure(case, cached[str(case)], device, args.steps, args.reference))
-        print("  " + json.dumps(rows[-1]), flush=True)
+        for i, split in enumerate(args.attention_split):
+            print(f"measuring {case}, attention split {split} ...", flush=True)
+            rows.append(measure(case, cached[str(case)], device, args.steps, None if i else args.reference, split))
+            print("  " + json.dumps(rows[-1]), flush=True)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
-    print("\n| case | tokens | predicted act GiB | measured act GiB | error | reserved GiB | s/step | TFLOP/s | "
+    print("\n| case | split | tokens | predicted act GiB | measured act GiB | error | reserved GiB | s/step | TFLOP/s | "
           "reference s/step | ours/reference |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         ref = (f"{r['reference_step_s']:.3f} | {r['ratio_to_reference']:.2f}" if "reference_step_s" in r else "- | -")
-        print(f"| {r['case']} | {r['tokens']:,} | {r['predicted_activation_gib']:.2f} | "
+        print(f"| {r['case']} | {r['attention_split']} | {r['tokens']:,} | {r['predicted_activation_gib']:.2f} | "
               f"{r['measured_activation_gib']:.2f} | {r['activation_error']:+.1%} | {r['reserved_gib']:.2f} | "
               f"{r['step_s']:.3f} | {r['tflops']:.0f} | {ref} |")
     return 0

@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "and MLP linears, pyramid_dit/kinds.py lora_targets)")
     g.add_argument("--lora_dropout", type=float, default=0.0, help="dropout on the LoRA branch input")
     g.add_argument("--use_flash_attn", action="store_true", help="accepted for compatibility; attention uses SDPA")
+    g.add_argument("--attention_split", default="frame", choices=["frame", "column"],
+                   help="one attention call per frame (keys past it skipped; fastest on CPU) or one masked call per "
+                        "column (fewer, larger kernels); same results. tools/measure_gpu.py times both on a GPU")
     g.add_argument("--use_temporal_causal", action="store_true", default=True, help="accepted; always on")
     g.add_argument("--interp_condition_pos", action="store_true", default=True, help="accepted; always on")
 
@@ -334,6 +337,7 @@ def build_model_side(args: argparse.Namespace, device: torch.device, engine: Eng
                     counts["adapted_layers"], counts["trainable"], counts["frozen"])
     if args.gradient_checkpointing:
         dit.enable_gradient_checkpointing(args.gradient_checkpointing_ratio)
+    dit.attention_split = args.attention_split
 
     side = ModelSide(dit)
     encode_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.model_dtype]
