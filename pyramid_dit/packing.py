@@ -359,6 +359,20 @@ class PackedDiTMixin:
     def disable_gradient_checkpointing(self) -> None:
         self.gradient_checkpointing = False
 
+    def compile_blocks(self) -> None:
+        """``torch.compile`` (inductor) every transformer block's forward, from the next call on.
+
+        A block's graph is specialised to the packed layout of its call (clip shapes, text lengths, column
+        segments), so each new layout compiles again (tens of seconds on a small CPU) and torch stops compiling
+        new ones after its recompile limit: it pays off where shapes repeat (``t2i``, full-sequence ``t2v``), not
+        in the autoregressive recipe, whose shapes change from step to step. Outputs and gradients match the
+        eager blocks to float32 rounding (``tests/test_dit.py``); ``tools/benchmark_dit.py --compile`` times it.
+        Module structure and state dict are unchanged (the bound ``forward`` methods are wrapped).
+        """
+        for name in ("transformer_blocks", "single_transformer_blocks"):
+            for block in getattr(self, name, ()):
+                block.forward = torch.compile(block.forward, dynamic=False)
+
     def _last_only(self, is_last: bool) -> bool:
         """Whether the final block may compute the last clips' tokens alone (not under sequence parallelism,
         where those tokens are spread over the processes: the whole stream is computed, then gathered)."""

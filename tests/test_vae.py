@@ -292,3 +292,27 @@ def test_cpu_inference_convolution_route_matches_torch() -> None:
     assert _rel_err(fast, expected) < 1e-5
     train = conv(x)  # weights require grad: torch's own kernel, differentiable
     assert train.requires_grad and _rel_err(train.detach(), expected.detach()) < 1e-6
+
+
+def test_compiled_inference_matches_eager(tiny_vae: CausalVideoVAE, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``compile_for_inference`` (inductor, weights frozen): chunked encode and decode as extraction and generation
+    run them, equal to the eager model to float32 rounding, really compiled, state dict untouched."""
+    import torch._dynamo
+    import torch._inductor.config as inductor_config
+
+    monkeypatch.setattr(inductor_config, "freezing", inductor_config.freezing)  # restored after this test
+    compiled = CausalVideoVAE(**TINY_CONFIG)
+    compiled.load_state_dict(tiny_vae.state_dict())
+    with pytest.raises(RuntimeError, match="eval"):
+        compiled.compile_for_inference()
+    compiled.eval().compile_for_inference()
+    torch._dynamo.reset()
+    video = _video(17)
+    with torch.no_grad():
+        z_eager = tiny_vae.encode(video, temporal_chunk=True, window_size=8).latent_dist.mean
+        z_compiled = compiled.encode(video, temporal_chunk=True, window_size=8).latent_dist.mean
+        x_eager = tiny_vae.decode(z_eager, temporal_chunk=True, window_size=2).sample
+        x_compiled = compiled.decode(z_eager, temporal_chunk=True, window_size=2).sample
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 2  # encoder and decoder graphs were built
+    assert _rel_err(z_compiled, z_eager) < 1e-5 and _rel_err(x_compiled, x_eager) < 1e-5
+    assert compiled.state_dict().keys() == tiny_vae.state_dict().keys()

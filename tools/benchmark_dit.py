@@ -31,6 +31,9 @@ forward/backward get torch's SDPA formulas here) and the achieved GFLOP/s; this 
 GFLOP/s (1024^3) measured in the same run; the bytes of tensors kept for backward (deduplicated by storage),
 standing in for activation memory, which CPU torch cannot report.
 
+``--compile`` also times our DiT after ``compile_blocks()`` (torch.compile) and prints its one-time compile cost and
+after how many steps of the same layout it is repaid.
+
 ``--reference /path/to/Pyramid-Flow`` also times the reference implementation's class of the same kind
 (imported from that checkout at run time) with the same weights and inputs, alternating steps with ours, and
 prints the output difference between the two.
@@ -222,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--reference", type=Path, help="Pyramid-Flow checkout to time its class as well")
     parser.add_argument("--kind", choices=sorted(CONFIGS), default="pyramid_flux", help="which DiT kind to time")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time our DiT after compile_blocks() (torch.compile), with its one-time compile cost")
     parser.add_argument("--attention_split", choices=["frame", "column"], default="frame",
                         help="our attention: one call per frame (default) or one masked call per column")
     parser.add_argument("--padding", default=",".join(map(str, TEXT_PADDING)),
@@ -242,6 +247,12 @@ def main(argv: list[str] | None = None) -> int:
         reference = load_reference_class(args.reference, args.kind)(**config)
         reference.load_state_dict(ours.state_dict())
         models["reference"] = reference
+    if args.compile:
+        compiled = get_kind(args.kind).dit()(**config)
+        compiled.load_state_dict(ours.state_dict())
+        compiled.attention_split = args.attention_split
+        compiled.compile_blocks()
+        models["compiled"] = compiled
     for m in models.values():
         m.to(device).train()
         if dtype != torch.float32:
@@ -253,7 +264,14 @@ def main(argv: list[str] | None = None) -> int:
           f"attention split {args.attention_split}; "
           f"{n_params / 1e6:.1f} M parameters, {tokens} tokens per step")
 
-    outputs = {name: [o.detach().float() for o in train_step(m, inputs)] for name, m in models.items()}  # warm-up
+    outputs, first_step = {}, 0.0
+    for name, m in models.items():  # warm-up (the compiled model compiles here)
+        start = time.perf_counter()
+        outputs[name] = [o.detach().float() for o in train_step(m, inputs)]
+        if name == "compiled":
+            first_step = time.perf_counter() - start
+            err = max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(outputs[name], outputs["ours"]))
+            print(f"compiled: first step (compiling) took {first_step:.1f} s; outputs vs eager {err:.2e}")
     if "reference" in outputs:
         err = max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(outputs["ours"], outputs["reference"]))
         print(f"max |ours - reference| / max |reference| over outputs: {err:.2e}")
@@ -271,18 +289,29 @@ def main(argv: list[str] | None = None) -> int:
     mm = matmul_gflops(device, dtype)
 
     print(f"matmul {dtype}: {mm:.1f} GFLOP/s (1024^3, median of 10)")
+    counted = {}
     for name, m in models.items():
-        flops, attn_flops = count_flops(lambda: train_step(m, inputs))
-        saved = saved_activation_bytes(m, inputs)
+        # Compiled kernels are not aten ops a counter can see: the compiled model does the eager model's FLOPs.
+        if name != "compiled":
+            counted[name] = (*count_flops(lambda: train_step(m, inputs)), saved_activation_bytes(m, inputs))
+        flops, attn_flops, saved = counted["ours" if name == "compiled" else name]
         sec = statistics.median(times[name])
+        kept = "" if name == "compiled" else f", {saved / 2**20:.0f} MiB kept for backward"
         print(f"{name:>9}: {sec:.3f} s/step (median of {args.steps}; min {min(times[name]):.3f}; "
               f"process CPU {statistics.median(cpu_times[name]):.3f} s), {tokens / sec:,.0f} tokens/s, "
               f"{flops / 1e9:.1f} GFLOP/step ({attn_flops / 1e9:.1f} in attention), "
-              f"{flops / sec / 1e9:.1f} GFLOP/s achieved, {saved / 2**20:.0f} MiB kept for backward")
-    if "reference" in times:
-        ratio = lambda d: statistics.median(d["reference"]) / statistics.median(d["ours"])  # noqa: E731
-        print(f"speed-up (reference / ours, medians): {ratio(times):.2f}x wall-clock, "
-              f"{ratio(cpu_times):.2f}x process CPU time (steadier on a shared machine)")
+              f"{flops / sec / 1e9:.1f} GFLOP/s achieved{kept}")
+    for name in ("ours", "compiled"):
+        if "reference" in times and name in times:
+            ratio = lambda d: statistics.median(d["reference"]) / statistics.median(d[name])  # noqa: E731
+            print(f"speed-up (reference / {name}, medians): {ratio(times):.2f}x wall-clock, "
+                  f"{ratio(cpu_times):.2f}x process CPU time (steadier on a shared machine)")
+    if "compiled" in times:
+        saved = statistics.median(times["ours"]) - statistics.median(times["compiled"])
+        extra = first_step - statistics.median(times["compiled"])
+        print(f"compiled saves {saved:.3f} s per step of this layout; " + (
+            f"its {extra:.0f} s of compiling are repaid after {extra / saved:.0f} steps with the same layout"
+            if saved > 0 else "it is not faster here: leave it off"))
     return 0
 
 

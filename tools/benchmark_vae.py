@@ -8,13 +8,16 @@ weights N(0, 0.05) from seed 0 (norm scales 1 + N(0, 0.1)); one clip of 17 frame
 ``torch.no_grad`` in eval mode, as latent extraction and generation run them.
 
 Reported: median (and min) seconds of encode, decode and their sum over ``--repeats`` timed runs after one
-warm-up, with process CPU time (steadier than wall-clock when other jobs share the cores). With
+warm-up, with process CPU time (steadier than wall-clock when other jobs share the cores). ``--compile`` also times
+our VAE after ``compile_for_inference()`` (torch.compile) and prints its one-time compile cost and after how many
+clips of this shape it is repaid. With
 ``--reference /path/to/Pyramid-Flow`` the reference's ``CausalVideoVAE`` (imported from that checkout at run
 time; its optional imports ``timm`` and its context-parallel ``utils`` are stubbed while it imports) gets the same
 weights and input, runs alternate with ours, and the ratio of medians and the output difference are printed.
 
     python tools/benchmark_vae.py --repeats 3
     python tools/benchmark_vae.py --repeats 3 --reference /tmp/ref
+    python tools/benchmark_vae.py --repeats 3 --reference /tmp/ref --compile
 """
 from __future__ import annotations
 
@@ -120,6 +123,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="timed encode + decode runs per model")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--reference", type=Path, help="Pyramid-Flow checkout to time its VAE as well")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time our VAE after compile_for_inference() (torch.compile, inductor), with its "
+                             "one-time compile cost")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -129,12 +135,24 @@ def main(argv: list[str] | None = None) -> int:
         reference = load_reference_class(args.reference)(**CONFIG)
         reference.load_state_dict(ours.state_dict())
         models["reference"] = reference.eval()
+    if args.compile:
+        compiled = build()
+        compiled.compile_for_inference()
+        models["compiled"] = compiled
     video = torch.rand(1, 3, FRAMES, HEIGHT, WIDTH, generator=torch.Generator().manual_seed(1)) * 2 - 1
     n_params = sum(p.numel() for p in ours.parameters())
     print(f"cpu ({torch.get_num_threads()} threads), torch {torch.__version__}; {n_params / 1e6:.2f} M parameters; "
           f"clip {FRAMES} x {HEIGHT} x {WIDTH}, encode window {ENCODE_WINDOW}, decode window {DECODE_WINDOW}")
 
-    outs = {name: run(m, video)[:2] for name, m in models.items()}  # warm-up
+    outs, first_run = {}, 0.0
+    for name, m in models.items():  # warm-up (the compiled model compiles here)
+        start = time.perf_counter()
+        outs[name] = run(m, video)[:2]
+        if name == "compiled":
+            first_run = time.perf_counter() - start
+            print(f"compiled: first encode + decode (compiling) took {time.perf_counter() - start:.1f} s; output vs "
+                  f"eager: latent {_rel(outs[name][0], outs['ours'][0]):.2e}, decoded "
+                  f"{_rel(outs[name][1], outs['ours'][1]):.2e}")
     if "reference" in outs:
         print(f"max |ours - reference| / max |reference|: latent {_rel(outs['ours'][0], outs['reference'][0]):.2e}, "
               f"decoded {_rel(outs['ours'][1], outs['reference'][1]):.2e}")
@@ -150,12 +168,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:>9}: encode {med[name]['encode']:.3f} s, decode {med[name]['decode']:.3f} s, "
               f"encode + decode {statistics.median(total):.3f} s (median of {args.repeats}; min {min(total):.3f}; "
               f"process CPU {med[name]['encode_cpu'] + med[name]['decode_cpu']:.3f} s)")
-    if "reference" in med:
-        for k in ("encode", "decode"):
-            print(f"ours / reference {k}: {med['ours'][k] / med['reference'][k]:.2f}x")
-        ratio = lambda a, b: (med["ours"][a] + med["ours"][b]) / (med["reference"][a] + med["reference"][b])  # noqa: E731
-        print(f"ours / reference encode + decode: {ratio('encode', 'decode'):.2f}x wall-clock, "
-              f"{ratio('encode_cpu', 'decode_cpu'):.2f}x process CPU time")
+    for name in ("ours", "compiled"):
+        if "reference" in med and name in med:
+            for k in ("encode", "decode"):
+                print(f"{name} / reference {k}: {med[name][k] / med['reference'][k]:.2f}x")
+            ratio = lambda a, b: (med[name][a] + med[name][b]) / (med["reference"][a] + med["reference"][b])  # noqa: E731
+            print(f"{name} / reference encode + decode: {ratio('encode', 'decode'):.2f}x wall-clock, "
+                  f"{ratio('encode_cpu', 'decode_cpu'):.2f}x process CPU time")
+    if "compiled" in med:
+        saved = med["ours"]["encode"] + med["ours"]["decode"] - med["compiled"]["encode"] - med["compiled"]["decode"]
+        extra = first_run - med["compiled"]["encode"] - med["compiled"]["decode"]  # compiling, once per shape
+        payback = f"its {extra:.0f} s of compiling are repaid after {extra / saved:.0f} clips" if saved > 0 else \
+            "it is not faster here: leave it off"
+        print(f"compiled saves {saved:.3f} s per encode + decode of this shape; {payback}")
     return 0
 
 

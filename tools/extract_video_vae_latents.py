@@ -243,6 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="VAE weights/activations dtype; the latent is stored in this dtype")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     p.add_argument("--tiling", action="store_true", help="spatial tiling in the VAE encoder (less memory)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the VAE (inductor): each new clip shape first compiles (a minute or more), "
+                        "then encodes faster; pays off over many clips of one size (tools/benchmark_vae.py --compile)")
     p.add_argument("--tile_sample_min_size", type=int, default=256)
     p.add_argument("--latent_kind", default="sample", choices=["sample", "mean"],
                    help="store latent_dist.sample() (the reference) or its mean")
@@ -303,6 +306,10 @@ def run(args: argparse.Namespace, ctx: DistContext) -> tuple[list[ItemResult], P
     mine = shard(entries, ctx.rank, ctx.world_size)
     sweep_stale_temps([e.latent for e in mine])  # temp files a killed run left next to this rank's outputs
     vae = load_vae(args.model_path, ctx.device, dtype, tiling=args.tiling)
+    if args.compile:
+        print(f"rank {ctx.rank}: --compile: the VAE compiles on its first clip of each shape (a minute or more; "
+              "nothing is printed meanwhile)", flush=True)
+        vae.compile_for_inference()
     loader = make_loader(ClipDataset(mine, args.width, args.height, args.num_frames, args.overwrite),
                          args.num_workers)
     bar = tqdm(total=len(mine), desc=f"latents rank {ctx.rank}", position=ctx.rank, unit="clip",

@@ -116,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "needs more memory)")
     g.add_argument("--vae_tile_size", type=int, default=256, help="VAE decode tile size in pixels; 0 disables "
                    "tiling")
+    g.add_argument("--compile_vae", action="store_true", help="torch.compile the VAE: each new decode shape compiles "
+                   "first (a minute or more); worth it for many videos of one size (tools/benchmark_vae.py --compile)")
     g = p.add_argument_group("output")
     g.add_argument("--output", default=None, help="output file; the suffix picks the format (.mp4, .gif, .png "
                    "strip; one image is always .png); default outputs/sample.mp4, outputs/sample.png for an image")
@@ -270,6 +272,9 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Path]:
         cpu_offload=args.cpu_offload, model_name=args.model_name,
     )
     writer = join_processes(pipe)
+    if args.compile_vae:
+        print("--compile_vae: the VAE compiles on its first decode of each shape (a minute or more)", flush=True)
+        pipe.vae.compile_for_inference()
     if writer:
         adapter = f" + LoRA {args.lora_path} x {args.lora_scale:g}" if args.lora_path else ""
         print(f"loaded {args.dit_path or args.dit_weight or Path(args.model_path) / args.variant}{adapter} on "

@@ -31,7 +31,8 @@ def _conv3d(conv: nn.Conv3d, x: Tensor) -> Tensor:
     the VAE's shapes. Outputs agree to float32 rounding (~1e-6 relative). Only without autograd (extraction,
     generation): training keeps torch's own choice.
     """
-    if (x.device.type == "cpu" and x.dtype == torch.float32 and torch.backends.mkldnn.is_available()
+    if (x.device.type == "cpu" and x.dtype == torch.float32 and not torch.compiler.is_compiling()
+            and torch.backends.mkldnn.is_available()
             and torch.backends.mkldnn.enabled and x[0].numel() >= MKLDNN_MIN_NUMEL
             and x.shape[0] * x.shape[1] * x.shape[2] * x.shape[3] <= 20480  # torch would not pick oneDNN itself
             and not (torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad))):

@@ -211,6 +211,26 @@ class CausalVideoVAE(ModelMixin, ConfigMixin):
             )
         return (model, info) if want_info else model
 
+    # ------------------------------------------------------------------ compiled inference
+
+    def compile_for_inference(self) -> None:
+        """Run the encoder and decoder through ``torch.compile`` (inductor) from the next call on.
+
+        For extraction and generation only (no autograd): inductor's ``freezing`` is turned on for this process,
+        which folds the weights into the compiled graphs as constants (on CPU that is what lets it use oneDNN's
+        prepacked convolutions). Each new input shape compiles once (a minute or more on a small CPU; a clip of
+        one resolution has two: the first temporal window and the others). Outputs match the eager model to
+        float32 rounding (``tests/test_vae.py``); ``tools/benchmark_vae.py --compile`` says what it saves.
+        The module structure and state dict are unchanged (the bound ``forward`` methods are wrapped).
+        """
+        import torch._inductor.config as inductor_config
+
+        if self.training:
+            raise RuntimeError("compile_for_inference: call .eval() first (the compiled graphs freeze the weights)")
+        inductor_config.freezing = True
+        for part in (self.encoder, self.decoder):
+            part.forward = torch.compile(part.forward, dynamic=False)
+
     # ------------------------------------------------------------------ tiling switches
 
     def enable_tiling(self, use_tiling: bool = True) -> None:
