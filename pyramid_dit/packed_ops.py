@@ -24,6 +24,7 @@ from pyramid_dit.packing import AttentionGroup
 # without it (flash / memory-efficient kernels, which need no plan).
 SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
+
 def _segments(seg_lens: Sequence[int]) -> list[tuple[int, int, int]]:
     """``(column, start, stop)`` of each non-empty column segment along the packed sequence axis."""
     out, start = [], 0

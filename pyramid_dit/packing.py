@@ -366,7 +366,7 @@ class PackedDiTMixin:
         segments), so each new layout compiles again (tens of seconds on a small CPU) and torch stops compiling
         new ones after its recompile limit: it pays off where shapes repeat (``t2i``, full-sequence ``t2v``), not
         in the autoregressive recipe, whose shapes change from step to step. Outputs and gradients match the
-        eager blocks to float32 rounding (``tests/test_dit.py``); ``tools/benchmark_dit.py --compile`` times it.
+        eager blocks to float32 rounding (``tests/test_compile.py``); ``tools/benchmark_dit.py --compile`` times it.
         Module structure and state dict are unchanged (the bound ``forward`` methods are wrapped).
         """
         for name in ("transformer_blocks", "single_transformer_blocks"):

@@ -29,7 +29,8 @@ def _conv3d(conv: nn.Conv3d, x: Tensor) -> Tensor:
     input, which for a 5-D video ignores the width, so single clips under ~20k "elements" (e.g. 64 channels x 7
     frames x 32 rows, whatever the width) go to the unblocked ``slow_conv3d`` kernel, 2-5x slower than oneDNN on
     the VAE's shapes. Outputs agree to float32 rounding (~1e-6 relative). Only without autograd (extraction,
-    generation): training keeps torch's own choice.
+    generation): training keeps torch's own choice. Under ``torch.compile`` the plain conv is traced and inductor
+    chooses (with frozen weights it takes oneDNN's prepacked convolutions).
     """
     if (x.device.type == "cpu" and x.dtype == torch.float32 and not torch.compiler.is_compiling()
             and torch.backends.mkldnn.is_available()
