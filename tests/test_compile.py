@@ -38,21 +38,3 @@ def test_compiled_blocks_match_eager_with_gradients(kind):
         torch.testing.assert_close(grad_c[name], grad_e[name], rtol=1e-4, atol=1e-6, msg=name)
     assert compiled.state_dict().keys() == eager.state_dict().keys()
 
-
-@pytest.mark.parametrize("flags", [["--shard_strategy", "zero3"], ["--use_fsdp", "--fsdp_shard_strategy", "zero3"]])
-def test_training_refuses_compile_with_zero3_before_launching(flags, tmp_path):
-    """ZeRO-3 gathers weights in hooks inside the blocks: the trainer says so at argument check, not mid-run."""
-    import json
-    from pathlib import Path
-
-    from train.train_pyramid_flow import build_parser, check_args
-
-    listing = json.loads((Path(__file__).parent / "golden/keys/pyramid_flux_miniflux.json").read_text())
-    (tmp_path / "diffusion_transformer_384p").mkdir()
-    (tmp_path / "diffusion_transformer_384p/config.json").write_text(json.dumps(
-        {"_class_name": "PyramidFluxTransformer", **listing["model_config"]}))
-    base = ["--model_path", str(tmp_path), "--anno_file", "unused.jsonl", "--output_dir", str(tmp_path / "run")]
-    args = build_parser().parse_args(base + flags + ["--compile"])
-    with pytest.raises(SystemExit, match="--compile with zero3"):
-        check_args(args, world_size=1)
-    check_args(build_parser().parse_args(base + ["--shard_strategy", "zero2", "--compile"]), world_size=1)

@@ -73,10 +73,6 @@ def build_parser() -> argparse.ArgumentParser:
                         "and MLP linears, pyramid_dit/kinds.py lora_targets)")
     g.add_argument("--lora_dropout", type=float, default=0.0, help="dropout on the LoRA branch input")
     g.add_argument("--use_flash_attn", action="store_true", help="accepted for compatibility; attention uses SDPA")
-    g.add_argument("--compile", action="store_true",
-                   help="torch.compile the DiT blocks: each new batch layout compiles first (tens of seconds), so it "
-                        "pays off only where shapes repeat (t2i, full-sequence t2v), not with the temporal pyramid "
-                        "(tools/benchmark_dit.py --compile times it); not with zero3")
     g.add_argument("--attention_split", default="frame", choices=["frame", "column"],
                    help="one attention call per frame (keys past it skipped; fastest on CPU) or one masked call per "
                         "column (fewer, larger kernels); same results. tools/measure_gpu.py times both on a GPU")
@@ -240,9 +236,6 @@ def check_args(args: argparse.Namespace, world_size: int) -> None:
         raise SystemExit(str(e)) from None
     if args.lora_rank < 0:
         raise SystemExit(f"--lora_rank {args.lora_rank}: must be 0 (full finetune) or a positive rank")
-    if args.compile and strategy_of(args) == "zero3":
-        raise SystemExit("--compile with zero3 is not supported (ZeRO-3 gathers each layer's weights in module hooks "
-                         "inside the compiled blocks); use SHARD_STRATEGY=zero2 or ddp")
     if args.lora_rank and strategy_of(args) == "zero3":
         raise SystemExit("--lora_rank with zero3 is not supported (untested); LoRA state is small, use "
                          "SHARD_STRATEGY=zero2 or ddp")
@@ -345,10 +338,6 @@ def build_model_side(args: argparse.Namespace, device: torch.device, engine: Eng
     if args.gradient_checkpointing:
         dit.enable_gradient_checkpointing(args.gradient_checkpointing_ratio)
     dit.attention_split = args.attention_split
-    if args.compile:
-        logger.info("--compile: each transformer block compiles on its first call with each new batch layout (tens "
-                    "of seconds each; the AR recipe's layouts change from step to step, see --help)")
-        dit.compile_blocks()
 
     side = ModelSide(dit)
     encode_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.model_dtype]
