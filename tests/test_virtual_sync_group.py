@@ -153,12 +153,15 @@ def test_lora_trains_only_adapters_resumes_exactly_and_exports_merged(workspace)
 
 def test_zero2_optimizer_cpu_offload_trains_like_zero2(workspace):
     """OFFLOAD=1: DeepSpeed keeps master weights and AdamW state on the CPU and updates them with its CPU Adam (C++
-    op, compiled on first use); same losses and export as ZeRO-2 with torch's AdamW."""
+    op, compiled on first use); stopped after step 1 and resumed, it gives the same losses and export as an
+    uninterrupted ZeRO-2 run with torch's AdamW (lost or reset Adam moments would move step 2 differently)."""
     plain, offload = workspace["root"] / "zero2_gpus1", workspace["root"] / "zero2_offload_gpus1"
     if not (plain / "metrics.jsonl").is_file():
         _train(workspace, plain, 1, "zero2", 2)
+    _train(workspace, offload, 1, "zero2", 1, env_extra={"OFFLOAD": "1"})
     result = _train(workspace, offload, 1, "zero2", 2, env_extra={"OFFLOAD": "1"})
     assert "optimizer offload on (DeepSpeedCPUAdam on the CPU)" in result.stderr, result.stderr[-3000:]
+    assert "resumed from" in result.stderr and "checkpoint-1" in result.stderr, result.stderr[-3000:]
     a, b = _losses(offload), _losses(plain)
     assert len(a) == len(b) == 2
     assert a == pytest.approx(b, rel=1e-5, abs=0)
