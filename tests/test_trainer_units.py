@@ -48,6 +48,29 @@ def _reference_cosine(base, final, total, warmup):
     return np.concatenate((warm, body))
 
 
+@pytest.mark.parametrize("failure", ["not_compatible", "build_fails"])
+def test_offload_without_a_buildable_cpu_adam_says_what_to_do(monkeypatch, failure):
+    """OFFLOAD=1 on a machine where DeepSpeed's CPU Adam op cannot be built: one error naming the way out, raised
+    before training starts, not a compiler traceback."""
+    import subprocess
+
+    from deepspeed.ops.op_builder import CPUAdamBuilder
+
+    if failure == "not_compatible":
+        monkeypatch.setattr(CPUAdamBuilder, "is_compatible", lambda self, verbose=False: False)
+        expected = "not buildable here"
+    else:
+        monkeypatch.setattr(CPUAdamBuilder, "is_compatible", lambda self, verbose=False: True)
+
+        def fail(self, verbose=False):
+            raise subprocess.CalledProcessError(1, ["ninja", "-v"])
+        monkeypatch.setattr(CPUAdamBuilder, "load", fail)
+        expected = "building DeepSpeed's CPU Adam op failed .*CalledProcessError.*ninja"
+    with pytest.raises(RuntimeError, match=expected) as info:
+        build_adamw(nn.Linear(2, 2), lr=1e-3, cpu_offload=True)
+    assert "OFFLOAD=0" in str(info.value)
+
+
 @pytest.mark.parametrize("warmup", [0, 1, 2, 7])
 def test_lr_schedules_equal_the_reference_arrays(warmup):
     total = 20
