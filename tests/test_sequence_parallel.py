@@ -39,6 +39,9 @@ CASES = [
     ("flux_full_causal_ckpt", "flux", [[(3, 6, 6)]], (4, 1), {}, True),
     ("sd3_ar", "sd3", [[(1, 4, 6)] * 3, [(1, 4, 6), (1, 8, 12), (1, 6, 6)]], (0, 5), {}, False),
     ("sd3_full", "sd3", [[(3, 6, 6)], [(3, 8, 8)]], (3, 0), {"use_temporal_causal": False}, True),
+    # One masked attention call per column (--attention_split column) instead of one per frame.
+    ("flux_ar_column_split", "flux", [[(1, 4, 6)] * 3, [(2, 4, 6), (1, 6, 6)]], (0, 3), {"attention_split": "column"},
+     False),
 ]
 BATCH = {"flux_full_causal_ckpt": 2}
 
@@ -50,7 +53,10 @@ def _model(kind: str, overrides: dict, ckpt: bool):
         from test_dit import tiny_model
     else:
         from test_mmdit import tiny_model
+    overrides = dict(overrides)
+    split = overrides.pop("attention_split", "frame")  # a model attribute, not a config key
     model = tiny_model(**overrides).train()
+    model.attention_split = split
     if ckpt:
         model.enable_gradient_checkpointing(1.0)
     return model
