@@ -48,6 +48,23 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
 
 
+def outputs_and_grads(model, inputs: dict, weights: list[torch.Tensor]
+                      ) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+    """Outputs and gradients (parameters and the float inputs) of ``sum(out * w)``."""
+    model.zero_grad(set_to_none=True)
+    leaves = {f"sample.{c}.{k}": clip for c, col in enumerate(inputs["sample"]) for k, clip in enumerate(col)}
+    leaves["encoder_hidden_states"] = inputs["encoder_hidden_states"]
+    leaves["pooled_projections"] = inputs["pooled_projections"]
+    for t in leaves.values():
+        t.grad = None
+        t.requires_grad_(True)
+    outs = model(**inputs)
+    sum((o * w).sum() for o, w in zip(outs, weights)).backward()
+    grads = {f"param.{n}": p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    grads.update({f"input.{n}": t.grad.detach().clone() for n, t in leaves.items()})
+    return [o.detach() for o in outs], grads
+
+
 AR_COLUMNS = [[(1, 4, 6)] * 3, [(1, 4, 6), (1, 8, 12), (1, 8, 12)], [(3, 4, 6), (1, 8, 12), (1, 16, 24)]]
 
 

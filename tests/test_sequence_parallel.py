@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from pyramid_dit.sequence_parallel import SequenceParallel, StreamShard  # noqa: E402
 from trainer_misc.distributed import parallel_layout  # noqa: E402
+from test_dit import outputs_and_grads  # noqa: E402
 from two_ranks import run_two_ranks  # noqa: E402
 
 TOL = 1e-5  # relative to the max |reference|, float32
@@ -62,22 +63,6 @@ def _model(kind: str, overrides: dict, ckpt: bool):
     return model
 
 
-def _run(model, inputs: dict, weights: list[torch.Tensor]) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
-    """Outputs and gradients (parameters and the float inputs) of ``sum(out * w)``."""
-    model.zero_grad(set_to_none=True)
-    leaves = {f"sample.{c}.{k}": clip for c, col in enumerate(inputs["sample"]) for k, clip in enumerate(col)}
-    leaves["encoder_hidden_states"] = inputs["encoder_hidden_states"]
-    leaves["pooled_projections"] = inputs["pooled_projections"]
-    for t in leaves.values():
-        t.grad = None
-        t.requires_grad_(True)
-    outs = model(**inputs)
-    sum((o * w).sum() for o, w in zip(outs, weights)).backward()
-    grads = {f"param.{n}": p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
-    grads.update({f"input.{n}": t.grad.detach().clone() for n, t in leaves.items()})
-    return [o.detach() for o in outs], grads
-
-
 def _saved_bytes(model, inputs: dict) -> int:
     """Bytes of the distinct tensors autograd keeps for backward in one forward call: the activation memory of
     training, without the weights (a parameter's storage is not counted)."""
@@ -114,9 +99,9 @@ def worker(result_dir: Path) -> None:
         inputs = make_inputs(columns, batch=BATCH.get(name, 1), text_len=9, pad=pad, seed=3)
         g = torch.Generator().manual_seed(7)
         weights = [torch.randn(col[-1].shape, generator=g) for col in inputs["sample"]]
-        ref_out, ref_grads = _run(model, inputs, weights)
+        ref_out, ref_grads = outputs_and_grads(model, inputs, weights)
         model.enable_sequence_parallel(sp)
-        out, grads = _run(model, inputs, weights)
+        out, grads = outputs_and_grads(model, inputs, weights)
         split = model._pack(inputs["sample"], inputs["encoder_attention_mask"])
         model.enable_sequence_parallel(None)
         assert set(grads) == set(ref_grads), set(grads) ^ set(ref_grads)
