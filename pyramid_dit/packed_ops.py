@@ -35,6 +35,23 @@ def _segments(seg_lens: Sequence[int]) -> list[tuple[int, int, int]]:
     return out
 
 
+def _segment_product_grads(grad: torch.Tensor, segs: list[tuple[int, int, int]], tokens: torch.Tensor,
+                           per_column: torch.Tensor, need_tokens: bool, need_column: bool
+                           ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Gradients of the product ``tokens * per_column_c`` on each column segment, given the output gradient:
+    ``grad * per_column_c`` for ``tokens`` ``[B, S, D]``, and the segment's sum of ``grad * tokens`` for
+    ``per_column`` ``[B, n, D]`` (``None`` where not needed). The backward of both segment functions below."""
+    g_tokens = torch.empty_like(tokens) if need_tokens else None
+    g_column = per_column.new_zeros(per_column.shape) if need_column else None
+    for c, a, b in segs:
+        g = grad[:, a:b]
+        if need_tokens:
+            torch.mul(g, per_column[:, c, None], out=g_tokens[:, a:b])
+        if need_column:
+            g_column[:, c] = (g * tokens[:, a:b]).sum(1)
+    return g_tokens, g_column
+
+
 class _SegmentModulate(torch.autograd.Function):
     """``x * (1 + scale_c) + shift_c`` per column segment, written segment by segment into one output.
 
@@ -60,17 +77,12 @@ class _SegmentModulate(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         x, scale1 = ctx.saved_tensors
         need_x, need_scale, need_shift = ctx.needs_input_grad[:3]
-        gx = torch.empty_like(x) if need_x else None
-        gscale = scale1.new_zeros(scale1.shape) if need_scale else None
-        gshift = scale1.new_zeros(scale1.shape) if need_shift else None
-        for c, a, b in ctx.segs:
-            g = grad[:, a:b]
-            if need_x:
-                torch.mul(g, scale1[:, c, None], out=gx[:, a:b])
-            if need_scale:
-                gscale[:, c] = (g * x[:, a:b]).sum(1)
-            if need_shift:
-                gshift[:, c] = g.sum(1)
+        gx, gscale = _segment_product_grads(grad, ctx.segs, x, scale1, need_x, need_scale)
+        gshift = None
+        if need_shift:
+            gshift = scale1.new_zeros(scale1.shape)
+            for c, a, b in ctx.segs:
+                gshift[:, c] = grad[:, a:b].sum(1)
         return gx, gscale, gshift, None
 
 
@@ -94,14 +106,7 @@ class _SegmentGatedResidual(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         gate, y = ctx.saved_tensors
         _, need_gate, need_y = ctx.needs_input_grad[:3]
-        gy = torch.empty_like(y) if need_y else None
-        ggate = gate.new_zeros(gate.shape) if need_gate else None
-        for c, a, b in ctx.segs:
-            g = grad[:, a:b]
-            if need_y:
-                torch.mul(g, gate[:, c, None], out=gy[:, a:b])
-            if need_gate:
-                ggate[:, c] = (g * y[:, a:b]).sum(1)
+        gy, ggate = _segment_product_grads(grad, ctx.segs, y, gate, need_y, need_gate)
         gx = grad if ctx.needs_input_grad[0] else None
         return (gx.to(ctx.x_dtype) if gx is not None else None), ggate, gy, None
 
