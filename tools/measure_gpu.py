@@ -78,30 +78,32 @@ class Case:
                       gradient_checkpointing=self.checkpointing, video_sync_group=8 if self.task == "ar" else 1)
 
 
+def _heaviest(launch: Launch) -> list[list[tuple[int, ...]]]:
+    """Clip shapes of the launch's micro-batch with the most tokens (the one that sets the peak)."""
+    return max(rank_shapes(launch), key=_tokens)
+
+
 def predict(case: Case) -> dict:
     """The planner's activation bytes and FLOPs of the case's heaviest micro-batch (meta tensors, no GPU)."""
     launch = case.launch()
-    shapes = max(rank_shapes(launch), key=_tokens)
+    shapes = _heaviest(launch)
     traced = trace_memory(launch, shapes, torch.bfloat16)
     return {"tokens": _tokens(shapes), "activation_bytes": traced.activation_bytes,
             "flops": count_flops(launch, shapes)}
 
 
-def _build_on(device: torch.device, case: Case, seed: int) -> torch.nn.Module:
+def _build_on(device: torch.device, launch: Launch, seed: int) -> torch.nn.Module:
     """The released-size DiT, built on ``device`` (buffers computed there), bf16, weights N(0, 0.02)."""
-    launch = case.launch()
     torch.manual_seed(seed)
-    model = build_model(case.kind, launch.model_config, torch.bfloat16, device=device)
+    model = build_model(launch.model_kind, launch.model_config, torch.bfloat16, device=device)
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0.0, 0.02)
     return model.train()
 
 
-def _inputs(case: Case, device: torch.device, seed: int) -> dict:
-    launch = case.launch()
-    shapes = max(rank_shapes(launch), key=_tokens)
-    inputs = dit_inputs(launch, shapes, torch.bfloat16, device=str(device))
+def _inputs(launch: Launch, device: torch.device, seed: int) -> dict:
+    inputs = dit_inputs(launch, _heaviest(launch), torch.bfloat16, device=str(device))
     g = torch.Generator(device=device).manual_seed(seed)
     for col in inputs["sample"]:
         for clip in col:
@@ -135,16 +137,17 @@ def _timed(device: torch.device, fn) -> float:
 
 def measure(case: Case, prediction: dict, device: torch.device, steps: int, reference_root: Optional[Path],
             split: str = "frame") -> dict:
-    model = _build_on(device, case, seed=0)
+    launch = case.launch()
+    model = _build_on(device, launch, seed=0)
     model.attention_split = split
     if case.checkpointing:
-        model.enable_gradient_checkpointing(case.launch().gradient_checkpointing_ratio)
+        model.enable_gradient_checkpointing(launch.gradient_checkpointing_ratio)
     hooks = _drop_gradients(model)
     torch.cuda.synchronize(device)
     torch.cuda.empty_cache()
     param_bytes = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
-    inputs = _inputs(case, device, seed=1)
+    inputs = _inputs(launch, device, seed=1)
     out = _step(model, inputs)  # the measured step is the first (nothing cached from an earlier one)
     peak = torch.cuda.max_memory_allocated(device) - param_bytes
     reserved = torch.cuda.max_memory_reserved(device) - param_bytes
@@ -156,7 +159,7 @@ def measure(case: Case, prediction: dict, device: torch.device, steps: int, refe
            "activation_error": prediction["activation_bytes"] / peak - 1,
            "step_s": statistics.median(times), "tflops": prediction["flops"] / statistics.median(times) / 1e12}
     if reference_root is not None and not case.checkpointing:
-        row.update(_against_reference(case, model, inputs, out, device, steps, reference_root))
+        row.update(_against_reference(launch, model, inputs, out, device, steps, reference_root))
     for h in hooks:
         h.remove()
     del model, inputs, out
@@ -164,16 +167,16 @@ def measure(case: Case, prediction: dict, device: torch.device, steps: int, refe
     return row
 
 
-def _against_reference(case: Case, ours: torch.nn.Module, inputs: dict, ours_out: list[torch.Tensor],
+def _against_reference(launch: Launch, ours: torch.nn.Module, inputs: dict, ours_out: list[torch.Tensor],
                        device: torch.device, steps: int, root: Path) -> dict:
     from tools.benchmark_dit import load_reference_class
 
-    config = case.launch().model_config
+    config = launch.model_config
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
     try:
         with torch.device(device):
-            ref = load_reference_class(root, case.kind)(**config)
+            ref = load_reference_class(root, launch.model_kind)(**config)
     finally:
         torch.set_default_dtype(previous)
     ref.load_state_dict(ours.state_dict())
