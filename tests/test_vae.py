@@ -276,22 +276,82 @@ def test_unsupported_config_is_rejected() -> None:
 # ---------------------------------------------------------------- fast paths
 
 
+def _zero_padded_conv(conv: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The causal conv by its definition: ``time_pad`` zero frames in front, then an ordinary convolution."""
+    padded = torch.cat([x.new_zeros(*x.shape[:2], conv.time_pad, *x.shape[3:]), x], dim=2)
+    c = conv.conv
+    return torch.nn.functional.conv3d(padded, c.weight, c.bias, c.stride, c.padding)
+
+
+# The VAE's causal convs: 3x3x3, its temporal and spatial down-samplers, 1x1x1, and a 2-tap conv.
+CONV_SHAPES = [dict(kernel_size=3), dict(kernel_size=3, stride=(2, 1, 1)), dict(kernel_size=3, stride=(1, 2, 2)),
+               dict(kernel_size=1), dict(kernel_size=(2, 3, 3))]
+
+
+@pytest.mark.parametrize("shape", CONV_SHAPES, ids=lambda d: "-".join(map(str, d.values())))
+def test_causal_conv_equals_zero_padded_convolution(shape: dict) -> None:
+    """At a clip start the causal conv skips the zero frames instead of convolving them (fewer FLOPs): every
+    output, for every clip length, still equals the zero-padded convolution (float64 through torch's kernel,
+    float32 through the inference route: oneDNN, channels-last), and so does a clip streamed in chunks."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from video_vae.causal_conv import CausalConv3d
+
+    gen = torch.Generator().manual_seed(3)
+    conv = CausalConv3d(6, 8, **shape)
+    with torch.no_grad():
+        conv.conv.weight.normal_(generator=gen)
+    stride = conv.time_stride
+    for frames in (1, 2, 3, 5, 9):
+        if stride > 1 and (frames - 1) % stride:
+            continue  # not a length this conv is given (clips are 1 + 8k frames)
+        x = torch.randn(1, 6, frames, 5, 7, generator=gen, dtype=torch.float64)
+        conv64 = conv.double()
+        assert torch.allclose(conv64(x), _zero_padded_conv(conv64, x), rtol=1e-12, atol=1e-12), frames
+        conv.float()
+        with torch.no_grad():
+            fast = conv(x.float())
+        assert fast.is_contiguous(memory_format=torch.channels_last_3d)
+        assert _rel_err(fast, _zero_padded_conv(conv, x.float())) < 1e-6, frames
+    x = torch.randn(1, 6, 9, 5, 7, generator=gen)
+    with torch.no_grad():
+        cache: dict = {}
+        chunks = [conv(x[:, :, a:b], cache) for a, b in ((0, 1), (1, 5), (5, 9))]
+        assert _rel_err(torch.cat(chunks, dim=2), _zero_padded_conv(conv, x)) < 1e-6
+    with FlopCounterMode(display=False) as ours:  # with autograd: torch's kernel, which the counter sees
+        conv(x)
+    with FlopCounterMode(display=False) as by_definition:
+        _zero_padded_conv(conv, x)
+    # A 3-tap conv does one output frame's work less per clip start (2/3 of the first, 1/3 of the second).
+    saved_frames = {3: 1.0, 2: 0.5, 1: 0.0}[conv.conv.kernel_size[0]] if stride == 1 else 2 / 3
+    outputs = _zero_padded_conv(conv, x).shape[2]
+    assert ours.get_total_flops() == pytest.approx(by_definition.get_total_flops() * (1 - saved_frames / outputs))
+
+
 def test_cpu_inference_convolution_route_matches_torch() -> None:
-    """A single clip whose N*C*T*H is under torch's oneDNN threshold but large overall goes to oneDNN in
-    inference (causal_conv._conv3d); it must compute the same convolution, and training keeps torch's kernel."""
-    from video_vae.causal_conv import MKLDNN_MIN_NUMEL, CausalConv3d
+    """Inference on CPU goes to oneDNN even where torch's kernel rule would pick its slow kernel (N*C*T*H under
+    ~20k); it must compute the same convolution, and training keeps torch's own kernel."""
+    from video_vae.causal_conv import CausalConv3d
 
     gen = torch.Generator().manual_seed(3)
     conv = CausalConv3d(16, 16, kernel_size=3)
-    x = torch.randn(1, 16, 5, 40, 96, generator=gen)  # 1*16*7*40 padded = 4480 <= 20480, 307k elements per clip
-    assert x[0].numel() >= MKLDNN_MIN_NUMEL
-    padded = torch.cat([x.new_zeros(1, 16, 2, 40, 96), x], dim=2)
-    expected = torch.nn.functional.conv3d(padded, conv.conv.weight, conv.conv.bias, padding=(0, 1, 1))
+    x = torch.randn(1, 16, 5, 40, 96, generator=gen)  # 1*16*7*40 padded = 4480 <= 20480
+    expected = _zero_padded_conv(conv, x)
     with torch.no_grad():
         fast = conv(x)
     assert _rel_err(fast, expected) < 1e-5
     train = conv(x)  # weights require grad: torch's own kernel, differentiable
     assert train.requires_grad and _rel_err(train.detach(), expected.detach()) < 1e-6
+
+
+def test_encode_and_decode_return_plain_contiguous_tensors(tiny_vae: CausalVideoVAE) -> None:
+    """Inside, the CPU VAE computes channels-last; what it hands back is an ordinary contiguous tensor (latents
+    are saved with safetensors, which needs one)."""
+    with torch.no_grad():
+        latent = tiny_vae.encode(_video(9)).latent_dist.mean
+        chunked = tiny_vae.encode(_video(9), temporal_chunk=True, window_size=8).latent_dist.mean
+        decoded = tiny_vae.decode(latent).sample
+    assert latent.is_contiguous() and chunked.is_contiguous() and decoded.is_contiguous()
 
 
 def test_compiled_inference_matches_eager(tiny_vae: CausalVideoVAE, monkeypatch: pytest.MonkeyPatch) -> None:

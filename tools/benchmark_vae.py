@@ -8,7 +8,9 @@ weights N(0, 0.05) from seed 0 (norm scales 1 + N(0, 0.1)); one clip of 17 frame
 ``torch.no_grad`` in eval mode, as latent extraction and generation run them.
 
 Reported: median (and min) seconds of encode, decode and their sum over ``--repeats`` timed runs after one
-warm-up, with process CPU time (steadier than wall-clock when other jobs share the cores). ``--compile`` also times
+warm-up, with process CPU time (steadier than wall-clock when other jobs share the cores); the FLOPs of encode and
+decode (convolutions, matmuls and attention, counted by ``torch.utils.flop_counter``) and the achieved GFLOP/s,
+against this machine's float32 matmul rate measured in the same run. ``--compile`` also times
 our VAE after ``compile_for_inference()`` (torch.compile) and prints its one-time compile cost and after how many
 clips of this shape it is repaid. With
 ``--reference /path/to/Pyramid-Flow`` the reference's ``CausalVideoVAE`` (imported from that checkout at run
@@ -36,6 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from tools.benchmark_dit import matmul_gflops  # noqa: E402
 from video_vae import CausalVideoVAE  # noqa: E402
 
 CONFIG = dict(
@@ -114,6 +117,29 @@ def run(vae: torch.nn.Module, video: torch.Tensor) -> tuple[torch.Tensor, torch.
     return z, x, t1 - t0, t2 - t1, c1 - c0, c2 - c1
 
 
+def count_flops(vae: torch.nn.Module, video: torch.Tensor) -> tuple[int, int]:
+    """(encode, decode) FLOPs of one ``run``, counted by ``torch.utils.flop_counter`` (convolutions, matmuls and
+    attention; element-wise work is not counted). oneDNN's convolution op, which our CPU inference calls directly,
+    is not in torch's table: it gets torch's convolution formula here."""
+    from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
+
+    aten = torch.ops.aten
+
+    def mkldnn_conv(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:  # the counter passes shapes
+        return conv_flop_count(x_shape, w_shape, out_shape, transposed=False)
+
+    counts = []
+    with torch.no_grad():
+        for part in ("encode", "decode"):
+            with FlopCounterMode(display=False, custom_mapping={aten.mkldnn_convolution: mkldnn_conv}) as counter:
+                if part == "encode":
+                    z = vae.encode(video, temporal_chunk=True, window_size=ENCODE_WINDOW).latent_dist.mean
+                else:
+                    vae.decode(z, temporal_chunk=True, window_size=DECODE_WINDOW)
+            counts.append(counter.get_total_flops())
+    return counts[0], counts[1]
+
+
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max()).item()
 
@@ -163,11 +189,16 @@ def main(argv: list[str] | None = None) -> int:
             for k, v in zip(keys, run(m, video)[2:]):
                 times[name][k].append(v)
     med = {name: {k: statistics.median(v) for k, v in t.items()} for name, t in times.items()}
+    print(f"matmul float32: {matmul_gflops(torch.device('cpu'), torch.float32):.1f} GFLOP/s (1024^3, median of 10)")
     for name, t in times.items():
         total = [e + d for e, d in zip(t["encode"], t["decode"])]
+        # Compiled kernels are not aten ops a counter can see: the compiled model does the eager model's FLOPs.
+        enc_flops, dec_flops = count_flops(models["ours" if name == "compiled" else name], video)
         print(f"{name:>9}: encode {med[name]['encode']:.3f} s, decode {med[name]['decode']:.3f} s, "
               f"encode + decode {statistics.median(total):.3f} s (median of {args.repeats}; min {min(total):.3f}; "
-              f"process CPU {med[name]['encode_cpu'] + med[name]['decode_cpu']:.3f} s)")
+              f"process CPU {med[name]['encode_cpu'] + med[name]['decode_cpu']:.3f} s); "
+              f"{enc_flops / 1e9:.1f} + {dec_flops / 1e9:.1f} GFLOP, "
+              f"{enc_flops / med[name]['encode'] / 1e9:.0f} / {dec_flops / med[name]['decode'] / 1e9:.0f} GFLOP/s achieved")
     for name in ("ours", "compiled"):
         if "reference" in med and name in med:
             for k in ("encode", "decode"):

@@ -244,8 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     p.add_argument("--tiling", action="store_true", help="spatial tiling in the VAE encoder (less memory)")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the VAE (inductor): each new clip shape first compiles (a minute or more), "
-                        "then encodes faster; pays off over many clips of one size (tools/benchmark_vae.py --compile)")
+                   help="torch.compile the VAE (inductor): each new clip shape first compiles (a minute or more); "
+                        "not faster than eager on a 2-core CPU, may be elsewhere (tools/benchmark_vae.py --compile)")
     p.add_argument("--tile_sample_min_size", type=int, default=256)
     p.add_argument("--latent_kind", default="sample", choices=["sample", "mean"],
                    help="store latent_dist.sample() (the reference) or its mean")

@@ -117,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--vae_tile_size", type=int, default=256, help="VAE decode tile size in pixels; 0 disables "
                    "tiling")
     g.add_argument("--compile_vae", action="store_true", help="torch.compile the VAE: each new decode shape compiles "
-                   "first (a minute or more); worth it for many videos of one size (tools/benchmark_vae.py --compile)")
+                   "first (a minute or more); not faster than eager on a 2-core CPU (tools/benchmark_vae.py --compile)")
     g = p.add_argument_group("output")
     g.add_argument("--output", default=None, help="output file; the suffix picks the format (.mp4, .gif, .png "
                    "strip; one image is always .png); default outputs/sample.mp4, outputs/sample.png for an image")

@@ -29,7 +29,7 @@ from diffusers.models.modeling_outputs import AutoencoderKLOutput
 from diffusers.models.modeling_utils import ModelMixin
 from torch import Tensor, nn
 
-from video_vae.causal_conv import CausalConv3d, ConvCache
+from video_vae.causal_conv import CausalConv3d, ConvCache, conv_layout
 from video_vae.modeling_enc_dec import CausalVaeDecoder, CausalVaeEncoder, DiagonalGaussianDistribution
 
 TILE_OVERLAP_FACTOR = 0.25  # fraction of a tile shared with its neighbour, encode and decode alike
@@ -286,7 +286,8 @@ class CausalVideoVAE(ModelMixin, ConfigMixin):
         return AutoencoderKLOutput(latent_dist=posterior) if return_dict else (posterior,)
 
     def _encode_moments(self, x: Tensor, cache: ConvCache | None = None) -> Tensor:
-        return self.quant_conv(self.encoder(x, cache), cache)
+        # Channels-last inside (see ``conv_layout``), a plain contiguous tensor out.
+        return self.quant_conv(self.encoder(conv_layout(x), cache), cache).contiguous()
 
     @torch.no_grad()
     def _encode_chunked(self, x: Tensor, window_size: int) -> Tensor:
@@ -366,7 +367,9 @@ class CausalVideoVAE(ModelMixin, ConfigMixin):
         return DecoderOutput(sample=dec) if return_dict else (dec,)
 
     def _decode_frames(self, z: Tensor, cache: ConvCache | None, is_init_image: bool) -> Tensor:
-        return self.decoder(self.post_quant_conv(z, cache), cache, is_init_image=is_init_image)
+        # Channels-last inside (see ``conv_layout``), a plain contiguous tensor out.
+        x = self.decoder(self.post_quant_conv(conv_layout(z), cache), cache, is_init_image=is_init_image)
+        return x.contiguous()
 
     @torch.no_grad()
     def _decode_chunked(self, z: Tensor, window_size: int, is_init_image: bool,

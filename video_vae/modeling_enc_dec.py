@@ -8,7 +8,7 @@ from diffusers.models.activations import get_activation
 from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor, nn
 
-from video_vae.blocks import NORM_EPS, CausalMidBlock, DownEncoderBlockCausal3D, UpDecoderBlockCausal3D
+from video_vae.blocks import NORM_EPS, CausalMidBlock, activate, DownEncoderBlockCausal3D, UpDecoderBlockCausal3D
 from video_vae.causal_conv import CausalConv3d, CausalGroupNorm, ConvCache
 
 
@@ -49,7 +49,7 @@ class CausalVaeEncoder(nn.Module):
         for block in self.down_blocks:
             x = block(x, cache)
         x = self.mid_block(x, cache)
-        return self.conv_out(self.conv_act(self.conv_norm_out(x)), cache)
+        return self.conv_out(activate(self.conv_act, self.conv_norm_out(x)), cache)
 
 
 class CausalVaeDecoder(nn.Module):
@@ -90,7 +90,7 @@ class CausalVaeDecoder(nn.Module):
         x = self.mid_block(x, cache)
         for block in self.up_blocks:
             x = block(x, cache, is_init_image=is_init_image)
-        return self.conv_out(self.conv_act(self.conv_norm_out(x)), cache)
+        return self.conv_out(activate(self.conv_act, self.conv_norm_out(x)), cache)
 
 
 class DiagonalGaussianDistribution:
