@@ -34,15 +34,15 @@ def _conv3d(conv: nn.Conv3d, x: Tensor, weight: Tensor | None = None) -> Tensor:
     frames x 32 rows, whatever the width) go to the unblocked ``slow_conv3d`` kernel. On the VAE's shapes that is
     2-5x slower than oneDNN, from 1 x 16 x 24 frames (0.44 vs 0.18 ms) to 7 x 32 x 48 (44 vs 8 ms; 64 channels,
     2 CPU threads). Outputs agree to float32 rounding (~1e-6 relative). Only float32 without autograd or autocast
-    (extraction, generation): otherwise torch's own op and kernel choice. Under ``torch.compile`` the plain conv is traced and inductor
-    chooses (with frozen weights it takes oneDNN's prepacked convolutions).
+    (extraction, generation): otherwise torch's own op and kernel choice. Under ``torch.compile`` the plain conv
+    is traced and inductor chooses (with frozen weights it takes oneDNN's prepacked convolutions).
     """
-    weight = conv.weight if weight is None else weight
+    weight = conv.weight if weight is None else weight.contiguous()  # a slice of the taps (see _from_clip_start)
     if (x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32 and not _cpu_autocast()
             and not torch.compiler.is_compiling()
             and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
-        out = torch.ops.aten.mkldnn_convolution(conv_layout(x), weight.contiguous(), conv.bias, conv.padding,
+        out = torch.ops.aten.mkldnn_convolution(conv_layout(x), weight, conv.bias, conv.padding,
                                                 conv.stride, conv.dilation, conv.groups)
     else:
         out = F.conv3d(x, weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
