@@ -328,6 +328,22 @@ def test_causal_conv_equals_zero_padded_convolution(shape: dict) -> None:
     assert ours.get_total_flops() == pytest.approx(by_definition.get_total_flops() * (1 - saved_frames / outputs))
 
 
+def test_streamed_chunks_must_end_on_the_temporal_stride() -> None:
+    """A stride-2 causal conv streamed in chunks: the first chunk must be 1 + 2k frames and the others 2k, else
+    an output window would straddle two chunks; the error says what the chunk lengths must be."""
+    from video_vae.causal_conv import CausalConv3d
+
+    conv = CausalConv3d(4, 4, kernel_size=3, stride=(2, 1, 1))
+    with torch.no_grad():
+        for lengths in ((8,), (9, 3)):
+            cache: dict = {}
+            with pytest.raises(ValueError, match="does not end on a stride-2 boundary"):
+                for n in lengths:
+                    conv(torch.randn(1, 4, n, 4, 4), cache)
+        cache = {}
+        assert [conv(torch.randn(1, 4, n, 4, 4), cache).shape[2] for n in (9, 4)] == [5, 2]
+
+
 def test_cpu_inference_convolution_route_matches_torch() -> None:
     """Inference on CPU goes to oneDNN even where torch's kernel rule would pick its slow kernel (N*C*T*H under
     ~20k); it must compute the same convolution, and training keeps torch's own kernel."""

@@ -127,26 +127,25 @@ class CausalConv3d(nn.Module):
         if self.time_pad == 0:
             return _conv3d(self.conv, x)
         front = cache.get(self) if cache is not None else None
+        padded = x if front is None else _cat_frames([front, x])  # a clip start's zero frames are left out
         if cache is not None:
-            padded_len = (self.time_pad if front is None else front.shape[2]) + x.shape[2]
-            if self.time_stride > 1 and (padded_len - self.time_pad - 1) % self.time_stride != 0:
+            padded_len = padded.shape[2] + (self.time_pad if front is None else 0)  # with a clip start's zeros
+            if self.time_stride > 1 and (padded_len - self.time_pad - 1) % self.time_stride:
                 raise ValueError(
                     f"temporal chunk of {x.shape[2]} frames does not end on a stride-{self.time_stride} boundary of "
                     "this conv; chunk lengths must be multiples of the VAE's temporal compression (the first chunk "
                     "one frame more)"
                 )
-            # The frames the next chunk needs in front of it: the last ``carry_frames`` of the padded input
-            # (copied, so the cache does not keep the whole activation alive).
-            padded = x if front is None else _cat_frames([front, x])
-            if padded.shape[2] < self.carry_frames:  # a clip start shorter than the carry: zeros in front
-                padded = _cat_frames([padded.new_zeros(*padded.shape[:2], self.carry_frames - padded.shape[2],
-                                                       *padded.shape[3:]), padded])
-            cache[self] = conv_layout(padded[:, :, padded.shape[2] - self.carry_frames:].clone())
-            if front is not None:
-                return _conv3d(self.conv, padded)
-        if front is None:
-            return self._from_clip_start(x)
-        return _conv3d(self.conv, _cat_frames([front, x]))
+            cache[self] = self._carry(padded)
+        return self._from_clip_start(x) if front is None else _conv3d(self.conv, padded)
+
+    def _carry(self, padded: Tensor) -> Tensor:
+        """The last ``carry_frames`` of the (padded) input, which the next chunk needs in front of it; copied, so
+        the cache does not keep the whole activation alive. A clip start shorter than that gets zeros in front."""
+        short = self.carry_frames - padded.shape[2]
+        if short > 0:
+            padded = _cat_frames([padded.new_zeros(*padded.shape[:2], short, *padded.shape[3:]), padded])
+        return conv_layout(padded[:, :, padded.shape[2] - self.carry_frames:].clone())
 
     def _from_clip_start(self, x: Tensor) -> Tensor:
         """The convolution of ``x`` front-padded with ``time_pad`` zero frames, without the zeros.

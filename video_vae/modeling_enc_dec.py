@@ -8,7 +8,7 @@ from diffusers.models.activations import get_activation
 from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor, nn
 
-from video_vae.blocks import NORM_EPS, CausalMidBlock, activate, DownEncoderBlockCausal3D, UpDecoderBlockCausal3D
+from video_vae.blocks import NORM_EPS, CausalMidBlock, DownEncoderBlockCausal3D, UpDecoderBlockCausal3D, activate
 from video_vae.causal_conv import CausalConv3d, CausalGroupNorm, ConvCache
 
 
