@@ -60,6 +60,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from pyramid_dit.kinds import get_kind  # noqa: E402
+from pyramid_dit.packing import ATTENTION_SPLITS  # noqa: E402
 
 CONFIGS = {
     "pyramid_flux": dict(num_layers=2, num_single_layers=4, attention_head_dim=64, num_attention_heads=6,
@@ -227,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kind", choices=sorted(CONFIGS), default="pyramid_flux", help="which DiT kind to time")
     parser.add_argument("--compile", action="store_true",
                         help="also time our DiT after compile_blocks() (torch.compile), with its one-time compile cost")
-    parser.add_argument("--attention_split", choices=["frame", "column"], default="frame",
+    parser.add_argument("--attention_split", choices=ATTENTION_SPLITS, default="frame",
                         help="our attention: one call per frame (default) or one masked call per column")
     parser.add_argument("--padding", default=",".join(map(str, TEXT_PADDING)),
                         help="padding tokens at the end of each column's text row (4 comma-separated counts)")

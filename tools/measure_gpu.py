@@ -40,6 +40,7 @@ if str(REPO) not in sys.path:
 
 import torch  # noqa: E402
 
+from pyramid_dit.packing import ATTENTION_SPLITS  # noqa: E402
 from tools.plan import load_model_config, pixel_size  # noqa: E402
 from trainer_misc.planner import (GIB, Launch, _loss, _tokens, build_model, count_flops, dit_inputs,  # noqa: E402
                                   rank_shapes, trace_memory)
@@ -201,7 +202,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--steps", type=int, default=3, help="timed steps per case (median reported)")
     p.add_argument("--reference", type=Path, help="Pyramid-Flow checkout: time its DiT class as well (with the "
                                                   "first --attention_split)")
-    p.add_argument("--attention_split", nargs="+", choices=["frame", "column"], default=["frame"],
+    p.add_argument("--attention_split", nargs="+", choices=ATTENTION_SPLITS, default=["frame"],
                    help="our attention, one call per frame or one masked call per column (each is measured)")
     p.add_argument("--predictions", type=Path,
                    help="JSON of the planner's predictions per case: read if present, else written (tracing is CPU "

@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from pyramid_dit.objective import PyramidFlowObjective  # noqa: E402
+from pyramid_dit.packing import ATTENTION_SPLITS  # noqa: E402
 from pyramid_dit.scheduler import PyramidFlowMatchEulerDiscreteScheduler  # noqa: E402
 from pyramid_dit.text_features import TextFeatures  # noqa: E402
 from pyramid_dit.training_record import TRAINING_RECORD, training_record  # noqa: E402
@@ -73,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "and MLP linears, pyramid_dit/kinds.py lora_targets)")
     g.add_argument("--lora_dropout", type=float, default=0.0, help="dropout on the LoRA branch input")
     g.add_argument("--use_flash_attn", action="store_true", help="accepted for compatibility; attention uses SDPA")
-    g.add_argument("--attention_split", default="frame", choices=["frame", "column"],
+    g.add_argument("--attention_split", default="frame", choices=ATTENTION_SPLITS,
                    help="one attention call per frame (keys past it skipped; fastest on CPU) or one masked call per "
                         "column (fewer, larger kernels); same results. tools/measure_gpu.py times both on a GPU")
     g.add_argument("--use_temporal_causal", action="store_true", default=True, help="accepted; always on")
