@@ -13,7 +13,7 @@ _EXPORTS = {
     "PyramidFlowMatchEulerDiscreteScheduler": "pyramid_dit.scheduler",
     "PyramidFlowObjective": "pyramid_dit.objective",
     "flow_matching_loss": "pyramid_dit.objective",
-    "LatentNormalization": "pyramid_dit.pyramid",
+    "LatentNormalization": "pyramid_dit.kinds",
     "FluxTextEncoder": "pyramid_dit.text_encoder",
     "TextFeatures": "pyramid_dit.text_features",
     "PyramidFlowPipeline": "pyramid_dit.pipeline",

@@ -2,19 +2,62 @@
 
 ``MODEL_NAME=pyramid_flux`` is ``rain1011/pyramid-flow-miniflux`` (:class:`PyramidFluxTransformer`, CLIP-L + T5),
 ``MODEL_NAME=pyramid_mmdit`` is ``rain1011/pyramid-flow-sd3`` (:class:`PyramidDiffusionMMDiT`, CLIP-L + CLIP-G +
-T5). Code that needs the DiT class, the text encoder, the latent normalisation or the folder layout asks
-:func:`get_kind` instead of branching on the name. Classes are imported on first use, so this module is cheap.
+T5). Code that needs the DiT class, the text encoder, the latent normalisation, the released DiT's configuration or
+the folder layout asks :func:`get_kind` instead of branching on the name. Classes are imported on first use and
+this module imports neither torch nor diffusers, so argument checks can use it before anything heavy loads.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
 from importlib import import_module
 from pathlib import Path
-from typing import Union
+from typing import TYPE_CHECKING, Any, Optional, Union
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
-from pyramid_dit.pyramid import LatentNormalization
+
+def _check_5d(x: "torch.Tensor") -> None:
+    if x.ndim != 5:
+        raise ValueError(f"latents must be [batch, channels, frames, height, width], got shape {tuple(x.shape)}")
+
+
+@dataclass(frozen=True)
+class LatentNormalization:
+    """Affine map from VAE latents to the DiT's unit-variance latent space.
+
+    The causal VAE encodes the first frame of a clip on its own (like an image) and later frames in temporal
+    groups, and the two have different statistics, hence two (shift, scale) pairs: the image pair applies to
+    frame 0 (or to a one-frame latent), the video pair to frames 1.. . Each released kind's constants are its
+    :attr:`ModelKind.normalization` below.
+    """
+
+    image_shift: float
+    image_scale: float
+    video_shift: float = -0.2343
+    video_scale: float = 1 / 3.0986
+
+    def normalize(self, latents: torch.Tensor) -> torch.Tensor:
+        """VAE latents ``[B, C, T, H, W]`` -> DiT latents: ``(z - shift) * scale`` per frame group."""
+        _check_5d(latents)
+        if latents.shape[2] == 1:
+            return (latents - self.image_shift) * self.image_scale
+        # clone() keeps the input's memory layout, which the objective's noise draws follow (see objective.py).
+        out = latents.clone()
+        out[:, :, :1] = (latents[:, :, :1] - self.image_shift) * self.image_scale
+        out[:, :, 1:] = (latents[:, :, 1:] - self.video_shift) * self.video_scale
+        return out
+
+    def denormalize(self, latents: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`normalize` (``z / scale + shift``), for decoding generated latents with the VAE."""
+        _check_5d(latents)
+        if latents.shape[2] == 1:
+            return latents / self.image_scale + self.image_shift
+        out = latents.clone()
+        out[:, :, :1] = latents[:, :, :1] / self.image_scale + self.image_shift
+        out[:, :, 1:] = latents[:, :, 1:] / self.video_scale + self.video_shift
+        return out
 
 
 @dataclass(frozen=True)
@@ -29,6 +72,9 @@ class ModelKind:
         text_subfolders: the text encoder's tokenizer/model subfolders of the model folder.
         variants: the DiT subfolders of the released model folder.
         normalization: the latent normalisation the released DiT was trained with.
+        dit_config: the released DiT's configuration (every variant of a kind has the same one): what the planner
+            counts at released size without downloading anything (``tests/test_kinds.py`` checks it against the
+            released checkpoints' key listings in ``tests/golden/keys``).
         lora_targets: default LoRA target layers (``LORA_TARGETS``): module-name suffixes inside every block, the
             attention q/k/v/out projections of both streams and the MLP linears.
     """
@@ -40,6 +86,7 @@ class ModelKind:
     text_subfolders: tuple[str, ...]
     variants: tuple[str, ...]
     normalization: LatentNormalization
+    dit_config: dict[str, Any] = field(default_factory=dict)
     lora_targets: tuple[str, ...] = ()
 
     def dit(self) -> type:
@@ -50,9 +97,11 @@ class ModelKind:
         module, cls = self.text_encoder_class.split(":")
         return getattr(import_module(module), cls)
 
-    def load_text_encoder(self, model_path: Union[str, Path], torch_dtype: torch.dtype = torch.float32):
-        """The frozen text encoder from an official model folder."""
-        return self.text_encoder().from_pretrained(model_path, torch_dtype=torch_dtype)
+    def load_text_encoder(self, model_path: Union[str, Path], torch_dtype: Optional["torch.dtype"] = None):
+        """The frozen text encoder from an official model folder (float32 unless ``torch_dtype`` says otherwise)."""
+        import torch
+
+        return self.text_encoder().from_pretrained(model_path, torch_dtype=torch_dtype or torch.float32)
 
 
 KINDS: dict[str, ModelKind] = {
@@ -64,6 +113,12 @@ KINDS: dict[str, ModelKind] = {
         text_subfolders=("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2"),
         variants=("diffusion_transformer_384p", "diffusion_transformer_768p", "diffusion_transformer_image"),
         normalization=LatentNormalization(image_shift=-0.04, image_scale=1 / 1.8726),
+        dit_config={
+            'patch_size': 1, 'in_channels': 64, 'num_layers': 8, 'num_single_layers': 16,
+            'attention_head_dim': 64, 'num_attention_heads': 30, 'joint_attention_dim': 4096,
+            'pooled_projection_dim': 768, 'axes_dims_rope': [16, 24, 24], 'use_flash_attn': False,
+            'use_temporal_causal': True, 'interp_condition_pos': True, 'use_gradient_checkpointing': False,
+            'gradient_checkpointing_ratio': 0.6},
         lora_targets=("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
                       "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
                       "ff_context.net.2",
@@ -78,6 +133,14 @@ KINDS: dict[str, ModelKind] = {
                          "text_encoder_3"),
         variants=("diffusion_transformer_384p", "diffusion_transformer_768p"),
         normalization=LatentNormalization(image_shift=0.1490, image_scale=1 / 1.8415),
+        dit_config={
+            'sample_size': 128, 'patch_size': 2, 'in_channels': 16, 'num_layers': 24, 'attention_head_dim': 64,
+            'num_attention_heads': 24, 'caption_projection_dim': 1536, 'pooled_projection_dim': 2048,
+            'pos_embed_max_size': 192, 'max_num_frames': 200, 'qk_norm': 'rms_norm',
+            'pos_embed_type': 'sincos', 'temp_pos_embed_type': 'rope', 'joint_attention_dim': 4096,
+            'use_gradient_checkpointing': False, 'use_flash_attn': False, 'use_temporal_causal': True,
+            'use_t5_mask': True, 'add_temp_pos_embed': True, 'interp_condition_pos': True,
+            'gradient_checkpointing_ratio': 0.6},
         lora_targets=("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
                       "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
                       "ff_context.net.2"),
@@ -102,6 +165,20 @@ def kind_of_class_name(class_name: str) -> ModelKind:
                      f"({', '.join(k.dit_class.split(':')[1] for k in KINDS.values())})")
 
 
-def kind_of_dit(dit: torch.nn.Module) -> ModelKind:
+def kind_of_dit(dit: "torch.nn.Module") -> ModelKind:
     """The kind a DiT instance belongs to (for code handed a model rather than a name)."""
     return kind_of_class_name(type(dit).__name__)
+
+
+def kind_of_folder(dit_folder: Union[str, Path]) -> Optional[ModelKind]:
+    """The kind of the DiT in ``dit_folder`` (from its ``config.json``'s ``_class_name``), or None when the folder
+    holds no config or a class of neither kind. Reads one small JSON file."""
+    path = Path(dit_folder) / "config.json"
+    try:
+        class_name = json.loads(path.read_text(encoding="utf-8")).get("_class_name", "")
+    except (OSError, ValueError, AttributeError):
+        return None
+    try:
+        return kind_of_class_name(class_name)
+    except ValueError:
+        return None

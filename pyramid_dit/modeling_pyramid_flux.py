@@ -132,7 +132,7 @@ class PyramidFluxTransformer(PackedDiTMixin, ModelMixin, ConfigMixin):
     def initialize_weights(self) -> None:
         """Training-from-scratch init: Xavier linears, N(0, 0.02) conditioning, zeroed adaLN and output."""
         if any(hasattr(p, "ds_id") for p in self.parameters()):
-            # Built under DeepSpeed ZeRO-3's partitioned init (trainer_misc.model_loading): each rank holds only a
+            # Built under DeepSpeed ZeRO-3's partitioned init (trainer_misc.optim.zero3): each rank holds only a
             # slice of every weight, and the pretrained weights are loaded right after, so there is nothing to do.
             return
         for m in self.modules():

@@ -23,7 +23,7 @@ Random draws, all from torch's global generators, in this order (identical to th
 jy0205/Pyramid-Flow, so the same seed gives the same batch):
 
 1. text dropout (:meth:`~PyramidFlowObjective.sample_text_dropout`, called by the training loss
-   ``trainer_misc.pyramid_loss.PyramidFlowLoss`` before it calls :meth:`~PyramidFlowObjective.noise_latents`):
+   ``trainer_misc.loop.pyramid_loss.PyramidFlowLoss`` before it calls :meth:`~PyramidFlowObjective.noise_latents`):
    ``torch.rand(batch)`` on the CPU, a row is dropped when its draw is ``<= text_drop_rate``;
 2. ``torch.randn_like(latents)``: the noise, on the latents' device;
 3. per column, lowest stage first: ``torch.rand(rows)`` on the CPU (timestep index), then
@@ -76,7 +76,7 @@ class PyramidTrainingBatch:
     def dit_inputs(self) -> Dict[str, Any]:
         """Keyword arguments for the DiT forward: ``preds = dit(**batch.dit_inputs())``."""
         if self.text is None:
-            raise ValueError("this batch has no text yet: set batch.text (see trainer_misc.pyramid_loss)")
+            raise ValueError("this batch has no text yet: set batch.text (see trainer_misc.loop.pyramid_loss)")
         return {"sample": self.sample, "timestep_ratio": self.timestep_ratio, **self.text.dit_kwargs()}
 
 

@@ -31,9 +31,11 @@ from dataclasses import dataclass, field
 from typing import Optional, Sequence, Union
 
 import torch
+import torch.distributed as dist
 from torch._subclasses.fake_tensor import is_fake
 
 from pyramid_dit.embeddings import clip_positions, rope_tables
+from pyramid_dit.options import ATTENTION_SPLITS
 from pyramid_dit.sequence_parallel import SequenceParallel, StreamShard
 
 Column = Union[torch.Tensor, Sequence[torch.Tensor]]
@@ -148,7 +150,6 @@ class PackedSequence:
         return self.shards[stream].gather(x) if self.sharded else x
 
 
-ATTENTION_SPLITS = ("frame", "column")
 
 
 def attention_groups(T: int, text_valid: Optional[torch.Tensor], frame_sizes: list[int], temporal_causal: bool,
@@ -330,13 +331,14 @@ class PackedDiTMixin:
     # packing.attention_groups. Not part of the config: it changes speed, not the model.
     attention_split: str = "frame"
 
-    def enable_sequence_parallel(self, sp: Optional[SequenceParallel]) -> None:
-        """Split each forward call's sequence over ``sp`` (Ulysses, :mod:`pyramid_dit.sequence_parallel`);
-        ``None`` or a group of one turns it off.
+    def enable_sequence_parallel(self, group: "Union[dist.ProcessGroup, SequenceParallel, None]") -> None:
+        """Split each forward call's sequence over the processes of ``group`` (Ulysses,
+        :mod:`pyramid_dit.sequence_parallel`); ``None`` or a group of one turns it off.
 
         Every process of the group must make the same calls with the same inputs (one sample, split by
         tokens); each returns the whole output. The model's head count must be a multiple of the group size.
         """
+        sp = group if group is None or isinstance(group, SequenceParallel) else SequenceParallel.of(group)
         if sp is not None and sp.size > 1:
             n_heads = self.config.num_attention_heads
             if n_heads % sp.size:

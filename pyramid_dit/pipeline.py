@@ -36,23 +36,15 @@ from torch import nn
 from tqdm import tqdm
 
 from pyramid_dit.block_noise import renoise_coefficients
+from pyramid_dit.device import resolve_device
 from pyramid_dit.kinds import get_kind, kind_of_dit
 from pyramid_dit.media import ImageInput, image_to_tensor, to_uint8
 from pyramid_dit.noise import GeneratorNoise, NoiseSource
+from pyramid_dit.options import DEFAULT_NEGATIVE_PROMPT
 from pyramid_dit.pyramid import history_plan, noise_pyramid, spatial_pyramid, unit_frames, upsample_nearest
 from pyramid_dit.sampling_plan import VAE_DOWNSAMPLE, check_pixel_size, frame_units, per_stage_steps
 from pyramid_dit.scheduler import PyramidFlowMatchEulerDiscreteScheduler
 from pyramid_dit.text_features import TextFeatures
-from trainer_misc.distributed import resolve_device
-
-# The released demo's negative prompt (the reference pipeline's default).
-DEFAULT_NEGATIVE_PROMPT = (
-    "cartoon style, worst quality, low quality, blurry, absolute black, absolute white, low res, extra limbs, "
-    "extra digits, misplaced objects, mutated anatomy, monochrome, horror"
-)
-# The reference appends this to every prompt ("to improve aesthetics"); the pipeline leaves prompts as given and
-# tools/generate.py appends it by default (--prompt_suffix).
-AESTHETIC_SUFFIX = ", hyper quality, Ultra HD, 8K"
 
 OUTPUT_TYPES = ("latent", "pt", "uint8")
 

@@ -14,7 +14,7 @@ from typing import NamedTuple, Optional, Union
 import torch
 from torch import nn
 
-from trainer_misc.distributed import resolve_device
+from pyramid_dit.device import resolve_device
 
 PathLike = Union[str, os.PathLike]
 
@@ -51,7 +51,7 @@ def load_modules(model_path: PathLike, *, variant: str, dit_path: Optional[PathL
     """DiT (finite weights checked), VAE and text encoder in eval mode, frozen; on ``device`` unless
     ``cpu_offload``. See ``PyramidFlowPipeline.from_pretrained`` for the arguments."""
     from pyramid_dit.kinds import get_kind
-    from trainer_misc.checkpoint import check_finite_weights, load_dit_weights
+    from pyramid_dit.weights import check_finite_weights, load_dit_weights
 
     kind = get_kind(model_name)
     model_path = Path(model_path)
@@ -73,7 +73,7 @@ def load_modules(model_path: PathLike, *, variant: str, dit_path: Optional[PathL
     else:
         check_finite_weights(dit, str(dit_folder))
     if lora_path is not None:
-        from trainer_misc.lora import load_adapter
+        from pyramid_dit.lora import load_adapter
 
         load_adapter(dit, lora_path, scale=lora_scale)  # peft's layers, in the base layers' dtype, not merged
     dit.requires_grad_(False).eval()

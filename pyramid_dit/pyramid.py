@@ -1,7 +1,7 @@
 """Deterministic building blocks of the Pyramid Flow training objective.
 
-Nothing here draws random numbers: latent normalisation, the spatial pyramids of latents and noise, the
-assignment of batch columns to stages, and the autoregressive bookkeeping (how many units each stage trains on
+Nothing here draws random numbers: the spatial pyramids of latents and noise, the assignment of batch columns to
+stages, and the autoregressive bookkeeping (how many units each stage trains on
 a given rank and step, and which history clips a column sees at which resolution). The random part lives in
 :mod:`pyramid_dit.objective`.
 
@@ -10,48 +10,10 @@ resolution first, as the DiT expects its columns.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import List, NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
-
-# --------------------------------------------------------------------------------------------- normalisation
-@dataclass(frozen=True)
-class LatentNormalization:
-    """Affine map from VAE latents to the DiT's unit-variance latent space.
-
-    The causal VAE encodes the first frame of a clip on its own (like an image) and later frames in temporal
-    groups, and the two have different statistics, hence two (shift, scale) pairs: the image pair applies to
-    frame 0 (or to a one-frame latent), the video pair to frames 1.. . The released checkpoints' constants live
-    with the other per-kind facts: ``pyramid_dit.kinds.get_kind(model_name).normalization``.
-    """
-
-    image_shift: float
-    image_scale: float
-    video_shift: float = -0.2343
-    video_scale: float = 1 / 3.0986
-
-    def normalize(self, latents: torch.Tensor) -> torch.Tensor:
-        """VAE latents ``[B, C, T, H, W]`` -> DiT latents: ``(z - shift) * scale`` per frame group."""
-        _check_5d(latents, "latents")
-        if latents.shape[2] == 1:
-            return (latents - self.image_shift) * self.image_scale
-        # clone() keeps the input's memory layout, which the objective's noise draws follow (see objective.py).
-        out = latents.clone()
-        out[:, :, :1] = (latents[:, :, :1] - self.image_shift) * self.image_scale
-        out[:, :, 1:] = (latents[:, :, 1:] - self.video_shift) * self.video_scale
-        return out
-
-    def denormalize(self, latents: torch.Tensor) -> torch.Tensor:
-        """Inverse of :meth:`normalize` (``z / scale + shift``), for decoding generated latents with the VAE."""
-        _check_5d(latents, "latents")
-        if latents.shape[2] == 1:
-            return latents / self.image_scale + self.image_shift
-        out = latents.clone()
-        out[:, :, :1] = latents[:, :, :1] / self.image_scale + self.image_shift
-        out[:, :, 1:] = latents[:, :, 1:] / self.video_scale + self.video_shift
-        return out
 
 
 # ------------------------------------------------------------------------------------------------- pyramids

@@ -1,5 +1,5 @@
 """Ulysses-style sequence parallelism for the packed DiT sequence: the DiT side (the process group itself is made
-in :func:`trainer_misc.distributed.sequence_parallel_group`, the one module that owns process groups).
+in :func:`trainer_misc.runtime.distributed.sequence_parallel_group`, the one module that owns process groups).
 
 The ``S`` processes of a sequence-parallel (SP) group hold the *same* sample. Each keeps a contiguous ``1/S`` of the
 tokens of every stream (the packed text, the packed video and, in the miniFLUX single-stream blocks, the joint

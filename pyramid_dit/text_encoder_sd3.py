@@ -12,7 +12,6 @@ Both CLIP tokenizers pad and truncate to the first tokenizer's ``model_max_lengt
 """
 from __future__ import annotations
 
-
 import torch
 from torch import nn
 

@@ -6,7 +6,7 @@ A DiT takes three text inputs per prompt (as FLUX / SD3 do):
 * ``prompt_attention_mask`` ``[B, L]`` int64 — 1 for real tokens, 0 for padding (padding at the end);
 * ``pooled_prompt_embeds`` ``[B, P]`` — the pooled embedding (CLIP for miniFLUX) joining the timestep.
 
-Features files on disk (``tools/extract_text_features.py``, ``trainer_misc.io_utils.load_text_features``) keep
+Features files on disk (``tools/extract_text_features.py``, ``trainer_misc.data.features.load_text_features``) keep
 the reference's key names, singular and with a batch dimension of 1: :meth:`TextFeatures.from_file` and
 :meth:`TextFeatures.file_row` are the only translation between the two spellings.
 

@@ -5,9 +5,12 @@
 #
 # Every variable below can be set from the environment, e.g.
 #   MODEL_PATH=ckpt/pyramid-flow-miniflux ANNO_FILE=data/demo/video_text.jsonl sh scripts/extract_text_feature.sh
-# A rerun skips the features that already exist and load correctly; add EXTRA_ARGS=--overwrite to redo them.
+# The launcher (tools/launch.py) checks them before anything starts, with a message naming the variable. A rerun
+# skips the features that already exist and load correctly; add EXTRA_ARGS=--overwrite to redo them.
 set -eu
+SCRIPT_NAME=extract_text_feature.sh
 
+set -a  # every variable below reaches the launcher
 : "${MODEL_NAME:=pyramid_flux}" # pyramid_flux (CLIP-L + T5) | pyramid_mmdit (SD3: CLIP-L + CLIP-G + T5)
 : "${MODEL_PATH:=}"             # the downloaded model folder (text_encoder*/ and tokenizer*/ of that kind)
 : "${ANNO_FILE:=annotation/video_text.jsonl}"   # lines with "text" and "text_fea"
@@ -17,31 +20,13 @@ set -eu
 : "${BATCH_SIZE:=16}"           # prompts per encoder call
 : "${MODEL_DTYPE:=}"            # bf16 | fp16 | fp32 (default: bf16 with GPUs, fp32 on CPU)
 : "${GPUS:=}"                   # processes per node (default: the visible GPU count, or 1 without GPUs);
-                                # multi-node: NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT
+                                # under Slurm: Slurm's (one task per node)
+: "${NNODES:=}"                 # nodes (default 1, or Slurm's); with NNODES > 1 also:
+: "${NODE_RANK:=}"              #   this node, 0..NNODES-1
+: "${MASTER_ADDR:=}"            #   address of node 0, reachable from every node
+: "${MASTER_PORT:=}"            #   default 29500
 : "${EXTRA_ARGS:=}"             # more flags, e.g. "--overwrite"
+set +a
 
-SCRIPT_NAME=extract_text_feature.sh
-. "$(dirname "$0")/_common.sh"   # die, is_uint, detect_gpus, launch
-
-check_model_name
-[ -n "$MODEL_PATH" ] || die "set MODEL_PATH to the model folder (with $TEXT_SUBFOLDERS)"
-for sub in $TEXT_SUBFOLDERS; do
-    [ -d "$MODEL_PATH/$sub" ] || die "MODEL_PATH=$MODEL_PATH has no $sub/ folder; point it at the downloaded $MODEL_NAME model folder (or set MODEL_NAME to its kind)"
-done
-[ -f "$ANNO_FILE" ] || die "annotation file ANNO_FILE=$ANNO_FILE not found; set ANNO_FILE to your annotation jsonl"
-case "$KIND" in video|image) ;; *) die "KIND=$KIND must be video or image" ;; esac
-is_uint "$BATCH_SIZE" && [ "$BATCH_SIZE" -gt 0 ] || die "BATCH_SIZE=$BATCH_SIZE must be a positive integer"
-
-detect_gpus
-if [ -z "$MODEL_DTYPE" ]; then
-    if [ "$HAVE_GPU" -eq 1 ]; then MODEL_DTYPE=bf16; else MODEL_DTYPE=fp32; fi
-fi
-
-set -- "$REPO/tools/extract_text_features.py" \
-    --model_name "$MODEL_NAME" --model_path "$MODEL_PATH" --anno_file "$ANNO_FILE" --kind "$KIND" \
-    --batch_size "$BATCH_SIZE" --model_dtype "$MODEL_DTYPE"
-[ -z "$DATA_ROOT" ] || set -- "$@" --data_root "$DATA_ROOT"
-[ -z "$EMPTY_PROMPT_FEA" ] || set -- "$@" --empty_prompt_fea "$EMPTY_PROMPT_FEA"
-
-# shellcheck disable=SC2086  # EXTRA_ARGS is a list of flags
-launch "$@" $EXTRA_ARGS
+. "$(dirname "$0")/_common.sh"
+run_launcher tools.launch text

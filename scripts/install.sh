@@ -1,9 +1,11 @@
 #!/bin/sh
-# Install the Python requirements with the torch build that fits this machine. Used by quickstart.sh and .ci/run.
+# Install this repository (`pip install -e .`: its packages and requirements.txt) with the torch build that fits
+# this machine. Used by quickstart.sh and .ci/run.
 #
-#   sh scripts/install.sh                                    # requirements.txt
+#   sh scripts/install.sh                                    # the packages and their requirements
+#   sh scripts/install.sh --test                             # ... and the test tools (pytest, pytest-xdist)
 #   sh scripts/install.sh --constraints .ci/constraints.txt  # the exact set CI tests (what .ci/run does)
-#   sh scripts/install.sh --if-missing                       # nothing to do when everything imports (quickstart)
+#   sh scripts/install.sh --if-missing                       # nothing to do when everything is installed (quickstart)
 #
 # torch, decided before anything else is installed (requirements.txt alone would pull the default index's torch,
 # which on Linux x86-64 is the CUDA build: ~6 GB with its nvidia-* packages):
@@ -23,12 +25,13 @@ REPO=$(cd "$(dirname "$0")/.." && pwd)
 : "${TORCH_BUILD:=auto}"        # auto | cpu | default
 : "${INSTALL_DRY_RUN:=0}"       # 1: print the pip commands instead of running them (for tests)
 
-CONSTRAINTS="" IF_MISSING=0
+CONSTRAINTS="" IF_MISSING=0 TEST=0
 while [ $# -gt 0 ]; do
     case "$1" in
         --constraints) [ $# -ge 2 ] || { echo "$SCRIPT_NAME: --constraints needs a file" >&2; exit 2; }
                        CONSTRAINTS=$2; shift 2 ;;
         --if-missing) IF_MISSING=1; shift ;;
+        --test) TEST=1; shift ;;
         *) echo "$SCRIPT_NAME: unknown argument $1 (see the header of scripts/install.sh)" >&2; exit 2 ;;
     esac
 done
@@ -52,8 +55,11 @@ cpu_index_reachable() {
         "$TORCH_CPU_INDEX" >/dev/null 2>&1
 }
 
-if [ "$IF_MISSING" = 1 ] && "$PYTHON" -c "import torch, diffusers, transformers, accelerate, deepspeed, decord, safetensors, einops, imageio_ffmpeg, peft, pytest, xdist" >/dev/null 2>&1; then
-    say "requirements already installed (torch $(torch_summary))"
+# Installed means importable from anywhere, not just from this checkout (the scripts add it to PYTHONPATH).
+WANTED="import torch, diffusers, transformers, accelerate, deepspeed, decord, safetensors, einops, imageio_ffmpeg, peft, pyramid_dit, video_vae, trainer_misc, train, tools"
+[ "$TEST" = 0 ] || WANTED="$WANTED, pytest, xdist"
+if [ "$IF_MISSING" = 1 ] && (cd / && env -u PYTHONPATH "$PYTHON" -c "$WANTED") >/dev/null 2>&1; then
+    say "already installed (torch $(torch_summary))"
     exit 0
 fi
 
@@ -79,8 +85,10 @@ else
     fi
 fi
 
-say "installing requirements.txt${CONSTRAINTS:+ with constraints $CONSTRAINTS} (DeepSpeed ops not pre-built: DS_BUILD_OPS=0)"
-pip_install -r "$REPO/requirements.txt"
+TARGET="$REPO" WHAT="requirements.txt"
+if [ "$TEST" = 1 ]; then TARGET="$REPO[test]" WHAT="requirements.txt and the test tools"; fi
+say "installing this repository with pip install -e ($WHAT${CONSTRAINTS:+, constraints $CONSTRAINTS}; DeepSpeed ops not pre-built: DS_BUILD_OPS=0)"
+pip_install -e "$TARGET"
 if [ "$INSTALL_DRY_RUN" != 1 ]; then
     say "done: torch $(torch_summary); $("$PYTHON" -c "import diffusers, transformers, accelerate, deepspeed; print('diffusers', diffusers.__version__, 'transformers', transformers.__version__, 'accelerate', accelerate.__version__, 'deepspeed', deepspeed.__version__)" 2>/dev/null | tail -n 1)"
 fi

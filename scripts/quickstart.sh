@@ -13,7 +13,7 @@ SCRIPT_NAME=quickstart.sh
 . "$(dirname "$0")/_common.sh"
 
 : "${MODEL_NAME:=pyramid_flux}"             # pyramid_flux (miniFLUX layout) | pyramid_mmdit (SD3 layout)
-check_model_name
+case "$MODEL_NAME" in pyramid_flux|pyramid_mmdit) ;; *) echo "$SCRIPT_NAME: MODEL_NAME=$MODEL_NAME must be pyramid_flux or pyramid_mmdit" >&2; exit 2 ;; esac
 export MODEL_NAME                           # every script below takes the kind from it
 if [ "$MODEL_NAME" = pyramid_flux ]; then DEFAULT_DIR=outputs/quickstart; else DEFAULT_DIR=outputs/quickstart_$MODEL_NAME; fi
 : "${QUICKSTART_DIR:=$DEFAULT_DIR}"         # where everything is written (a rerun reuses the model, clips,
@@ -26,11 +26,10 @@ banner() { printf '\n==> %s\n' "$*"; }
 banner "0/6 requirements (scripts/install.sh: only what is missing; CPU torch when there is no NVIDIA GPU)"
 sh "$REPO/scripts/install.sh" --if-missing
 
-if [ -z "$GPUS" ]; then
-    detect_gpus
-    if [ "$HAVE_GPU" -eq 0 ]; then GPUS=2; elif [ "$GPUS" -gt 2 ]; then GPUS=2; fi
-else
-    detect_gpus
+FOUND=$(python3 -c "from trainer_misc.runtime.launcher import count_local_gpus; print(count_local_gpus())")
+[ "$FOUND" -gt 0 ] || export DS_ACCELERATOR="${DS_ACCELERATOR:-cpu}"  # DeepSpeed would guess it and say so
+if [ -z "$GPUS" ]; then  # 2 processes: on CPU, or on up to 2 of the visible GPUs
+    if [ "$FOUND" -eq 0 ] || [ "$FOUND" -ge 2 ]; then GPUS=2; else GPUS=$FOUND; fi
 fi
 mkdir -p "$QUICKSTART_DIR"
 Q=$(cd "$QUICKSTART_DIR" && pwd)

@@ -5,16 +5,22 @@
 # Every variable below can be set from the environment, e.g.
 #   GPUS=8 MODEL_PATH=/data/pyramid-flow-miniflux OUTPUT_DIR=runs/ar ANNO_FILE=data/video_text.jsonl \
 #     sh scripts/train_pyramid_flow.sh
-# Constraints (checked before launch): NUM_FRAMES % VIDEO_SYNC_GROUP == 0, BATCH_SIZE % 4 == 0, SP_SIZE divides
-# GPUS*NNODES and the DiT's head count, and GPUS*NNODES/SP_SIZE and VIDEO_SYNC_GROUP divide one another: GPUS=8 VIDEO_SYNC_GROUP=8 trains one slot (temporal unit) per process;
-# GPUS=1 VIDEO_SYNC_GROUP=8 (a virtual group) trains all 8 slots in turn on one process, accumulated into the same
-# optimizer step: the same update, 8x the time per step. 768p turns GRADIENT_CHECKPOINTING on. A rerun with the same OUTPUT_DIR resumes.
+# The launcher (train/launch.py) checks them all before anything starts, with a message naming the variable:
+# NUM_FRAMES % VIDEO_SYNC_GROUP == 0, BATCH_SIZE % 4 == 0, SP_SIZE divides GPUS*NNODES and the DiT's head count,
+# GPUS*NNODES/SP_SIZE and VIDEO_SYNC_GROUP divide one another, and every number within its range. GPUS=8
+# VIDEO_SYNC_GROUP=8 trains one slot (temporal unit) per process; GPUS=1 VIDEO_SYNC_GROUP=8 (a virtual group) trains
+# all 8 slots in turn on one process, accumulated into the same optimizer step: the same update, 8x the time per
+# step. 768p turns GRADIENT_CHECKPOINTING on. A rerun with the same OUTPUT_DIR resumes. Under Slurm, run it as one
+# task per node (scripts/slurm_train.sbatch): NNODES, NODE_RANK, MASTER_ADDR and GPUS come from Slurm's variables.
 set -eu
 SCRIPT_NAME=train_pyramid_flow.sh
-. "$(dirname "$0")/_common.sh"
 
+set -a  # every variable below reaches the launcher
 : "${GPUS:=}"                         # processes per node (default: visible GPUs, or 1 on CPU)
-: "${NNODES:=1}"                      # multi-node: also NODE_RANK, MASTER_ADDR, MASTER_PORT
+: "${NNODES:=}"                       # nodes (default 1, or Slurm's); multi-node: also NODE_RANK, MASTER_ADDR, MASTER_PORT
+: "${NODE_RANK:=}"                    # this node, 0..NNODES-1 (Slurm: SLURM_NODEID)
+: "${MASTER_ADDR:=}"                  # address of node 0, reachable from every node (Slurm: its first host)
+: "${MASTER_PORT:=29500}"
 : "${SHARD_STRATEGY:=zero2}"          # zero2 | zero3 (DeepSpeed ZeRO) | ddp
 : "${SP_SIZE:=1}"                     # sequence parallelism: processes splitting each sample's tokens (divides GPUS*NNODES and the head count)
 : "${VIDEO_SYNC_GROUP:=8}"            # slots sharing one clip: 4, 8 or 16 (may exceed GPUS*NNODES, see above)
@@ -28,6 +34,7 @@ SCRIPT_NAME=train_pyramid_flow.sh
 : "${NUM_FRAMES:=16}"                 # latent frames per clip: 16 for 5 s, 32 for 10 s
 : "${ANNO_FILE:=annotation/video_text.jsonl}"
 : "${DATA_ROOT:=}"                    # root for relative paths in ANNO_FILE (default: $PYRAMID_DATA_ROOT, else ANNO_FILE's folder)
+: "${EMPTY_PROMPT_FEA:=}"             # empty-prompt features for caption dropout (default: <data root>/empty_prompt_text_fea.safetensors)
 : "${MODEL_DTYPE:=}"                  # bf16 | fp16 | fp32 (default: bf16 on GPU, fp32 on CPU)
 : "${LR:=5e-5}"
 : "${WARMUP_STEPS:=1000}"             # LR warmup steps; 0 or less: WARMUP_EPOCHS epochs (as the reference)
@@ -39,25 +46,15 @@ SCRIPT_NAME=train_pyramid_flow.sh
 : "${LORA_RANK:=0}"                   # LoRA rank; 0 = full finetune (ddp or zero2 with LoRA)
 : "${LORA_ALPHA:=}"                   # LoRA alpha (scale alpha/rank; default: LORA_RANK)
 : "${LORA_TARGETS:=}"                 # comma-separated block layer names (default: the kind's, pyramid_dit/kinds.py)
-: "${LORA_DROPOUT:=0}"
+: "${LORA_DROPOUT:=}"                 # dropout on the LoRA branch (default 0)
 : "${OFFLOAD:=0}"                     # 1: ZeRO optimizer state + fp32 master weights in CPU RAM (DeepSpeed CPU Adam; slower)
-: "${KEEP_CKPTS:=0}"                 # keep only the newest N checkpoints (0: keep all)
+: "${KEEP_CKPTS:=0}"                  # keep only the newest N checkpoints (0: keep all)
 : "${COLLECTIVE_TIMEOUT_MIN:=10}"     # a rank that stops responding for this long ends the run (minutes)
+: "${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:=120}" # seconds the workers get to checkpoint after a stop signal
 : "${GRADIENT_CHECKPOINTING:=}"       # 1 recomputes activations; unset: on for 768p only
-: "${NUM_WORKERS:=4}"
+: "${NUM_WORKERS:=auto}"              # data-loading workers per process: auto (up to 4) or a count; capped by the machine
 : "${EXTRA_ARGS:=}"                   # more flags for train/train_pyramid_flow.py (see --help)
+set +a
 
-check_train_vars
-[ -z "$DATA_ROOT" ] || [ -d "$DATA_ROOT" ] || die "DATA_ROOT=$DATA_ROOT is not a folder; set it to the folder the relative paths in ANNO_FILE start from"
-default_checkpointing
-detect_gpus
-[ -n "$MODEL_DTYPE" ] || { if [ "$HAVE_GPU" -eq 1 ]; then MODEL_DTYPE=bf16; else MODEL_DTYPE=fp32; fi; }
-check_sp
-is_uint "$VIDEO_SYNC_GROUP" && [ "$VIDEO_SYNC_GROUP" -gt 0 ] || die "VIDEO_SYNC_GROUP=$VIDEO_SYNC_GROUP must be a positive integer"
-[ $((NUM_FRAMES % VIDEO_SYNC_GROUP)) -eq 0 ] \
-    || die "NUM_FRAMES=$NUM_FRAMES must be a multiple of VIDEO_SYNC_GROUP=$VIDEO_SYNC_GROUP (change either)"
-[ $((DATA_WORLD % VIDEO_SYNC_GROUP)) -eq 0 ] || [ $((VIDEO_SYNC_GROUP % DATA_WORLD)) -eq 0 ] \
-    || die "GPUS*NNODES/SP_SIZE=$DATA_WORLD data-parallel ranks and VIDEO_SYNC_GROUP=$VIDEO_SYNC_GROUP must divide one another: a multiple of VIDEO_SYNC_GROUP gives each rank one slot of a group, a divisor of it makes each rank train VIDEO_SYNC_GROUP/ranks slots of the clip in turn (same update, more time per step)"
-
-launch_training --task t2v --use_temporal_pyramid --sync_video_input --video_sync_group "$VIDEO_SYNC_GROUP" \
-    --frame_per_unit 1
+. "$(dirname "$0")/_common.sh"
+run_launcher train.launch ar

@@ -5,13 +5,18 @@
 # Every variable below can be set from the environment, e.g.
 #   TASK=t2i GPUS=8 MODEL_PATH=/data/pyramid-flow-miniflux OUTPUT_DIR=runs/t2i ANNO_FILE=data/image_text.jsonl \
 #     sh scripts/train_pyramid_flow_without_ar.sh
-# Constraint (checked before launch): BATCH_SIZE % 4 == 0. A rerun with the same OUTPUT_DIR resumes.
+# The launcher (train/launch.py) checks them all before anything starts, with a message naming the variable
+# (BATCH_SIZE % 4 == 0, SP_SIZE divides GPUS*NNODES and the DiT's head count, every number within its range).
+# A rerun with the same OUTPUT_DIR resumes. Under Slurm, run it as one task per node (see scripts/slurm_train.sbatch).
 set -eu
 SCRIPT_NAME=train_pyramid_flow_without_ar.sh
-. "$(dirname "$0")/_common.sh"
 
+set -a  # every variable below reaches the launcher
 : "${GPUS:=}"                         # processes per node (default: visible GPUs, or 1 on CPU)
-: "${NNODES:=1}"                      # multi-node: also NODE_RANK, MASTER_ADDR, MASTER_PORT
+: "${NNODES:=}"                       # nodes (default 1, or Slurm's); multi-node: also NODE_RANK, MASTER_ADDR, MASTER_PORT
+: "${NODE_RANK:=}"                    # this node, 0..NNODES-1 (Slurm: SLURM_NODEID)
+: "${MASTER_ADDR:=}"                  # address of node 0, reachable from every node (Slurm: its first host)
+: "${MASTER_PORT:=29500}"
 : "${TASK:=t2i}"                      # t2i | t2v
 : "${SHARD_STRATEGY:=zero2}"          # zero2 | zero3 (DeepSpeed ZeRO) | ddp
 : "${SP_SIZE:=1}"                     # sequence parallelism: processes splitting each sample's tokens (divides GPUS*NNODES and the head count)
@@ -25,6 +30,7 @@ SCRIPT_NAME=train_pyramid_flow_without_ar.sh
 : "${RESOLUTION:=768p}"               # 384p | 768p | WIDTHxHEIGHT
 : "${ANNO_FILE:=annotation/image_text.jsonl}"
 : "${DATA_ROOT:=}"                    # root for relative paths in ANNO_FILE (default: $PYRAMID_DATA_ROOT, else ANNO_FILE's folder)
+: "${EMPTY_PROMPT_FEA:=}"             # empty-prompt features for caption dropout (default: <data root>/empty_prompt_text_fea.safetensors)
 : "${MODEL_DTYPE:=}"                  # bf16 | fp16 | fp32 (default: bf16 on GPU, fp32 on CPU)
 : "${LR:=1e-4}"
 : "${WARMUP_STEPS:=1000}"             # LR warmup steps; 0 or less: WARMUP_EPOCHS epochs (as the reference)
@@ -36,23 +42,16 @@ SCRIPT_NAME=train_pyramid_flow_without_ar.sh
 : "${LORA_RANK:=0}"                   # LoRA rank; 0 = full finetune (ddp or zero2 with LoRA)
 : "${LORA_ALPHA:=}"                   # LoRA alpha (scale alpha/rank; default: LORA_RANK)
 : "${LORA_TARGETS:=}"                 # comma-separated block layer names (default: the kind's, pyramid_dit/kinds.py)
-: "${LORA_DROPOUT:=0}"
+: "${LORA_DROPOUT:=}"                 # dropout on the LoRA branch (default 0)
 : "${OFFLOAD:=0}"                     # 1: ZeRO optimizer state + fp32 master weights in CPU RAM (DeepSpeed CPU Adam; slower)
-: "${KEEP_CKPTS:=0}"                 # keep only the newest N checkpoints (0: keep all)
+: "${KEEP_CKPTS:=0}"                  # keep only the newest N checkpoints (0: keep all)
 : "${COLLECTIVE_TIMEOUT_MIN:=10}"     # a rank that stops responding for this long ends the run (minutes)
+: "${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:=120}" # seconds the workers get to checkpoint after a stop signal
 : "${GRADIENT_CHECKPOINTING:=}"       # 1 recomputes activations; unset: on for 768p only
 : "${LOAD_TEXT_ENCODER:=1}"           # 1: encode captions during training; 0: read text_fea files
-: "${NUM_WORKERS:=4}"
-: "${EXTRA_ARGS:=}"
+: "${NUM_WORKERS:=auto}"              # data-loading workers per process: auto (up to 4) or a count; capped by the machine
+: "${EXTRA_ARGS:=}"                   # more flags for train/train_pyramid_flow.py (see --help)
+set +a
 
-check_train_vars
-[ -z "$DATA_ROOT" ] || [ -d "$DATA_ROOT" ] || die "DATA_ROOT=$DATA_ROOT is not a folder; set it to the folder the relative paths in ANNO_FILE start from"
-default_checkpointing
-case "$TASK" in t2i|t2v) ;; *) die "TASK=$TASK must be t2i or t2v" ;; esac
-detect_gpus
-[ -n "$MODEL_DTYPE" ] || { if [ "$HAVE_GPU" -eq 1 ]; then MODEL_DTYPE=bf16; else MODEL_DTYPE=fp32; fi; }
-check_sp
-
-set -- --task "$TASK"
-[ "$LOAD_TEXT_ENCODER" = 0 ] || set -- "$@" --load_text_encoder
-launch_training "$@"
+. "$(dirname "$0")/_common.sh"
+run_launcher train.launch full_sequence

@@ -16,6 +16,10 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 GOLDEN_DIR = Path(__file__).resolve().parent / "golden"
 
 
+# Every process a test starts (scripts, tools, torchrun workers) imports this checkout, whichever checkout
+# `pip install -e .` points python3 at.
+os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
+
 # Parallel workers (pytest-xdist): each launches 2-process runs through the scripts, whose rendezvous port defaults to
 # 29500; give every worker its own so two concurrent launches never meet.
 if "PYTEST_XDIST_WORKER" in os.environ:

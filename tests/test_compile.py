@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from test_dit import outputs_and_grads
 
 from pyramid_dit.kinds import get_kind

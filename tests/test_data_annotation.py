@@ -6,8 +6,15 @@ from pathlib import Path
 
 import pytest
 
-from trainer_misc.annotation import (DATA_ROOT_ENV, AnnotationError, ImageEntry, VideoEntry, load_annotation,
-                                     parse_annotation, resolve_data_root)
+from trainer_misc.data.annotation import (
+    DATA_ROOT_ENV,
+    AnnotationError,
+    ImageEntry,
+    VideoEntry,
+    load_annotation,
+    parse_annotation,
+    resolve_data_root,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer_misc.data_check import DataSpec, check_data, format_report, run_data_check
-from trainer_misc.io_utils import atomic_save_safetensors
+from trainer_misc.data.check import DataSpec, check_data, format_report, run_data_check
+from trainer_misc.files import atomic_save_safetensors
 
 
 def _latent(path: Path, shape) -> str:

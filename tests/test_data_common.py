@@ -6,9 +6,19 @@ import os
 import subprocess
 from pathlib import Path
 
-from tools.extraction_common import (DONE, FAILED, SKIPPED, ItemResult, default_report_path, init_distributed,
-                                     issue_results, shard, summary_text, write_report)
-from trainer_misc.annotation import AnnotationIssue, VideoEntry
+from tools.extraction_common import (
+    DONE,
+    FAILED,
+    SKIPPED,
+    ItemResult,
+    default_report_path,
+    init_distributed,
+    issue_results,
+    shard,
+    summary_text,
+    write_report,
+)
+from trainer_misc.data.annotation import AnnotationIssue, VideoEntry
 
 
 def _entry(i: int) -> VideoEntry:
@@ -71,17 +81,17 @@ def test_scripts_check_their_variables_before_launching(tmp_path):
         ({"MODEL_PATH": ""}, "set MODEL_PATH"),
         ({"MODEL_PATH": str(tmp_path)}, "no config.json"),
         ({"ANNO_FILE": str(tmp_path / "nope.jsonl")}, "ANNO_FILE"),
-        ({"WIDTH": "60"}, "WIDTH=60 must be a positive multiple of 8"),
-        ({"HEIGHT": "abc"}, "HEIGHT=abc must be a positive multiple of 8"),
+        ({"WIDTH": "60"}, "WIDTH=60: must be a multiple of 8"),
+        ({"HEIGHT": "abc"}, "HEIGHT=abc: must be a whole number, a multiple of 8"),
         ({"NUM_FRAMES": "16"}, "NUM_FRAMES=16 must be 8k+1"),
-        ({"GPUS": "0"}, "GPUS=0 must be a positive integer"),
+        ({"GPUS": "0"}, "GPUS=0: must be from 1 to 1024"),
     ]
     for override, message in cases:
         env = {**os.environ, **ok, **override}
         proc = subprocess.run(["sh", str(repo / "scripts" / "extract_vae_latent.sh")], env=env, capture_output=True,
                               text=True, timeout=60)
         assert proc.returncode == 2 and message in proc.stderr, (override, proc.stderr)
-    text_cases = [({"MODEL_PATH": ""}, "set MODEL_PATH"), ({"MODEL_PATH": str(tmp_path)}, "no text_encoder/"),
+    text_cases = [({"MODEL_PATH": ""}, "set MODEL_PATH"), ({"MODEL_PATH": str(tmp_path)}, "text_encoder/, tokenizer_2/, text_encoder_2/ (the pyramid_flux text encoders)"),
                   ({"BATCH_SIZE": "0"}, "BATCH_SIZE=0"), ({"KIND": "audio"}, "KIND=audio")]
     for sub in ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"):
         (tmp_path / "ckpt" / sub).mkdir()

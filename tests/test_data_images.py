@@ -8,9 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-from trainer_misc.annotation import ImageEntry
-from trainer_misc.datasets import ImageDataset
-from trainer_misc.sampler import ResumableBatchSampler
+from trainer_misc.data.annotation import ImageEntry
+from trainer_misc.data.datasets import ImageDataset
+from trainer_misc.data.sampler import ResumableBatchSampler
 
 
 @pytest.fixture()
@@ -35,7 +35,7 @@ def _offset(pixels: torch.Tensor, resized: torch.Tensor) -> int:
 
 
 def test_crop_mode_default_is_random_as_in_the_reference():
-    from train.train_pyramid_flow import build_parser
+    from train.args import build_parser
     args = build_parser().parse_args(["--model_path", "m", "--anno_file", "a", "--output_dir", "o"])
     assert args.crop_mode == "random"
     import inspect

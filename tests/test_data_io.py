@@ -10,9 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer_misc import io_utils
-from trainer_misc.io_utils import (DataFileError, atomic_save_safetensors, default_empty_prompt_path, load_latent,
-                                   load_text_features, remove_stale_temps)
+from pyramid_dit import tensor_files
+from pyramid_dit.tensor_files import TensorFileError
+from trainer_misc import files
+from trainer_misc.data import features
+from trainer_misc.data.annotation import EMPTY_PROMPT_FILENAME, default_empty_prompt_path
+from trainer_misc.data.features import load_latent, load_text_features
+from trainer_misc.files import atomic_save_safetensors, remove_stale_temps
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -37,7 +41,7 @@ def test_text_features_round_trip(tmp_path):
     fea = _features()
     atomic_save_safetensors(fea, tmp_path / "t.safetensors")
     loaded = load_text_features(tmp_path / "t.safetensors")
-    assert list(loaded) == list(io_utils.TEXT_FEATURE_KEYS)
+    assert list(loaded) == list(features.TEXT_FEATURE_KEYS)
     for k in fea:
         assert torch.equal(loaded[k], fea[k])
 
@@ -58,7 +62,7 @@ class _NotATensor:
 
 def test_pickled_objects_are_refused(tmp_path):
     torch.save({"latent": _NotATensor()}, tmp_path / "evil.pt")
-    with pytest.raises(DataFileError, match="refused to unpickle"):
+    with pytest.raises(TensorFileError, match="refused to unpickle"):
         load_latent(tmp_path / "evil.pt")
 
 
@@ -73,7 +77,7 @@ def test_unreadable_files_name_the_file(tmp_path, name, content, match):
     path = tmp_path / name
     if content is not None:
         path.write_bytes(content)
-    with pytest.raises(DataFileError, match=match) as err:
+    with pytest.raises(TensorFileError, match=match) as err:
         load_latent(path)
     assert str(path) in str(err.value)
 
@@ -83,7 +87,7 @@ def test_truncated_safetensors_is_detected(tmp_path):
     atomic_save_safetensors({"latent": torch.randn(1, 16, 3, 6, 8)}, path)
     data = path.read_bytes()
     path.write_bytes(data[: len(data) - 100])
-    with pytest.raises(DataFileError, match="not a readable safetensors"):
+    with pytest.raises(TensorFileError, match="not a readable safetensors"):
         load_latent(path)
 
 
@@ -96,7 +100,7 @@ def test_truncated_safetensors_is_detected(tmp_path):
 ])
 def test_bad_latent_content(tmp_path, tensors, match):
     atomic_save_safetensors(tensors, tmp_path / "x.safetensors")
-    with pytest.raises(DataFileError, match=match):
+    with pytest.raises(TensorFileError, match=match):
         load_latent(tmp_path / "x.safetensors")
 
 
@@ -104,15 +108,15 @@ def test_bad_text_feature_content(tmp_path):
     fea = _features()
     del fea["pooled_prompt_embed"]
     atomic_save_safetensors(fea, tmp_path / "a.safetensors")
-    with pytest.raises(DataFileError, match="missing"):
+    with pytest.raises(TensorFileError, match="missing"):
         load_text_features(tmp_path / "a.safetensors")
     fea = _features()
     fea["prompt_attention_mask"] = fea["prompt_attention_mask"][:, :4]
     atomic_save_safetensors(fea, tmp_path / "b.safetensors")
-    with pytest.raises(DataFileError, match="prompt_attention_mask"):
+    with pytest.raises(TensorFileError, match="prompt_attention_mask"):
         load_text_features(tmp_path / "b.safetensors")
     torch.save(torch.zeros(1, 16, 1, 2, 2), tmp_path / "c.pt")
-    with pytest.raises(DataFileError, match="single tensor"):
+    with pytest.raises(TensorFileError, match="single tensor"):
         load_text_features(tmp_path / "c.pt")
 
 
@@ -121,17 +125,17 @@ def test_views_tied_and_strided_tensors_are_saved_and_plain_ones_are_not_copied(
     weight = torch.randn(6, 2)
     tensors = {"row0": batch[0:1], "row2": batch[2:3], "a": weight, "tied": weight, "t": weight.t(),
                "empty1": torch.zeros(0), "empty2": torch.zeros(0, 3)}
-    payload = io_utils._independent_cpu_tensors(tensors)
+    payload = files._independent_cpu_tensors(tensors)
     assert payload["a"].data_ptr() == weight.data_ptr()  # contiguous CPU tensor: saved without a copy
     atomic_save_safetensors(tensors, tmp_path / "x.safetensors")
-    loaded = io_utils.load_tensor_file(tmp_path / "x.safetensors")
+    loaded = tensor_files.load_tensor_file(tmp_path / "x.safetensors")
     assert set(loaded) == set(tensors)
     for k, v in tensors.items():
         assert torch.equal(loaded[k], v), k
 
 
 def test_writer_refuses_non_safetensors_names(tmp_path):
-    with pytest.raises(DataFileError, match="safetensors"):
+    with pytest.raises(TensorFileError, match="safetensors"):
         atomic_save_safetensors({"latent": torch.zeros(1)}, tmp_path / "x.pt")
 
 
@@ -144,7 +148,7 @@ def test_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path, monkeypatc
         Path(filename).write_bytes(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(io_utils, "save_file", broken_save)
+    monkeypatch.setattr(files, "save_file", broken_save)
     with pytest.raises(OSError, match="disk full"):
         atomic_save_safetensors({"latent": torch.zeros(1, 16, 1, 2, 2)}, path)
     assert torch.equal(load_latent(path), old)
@@ -157,11 +161,11 @@ def test_process_killed_mid_write_never_leaves_a_corrupt_target(tmp_path):
     path = tmp_path / "x.safetensors"
     script = textwrap.dedent(f"""
         import os, torch
-        from trainer_misc import io_utils
+        from trainer_misc import files
         def die(src, dst):
             os._exit(9)
-        io_utils.os.replace = die
-        io_utils.atomic_save_safetensors({{"latent": torch.randn(1, 16, 3, 6, 8)}}, {str(path)!r})
+        files.os.replace = die
+        files.atomic_save_safetensors({{"latent": torch.randn(1, 16, 3, 6, 8)}}, {str(path)!r})
     """)
     proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert proc.returncode == 9
@@ -179,13 +183,13 @@ def test_sweep_removes_only_the_temps_of_the_given_outputs(tmp_path):
     for p in leftovers:
         p.write_bytes(b"")
     (tmp_path / "notes.tmp").write_text("x")
-    assert io_utils.sweep_stale_temps([mine, tmp_path / "missing" / "z.safetensors"]) == leftovers[:1]
+    assert files.sweep_stale_temps([mine, tmp_path / "missing" / "z.safetensors"]) == leftovers[:1]
     assert sorted(p.name for p in tmp_path.iterdir()) == [".c.safetensors.9.ffffffff.tmp", "notes.tmp"]
     assert other.name in leftovers[1].name
 
 
 def test_default_empty_prompt_path(tmp_path):
-    assert default_empty_prompt_path(tmp_path) == tmp_path / io_utils.EMPTY_PROMPT_FILENAME
+    assert default_empty_prompt_path(tmp_path) == tmp_path / EMPTY_PROMPT_FILENAME
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o027])
@@ -193,7 +197,7 @@ def test_written_files_honour_the_umask(tmp_path, umask):
     # safetensors alone creates 0600 files: other users of a shared cluster could not read latents or features.
     old = os.umask(umask)
     try:
-        assert io_utils.process_umask() == umask
+        assert files.process_umask() == umask
         path = tmp_path / "x.safetensors"
         atomic_save_safetensors({"latent": torch.zeros(1, 16, 1, 2, 2)}, path)
     finally:

@@ -12,10 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from pyramid_dit.tensor_files import TensorFileError
 from tools.extract_video_vae_latents import item_generator, load_clip, load_vae, main
 from tools.make_demo_dataset import make_demo_dataset
-from trainer_misc.annotation import parse_annotation
-from trainer_misc.io_utils import DataFileError, atomic_save_safetensors, load_latent
+from trainer_misc.data.annotation import parse_annotation
+from trainer_misc.data.features import load_latent
+from trainer_misc.files import atomic_save_safetensors
 
 REPO = Path(__file__).resolve().parents[1]
 WIDTH, HEIGHT, NUM_FRAMES = 64, 48, 17
@@ -128,7 +130,7 @@ def killed_then_rerun(tiny_ckpt, dataset, tmp_path_factory) -> dict:
     for p in _all_outputs(data):  # what is there when the processes died, readable or not
         try:
             after_kill[p] = tuple(load_latent(p).shape)
-        except DataFileError as e:
+        except TensorFileError as e:
             after_kill[p] = str(e)
     # 2) rerun to completion with 2 ranks (torchrun, gloo)
     rerun = subprocess.run(_script(tiny_ckpt, data, 2), env=_env(), cwd=REPO, capture_output=True, text=True,
@@ -251,14 +253,16 @@ def test_bf16_latents_are_stored_in_bf16_and_close_to_fp32(tiny_ckpt, tmp_path):
 
 def test_run_level_errors_are_one_clear_line(tiny_ckpt, tmp_path, capsys):
     assert main(["--model_path", str(tmp_path), "--anno_file", str(tmp_path / "a.jsonl"), "--no_progress"]) == 2
-    assert "does not exist" in capsys.readouterr().err
+    assert "no config.json in --model_path" in capsys.readouterr().err
     (tmp_path / "a.jsonl").write_text(_row("v.mp4", "l.safetensors") + "\n")
-    assert main(["--model_path", str(tmp_path), "--anno_file", str(tmp_path / "a.jsonl"), "--no_progress"]) == 2
-    assert "has no config.json" in capsys.readouterr().err
-    with pytest.raises(SystemExit, match="8k\\+1"):
-        main(["--model_path", str(tiny_ckpt), "--anno_file", "x", "--num_frames", "16"])
-    with pytest.raises(SystemExit, match="multiples of 8"):
+    assert main(["--model_path", str(tiny_ckpt / "causal_video_vae"), "--anno_file", str(tmp_path / "b.jsonl"),
+                 "--no_progress"]) == 2
+    assert f"annotation file --anno_file {tmp_path / 'b.jsonl'} not found" in capsys.readouterr().err
+    assert main(["--model_path", str(tiny_ckpt / "causal_video_vae"), "--anno_file", "x", "--num_frames", "16"]) == 2
+    assert "--num_frames 16 must be 8k+1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:
         main(["--model_path", str(tiny_ckpt), "--anno_file", "x", "--width", "60"])
+    assert stop.value.code == 2 and "argument --width: must be a multiple of 8" in capsys.readouterr().err
 
 
 def test_num_frames_beyond_every_clip_is_said_once_with_counts(tiny_ckpt, tmp_path, capsys):

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from tools.extract_text_features import load_text_encoder, main
-from trainer_misc.annotation import parse_annotation
-from trainer_misc.io_utils import EMPTY_PROMPT_FILENAME, load_text_features
+from trainer_misc.data.annotation import EMPTY_PROMPT_FILENAME, parse_annotation
+from trainer_misc.data.features import load_text_features
 
 REPO = Path(__file__).resolve().parents[1]
 CAPTIONS = [

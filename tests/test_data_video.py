@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from pyramid_dit.resize import cover_size, resize_crop_frames
 from tools.extract_video_vae_latents import ClipDataset, ClipError, load_clip, plan_frame_indices, read_frames
 from tools.make_demo_dataset import clip_specs, make_demo_dataset, render_clip, write_mp4
-from trainer_misc.annotation import VideoEntry, load_annotation
+from trainer_misc.data.annotation import VideoEntry, load_annotation
 
 
 @pytest.fixture(scope="module")

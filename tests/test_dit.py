@@ -404,7 +404,7 @@ def test_bfloat16(model, mode):
 # ------------------------------------------------------------------------------------------------------------
 
 def _train_step_flops(model: PyramidFluxTransformer, inputs: dict) -> dict[str, int]:
-    from trainer_misc.step_tracing import flop_counter_mode
+    from trainer_misc.planning.tracing import flop_counter_mode
     with flop_counter_mode() as counter:
         outputs = model(**inputs)
         torch.stack([o.float().pow(2).mean() for o in outputs]).sum().backward()

@@ -1,8 +1,8 @@
 """Fault injection on 2-process ZeRO-2 runs of the toy model: every fault ends in a bounded time with a clear last
 line, and where training can go on, a rerun continues the uninterrupted run's loss curve exactly.
 
-Each launch goes through the scripts' ``supervise`` (scripts/_common.sh) around torchrun, as a user's launch does,
-and runs this file as the worker. One uninterrupted run (module fixture) is the baseline every resume is compared
+Each launch goes through the scripts' launcher (``trainer_misc.runtime.launcher.launch``: torchrun under its
+supervisor), as a user's launch does, and runs this file as the worker. One uninterrupted run (module fixture) is the baseline every resume is compared
 with and the source of the checkpoints the corruption tests damage. Faults: an exception on one rank (disk full
 while checkpointing), a rank that stops responding (SIGSTOP), a second run in the same output folder, a planted
 pickle in a DeepSpeed file, corrupt latest / all checkpoints, SIGTERM (preemption), a repeated signal.
@@ -22,8 +22,6 @@ from pathlib import Path
 
 import pytest
 
-from two_ranks import free_port
-
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 STEPS = 6
@@ -34,14 +32,14 @@ BOUNDED_S = 150
 # ----------------------------------------------------------------------------------------------------- worker
 
 def _worker(spec: dict) -> int:
-    sys.path.insert(0, str(REPO))
-    sys.path.insert(0, str(HERE))
     import torch
 
     torch.set_num_threads(1)
     from test_trainer_toy import ToyDataset, ToyModel, toy_loss
-    import trainer_misc.checkpoint as checkpoint_mod
-    from trainer_misc.trainer import TrainConfig, train
+
+    import trainer_misc.state.checkpoint as checkpoint_mod
+    from trainer_misc.loop.config import TrainConfig
+    from trainer_misc.loop.trainer import train
 
     rank = int(os.environ["RANK"])
     fault = spec.get("fault") or {}
@@ -98,6 +96,12 @@ class Launch:
         return f"rc {self.rc} after {self.elapsed:.0f}s\n{self.stdout[-2000:]}\n{self.stderr[-6000:]}"
 
 
+# Two processes on this node through the scripts' supervisor (the launch line a script would print is skipped).
+LAUNCH = ("import sys; from trainer_misc.runtime.launcher import NodeLayout, launch; "
+          "launch(sys.argv[1:], NodeLayout(gpus=2, nnodes=1, node_rank=0, master_addr='127.0.0.1', master_port=0, "
+          "have_gpu=False, source='test'), prog='test')")
+
+
 def launch(tmp: Path, name: str, config: dict, fault: dict | None = None, env: dict | None = None,
            timeout: float = 400) -> Launch:
     spec = {"config": config, "fault": fault, "report_dir": str(tmp / f"{name}_reports"),
@@ -106,11 +110,8 @@ def launch(tmp: Path, name: str, config: dict, fault: dict | None = None, env: d
     spec_file.write_text(json.dumps(spec))
     full_env = {k: v for k, v in os.environ.items() if k not in ("ACCELERATE_USE_CPU", "RANK", "WORLD_SIZE",
                                                                  "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    full_env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), TORCHDYNAMO_DISABLE="1", SCRIPT_NAME="test",
-                    TORCH_ELASTIC_SHUTDOWN_TIMEOUT="3", **(env or {}))
-    cmd = ["sh", "-c", '. "$0"; supervise "$@"', str(REPO / "scripts" / "_common.sh"), sys.executable, "-m",
-           "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port",
-           str(free_port()), str(Path(__file__).resolve()), str(spec_file)]
+    full_env.update(OMP_NUM_THREADS="1", TORCHDYNAMO_DISABLE="1", TORCH_ELASTIC_SHUTDOWN_TIMEOUT="3", **(env or {}))
+    cmd = [sys.executable, "-c", LAUNCH, str(Path(__file__).resolve()), str(spec_file)]
     start = time.monotonic()
     proc = subprocess.run(cmd, env=full_env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
     elapsed = time.monotonic() - start
@@ -198,7 +199,7 @@ def test_a_rank_that_stops_responding_is_detected_by_the_collective_timeout(tmp_
 
 
 def test_second_run_in_the_same_output_dir_is_refused(tmp_path):
-    from trainer_misc.run_lock import OutputDirLock
+    from trainer_misc.state.run_lock import OutputDirLock
 
     out = tmp_path / "out"
     lock = OutputDirLock(out).acquire()  # "another run" (this process) holds the folder
@@ -212,13 +213,12 @@ def test_second_run_in_the_same_output_dir_is_refused(tmp_path):
 
 
 def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
-    code = ("import sys, time; sys.path.insert(0, sys.argv[2]); from trainer_misc.run_lock import OutputDirLock; "
+    code = ("import sys, time; from trainer_misc.state.run_lock import OutputDirLock; "
             "OutputDirLock(sys.argv[1]).acquire(); print('locked', flush=True); time.sleep(60)")
-    holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path), str(REPO)], stdout=subprocess.PIPE,
-                              text=True)
+    holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        from trainer_misc.run_lock import OutputDirLock, RunLockedError
+        from trainer_misc.state.run_lock import OutputDirLock, RunLockedError
 
         with pytest.raises(RunLockedError, match=f"pid {holder.pid} on"):
             OutputDirLock(tmp_path).acquire()
@@ -309,14 +309,14 @@ def test_nan_weights_are_refused_by_name_and_a_nan_latent_is_never_decoded(tmp_p
 # -------------------------------------------------------------------------------------- single-process pieces
 
 def _python(code: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = dict(os.environ)
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "TORCHELASTIC_RUN_ID"):
         env.pop(key, None)
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def test_clear_error_is_one_line_without_traceback():
-    proc = _python("from trainer_misc.failures import run_main\n"
+    proc = _python("from trainer_misc.runtime.failures import run_main\n"
                    "def main():\n"
                    "    raise ValueError('ckpt was written by a ddp run with 2 processes; this run has 1')\n"
                    "run_main(main, 'prog')\n")
@@ -328,7 +328,7 @@ def test_second_signal_exits_at_once():
     # The first SIGTERM asks for a checkpoint; the loop would stop after its step. A second one more than a second
     # later exits immediately with 128 + signal.
     proc = _python("import os, signal, time\n"
-                   "from trainer_misc.failures import StopSignals\n"
+                   "from trainer_misc.runtime.failures import StopSignals\n"
                    "s = StopSignals().install()\n"
                    "os.kill(os.getpid(), signal.SIGTERM); time.sleep(0.1)\n"
                    "assert s.requested and s.should_stop()\n"
@@ -342,6 +342,6 @@ def test_second_signal_exits_at_once():
 
 
 if __name__ == "__main__":
-    from trainer_misc.failures import run_main  # noqa: E402  (PYTHONPATH is the repository)
+    from trainer_misc.runtime.failures import run_main
 
     run_main(lambda: _worker(json.loads(Path(sys.argv[1]).read_text())), "fault_worker")

@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pyramid_dit.block_noise import block_noise_covariance, correlate_blocks, sample_block_noise
-from pyramid_dit.modeling_pyramid_flux import PyramidFluxTransformer
 from pyramid_dit.media import save_video
+from pyramid_dit.modeling_pyramid_flux import PyramidFluxTransformer
 from pyramid_dit.noise import GeneratorNoise, ReplayNoise
 from pyramid_dit.pipeline import PyramidFlowPipeline
 from pyramid_dit.text_features import TextFeatures
@@ -180,7 +180,8 @@ def test_lora_path_equals_the_merged_export_and_scale_zero_equals_the_base(tiny_
     """--lora_path applies export/lora without merging: at scale 1 the video equals the merged export's
     (export/transformer), at scale 0 the base DiT's, and in between it differs from both."""
     from pyramid_dit.kinds import get_kind
-    from trainer_misc.lora import LoraSettings, add_lora, merged_state_dict, save_adapter
+    from pyramid_dit.lora import LoraSettings, add_lora, merged_state_dict
+    from trainer_misc.state.export import save_adapter
 
     dit = PyramidFluxTransformer.from_pretrained(tiny_model / "diffusion_transformer_384p")
     add_lora(dit, LoraSettings(rank=4, alpha=8.0, targets=get_kind("pyramid_flux").lora_targets))
@@ -274,7 +275,7 @@ def test_cli_rejects_bad_flags(tiny_model, capsys):
         (["--num_inference_steps", "1", "2"], "one per stage"),
         (["--image", "missing.png"], "no such file"),
         (["--lora_path", "missing_lora"], "no such folder"),
-        (["--lora_scale", "0.5"], "give --lora_path too"),
+        (["--lora_scale", "0.5"], "set --lora_path too"),
     ]
     for extra, message in cases:
         with pytest.raises(SystemExit) as exc:

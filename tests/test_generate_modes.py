@@ -175,8 +175,10 @@ def test_t2i_cli_writes_an_image_from_the_released_image_dit_and_from_a_t2i_fine
 def test_generation_defaults_come_from_the_trained_export(tiny_model, tmp_path):
     """The trainer's export carries the record; tools/generate.py takes --task / --mode / --temp from it."""
     from tools.generate import build_parser, check_args, resolve_defaults
-    from trainer_misc.checkpoint import export_pretrained
-    from train.train_pyramid_flow import build_parser as train_parser, train_config
+    from trainer_misc.runtime.arguments import ConfigError
+    from train.args import build_parser as train_parser
+    from train.run import train_config
+    from trainer_misc.state.export import export_pretrained
 
     def trained(*flags):
         args = train_parser().parse_args(["--model_path", "m", "--anno_file", "a.jsonl", "--output_dir", "o", *flags])
@@ -197,8 +199,8 @@ def test_generation_defaults_come_from_the_trained_export(tiny_model, tmp_path):
 
     def resolved(*flags):
         args = parser.parse_args(["--model_path", str(tiny_model), "--prompt", "x", *flags])
-        check_args(parser, args)
-        resolve_defaults(parser, args)
+        check_args(args)
+        resolve_defaults(args)
         return args.task, args.mode, args.temp, args.variant, args.height, args.width, args.output
 
     assert resolved("--dit_path", str(folder)) == ("t2v", "full_sequence", 16, "diffusion_transformer_384p", 384, 640,
@@ -209,7 +211,7 @@ def test_generation_defaults_come_from_the_trained_export(tiny_model, tmp_path):
     assert resolved("--task", "t2i")[:6] == ("t2i", "full_sequence", 1, "diffusion_transformer_image", 768, 1280)
     image = tmp_path / "first.png"
     Image.new("RGB", (64, 64)).save(image)
-    with pytest.raises(SystemExit):
+    with pytest.raises(ConfigError, match="needs --mode ar"):
         resolved("--dit_path", str(folder), "--image", str(image))  # a full-sequence DiT cannot continue an image
     (folder / TRAINING_RECORD).write_text(json.dumps({"task": "t2v", "sampling_mode": "sideways"}))
     with pytest.raises(ValueError, match="damaged"):
@@ -226,7 +228,8 @@ def test_generation_defaults_come_from_the_trained_export(tiny_model, tmp_path):
 def test_validation_samples_with_the_mode_the_run_trains(tiny_model, tmp_path, monkeypatch, flags, mode, temp, size):
     """build_validation (as train_pyramid_flow_without_ar.sh / train_pyramid_flow.sh launch it) hands the sampler
     the run's mode, and the sampler passes it to every generate call."""
-    from train.train_pyramid_flow import ModelSide, build_parser, build_validation
+    from train.args import build_parser
+    from train.run import ModelSide, build_validation
 
     args = build_parser().parse_args(["--model_path", str(tiny_model), "--anno_file", "a.jsonl", "--output_dir",
                                       str(tmp_path), "--validation_every", "1", "--validation_steps", "1", "1", "1",

@@ -37,7 +37,6 @@ def _env() -> dict[str, str]:
 
 
 def worker(result_dir: Path) -> None:
-    sys.path.insert(0, str(REPO))
     import torch
     import torch.distributed as dist
     from safetensors.torch import load_file
@@ -47,7 +46,7 @@ def worker(result_dir: Path) -> None:
     from pyramid_dit.pipeline import PyramidFlowPipeline
     from pyramid_dit.sequence_parallel import SequenceParallel
     from pyramid_dit.text_features import TextFeatures
-    from trainer_misc.distributed import sequence_parallel_group
+    from trainer_misc.runtime.distributed import sequence_parallel_group
 
     dist.init_process_group("gloo")
     torch.set_num_threads(1)

@@ -4,18 +4,15 @@ The two-process ZeRO-3 load-memory check lives in ``test_zero3_load.py``.
 """
 from __future__ import annotations
 
-from types import SimpleNamespace
-
-import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from trainer_misc.engine import DEEPSPEED_BUCKET_ELEMENTS, EngineConfig, deepspeed_config  # noqa: E402
+from trainer_misc.optim.engine import DEEPSPEED_BUCKET_ELEMENTS, EngineConfig, deepspeed_config
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda", 0)
 
@@ -74,9 +71,9 @@ def test_timesteps_reach_the_embedding_in_fp32_unrounded(golden_dir, engine):
     from pyramid_dit.objective import PyramidFlowObjective
     from pyramid_dit.scheduler import PyramidFlowMatchEulerDiscreteScheduler
     from pyramid_dit.text_features import TextFeatures
-    from trainer_misc.pyramid_loss import PyramidFlowLoss
-    from trainer_misc.datasets import TrainBatch
-    from trainer_misc.step import StepContext
+    from trainer_misc.data.datasets import TrainBatch
+    from trainer_misc.loop.pyramid_loss import PyramidFlowLoss
+    from trainer_misc.loop.step import StepContext
 
     dit = PyramidFluxTransformer.from_pretrained(golden_dir / "flux_tiny")
     if engine == "deepspeed_bf16":
@@ -109,8 +106,9 @@ def test_timesteps_reach_the_embedding_in_fp32_unrounded(golden_dir, engine):
 # --------------------------------------------------------------------------- latents: read only the frames used
 
 def test_latent_partial_read_takes_only_the_requested_frames(tmp_path):
-    from trainer_misc.datasets import VideoLatentDataset
-    from trainer_misc.io_utils import atomic_save_safetensors, load_latent
+    from trainer_misc.data.datasets import VideoLatentDataset
+    from trainer_misc.data.features import load_latent
+    from trainer_misc.files import atomic_save_safetensors
 
     latent = torch.randn(1, 16, 12, 4, 6)
     latent[:, :, 4:] = float("nan")  # frames past the 4 used: never read, so never checked or copied
@@ -126,7 +124,7 @@ def test_latent_partial_read_takes_only_the_requested_frames(tmp_path):
     torch.save(latent[:, :, :4].clone(), pt)
     assert torch.equal(load_latent(pt, frames=2), latent[:, :, :2])
 
-    from trainer_misc.annotation import VideoEntry
+    from trainer_misc.data.annotation import VideoEntry
     entry = VideoEntry(index=0, line=1, video=tmp_path / "clip.mp4", text="t", latent=path)
     usable = SimpleNamespace(entry=entry, frames=8)  # what the data check hands the dataset
     item = VideoLatentDataset([usable], max_frames=4, latent_size=(4, 6), load_text_fea=False)[0]

@@ -1,5 +1,6 @@
-"""scripts/install.sh chooses the torch build before installing requirements.txt (dry run: the pip commands it
-would run). A CPU-only machine must not get the default index's CUDA build (~6 GB); a GPU machine keeps it."""
+"""scripts/install.sh chooses the torch build before installing the repository (``pip install -e .``, which brings
+requirements.txt; dry run: the pip commands it would run). A CPU-only machine must not get the default index's CUDA
+build (~6 GB); a GPU machine keeps it."""
 from __future__ import annotations
 
 import http.server
@@ -64,7 +65,7 @@ def test_gpu_machine_installs_requirements_as_before(bin_dir):
     _gpu(bin_dir)
     lines = _install(bin_dir, TORCH_CPU_INDEX=UNREACHABLE)
     assert any("an NVIDIA GPU is present" in line for line in lines)
-    assert _pip_commands(lines) == [f"-r {REPO}/requirements.txt"]
+    assert _pip_commands(lines) == [f"-e {REPO}"]
 
 
 def test_cpu_machine_takes_the_cpu_index(bin_dir, cpu_index):
@@ -72,13 +73,13 @@ def test_cpu_machine_takes_the_cpu_index(bin_dir, cpu_index):
     constraint = f"-c {REPO}/.ci/constraints.txt"
     assert any("no NVIDIA GPU: installing the CPU build of torch" in line for line in lines)
     assert _pip_commands(lines) == [f"torch --index-url {cpu_index} {constraint}",
-                                    f"-r {REPO}/requirements.txt {constraint}"]
+                                    f"-e {REPO} {constraint}"]
 
 
 def test_cpu_machine_without_the_cpu_index_tries_local_wheels_first(bin_dir):
     lines = _install(bin_dir, TORCH_CPU_INDEX=UNREACHABLE)
     assert any(f"PyTorch's CPU index {UNREACHABLE} is unreachable" in line for line in lines)
-    assert _pip_commands(lines) == ["--no-index --no-deps torch", f"-r {REPO}/requirements.txt"]
+    assert _pip_commands(lines) == ["--no-index --no-deps torch", f"-e {REPO}"]
 
 
 def test_installed_torch_is_kept(tmp_path):
@@ -87,4 +88,14 @@ def test_installed_torch_is_kept(tmp_path):
     (folder / "python3").symlink_to(os.path.realpath(sys.executable))
     lines = _install(folder)
     assert any(line.startswith("[install] keeping the installed torch ") for line in lines)
-    assert _pip_commands(lines) == [f"-r {REPO}/requirements.txt"]
+    assert _pip_commands(lines) == [f"-e {REPO}"]
+
+
+def test_test_tools_come_as_the_test_extra(tmp_path):
+    """pytest and pytest-xdist are not runtime requirements: ``--test`` installs the package's [test] extra."""
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    (folder / "python3").symlink_to(os.path.realpath(sys.executable))
+    assert _pip_commands(_install(folder, "--test")) == [f"-e {REPO}[test]"]
+    requirements = (REPO / "requirements.txt").read_text()
+    assert "pytest" not in requirements

@@ -1,4 +1,4 @@
-"""LoRA (trainer_misc.lora): only adapters train, the merge is exact, the peft-format adapter round-trips.
+"""LoRA (pyramid_dit.lora): only adapters train, the merge is exact, the peft-format adapter round-trips.
 
 In-process on the tiny flux DiT with random weights (the default init zeroes outputs); a few seconds.
 """
@@ -10,13 +10,13 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
+from test_dit import TINY, make_inputs, tiny_model
 
 from pyramid_dit.kinds import KINDS, get_kind
+from pyramid_dit.lora import LoraSettings, add_lora, load_adapter, merged_state_dict
 from pyramid_dit.modeling_pyramid_flux import PyramidFluxTransformer
-from test_dit import TINY, make_inputs, tiny_model
-from trainer_misc.checkpoint import export_pretrained
-from trainer_misc.lora import LoraSettings, add_lora, load_adapter, merged_state_dict, save_adapter
-from trainer_misc.optim import build_adamw
+from trainer_misc.optim.adamw import build_adamw
+from trainer_misc.state.export import export_pretrained, save_adapter
 
 SHAPES = [[(1, 2, 2)], [(1, 2, 2), (1, 4, 4)]]
 

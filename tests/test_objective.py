@@ -15,12 +15,7 @@ from safetensors.torch import load_file
 
 from pyramid_dit.kinds import get_kind
 from pyramid_dit.objective import PyramidFlowObjective, flow_matching_loss
-from pyramid_dit.pyramid import (
-    history_plan,
-    noise_pyramid,
-    sample_stage_length,
-    spatial_pyramid,
-)
+from pyramid_dit.pyramid import history_plan, noise_pyramid, sample_stage_length, spatial_pyramid
 from pyramid_dit.scheduler import PyramidFlowMatchEulerDiscreteScheduler
 from pyramid_dit.text_features import TextFeatures
 
@@ -268,21 +263,21 @@ class _Recording(torch.nn.Module):
 
 
 def _ctx(sync_rank: int = 0, micro_step: int = 0):
-    from trainer_misc.step import StepContext
+    from trainer_misc.loop.step import StepContext
     return StepContext(step=0, micro_step=micro_step, micro_index=0, rank=sync_rank, world_size=4,
                        sync_rank=sync_rank, sync_group=4, sync_group_index=0, device=torch.device("cpu"),
                        dtype=torch.float32, module=torch.nn.Identity())
 
 
 def _entry_point_args(*extra: str):
-    from train.train_pyramid_flow import build_parser
+    from train.args import build_parser
     return build_parser().parse_args(["--model_path", "unused", "--anno_file", "unused", "--output_dir", "unused",
                                       *extra])
 
 
 def test_entry_point_objective_has_the_reference_pipeline_constants(objective_json):
     """The objective the training script builds from its default flags uses the reference's constants."""
-    from train.train_pyramid_flow import build_objective
+    from train.run import build_objective
 
     golden = objective_json["pipeline_constants"]
     objective = build_objective(_entry_point_args(), null_text=_null_text())
@@ -295,13 +290,13 @@ def test_entry_point_objective_has_the_reference_pipeline_constants(objective_js
 
 @pytest.mark.parametrize("case", ["case_nonar", "case_ar"])
 def test_production_loss_path_draws_in_order_and_feeds_the_dit(golden_dir, case):
-    """trainer_misc.pyramid_loss.PyramidFlowLoss, the trainer's compute_loss, on the golden tiny DiT: caption
+    """trainer_misc.loop.pyramid_loss.PyramidFlowLoss, the trainer's compute_loss, on the golden tiny DiT: caption
     dropout (one CPU rand(B)) comes first, then exactly the objective's noising (pinned to the reference by
     test_reproduces_golden_dit_inputs); dropped rows carry the empty prompt; the loss is the flow-matching loss
     of the DiT's predictions for those inputs."""
     from pyramid_dit.modeling_pyramid_flux import PyramidFluxTransformer
-    from trainer_misc.datasets import TrainBatch
-    from trainer_misc.pyramid_loss import PyramidFlowLoss
+    from trainer_misc.data.datasets import TrainBatch
+    from trainer_misc.loop.pyramid_loss import PyramidFlowLoss
 
     meta, tensors, _, _ = _golden_case_batch(golden_dir / "flux_tiny", case, "pyramid_flux")
     ar = case == "case_ar"

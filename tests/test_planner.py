@@ -1,4 +1,4 @@
-"""tools/plan.py's engine (trainer_misc/planner.py): FLOPs equal torch's count on real tensors, and predicted
+"""tools/plan.py's engine (trainer_misc/planning/planner.py): FLOPs equal torch's count on real tensors, and predicted
 memory matches the live bytes of a real CPU training step."""
 from __future__ import annotations
 
@@ -8,8 +8,17 @@ import pytest
 import torch
 
 from pyramid_dit.modeling_pyramid_flux import PyramidFluxTransformer
-from trainer_misc.planner import (Launch, _loss, count_flops, dit_inputs, flop_counter_mode, flops_per_step,
-                                  measure_step, predict_memory, rank_shapes)
+from trainer_misc.planning.planner import (
+    Launch,
+    _loss,
+    count_flops,
+    dit_inputs,
+    flops_per_step,
+    measure_step,
+    predict_memory,
+    rank_shapes,
+)
+from trainer_misc.planning.tracing import flop_counter_mode
 
 TINY = dict(patch_size=1, in_channels=64, num_layers=3, num_single_layers=3, attention_head_dim=16,
             num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=24, axes_dims_rope=[4, 6, 6])
@@ -64,8 +73,8 @@ def test_lora_counts_grads_and_optimizer_state_of_the_adapters_only():
     import re
 
     from pyramid_dit.kinds import get_kind
-    from trainer_misc.engine import DEEPSPEED_BUCKET_ELEMENTS
-    from trainer_misc.planner import model_size
+    from trainer_misc.optim.engine import DEEPSPEED_BUCKET_ELEMENTS
+    from trainer_misc.planning.planner import model_size
 
     rank, targets = 4, get_kind("pyramid_flux").lora_targets
     with torch.device("meta"):
@@ -92,8 +101,8 @@ def test_lora_counts_grads_and_optimizer_state_of_the_adapters_only():
 def test_optimizer_offload_leaves_the_reduce_bucket_on_the_gpu():
     """OFFLOAD=1 moves master weights, AdamW state and the gradient partition to host memory (arithmetic); params
     and traced activations are unchanged."""
-    from trainer_misc.engine import DEEPSPEED_BUCKET_ELEMENTS
-    from trainer_misc.planner import model_size
+    from trainer_misc.optim.engine import DEEPSPEED_BUCKET_ELEMENTS
+    from trainer_misc.planning.planner import model_size
 
     zero2 = replace(SMALL, shard_strategy="zero2", dtype="bf16")
     on, _ = predict_memory(replace(zero2, offload_optimizer=True))

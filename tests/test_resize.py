@@ -6,8 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
+from pyramid_dit.device import resolve_device
 from pyramid_dit.resize import cover_size, crop_offset, resize_crop_image
-from trainer_misc.distributed import resolve_device
 
 
 def test_t2i_rule_is_the_reference_shorter_edge_rule():
@@ -56,8 +56,8 @@ def test_resize_crop_image_sizes_and_filters():
 
 
 def test_t2i_dataset_uses_the_reference_rule(tmp_path):
-    from trainer_misc.annotation import ImageEntry
-    from trainer_misc.datasets import ImageDataset
+    from trainer_misc.data.annotation import ImageEntry
+    from trainer_misc.data.datasets import ImageDataset
 
     array = np.random.default_rng(2).integers(0, 256, (50, 100, 3), dtype=np.uint8)
     Image.fromarray(array).save(tmp_path / "a.png")

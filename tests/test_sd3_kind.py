@@ -97,8 +97,8 @@ def test_extraction_and_generation_scripts(sd3_folder, tmp_path):
     # the script checks the kind's folders before launching: an SD3 folder lacks nothing, a bare one does
     proc = _run("extract_text_feature.sh", {"MODEL_NAME": "pyramid_mmdit", "MODEL_PATH": str(tmp_path),
                                             "ANNO_FILE": str(anno)})
-    assert proc.returncode != 0 and "has no text_encoder/ folder; point it at the downloaded pyramid_mmdit" \
-        in proc.stderr
+    assert proc.returncode == 2 and "text_encoder_3/ (the pyramid_mmdit text encoders); point it at the downloaded " \
+        "pyramid_mmdit model folder" in proc.stderr
 
     out = tmp_path / "sample.png"
     proc = _run("generate.sh", {"MODEL_NAME": "pyramid_mmdit", "MODEL_PATH": str(sd3_folder), "PROMPT": "a dog",

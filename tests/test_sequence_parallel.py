@@ -18,13 +18,12 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from pyramid_dit.sequence_parallel import SequenceParallel, StreamShard  # noqa: E402
-from trainer_misc.distributed import parallel_layout  # noqa: E402
-from test_dit import outputs_and_grads  # noqa: E402
-from two_ranks import run_two_ranks  # noqa: E402
+from test_dit import outputs_and_grads
+from two_ranks import run_two_ranks
+
+from pyramid_dit.sequence_parallel import SequenceParallel, StreamShard
+from trainer_misc.runtime.distributed import parallel_layout
 
 TOL = 1e-5  # relative to the max |reference|, float32
 LAUNCH_TIMEOUT_S = 240
@@ -86,9 +85,9 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def worker(result_dir: Path) -> None:
     import torch.distributed as dist
-
     from test_dit import make_inputs
-    from trainer_misc.distributed import sequence_parallel_group
+
+    from trainer_misc.runtime.distributed import sequence_parallel_group
 
     dist.init_process_group("gloo")
     torch.set_num_threads(1)

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from pyramid_dit.text_features import FILE_KEYS, TextFeatures
-from trainer_misc.datasets import collate
-from trainer_misc.io_utils import check_text_features
+from trainer_misc.data.datasets import collate
+from trainer_misc.data.features import check_text_features
 
 
 def _features(rows: int, seed: int = 0) -> TextFeatures:

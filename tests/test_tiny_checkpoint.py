@@ -11,13 +11,13 @@ import torch
 from safetensors.torch import load_file
 
 from tools.build_tiny_checkpoint import (
-    CAPTION_WORDS,
     TRANSFORMER_SUBFOLDERS,
     build_clip_tokenizer,
     build_t5_tokenizer,
     build_text_components,
     build_tiny_checkpoint,
 )
+from tools.tiny_tokenizers import CAPTION_WORDS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CAPTION = "a red square moving left"

@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,7 +21,6 @@ from safetensors.torch import load_file
 from pyramid_dit.training_record import read_training_record
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 LAUNCH_TIMEOUT_S = 600
 
@@ -70,7 +68,7 @@ def metrics(out: Path) -> list[dict]:
 
 def poison_latent(path: Path) -> None:
     """Overwrite the tensor data with NaN but keep a valid header: start-up accepts it, loading it later fails."""
-    from trainer_misc.io_utils import atomic_save_safetensors
+    from trainer_misc.files import atomic_save_safetensors
     latent = load_file(str(path))["latent"]
     atomic_save_safetensors({"latent": torch.full_like(latent, float("nan"))}, path)
 

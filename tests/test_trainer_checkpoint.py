@@ -9,12 +9,14 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
-
 from test_trainer_toy import ToyModel
-from trainer_misc.checkpoint import (COMPLETE_MARKER, capture_rng_state, export_pretrained, find_latest_checkpoint,
-                                     load_dit_weights, optimizer_state_from_flat, optimizer_state_to_flat,
-                                     restore_rng_state)
-from trainer_misc.optim import build_adamw
+
+from pyramid_dit.weights import load_dit_weights
+from trainer_misc.optim.adamw import build_adamw
+from trainer_misc.state.checkpoint import optimizer_state_from_flat, optimizer_state_to_flat
+from trainer_misc.state.export import export_pretrained
+from trainer_misc.state.rng import capture_rng_state, restore_rng_state
+from trainer_misc.state.trust import COMPLETE_MARKER, find_latest_checkpoint
 
 
 def _draw():

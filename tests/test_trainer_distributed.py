@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from two_ranks import run_two_ranks
 
 HERE = Path(__file__).resolve().parent
@@ -25,13 +24,13 @@ LAUNCH_TIMEOUT_S = 420
 # ----------------------------------------------------------------------------------------------------- worker
 
 def _worker(spec: dict) -> None:
-    sys.path.insert(0, str(REPO))
-    sys.path.insert(0, str(HERE))
     torch.set_num_threads(1)
     from test_trainer_toy import ToyDataset, ToyModel, toy_loss
-    from trainer_misc.distributed import destroy_process_group
-    from trainer_misc.ema import local_chunk
-    from trainer_misc.trainer import TrainConfig, train
+
+    from trainer_misc.loop.config import TrainConfig
+    from trainer_misc.loop.trainer import train
+    from trainer_misc.optim.ema import local_chunk
+    from trainer_misc.runtime.distributed import destroy_process_group
 
     seen: list[dict] = []
 
@@ -80,7 +79,7 @@ def _worker(spec: dict) -> None:
                     state["ref_ema"][n].mul_(d).add_(v, alpha=1.0 - d)
 
     # Capture the engine right after it is built: wrap TrainEngine construction.
-    import trainer_misc.trainer as trainer_mod
+    import trainer_misc.loop.trainer as trainer_mod
     original = trainer_mod.TrainEngine
 
     class CapturingEngine(original):
@@ -170,7 +169,7 @@ def zero2_runs(tmp_path_factory):
                           video_sync_group=2, skip_loss_threshold=200.0)
     # Poison one sample of micro-batch 7 (step 4, last micro-batch) and of micro-batch 8 (step 5, first one):
     # both ranks read them (one sync group), so those micro-batches are dropped and the others still update.
-    from trainer_misc.sampler import ResumableBatchSampler
+    from trainer_misc.data.sampler import ResumableBatchSampler
 
     order = ResumableBatchSampler(64, 4, seed=config["seed"]).epoch_batches(0)
     full = _launch(tmp, "full", config, poison=[order[7][0], order[8][0]])

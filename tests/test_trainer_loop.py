@@ -8,10 +8,11 @@ import shutil
 
 import pytest
 import torch
-
 from test_trainer_toy import ToyDataset, ToyModel, toy_loss
-from trainer_misc.engine import reset_accelerate_state
-from trainer_misc.trainer import TrainConfig, train
+
+from trainer_misc.loop.config import TrainConfig
+from trainer_misc.loop.trainer import train
+from trainer_misc.optim.engine import reset_accelerate_state
 
 
 @pytest.fixture(autouse=True)
@@ -115,7 +116,7 @@ def test_abnormal_loss_drops_micro_batches_and_skips_updates(tmp_path, caplog):
         holder["prev"] = now
         adam_steps.append(max(float(s["step"]) for s in engine.optimizer.optimizer.state.values()))
 
-    import trainer_misc.trainer as trainer_mod
+    import trainer_misc.loop.trainer as trainer_mod
 
     class Capturing(trainer_mod.TrainEngine):
         def __init__(self, *a, **k):
@@ -219,9 +220,9 @@ def test_one_host_sync_per_step_from_our_code(tmp_path, monkeypatch):
     import os
     import sys
 
-    from trainer_misc import step as step_module
+    from trainer_misc.loop import step as step_module
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(step_module.__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(step_module.__file__))))
     ours = tuple(os.path.join(root, d) + os.sep for d in ("trainer_misc", "pyramid_dit", "train"))
     state = {"in_step": False, "reads": 0}
 

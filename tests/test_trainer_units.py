@@ -7,14 +7,13 @@ import os
 import numpy as np
 import pytest
 import torch
+from test_trainer_toy import ToyModel
 from torch import nn
 
-from test_trainer_toy import ToyModel
-from trainer_misc.distributed import ensure_launcher_env, sync_group_position
-from trainer_misc.ema import ShardedEMA, local_chunk
-from trainer_misc.optim import LRSchedule, build_adamw, split_decay_groups
-from trainer_misc.sampler import ResumableBatchSampler
-
+from trainer_misc.data.sampler import ResumableBatchSampler
+from trainer_misc.optim.adamw import LRSchedule, build_adamw, split_decay_groups
+from trainer_misc.optim.ema import ShardedEMA, local_chunk
+from trainer_misc.runtime.distributed import ensure_launcher_env, sync_group_position
 
 # ----------------------------------------------------------------------------------------------------- optimizer
 
@@ -207,8 +206,12 @@ def test_ema_shards_of_two_ranks_reassemble():
 def test_init_process_group_from_launcher_env_and_teardown(monkeypatch):
     import torch.distributed as dist
 
-    from trainer_misc.distributed import (all_reduce_sum, destroy_process_group, get_world_size,
-                                          init_process_group)
+    from trainer_misc.runtime.distributed import (
+        all_reduce_sum,
+        destroy_process_group,
+        get_world_size,
+        init_process_group,
+    )
 
     keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
     for key in keys:  # setenv first so monkeypatch restores the original state afterwards
@@ -254,8 +257,8 @@ def test_t2i_vae_sample_is_normalised_and_noised_in_fp32():
     in the VAE's bf16, which rounds the normalised latents to 8 mantissa bits before the noise is mixed in."""
     from types import SimpleNamespace
 
-    from trainer_misc.datasets import TrainBatch
-    from trainer_misc.pyramid_loss import PyramidFlowLoss
+    from trainer_misc.data.datasets import TrainBatch
+    from trainer_misc.loop.pyramid_loss import PyramidFlowLoss
 
     seen = {}
     sample = torch.randn(2, 16, 1, 4, 4).to(torch.bfloat16)

@@ -2,17 +2,15 @@
 empty-prompt features as negative even with --text_drop_rate 0, one sampling DiT built once in the run's dtype."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from pyramid_dit.text_features import TextFeatures  # noqa: E402
-from trainer_misc.validation import ValidationSampler, pick_validation_prompts  # noqa: E402
+from pyramid_dit.text_features import TextFeatures
+from trainer_misc.loop.validation import ValidationSampler, pick_validation_prompts
 
 
 def _features(seed: int, width: int = 8) -> TextFeatures:
@@ -50,7 +48,8 @@ def test_prompts_skip_unreadable_items_and_never_need_a_text_encoder():
 def test_validation_uses_the_empty_prompt_features_with_text_drop_rate_0(tmp_path):
     from safetensors.torch import save_file
 
-    from train.train_pyramid_flow import build_parser, load_null_text
+    from train.args import build_parser, empty_prompt_file
+    from train.run import load_null_text
 
     fea = tmp_path / "empty.safetensors"
     save_file({"prompt_embed": torch.zeros(1, 4, 8), "prompt_attention_mask": torch.ones(1, 4, dtype=torch.long),
@@ -63,8 +62,10 @@ def test_validation_uses_the_empty_prompt_features_with_text_drop_rate_0(tmp_pat
     assert load_null_text(args()) is None  # nothing needs it
     null = load_null_text(args("--validation_every", "5", "--empty_prompt_fea", str(fea)))
     assert isinstance(null, TextFeatures) and null.prompt_embeds.shape == (1, 4, 8)
-    with pytest.raises(SystemExit, match="validation samples"):
-        load_null_text(args("--validation_every", "5", "--empty_prompt_fea", str(tmp_path / "missing.safetensors")))
+    # What needs the file is said when it is missing (train.args.check_args refuses the launch with it).
+    path, needed_by = empty_prompt_file(args("--validation_every", "5"))
+    assert path == tmp_path / "empty_prompt_text_fea.safetensors"
+    assert needed_by == ["validation samples (--validation_every)"]
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +81,7 @@ def test_sampler_is_built_once_in_the_run_dtype_and_takes_new_weights(tiny, tmp_
 
     encoder = FluxTextEncoder.from_pretrained(tiny)
     prompt = encoder.encode(["a red square"])
-    from trainer_misc.validation import ValidationPrompt
+    from trainer_misc.loop.validation import ValidationPrompt
 
     trained = PyramidFluxTransformer.from_pretrained(tiny, subfolder="diffusion_transformer_384p")
     sampler = ValidationSampler(type(trained).from_config(trained.config),

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from two_ranks import run_two_ranks
 
 HERE = Path(__file__).resolve().parent
@@ -66,7 +65,6 @@ class PeakRss:
 # ----------------------------------------------------------------------------------------------------- worker
 
 def _worker(spec: dict) -> None:
-    sys.path.insert(0, str(REPO))
     torch.set_num_threads(1)
     import gc
 
@@ -77,13 +75,13 @@ def _worker(spec: dict) -> None:
     from pyramid_dit.objective import PyramidFlowObjective
     from pyramid_dit.scheduler import PyramidFlowMatchEulerDiscreteScheduler
     from pyramid_dit.text_features import TextFeatures
-    from trainer_misc.pyramid_loss import PyramidFlowLoss
-    from trainer_misc.datasets import TrainBatch
-    from trainer_misc.distributed import destroy_process_group
-    from trainer_misc.engine import EngineConfig, TrainEngine, model_init_context
-    from trainer_misc.model_loading import load_pretrained_for_training, safetensors_checkpoint
-    from trainer_misc.optim import build_adamw
-    from trainer_misc.step import StepContext
+    from trainer_misc.data.datasets import TrainBatch
+    from trainer_misc.loop.pyramid_loss import PyramidFlowLoss
+    from trainer_misc.loop.step import StepContext
+    from trainer_misc.optim.adamw import build_adamw
+    from trainer_misc.optim.engine import EngineConfig, TrainEngine, model_init_context
+    from trainer_misc.optim.zero3 import load_pretrained_for_training, safetensors_checkpoint
+    from trainer_misc.runtime.distributed import destroy_process_group
 
     folder = Path(spec["model"])
     cfg = EngineConfig(strategy="zero3", mixed_precision="bf16", device="cpu", grad_accum_steps=2,

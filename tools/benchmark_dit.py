@@ -56,11 +56,9 @@ from typing import Callable
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
-from pyramid_dit.kinds import get_kind  # noqa: E402
-from pyramid_dit.packing import ATTENTION_SPLITS  # noqa: E402
+from pyramid_dit.kinds import get_kind
+from pyramid_dit.options import ATTENTION_SPLITS
 
 CONFIGS = {
     "pyramid_flux": dict(num_layers=2, num_single_layers=4, attention_head_dim=64, num_attention_heads=6,

@@ -12,23 +12,19 @@ Frames/s counts the frames fed to the VAE (after the 8k+1 cut). Nothing is writt
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-if __package__ in (None, ""):  # run as a script: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import argparse
 import json
+import sys
 import tempfile
 import time
+from pathlib import Path
 from typing import Sequence
 
 import torch
 
 from tools.extract_video_vae_latents import ClipDataset, encode_clip, item_generator, load_vae, make_loader
 from tools.extraction_common import parse_dtype
-from trainer_misc.annotation import VideoEntry, load_annotation
+from trainer_misc.data.annotation import VideoEntry, load_annotation
 
 
 def _entries(args: argparse.Namespace, workdir: Path) -> list[VideoEntry]:

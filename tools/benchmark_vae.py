@@ -35,11 +35,9 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
-from tools.benchmark_dit import matmul_gflops  # noqa: E402
-from video_vae import CausalVideoVAE  # noqa: E402
+from tools.benchmark_dit import matmul_gflops
+from video_vae import CausalVideoVAE
 
 CONFIG = dict(
     encoder_out_channels=16, decoder_in_channels=16,
@@ -78,7 +76,7 @@ def load_reference_class(ref_root: Path):
     folder = ref_root / "video_vae"
     if not (folder / "modeling_causal_vae.py").is_file():
         raise FileNotFoundError(f"--reference {ref_root}: no video_vae/modeling_causal_vae.py there")
-    import diffusers.models.attention_processor  # noqa: F401  (diffusers probes for timm once, at its import)
+    import diffusers.models.attention_processor  # noqa: F401 (diffusers probes for timm once, at its import)
     import diffusers.models.modeling_utils  # noqa: F401
 
     layers = _stub("timm.models.layers", drop_path=lambda x, *a, **k: x,

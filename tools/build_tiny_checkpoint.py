@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -36,11 +35,12 @@ from typing import Any
 import torch
 from torch import nn
 
-if __package__ in (None, ""):  # run as a script: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from tools.tiny_tokenizers import (CAPTION_WORDS, CLIP_MAX_LENGTH, _save_clip_vocab_files,  # noqa: E402,F401
-                                   build_clip_tokenizer, build_t5_tokenizer)
+from tools.tiny_tokenizers import (
+    CLIP_MAX_LENGTH,
+    _save_clip_vocab_files,
+    build_clip_tokenizer,
+    build_t5_tokenizer,
+)
 
 # Widths the DiT's text projections must match: pooled CLIP width and T5 width.
 CLIP_HIDDEN_SIZE = 24
@@ -331,7 +331,7 @@ def _refuse_existing(out_dir: Path, overwrite: bool) -> None:
 
 def _honour_umask_tree(root: Path) -> None:
     """mkdtemp creates 0700 and safetensors writes 0600; give the model folder the modes the umask allows."""
-    from trainer_misc.io_utils import honour_umask
+    from trainer_misc.files import honour_umask
 
     honour_umask(root)
     for path in root.rglob("*"):

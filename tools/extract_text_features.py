@@ -17,34 +17,47 @@ features (``--overwrite`` redoes them), per-line failures are reported and count
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-if __package__ in (None, ""):  # run as a script: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import argparse
+import sys
 import time
+from pathlib import Path
 from typing import Sequence
 
 import torch
 from tqdm import tqdm
 
+from pyramid_dit.kinds import MODEL_NAMES, get_kind
+from pyramid_dit.tensor_files import TensorFileError, read_safetensors_metadata
 from tools.cli import DefaultsHelp
-from tools.extraction_common import (DONE, FAILED, SKIPPED, DistContext, ItemResult, default_report_path,
-                                     announce_failures, issue_results, parse_dtype, run_extraction, shard)
-from trainer_misc.annotation import AnnotationError, Entry, parse_annotation, resolve_data_root
-from trainer_misc.io_utils import (DataFileError, atomic_save_safetensors, default_empty_prompt_path,
-                                   load_text_features, read_safetensors_metadata, remove_stale_temps,
-                                   sweep_stale_temps)
+from tools.extraction_common import (
+    DONE,
+    FAILED,
+    SKIPPED,
+    DistContext,
+    ItemResult,
+    announce_failures,
+    default_report_path,
+    issue_results,
+    parse_dtype,
+    run_extraction,
+    shard,
+)
+from trainer_misc.data.annotation import (
+    AnnotationError,
+    Entry,
+    default_empty_prompt_path,
+    parse_annotation,
+    resolve_data_root,
+)
+from trainer_misc.data.features import load_text_features
+from trainer_misc.files import atomic_save_safetensors, remove_stale_temps, sweep_stale_temps
+from trainer_misc.runtime.arguments import CheckedParser, ConfigError, Naming, integer, parse_checked
 
 
 def load_text_encoder(model_path: str | Path, device: torch.device, dtype: torch.dtype,
                       model_name: str = "pyramid_flux"):
     """The frozen text encoders of a model folder, as the kind uses them (miniFLUX: CLIP-L + T5 in
     ``text_encoder/``, ``text_encoder_2/``; SD3: CLIP-L + CLIP-G + T5 in ``text_encoder/`` .. ``text_encoder_3/``)."""
-    from pyramid_dit.kinds import get_kind
-
     return get_kind(model_name).load_text_encoder(model_path, torch_dtype=dtype).to(device)
 
 
@@ -62,7 +75,7 @@ def valid_existing(path: Path, text: str) -> tuple[bool, str | None]:
     try:
         load_text_features(path)
         stored = read_safetensors_metadata(path).get("text")
-    except DataFileError as e:
+    except TensorFileError as e:
         return False, f"replaced an unreadable existing output ({e})"
     if stored is not None and stored != text:
         return False, "replaced features of a different caption (the annotation text changed)"
@@ -135,18 +148,18 @@ def encode_batch(encoder, batch: list[tuple[Entry, str | None]], ctx: DistContex
     return results
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=DefaultsHelp)
+def build_parser() -> CheckedParser:
+    p = CheckedParser(prog="extract_text_features.py", description=__doc__.split("\n\n")[0],
+                      formatter_class=DefaultsHelp)
     p.add_argument("--model_path", required=True,
                    help="model folder with text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/")
-    p.add_argument("--model_name", default="pyramid_flux", choices=["pyramid_flux", "pyramid_mmdit"],
+    p.add_argument("--model_name", default="pyramid_flux", choices=list(MODEL_NAMES),
                    help="model kind: pyramid_flux (rain1011/pyramid-flow-miniflux) or pyramid_mmdit (pyramid-flow-sd3)")
     p.add_argument("--anno_file", required=True, help="annotation jsonl (lines need text and text_fea)")
     p.add_argument("--kind", default="video", choices=["video", "image"], help="kind of annotation lines")
     p.add_argument("--data_root", default=None,
                    help="root for relative paths (default: $PYRAMID_DATA_ROOT, else the annotation file's folder)")
-    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--batch_size", type=integer(1, 4096), default=8, help="prompts per encoder call")
     p.add_argument("--model_dtype", default="bf16", choices=["bf16", "fp16", "fp32"],
                    help="text encoder dtype; features are stored in the dtype the encoder returns")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
@@ -206,10 +219,38 @@ def run(args: argparse.Namespace, ctx: DistContext) -> tuple[list[ItemResult], P
     return results, report
 
 
+def check_args(args: argparse.Namespace, n: Naming | None = None) -> None:
+    """The model folder holds the text encoders of ``--model_name``'s kind, and the annotation file exists."""
+    n = n or Naming(args)
+    kind = get_kind(args.model_name)
+    if not Path(args.model_path).is_dir():
+        raise ConfigError(f"{n('--model_path')} is not a folder; set it to the downloaded {kind.name} model folder")
+    missing = [f"{sub}/" for sub in kind.text_subfolders if not (Path(args.model_path) / sub).is_dir()]
+    if missing:
+        raise ConfigError(f"{n('--model_path')} has no {', '.join(missing)} (the {kind.name} text encoders); point "
+                          f"it at the downloaded {kind.name} model folder (or set {n.var('--model_name')} to its kind)")
+    if not Path(args.anno_file).is_file():
+        raise ConfigError(f"annotation file {n('--anno_file')} not found; set it to your annotation jsonl")
+
+
+def parse_and_check(argv: Sequence[str] | None, variables: dict[str, str] | None = None,
+                    values: dict[str, str] | None = None) -> argparse.Namespace:
+    """The flags, checked; with ``variables`` (the script's launcher) every problem is a :class:`ConfigError` worded
+    in the script's variables."""
+    parser = build_parser()
+    if variables is None:
+        args = parser.parse_args(argv)
+        check_args(args)
+        return args
+    return parse_checked(parser, argv or [], Naming(argparse.Namespace(), variables, values), check_args)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.batch_size < 1:
-        raise SystemExit(f"--batch_size must be >= 1, got {args.batch_size}")
+    try:
+        args = parse_and_check(argv)
+    except ConfigError as e:  # one clear line, exit status 2, as for a bad flag
+        print(f"extract_text_features.py: error: {e}", file=sys.stderr, flush=True)
+        return 2
     return run_extraction(run, args, what="text features")
 
 

@@ -19,15 +19,12 @@ status 1 without stopping the other items.
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-if __package__ in (None, ""):  # run as a script: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import argparse
 import json
+import os
+import sys
 import time
+from pathlib import Path
 from typing import Sequence
 
 import decord
@@ -36,13 +33,32 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from pyramid_dit.resize import resize_crop_frames
+from pyramid_dit.tensor_files import TensorFileError, read_safetensors_metadata
 from tools.cli import DefaultsHelp
-from tools.extraction_common import (DONE, FAILED, SKIPPED, DistContext, ItemResult, default_report_path,
-                                     announce_failures, issue_results, parse_dtype, run_extraction, shard)
-from trainer_misc.annotation import IMAGE_SUFFIXES, AnnotationError, VideoEntry, parse_annotation, resolve_data_root
-from trainer_misc.io_utils import (LATENT_KEY, DataFileError, atomic_save_safetensors, load_latent,
-                                   read_safetensors_metadata, remove_stale_temps,
-                                   sweep_stale_temps)
+from tools.extraction_common import (
+    DONE,
+    FAILED,
+    SKIPPED,
+    DistContext,
+    ItemResult,
+    announce_failures,
+    default_report_path,
+    issue_results,
+    parse_dtype,
+    run_extraction,
+    shard,
+)
+from trainer_misc.data.annotation import (
+    IMAGE_SUFFIXES,
+    AnnotationError,
+    VideoEntry,
+    parse_annotation,
+    resolve_data_root,
+)
+from trainer_misc.data.features import LATENT_KEY, load_latent
+from trainer_misc.data.workers import data_workers
+from trainer_misc.files import atomic_save_safetensors, remove_stale_temps, sweep_stale_temps
+from trainer_misc.runtime.arguments import CheckedParser, ConfigError, Naming, integer, parse_checked
 
 FRAME_GROUP = 8          # the VAE compresses time by 8 after the first frame: clips are 8k+1 frames long
 SPATIAL_SCALE = 8        # ... and height and width by 8
@@ -125,7 +141,7 @@ def stale_reason(entry: VideoEntry, width: int, height: int, num_frames: int) ->
     try:
         latent = load_latent(entry.latent)
         meta = read_safetensors_metadata(entry.latent)
-    except DataFileError as e:
+    except TensorFileError as e:
         return f"replaced an unreadable existing output ({e})"
     want = (height // SPATIAL_SCALE, width // SPATIAL_SCALE)
     if tuple(latent.shape[-2:]) != want:
@@ -229,16 +245,19 @@ def item_generator(seed: int, index: int) -> torch.Generator:
 # --------------------------------------------------------------------------------------------------------- main
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=DefaultsHelp)
+def build_parser() -> CheckedParser:
+    p = CheckedParser(prog="extract_video_vae_latents.py", description=__doc__.split("\n\n")[0],
+                      formatter_class=DefaultsHelp)
     p.add_argument("--model_path", required=True, help="the causal_video_vae folder (holds config.json)")
     p.add_argument("--anno_file", required=True, help="video annotation jsonl (lines need video, text, latent)")
     p.add_argument("--data_root", default=None,
                    help="root for relative paths (default: $PYRAMID_DATA_ROOT, else the annotation file's folder)")
-    p.add_argument("--width", type=int, default=640)
-    p.add_argument("--height", type=int, default=384)
-    p.add_argument("--num_frames", type=int, default=121, help="at most this many frames per clip; must be 8k+1")
+    p.add_argument("--width", type=integer(8, 16384, multiple_of=8, why=" (the VAE downsamples by 8)"),
+                   default=640)
+    p.add_argument("--height", type=integer(8, 16384, multiple_of=8, why=" (the VAE downsamples by 8)"),
+                   default=384)
+    p.add_argument("--num_frames", type=integer(MIN_FRAMES, 100_000), default=121,
+                   help="at most this many frames per clip; must be 8k+1")
     p.add_argument("--model_dtype", default="bf16", choices=["bf16", "fp16", "fp32"],
                    help="VAE weights/activations dtype; the latent is stored in this dtype")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
@@ -246,11 +265,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the VAE (inductor): each new clip shape first compiles (a minute or more); "
                         "not faster than eager on a 2-core CPU, may be elsewhere (tools/benchmark_vae.py --compile)")
-    p.add_argument("--tile_sample_min_size", type=int, default=256)
+    p.add_argument("--tile_sample_min_size", type=integer(64, 16384, multiple_of=8), default=256)
     p.add_argument("--latent_kind", default="sample", choices=["sample", "mean"],
                    help="store latent_dist.sample() (the reference) or its mean")
-    p.add_argument("--seed", type=int, default=0, help="line i samples with seed + i")
-    p.add_argument("--num_workers", type=int, default=2, help="decode workers per rank (0: decode inline)")
+    p.add_argument("--seed", type=integer(0, 2**31 - 1), default=0, help="line i samples with seed + i")
+    p.add_argument("--num_workers", type=decode_workers, default=2,
+                   help="decode workers per rank (0: decode inline; auto: up to 4); capped by the machine's CPUs and "
+                        "memory, with a note")
     p.add_argument("--overwrite", action="store_true", help="redo outputs that already exist and are valid")
     p.add_argument("--report", default=None,
                    help="jsonl report path (default: <annotation stem>.latents_report.jsonl in the deepest folder "
@@ -259,14 +280,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def check_args(args: argparse.Namespace) -> None:
-    if args.width <= 0 or args.height <= 0 or args.width % 8 or args.height % 8:
-        raise SystemExit(f"--width/--height must be positive multiples of 8 (the VAE downsamples by 8), "
-                         f"got {args.width}x{args.height}")
-    if args.num_frames < MIN_FRAMES or (args.num_frames - 1) % FRAME_GROUP:
-        raise SystemExit(f"--num_frames must be 8k+1 with k >= 1 (9, 17, ..., 121), got {args.num_frames}")
-    if args.num_workers < 0:
-        raise SystemExit(f"--num_workers must be >= 0, got {args.num_workers}")
+def decode_workers(text: str) -> int | str:
+    """``--num_workers``: ``auto`` or 0..64 (capped by the machine when the loader starts)."""
+    return "auto" if str(text).strip() == "auto" else integer(0, 64, why=" or auto")(text)
+
+
+def check_args(args: argparse.Namespace, n: Naming | None = None) -> None:
+    """What the flags' ranges cannot say alone (:class:`ConfigError` naming the setting as its user set it)."""
+    n = n or Naming(args)
+    if (args.num_frames - 1) % FRAME_GROUP:
+        raise ConfigError(f"{n('--num_frames')} must be 8k+1 with k >= 1 (9, 17, ..., 121): the VAE keeps the first "
+                          f"frame and then groups of {FRAME_GROUP}")
+    if not (Path(args.model_path) / "config.json").is_file():
+        raise ConfigError(f"no config.json in {n('--model_path')}; point it at the causal_video_vae folder of the "
+                          "checkpoint")
+    if not Path(args.anno_file).is_file():
+        raise ConfigError(f"annotation file {n('--anno_file')} not found; set it to your video_text.jsonl")
 
 
 def plan_entries(entries: Sequence[VideoEntry]) -> tuple[list[VideoEntry], list[tuple[VideoEntry, str]]]:
@@ -310,8 +339,10 @@ def run(args: argparse.Namespace, ctx: DistContext) -> tuple[list[ItemResult], P
         print(f"rank {ctx.rank}: --compile: the VAE compiles on its first clip of each shape (a minute or more; "
               "nothing is printed meanwhile)", flush=True)
         vae.compile_for_inference()
-    loader = make_loader(ClipDataset(mine, args.width, args.height, args.num_frames, args.overwrite),
-                         args.num_workers)
+    workers, note = data_workers(args.num_workers, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    if note and ctx.is_main:
+        print(f"note: {note}", flush=True)
+    loader = make_loader(ClipDataset(mine, args.width, args.height, args.num_frames, args.overwrite), workers)
     bar = tqdm(total=len(mine), desc=f"latents rank {ctx.rank}", position=ctx.rank, unit="clip",
                disable=args.no_progress, dynamic_ncols=True)
     for item in loader:
@@ -373,9 +404,24 @@ def short_clips_note(results: Sequence[ItemResult], num_frames: int) -> str | No
             "are shorter than the others'.")
 
 
+def parse_and_check(argv: Sequence[str] | None, variables: dict[str, str] | None = None,
+                    values: dict[str, str] | None = None) -> argparse.Namespace:
+    """The flags, checked; with ``variables`` (the script's launcher) every problem is a :class:`ConfigError` worded
+    in the script's variables."""
+    parser = build_parser()
+    if variables is None:
+        args = parser.parse_args(argv)
+        check_args(args)
+        return args
+    return parse_checked(parser, argv or [], Naming(argparse.Namespace(), variables, values), check_args)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    check_args(args)
+    try:
+        args = parse_and_check(argv)
+    except ConfigError as e:  # one clear line, exit status 2, as for a bad flag
+        print(f"extract_video_vae_latents.py: error: {e}", file=sys.stderr, flush=True)
+        return 2
     return run_extraction(run, args, what="VAE latents", note=lambda rs: short_clips_note(rs, args.num_frames))
 
 

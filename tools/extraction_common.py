@@ -20,8 +20,8 @@ from typing import Callable, Iterable, Sequence, TypeVar
 import torch
 import torch.distributed as dist
 
-from trainer_misc.annotation import AnnotationError, AnnotationIssue
-from trainer_misc.distributed import exit_process, exit_with_parent
+from trainer_misc.data.annotation import AnnotationError, AnnotationIssue
+from trainer_misc.runtime.failures import exit_process, exit_with_parent
 
 T = TypeVar("T")
 
@@ -208,7 +208,7 @@ def finish(ctx: DistContext, results: list[ItemResult], *, what: str, anno_file:
         flag = torch.tensor([status], device=ctx.device if ctx.device.type == "cuda" else "cpu")
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         status = int(flag.item())
-        exit_process(status)  # never returns: see trainer_misc.distributed.exit_process
+        exit_process(status)  # never returns: see trainer_misc.runtime.failures.exit_process
     return status
 
 

@@ -38,33 +38,31 @@ N divides the DiT's head count), every process draws the same seeded noise, and 
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-if __package__ in (None, ""):  # run as a script: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import argparse
+import json
+import os
+import sys
 import time
+from pathlib import Path
 from typing import List, Optional, Sequence
 
-from pyramid_dit.training_record import (IMAGE_VARIANT, SAMPLING_MODES, TASKS, TrainedAs,  # noqa: E402
-                                         read_training_record)
-from tools.cli import DefaultsHelp  # noqa: E402
+from pyramid_dit.kinds import MODEL_NAMES, get_kind
+from pyramid_dit.options import AESTHETIC_SUFFIX, DEFAULT_NEGATIVE_PROMPT
+from pyramid_dit.training_record import IMAGE_VARIANT, SAMPLING_MODES, TASKS, TrainedAs, read_training_record
+from tools.cli import DefaultsHelp
+from trainer_misc.runtime.arguments import CheckedParser, ConfigError, Naming, integer, number, parse_checked
 
 STAGES = 3  # the released models' pyramid
 SIZE_MULTIPLE = 8 * 2 ** STAGES  # latent halves twice and is then cut into 2x2 patches
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from pyramid_dit.pipeline import AESTHETIC_SUFFIX, DEFAULT_NEGATIVE_PROMPT
-
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=DefaultsHelp)
+def build_parser() -> CheckedParser:
+    p = CheckedParser(prog="generate.py", description=__doc__.split("\n\n")[0], formatter_class=DefaultsHelp)
     g = p.add_argument_group("model")
     g.add_argument("--model_path", required=True, help="official model folder (causal_video_vae/, text encoders, "
                    "diffusion_transformer_*/)")
-    g.add_argument("--model_name", default="pyramid_flux", choices=["pyramid_flux", "pyramid_mmdit"],
+    g.add_argument("--model_name", default="pyramid_flux", choices=list(MODEL_NAMES),
                    help="model kind: pyramid_flux (rain1011/pyramid-flow-miniflux) or pyramid_mmdit (pyramid-flow-sd3)")
     g.add_argument("--variant", default=None, help="DiT subfolder of --model_path (default: "
                    f"{IMAGE_VARIANT} for t2i when the folder has it, else diffusion_transformer_384p)")
@@ -74,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "read with weights_only=True) loaded into the --variant architecture")
     g.add_argument("--lora_path", default=None, help="LoRA adapter folder (adapter_config.json + "
                    "adapter_model.safetensors, the trainer's export/lora) applied to the DiT without merging")
-    g.add_argument("--lora_scale", type=float, default=1.0, help="adapter strength: 1 as trained (equals the merged "
+    g.add_argument("--lora_scale", type=number(-100, 100), default=1.0, help="adapter strength: 1 as trained (equals the merged "
                    "export), 0 the base DiT; needs --lora_path")
     g = p.add_argument_group("what to generate")
     g.add_argument("--task", default=None, choices=TASKS, help="t2v (video) or t2i (one image, --temp 1, .png); "
@@ -89,96 +87,103 @@ def build_parser() -> argparse.ArgumentParser:
                    "aesthetic suffix); '' to disable")
     g.add_argument("--negative_prompt", default=DEFAULT_NEGATIVE_PROMPT, help="classifier-free guidance negative")
     g.add_argument("--image", default=None, help="image-to-video: the first frame (any format PIL reads)")
-    g.add_argument("--temp", type=int, default=None, help="latent frames (video frames = 1 + 8 * (temp - 1)); "
+    g.add_argument("--temp", type=integer(1, 4096), default=None, help="latent frames (video frames = 1 + 8 * (temp - 1)); "
                    "default 16, 1 (an image) for t2i")
-    g.add_argument("--height", type=int, default=None, help=f"pixels, a multiple of {SIZE_MULTIPLE} (default: 768 "
+    g.add_argument("--height", type=integer(SIZE_MULTIPLE, 16384, multiple_of=SIZE_MULTIPLE), default=None, help=f"pixels, a multiple of {SIZE_MULTIPLE} (default: 768 "
                    "for the 768p and image variants, else 384)")
-    g.add_argument("--width", type=int, default=None, help=f"pixels, a multiple of {SIZE_MULTIPLE} (default: 1280 "
+    g.add_argument("--width", type=integer(SIZE_MULTIPLE, 16384, multiple_of=SIZE_MULTIPLE), default=None, help=f"pixels, a multiple of {SIZE_MULTIPLE} (default: 1280 "
                    "for the 768p and image variants, else 640)")
     g = p.add_argument_group("sampling")
-    g.add_argument("--num_inference_steps", type=int, nargs="+", default=[20, 20, 20],
+    g.add_argument("--num_inference_steps", type=integer(1, 10_000), nargs="+", default=[20, 20, 20],
                    help="Euler steps per stage for the first frame, or for all frames with --mode full_sequence "
                    "(one value, or one per stage)")
-    g.add_argument("--video_num_inference_steps", type=int, nargs="+", default=[10, 10, 10],
+    g.add_argument("--video_num_inference_steps", type=integer(1, 10_000), nargs="+", default=[10, 10, 10],
                    help="Euler steps per stage for every later latent frame (--mode ar)")
-    g.add_argument("--guidance_scale", type=float, default=7.0, help="classifier-free guidance of the first frame "
+    g.add_argument("--guidance_scale", type=number(-1e3, 1e3), default=7.0, help="classifier-free guidance of the first frame "
                    "(of every frame with --mode full_sequence; the reference uses 9 for images); <= 1 turns "
                    "guidance off (conditional prediction only)")
-    g.add_argument("--video_guidance_scale", type=float, default=5.0, help="guidance of the later frames (--mode ar)")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--video_guidance_scale", type=number(-1e3, 1e3), default=5.0, help="guidance of the later frames (--mode ar)")
+    g.add_argument("--seed", type=integer(0, 2**31 - 1), default=0)
     g = p.add_argument_group("runtime")
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     g.add_argument("--dtype", choices=("auto",) + tuple(DTYPES), default="auto",
                    help="weights and autocast dtype (auto: bf16 on CUDA, fp32 on the CPU)")
     g.add_argument("--cpu_offload", action="store_true", help="keep models on the CPU, move each to the GPU only "
                    "while it runs (less GPU memory, slower)")
-    g.add_argument("--decode_window", type=int, default=1, help="latent frames per VAE decode chunk (2 is faster, "
+    g.add_argument("--decode_window", type=integer(1, 4096), default=1, help="latent frames per VAE decode chunk (2 is faster, "
                    "needs more memory)")
-    g.add_argument("--vae_tile_size", type=int, default=256, help="VAE decode tile size in pixels; 0 disables "
+    g.add_argument("--vae_tile_size", type=integer(0, 16384, multiple_of=8), default=256, help="VAE decode tile size in pixels; 0 disables "
                    "tiling")
     g.add_argument("--compile_vae", action="store_true", help="torch.compile the VAE: each new decode shape compiles "
                    "first (a minute or more); not faster than eager on a 2-core CPU (tools/benchmark_vae.py --compile)")
     g = p.add_argument_group("output")
     g.add_argument("--output", default=None, help="output file; the suffix picks the format (.mp4, .gif, .png "
                    "strip; one image is always .png); default outputs/sample.mp4, outputs/sample.png for an image")
-    g.add_argument("--fps", type=float, default=24.0)
+    g.add_argument("--fps", type=number(0, 1000, lo_open=True), default=24.0)
     return p
 
 
-def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Reject bad flag combinations before any model is loaded (argparse-style error, exit status 2)."""
+def check_args(args: argparse.Namespace, n: Optional[Naming] = None, world_size: int = 1) -> None:
+    """Reject bad flag combinations before any model is loaded (:class:`ConfigError`; ``n`` names each setting as
+    its user set it: ``--temp 0`` on the command line, ``TEMP=0`` from ``scripts/generate.sh``). ``world_size``:
+    processes splitting each video's sequence (their count must divide the DiT's heads)."""
     from pyramid_dit.media import VIDEO_SUFFIXES
 
+    n = n or Naming(args)
     if (args.prompt is None) == (args.prompt_file is None):
-        p.error("give exactly one of --prompt and --prompt_file")
+        raise ConfigError(f"give exactly one of {n.var('--prompt')} and {n.var('--prompt_file')} (one prompt per line)")
     if args.dit_path and args.dit_weight:
-        p.error("--dit_path (a DiT folder) and --dit_weight (a state-dict file) are alternatives; give one")
+        raise ConfigError(f"{n.var('--dit_path')} (a DiT folder) and {n.var('--dit_weight')} (a state-dict file) are "
+                          "alternatives; give one")
     if args.lora_scale != 1.0 and args.lora_path is None:
-        p.error("--lora_scale scales an adapter: give --lora_path too")
-    for name in ("height", "width"):
-        value = getattr(args, name)
-        if value is not None and (value <= 0 or value % SIZE_MULTIPLE):
-            p.error(f"--{name} {value} must be a positive multiple of {SIZE_MULTIPLE} (the latent, 1/8 of the "
-                    f"pixels, is halved twice by the pyramid and then cut into 2x2 patches); e.g. 384x640, 768x1280")
-    if args.temp is not None and args.temp < 1:
-        p.error(f"--temp {args.temp} must be >= 1 (latent frames, the first one included)")
+        raise ConfigError(f"{n('--lora_scale')} scales an adapter: set {n.var('--lora_path')} too")
     if args.task == "t2i" and args.temp not in (None, 1):
-        p.error(f"--task t2i generates one image: drop --temp {args.temp} (or use --task t2v)")
-    for name in ("num_inference_steps", "video_num_inference_steps"):
-        steps = getattr(args, name)
-        if len(steps) not in (1, STAGES) or min(steps) < 1:
-            p.error(f"--{name} {steps}: give one positive step count or one per stage ({STAGES})")
+        raise ConfigError(f"--task t2i generates one image: drop {n('--temp')} (or use --task t2v)")
+    for name in ("--num_inference_steps", "--video_num_inference_steps"):
+        if len(getattr(args, name[2:])) not in (1, STAGES):
+            raise ConfigError(f"{n(name)}: give one step count or one per stage ({STAGES})")
     if args.image is not None and args.temp is not None and args.temp < 2:
-        p.error("--image (image-to-video) needs --temp >= 2: the image is latent frame 0")
+        raise ConfigError(f"{n.var('--image')} (image-to-video) needs {n.var('--temp')} >= 2: the image is latent "
+                          "frame 0")
     if args.output is not None and Path(args.output).suffix.lower() not in VIDEO_SUFFIXES:
-        p.error(f"--output {args.output}: the suffix must be one of {', '.join(VIDEO_SUFFIXES)}")
-    if args.fps <= 0:
-        p.error("--fps must be positive")
-    if args.decode_window < 1:
-        p.error("--decode_window must be >= 1")
-    if args.vae_tile_size < 0 or (args.vae_tile_size and args.vae_tile_size % 8):
-        p.error("--vae_tile_size must be 0 (no tiling) or a positive multiple of 8")
+        raise ConfigError(f"{n('--output')}: the suffix must be one of {', '.join(VIDEO_SUFFIXES)}")
     if args.device == "cuda" or args.cpu_offload:
         import torch
 
         if not torch.cuda.is_available():
-            p.error(f"{'--device cuda' if args.device == 'cuda' else '--cpu_offload'} needs a GPU, but "
-                    "torch.cuda.is_available() is False (CPU-only torch build or no visible GPU); use --device cpu")
+            raise ConfigError(f"{n('--device') if args.device == 'cuda' else n('--cpu_offload')} needs a GPU, but "
+                              "torch.cuda.is_available() is False (CPU-only torch build or no visible GPU); use "
+                              "--device cpu")
     if args.cpu_offload and args.device == "cpu":
-        p.error("--cpu_offload moves models between the CPU and a GPU; it makes no sense with --device cpu")
+        raise ConfigError("--cpu_offload moves models between the CPU and a GPU; it makes no sense with --device cpu")
     if not Path(args.model_path).is_dir():
-        from pyramid_dit.kinds import get_kind
-
-        p.error(f"--model_path {args.model_path} is not a folder; download {get_kind(args.model_name).hub_repo} there "
-                f"(or build a tiny one: python3 tools/build_tiny_checkpoint.py --kind {args.model_name} --out DIR)")
-    for flag, path, kind in (("--prompt_file", args.prompt_file, "file"), ("--image", args.image, "file"),
-                             ("--dit_weight", args.dit_weight, "file"), ("--dit_path", args.dit_path, "folder"),
-                             ("--lora_path", args.lora_path, "folder")):
+        raise ConfigError(f"{n('--model_path')} is not a folder; download {get_kind(args.model_name).hub_repo} there "
+                          f"(or build a tiny one: python3 tools/build_tiny_checkpoint.py --kind {args.model_name} "
+                          "--out DIR)")
+    for flag, kind in (("--prompt_file", "file"), ("--image", "file"), ("--dit_weight", "file"),
+                       ("--dit_path", "folder"), ("--lora_path", "folder")):
+        path = getattr(args, flag[2:])
         if path is not None and not (Path(path).is_dir() if kind == "folder" else Path(path).is_file()):
-            p.error(f"{flag} {path}: no such {kind}")
+            raise ConfigError(f"{n(flag)}: no such {kind}")
+    if args.lora_path is not None and not (Path(args.lora_path) / "adapter_config.json").is_file():
+        raise ConfigError(f"{n('--lora_path')} has no adapter_config.json; point it at a run's export/lora folder")
+    if args.variant is not None and args.dit_path is None and \
+            not (Path(args.model_path) / args.variant / "config.json").is_file():
+        raise ConfigError(f"no {args.variant}/config.json in {n('--model_path')}; set {n.var('--variant')} to one of "
+                          "its diffusion_transformer_* folders")
+    if world_size > 1:
+        # Every variant of a kind has the same head count, so the 384p one answers for an unset variant.
+        config = Path(args.dit_path or Path(args.model_path) / (args.variant or "diffusion_transformer_384p"))
+        try:
+            heads = json.loads((config / "config.json").read_text(encoding="utf-8"))["num_attention_heads"]
+        except (OSError, ValueError, KeyError) as e:
+            raise ConfigError(f"cannot read the head count of {config}/config.json ({e})") from None
+        if heads % world_size:
+            raise ConfigError(f"GPUS={world_size} must divide the DiT's {heads} attention heads ({config}): each "
+                              f"process attends with heads/GPUS of them; choose a divisor of {heads}")
 
 
-def resolve_defaults(p: argparse.ArgumentParser, args: argparse.Namespace) -> TrainedAs:
+def resolve_defaults(args: argparse.Namespace) -> TrainedAs:
     """Fill the flags left unset from how the DiT was trained (its training record) and from the variant; returns
     that record. Runs after :func:`check_args`, before any model is loaded."""
     from pyramid_dit.pipeline_loading import resolve_dit_folder
@@ -195,19 +200,19 @@ def resolve_defaults(p: argparse.ArgumentParser, args: argparse.Namespace) -> Tr
     if args.temp is None:
         args.temp = 1 if args.task == "t2i" else 16
     elif args.task == "t2i" and args.temp != 1:
-        p.error(f"the DiT was trained for t2i ({trained.source}): one image, so --temp 1, or --task t2v to sample "
-                f"{args.temp} latent frames anyway")
+        raise ConfigError(f"the DiT was trained for t2i ({trained.source}): one image, so --temp 1, or --task t2v "
+                          f"to sample {args.temp} latent frames anyway")
     if args.image is not None and (args.mode != "ar" or args.temp < 2):
-        p.error(f"--image (image-to-video) needs --mode ar and --temp >= 2 (only the autoregressive sampler "
-                f"continues a given first frame); this run is {args.task}, mode {args.mode} (trained as "
-                f"{trained.task}/{trained.sampling_mode}: {trained.source})")
+        raise ConfigError(f"--image (image-to-video) needs --mode ar and --temp >= 2 (only the autoregressive "
+                          f"sampler continues a given first frame); this run is {args.task}, mode {args.mode} "
+                          f"(trained as {trained.task}/{trained.sampling_mode}: {trained.source})")
     large = "768p" in args.variant or args.variant == IMAGE_VARIANT
     args.height = args.height or (768 if large else 384)
     args.width = args.width or (1280 if large else 640)
     if args.output is None:
         args.output = "outputs/sample.png" if args.temp == 1 else "outputs/sample.mp4"
     elif args.temp == 1 and not args.output.lower().endswith(".png"):
-        p.error(f"--output {args.output}: one image (--temp 1, --task t2i) is written as .png")
+        raise ConfigError(f"--output {args.output}: one image (--temp 1, --task t2i) is written as .png")
     return trained
 
 
@@ -232,23 +237,37 @@ def join_processes(pipe) -> bool:
     """Under ``torchrun`` with several processes: join them into one sequence-parallel group over the DiT (each
     holds 1/N of every sequence; all make the same calls with the same noise). Returns whether this process writes
     the outputs (process 0; the only one without torchrun)."""
-    import os
-
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return True
-    from pyramid_dit.sequence_parallel import SequenceParallel
-    from trainer_misc.distributed import init_process_group, sequence_parallel_group
+    from trainer_misc.runtime.distributed import init_process_group, sequence_parallel_group
 
     rank, world = init_process_group(pipe.device)
-    pipe.dit.enable_sequence_parallel(SequenceParallel.of(sequence_parallel_group(world)))
+    pipe.dit.enable_sequence_parallel(sequence_parallel_group(world))
     return rank == 0
 
 
-def main(argv: Optional[Sequence[str]] = None) -> List[Path]:
+def parse_and_check(argv: Optional[Sequence[str]], variables: Optional[dict[str, str]] = None,
+                    values: Optional[dict[str, str]] = None, world_size: Optional[int] = None) -> argparse.Namespace:
+    """The flags, checked (:func:`check_args`); with ``variables`` (``scripts/generate.sh``'s launcher) every problem
+    raises :class:`ConfigError` in the script's variables, otherwise argparse's usage line and exit 2 for a bad flag.
+    ``world_size``: the launch's processes (default: torchrun's ``WORLD_SIZE``, else 1)."""
+    world = int(os.environ.get("WORLD_SIZE", "1")) if world_size is None else world_size
     parser = build_parser()
-    args = parser.parse_args(argv)
-    check_args(parser, args)
-    trained = resolve_defaults(parser, args)
+    if variables is None:
+        args = parser.parse_args(argv)
+        check_args(args, world_size=world)
+        return args
+    return parse_checked(parser, argv or [], Naming(argparse.Namespace(), variables, values),
+                         lambda args, n: check_args(args, n, world))
+
+
+def main(argv: Optional[Sequence[str]] = None) -> List[Path]:
+    try:
+        args = parse_and_check(argv)
+        trained = resolve_defaults(args)
+    except ConfigError as e:  # as argparse reports a bad flag: the reason, exit status 2
+        print(f"generate.py: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
     import torch
 
@@ -310,6 +329,6 @@ if __name__ == "__main__":
         # Loading and validation errors carry the file / key / flag in their message; a traceback adds nothing.
         print(f"generate.py: error: {e}", file=sys.stderr)
         sys.exit(1)
-    from trainer_misc.distributed import exit_process
+    from trainer_misc.runtime.failures import exit_process
 
     exit_process(0)  # several processes: tear the group down on every rank and leave cleanly

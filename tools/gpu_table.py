@@ -11,16 +11,20 @@ from __future__ import annotations
 import argparse
 import sys
 from dataclasses import replace
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from tools.plan import default_sync_group, load_model_config, pixel_size  # noqa: E402
-from trainer_misc.planner import (GIB, Launch, _tokens, flops_per_step, model_size, per_gpu_bytes,  # noqa: E402
-                                  rank_shapes, trace_memory)
-
+from trainer_misc.planning.plan import default_sync_group, load_model_config, pixel_size
+from trainer_misc.planning.planner import (
+    GIB,
+    Launch,
+    _tokens,
+    flops_per_step,
+    model_size,
+    per_gpu_bytes,
+    rank_shapes,
+    trace_memory,
+)
 
 HEADER = ("| model | resolution | NUM_FRAMES | mode | 8xZeRO-2 GiB/GPU | 8xZeRO-3 GiB/GPU | 1 GPU + ckpt GiB | "
           "PFLOP/step (8 GPUs) |", "|---|---|---|---|---|---|---|---|")

@@ -28,22 +28,28 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
-import torch  # noqa: E402
+import torch
 
-from pyramid_dit.packing import ATTENTION_SPLITS  # noqa: E402
-from tools.plan import load_model_config, pixel_size  # noqa: E402
-from trainer_misc.planner import (GIB, Launch, _loss, _tokens, build_model, count_flops, dit_inputs,  # noqa: E402
-                                  rank_shapes, trace_memory)
+from pyramid_dit.options import ATTENTION_SPLITS
+from trainer_misc.planning.plan import load_model_config, pixel_size
+from trainer_misc.planning.planner import (
+    GIB,
+    Launch,
+    _loss,
+    _tokens,
+    build_model,
+    count_flops,
+    dit_inputs,
+    rank_shapes,
+    trace_memory,
+)
 
 MODELS = {"pyramid_flux": "released-miniflux", "pyramid_mmdit": "released-sd3"}
 DEFAULT_CASES = ("pyramid_flux:ar:384p:16", "pyramid_flux:ar:384p:16:ckpt", "pyramid_flux:t2v:384p:16:ckpt",

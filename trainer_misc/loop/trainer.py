@@ -1,0 +1,227 @@
+"""The training loop, shared by every model, objective and sharding strategy.
+
+``train(model, compute_loss, dataset, config)`` runs ``config.max_steps`` optimizer steps of ``grad_accum_steps``
+micro-batches each and knows nothing about the model: the objective is the callable
+``compute_loss(model, batch, ctx) -> (loss, stats)``, with ``ctx`` a ``StepContext`` (step counters, rank, sync-group
+position, device, dtype). ``stats`` is a dict of numbers; a ``"tokens"`` entry (tokens in this micro-batch on this
+rank) turns on the tokens/s scalar, every other entry is logged as ``train/<name>`` (rank 0's value).
+
+Where each part lives:
+
+* ``config.py``   — ``TrainConfig``, every setting;
+* ``step.py``     — one optimizer step (micro-batches, bad-batch skip, abnormal-loss skip, the update);
+* ``resume.py``   — which checkpoint to continue from and the counters it restores;
+* ``metrics.py``  — ``metrics.jsonl``, tensorboard, the batch trace;
+* ``engine.py`` / ``checkpoint.py`` / ``ema.py`` / ``sampler.py`` — sharding, files on disk, EMA, data order.
+
+**Resume**: the newest complete checkpoint under ``output_dir/checkpoints`` (or ``config.resume``) restores model,
+optimizer, EMA, RNG states of every rank and the data position, so the run continues the same loss curve.
+``metrics.jsonl`` (rank 0) holds one record per step; on resume, records past the checkpoint are dropped.
+
+**Data**: a map-style dataset read through ``ResumableBatchSampler`` (``batch_size`` per rank; with
+``video_sync_group = k`` the ranks of a group read identical batches; with ``k`` a multiple of the process count the
+group is *virtual*: every process reads the same batches and trains ``k / processes`` slots of each in turn, see
+``distributed.sync_group_position`` and ``step.StepRunner.run``). With ``sp_size = S`` (sequence parallelism) the
+``S`` consecutive ranks of an SP group read the same batches and draw the same noise (everything data-related is
+keyed by the *data* rank, ``rank // S``), and the model splits each sample's tokens over them
+(``model.enable_sequence_parallel``, ``distributed.parallel_layout``). ``group_keys`` (optional, one per sample)
+keep equal-shape samples together. The DataLoader gets its own seeded generator, so building it never moves the
+global RNG; randomness inside ``dataset[i]`` should derive from ``i`` for resumes to be exact with workers.
+
+Call ``trainer_misc.runtime.distributed.destroy_process_group()`` when the script is done with distributed work.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Hashable, Optional, Sequence
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, IterableDataset
+
+from pyramid_dit.lora import has_lora, merged_state_dict
+from trainer_misc.data.sampler import ResumableBatchSampler
+from trainer_misc.data.workers import data_workers
+from trainer_misc.loop.config import EXPORT_DTYPES, TrainConfig
+from trainer_misc.loop.metrics import MetricsLog, StepRecord
+from trainer_misc.loop.resume import check_data_layout, load_resume_state, resolve_resume, trainer_state
+from trainer_misc.loop.step import ComputeLoss, StepContext, StepRunner
+from trainer_misc.optim.adamw import build_adamw
+from trainer_misc.optim.ema import ShardedEMA
+from trainer_misc.optim.engine import TrainEngine
+from trainer_misc.runtime.distributed import barrier, parallel_layout, sequence_parallel_group
+from trainer_misc.runtime.failures import RunStopped, StopSignals
+from trainer_misc.state.checkpoint import load_rank_tensors, restore_rank_rng, save_checkpoint
+from trainer_misc.state.export import export_lora, export_model, gather_full_weights
+from trainer_misc.state.rng import SlotStreams, seed_everything
+from trainer_misc.state.run_lock import lock_output_dir
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["StepContext", "StepRecord", "TrainConfig", "TrainResult", "train", "ComputeLoss"]
+
+EXPORT_NAME = "transformer"  # output_dir/export/transformer (and transformer_ema)
+SLOT_RNG_FILE = "slot_rng"    # rank_<r>/slot_rng.safetensors: the random streams of a virtual sync group's slots
+
+
+@dataclass
+class TrainResult:
+    records: list[StepRecord]          # steps run by this call (after any resume)
+    start_step: int                    # steps already done when this call started (0, or the resumed step)
+    final_step: int
+    skipped_updates: int
+    dropped_micro_batches: int
+    bad_samples: int                   # unreadable samples met in the whole run (all ranks, resumes included)
+    resumed_from: Optional[Path]
+    checkpoints: list[Path]
+    exported: list[Path]
+    engine: TrainEngine
+
+
+def _build_loader(dataset: Dataset, config: TrainConfig, sync, start_batch: int, collate_fn, group_keys,
+                  device: torch.device) -> tuple[ResumableBatchSampler, DataLoader]:
+    sampler = ResumableBatchSampler(len(dataset), config.batch_size, num_replicas=sync.num_groups,
+                                    replica=sync.group_index, seed=config.seed, shuffle=config.shuffle,
+                                    group_keys=group_keys, start_batch=start_batch,
+                                    with_epoch=getattr(dataset, "keyed_by_epoch", False))
+    workers, note = data_workers(config.num_workers, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    if note and int(os.environ.get("RANK", "0")) == 0:
+        logger.info("%s", note)
+    # Its own generator: creating the iterator then draws no number from the global RNG. Pinned host batches on
+    # CUDA, so their copy to the GPU (non_blocking in the step) overlaps with compute.
+    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_fn, num_workers=workers,
+                        pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(config.seed))
+    return sampler, loader
+
+
+def train(model: nn.Module, compute_loss: ComputeLoss, dataset: Dataset, config: TrainConfig, *,
+          collate_fn: Optional[Callable] = None, group_keys: Optional[Sequence[Hashable]] = None,
+          on_step_end: Optional[Callable[[StepRecord], None]] = None,
+          validate: Optional[Callable[[int, dict[str, torch.Tensor]], None]] = None) -> TrainResult:
+    """Train ``model`` with ``compute_loss`` on ``dataset``; see the module docstring.
+
+    ``model`` should be on the CPU or its device already, with pretrained weights loaded (``load_dit_weights``)
+    and gradient checkpointing configured. ``on_step_end`` is called on every rank after each step. Returns the
+    per-step records of this call and what was written. ``validate(step, state_dict)`` runs on rank 0 every
+    ``config.validate_every`` steps with the full weights (the EMA's when EMA is on) while the other ranks wait;
+    only rank 0 needs to pass it.
+    """
+    if isinstance(dataset, IterableDataset):
+        raise TypeError("train() needs a map-style dataset (len + __getitem__) so the data position can be "
+                        "checkpointed; batch grouping goes through group_keys")
+    output_dir = Path(config.output_dir)
+    checkpoint_root = output_dir / "checkpoints"
+    config.schedule()  # validate the schedule before any process group exists
+
+    # Rank layout (data parallel x sync group x sequence parallel) from the launcher's variables (the engine checks
+    # they are what it set up): a virtual group makes each process accumulate one backward pass per slot it trains.
+    launched_rank, launched_world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    layout = parallel_layout(launched_rank, launched_world, config.video_sync_group, config.sp_size)
+    sync = layout.sync
+    if config.sp_size > 1 and not hasattr(model, "enable_sequence_parallel"):
+        raise TypeError(f"sp_size={config.sp_size}: {type(model).__name__} has no enable_sequence_parallel (only the "
+                        "Pyramid Flow DiTs split their sequence)")
+
+    # Model, optimizer and sharding.
+    optimizer = build_adamw(model, config.lr, config.betas, config.eps, config.weight_decay,
+                            cpu_offload=config.offload_optimizer)
+    engine = TrainEngine(model, optimizer,
+                         dataclasses.replace(config.engine_config(),
+                                             grad_accum_steps=config.grad_accum_steps * sync.virtual))
+    rank, world = engine.rank, engine.world_size
+    if (rank, world) != (launched_rank, launched_world):
+        raise RuntimeError(f"launcher said rank {launched_rank} of {launched_world}, the engine runs rank {rank} of "
+                           f"{world}")
+    if config.sp_size > 1:  # after the engine: its process group exists now (new_group is collective)
+        engine.module.enable_sequence_parallel(sequence_parallel_group(config.sp_size))
+        if engine.is_main:
+            logger.info("sequence parallelism: %d groups of %d processes; each process holds 1/%d of every sample's "
+                        "tokens and %d data-parallel ranks read different batches", layout.data_world,
+                        config.sp_size, config.sp_size, layout.data_world)
+    lora = has_lora(engine.module)  # adapters only train; validation and export see the merged weights
+    streams = SlotStreams(sync.positions, config.seed, engine.device) if sync.virtual > 1 else None
+    if engine.is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    ema = None
+    if config.ema_decay is not None:
+        ema = ShardedEMA([(n, p) for n, p in engine.module.named_parameters() if p.requires_grad],
+                         decay=config.ema_decay, update_every=config.ema_update_every, rank=rank, world_size=world)
+
+    # One run per output folder; where to start: fresh, or a checkpoint's weights, counters and data position.
+    lock = lock_output_dir(output_dir)
+    resumed_from = resolve_resume(config, checkpoint_root)
+    start_step, counters, saved = load_resume_state(resumed_from, engine, ema)
+    sampler, loader = _build_loader(dataset, config, sync, counters.data_position, collate_fn, group_keys,
+                                    engine.device)
+    check_data_layout(resumed_from, saved, sampler, config)
+    runner = StepRunner(engine, compute_loss, iter(loader), config, sync, counters, streams, sp_rank=layout.sp_rank)
+    # RNG last, so nothing above (model wrapping, DataLoader set-up) shifts the streams the objective draws from.
+    if resumed_from is not None:
+        restore_rank_rng(resumed_from, rank, engine.device)
+        if streams is not None:
+            streams.load_state_dict(load_rank_tensors(resumed_from, rank, SLOT_RNG_FILE), source=str(resumed_from))
+    else:
+        seed_everything(config.seed, layout.data_rank)  # the ranks of an SP group draw the same noise
+
+    log = MetricsLog(output_dir, start_step, config.tensorboard) if engine.is_main else None
+    progress = None
+    if engine.is_main:
+        from tqdm.auto import tqdm
+        progress = tqdm(total=config.max_steps, initial=start_step, desc="train", dynamic_ncols=True)
+
+    records: list[StepRecord] = []
+    checkpoints: list[Path] = []
+    engine.model.train()
+    stopper = StopSignals().install()  # SIGTERM/SIGINT/SIGHUP/SIGUSR1: finish the step, checkpoint, stop
+    try:
+        for step in range(start_step, config.max_steps):
+            record = runner.run(step)
+            if ema is not None and ema.should_update(step):
+                ema.update()
+            records.append(record)
+            if log is not None:
+                log.write(record, counters.skipped_updates, counters.dropped_micro_batches)
+            if progress is not None:
+                progress.update(1)
+                progress.set_postfix(loss=f"{record.loss:.4f}", lr=f"{record.lr:.2e}")
+            if on_step_end is not None:
+                on_step_end(record)
+            done = step + 1
+            stop = stopper.should_stop()  # collective: every rank stops after the same step
+            if (config.checkpoint_every and done % config.checkpoint_every == 0) or done == config.max_steps or stop:
+                checkpoints.append(save_checkpoint(checkpoint_root, done, engine,
+                                                   trainer_state(done, counters, config, world, sampler), ema,
+                                                   config.keep_last_checkpoints,
+                                                   {SLOT_RNG_FILE: streams.state_dict()} if streams else None))
+            if stop and done < config.max_steps:
+                raise RunStopped(f"stopped by {stopper.signal_name} after step {done}: wrote {checkpoints[-1]}; "
+                                 "rerun the same command to resume from it", stopper.agreed or 0)
+            if config.validate_every and done % config.validate_every == 0:
+                weights, ema_weights = gather_full_weights(engine, ema)  # collective: every rank takes part
+                if engine.is_main and validate is not None:
+                    weights = ema_weights if ema_weights is not None else weights
+                    validate(done, merged_state_dict(weights, engine.module) if lora else weights)
+                barrier()
+    finally:
+        stopper.restore()
+        if progress is not None:
+            progress.close()
+        if log is not None:
+            log.close()
+
+    if lora:  # export/transformer (merged, official keys) + export/lora (peft format)
+        exported = export_lora(engine, output_dir / "export", ema, dtype=EXPORT_DTYPES[config.export_dtype],
+                               files=config.export_files)
+    else:
+        exported = export_model(engine, output_dir / "export" / EXPORT_NAME, ema,
+                                dtype=EXPORT_DTYPES[config.export_dtype], files=config.export_files)
+    if lock is not None:
+        lock.release()
+    return TrainResult(records=records, start_step=start_step, final_step=max(start_step, config.max_steps),
+                       skipped_updates=counters.skipped_updates, dropped_micro_batches=counters.dropped_micro_batches,
+                       bad_samples=counters.bad_samples, resumed_from=resumed_from, checkpoints=checkpoints,
+                       exported=exported, engine=engine)

@@ -1,0 +1,139 @@
+"""Validation samples during training (``--validation_every``): rank 0 generates short clips of fixed prompts from
+the current (EMA) weights into ``<output_dir>/samples/`` and tensorboard, while the other ranks wait.
+
+Kept cheap because it runs on a training GPU: the sampling DiT and VAE are built once, in the run's dtype, and
+only their weights are refreshed at each validation; the clips are short (few latent frames, few Euler steps);
+``offload`` keeps both on the CPU between validations; the CUDA cache is emptied afterwards. The prompts come from
+the extracted text features (or the training run's own text encoder), and the negative prompt is the extracted
+empty-prompt features: no text encoder is ever loaded just for validation.
+
+Samples use the sampler that matches what the run trains (``mode``): autoregressive for the temporal pyramid,
+full-sequence (all latent frames jointly, no history) for training without it and for images; a sample from the
+other loop would judge the weights on a task they are not learning.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from pyramid_dit.text_features import TextFeatures
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ValidationPrompt", "ValidationSampler", "pick_validation_prompts"]
+
+
+@dataclass
+class ValidationPrompt:
+    caption: str
+    features: TextFeatures  # one row
+
+
+def pick_validation_prompts(dataset, count: int, text_encoder=None, device: Optional[torch.device] = None,
+                            max_scanned: int = 1000) -> list[ValidationPrompt]:
+    """The first ``count`` *readable* items' captions and features (unreadable items are skipped, not a reason to
+    load a text encoder). ``text_encoder``: the training run's own encoder, used when items carry no features."""
+    prompts: list[ValidationPrompt] = []
+    for index in range(min(len(dataset), max_scanned)):
+        if len(prompts) == count:
+            break
+        item = dataset[index]
+        if "bad" in item:
+            logger.warning("validation prompts: skipping unreadable item %s (%s)", *item["bad"])
+            continue
+        if "text_features" in item:
+            features = item["text_features"]
+        elif text_encoder is not None:
+            with torch.no_grad():
+                features = text_encoder.encode([item["text"]], device).to(device="cpu")
+        else:
+            raise ValueError("validation prompts: items carry no text features and no text encoder runs in this "
+                             "training; extract text features (scripts/extract_text_feature.sh) or use "
+                             "--load_text_encoder")
+        prompts.append(ValidationPrompt(item.get("text", ""), features))
+    if not prompts:
+        raise ValueError(f"validation prompts: none of the first {min(len(dataset), max_scanned)} items is readable")
+    return prompts
+
+
+def _in_dtype(module: nn.Module, dtype: torch.dtype) -> nn.Module:
+    # Only when needed: diffusers warns on a model's .to(dtype); load the VAE with torch_dtype instead.
+    return module if next(module.parameters()).dtype == dtype else module.to(dtype)
+
+
+class ValidationSampler:
+    """``validate(step, full_state_dict)`` for ``trainer_misc.loop.trainer.train``; see the module docstring.
+
+    Args:
+        dit: a DiT of the trained kind (its weights are replaced at every call); moved to ``dtype``.
+        vae: the causal video VAE (for decoding); moved to ``dtype``.
+        prompts / negative: what to sample, and the classifier-free-guidance negative (one row).
+        width, height, temp: pixel size and latent frames of each sample (``temp`` 1 writes a png).
+        steps: Euler steps per pyramid stage of the first frame (later frames use half, at least 1).
+        dtype: the run's dtype (bf16 / fp16 / fp32). device: this rank's device.
+        offload: keep the DiT and VAE on the CPU between validations (moved to ``device`` only while sampling).
+        output_dir: samples go to ``<output_dir>/samples/step-<step>/``; tensorboard to ``<output_dir>/logs``.
+        model_name: the DiT's kind (``pyramid_flux`` / ``pyramid_mmdit``; selects the latent normalisation).
+        mode: ``"ar"`` or ``"full_sequence"``: the sampling mode of the trained objective
+            (:func:`pyramid_dit.training_record.training_record`).
+    """
+
+    def __init__(self, dit: nn.Module, vae: nn.Module, prompts: Sequence[ValidationPrompt], negative: TextFeatures,
+                 *, width: int, height: int, temp: int, steps: Sequence[int], dtype: torch.dtype,
+                 device: torch.device, output_dir: str, offload: bool = False, tensorboard: bool = True,
+                 model_name: str = "pyramid_flux", mode: str = "ar") -> None:
+        from pyramid_dit.training_record import SAMPLING_MODES
+
+        if mode not in SAMPLING_MODES:
+            raise ValueError(f"mode must be one of {SAMPLING_MODES}, got {mode!r}")
+        self.dtype, self.device, self.offload, self.model_name, self.mode = dtype, device, offload, model_name, mode
+        home = torch.device("cpu") if offload else device
+        self.dit, self.vae = (_in_dtype(m, dtype).to(home).eval().requires_grad_(False) for m in (dit, vae))
+        self.prompts, self.negative = list(prompts), negative
+        self.width, self.height, self.temp, self.steps = width, height, temp, list(steps)
+        self.output_dir, self.tensorboard = Path(output_dir), tensorboard
+
+    @torch.no_grad()
+    def __call__(self, step: int, state: dict[str, torch.Tensor]) -> list[Path]:
+        from pyramid_dit.media import save_video
+        from pyramid_dit.pipeline import PyramidFlowPipeline
+
+        self.dit.load_state_dict(state)  # copies into the existing tensors (and their dtype)
+        self.dit.to(self.device)
+        self.vae.to(self.device)
+        pipe = PyramidFlowPipeline(self.dit, vae=self.vae, model_name=self.model_name, device=self.device,
+                                   dtype=self.dtype)
+        folder = self.output_dir / "samples" / f"step-{step:06d}"
+        writer = None
+        if self.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            writer = SummaryWriter(str(self.output_dir / "logs"))
+        written = []
+        try:
+            for i, prompt in enumerate(self.prompts):
+                video = pipe.generate(prompt_features=prompt.features, negative_features=self.negative,
+                                      height=self.height, width=self.width, temp=self.temp, mode=self.mode,
+                                      num_inference_steps=self.steps,
+                                      video_num_inference_steps=[max(1, n // 2) for n in self.steps],
+                                      seed=i, progress=False)[0]
+                path = save_video(video, folder / (f"prompt{i}.mp4" if self.temp > 1 else f"prompt{i}.png"))
+                written.append(path)
+                logger.info("validation sample for %r -> %s", prompt.caption, path)
+                if writer is not None:
+                    strip = video[:, :: max(1, video.shape[1] // 8)]  # [3, F', H, W] -> frames side by side
+                    writer.add_image(f"validation/prompt{i}", strip.permute(0, 2, 1, 3).flatten(2), step)
+        finally:
+            if writer is not None:
+                writer.close()
+            del pipe
+            if self.offload:
+                self.dit.to("cpu")
+                self.vae.to("cpu")
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+        return written

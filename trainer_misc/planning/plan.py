@@ -1,0 +1,104 @@
+"""The plan of one launch, for ``DRY_RUN=1`` and ``tools/plan.py``: which DiT configuration, which sizes, and the
+planner's figures (:mod:`trainer_misc.planning.planner`) as text.
+
+``released-miniflux`` / ``released-sd3`` name the released DiTs' configurations, which ship with the model package
+(:attr:`pyramid_dit.kinds.ModelKind.dit_config`): a plan at released size needs no download.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+from pyramid_dit.kinds import get_kind, kind_of_class_name
+from trainer_misc.data.resolution import IMAGE_BUCKETS, parse_resolution
+from trainer_misc.planning.planner import GIB, Launch, plan
+
+__all__ = ["RELEASED", "default_gpu_memory_gib", "default_sync_group", "format_plan", "load_model_config",
+           "lora_targets", "pixel_size", "plan_text"]
+
+RELEASED = {"released-miniflux": "pyramid_flux", "released-sd3": "pyramid_mmdit"}  # --model names -> kind
+
+
+def load_model_config(model: str, variant: Optional[str] = None) -> tuple[str, dict]:
+    """(kind, config) of ``released-miniflux`` / ``released-sd3`` or a folder holding a DiT ``config.json``."""
+    if model in RELEASED:
+        kind = get_kind(RELEASED[model])
+        return kind.name, dict(kind.dit_config)
+    folder = Path(model)
+    candidates = [folder / variant / "config.json"] if variant else []
+    candidates += [folder / "config.json", folder / "diffusion_transformer_384p" / "config.json"]
+    path = next((p for p in candidates if p.is_file()), None)
+    if path is None:
+        raise ValueError(f"--model {model}: expected released-miniflux, released-sd3, or a folder with a DiT "
+                         f"config.json (tried {', '.join(map(str, candidates))})")
+    config = json.loads(path.read_text())
+    try:
+        kind = kind_of_class_name(config.get("_class_name", ""))
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    return kind.name, {k: v for k, v in config.items() if not k.startswith("_")}
+
+
+def default_gpu_memory_gib() -> float:
+    import torch
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_properties(0).total_memory / GIB
+    return 80.0
+
+
+def pixel_size(resolution: str, task: str) -> tuple[int, int]:
+    """(width, height) in pixels; for images the largest aspect-ratio bucket of the resolution."""
+    if task == "t2i" and resolution in IMAGE_BUCKETS:
+        return max(IMAGE_BUCKETS[resolution], key=lambda wh: wh[0] * wh[1])
+    return parse_resolution(resolution)
+
+
+def default_sync_group(gpus: int, num_frames: int) -> int:
+    """The scripts' default 8 when it fits NUM_FRAMES and the process count (a divisor or a multiple: a virtual
+    group on fewer GPUs), else the largest of 4, 2, 1 that does."""
+    return next(g for g in (8, 4, 2, 1) if num_frames % g == 0 and (gpus % g == 0 or g % gpus == 0))
+
+
+def lora_targets(text: str) -> tuple[str, ...]:
+    """``LORA_TARGETS`` as the trainer parses it (empty: the kind's default)."""
+    return tuple(t.strip() for t in text.split(",") if t.strip())
+
+
+def _flops(n: float) -> str:
+    for unit, scale in (("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n / 1e6:.2f} MFLOP"
+
+
+def _gib(x: float) -> str:
+    return f"{x:.1f} GiB" if x >= 0.1 else f"{x * 1024:.2f} MiB"
+
+
+def format_plan(result: dict) -> str:
+    b = {k: v / GIB for k, v in result["peak_breakdown_bytes"].items()}
+    lines = [
+        f"model: {result['params']:,} parameters ({result['trainable_params']:,} trainable)",
+        f"FLOPs per optimizer step: {_flops(result['flops_per_step'])} ({result['flops_per_step_note']})",
+        f"most tokens on one GPU: {result['max_tokens_per_gpu']:,}",
+        f"predicted peak per GPU: {_gib(sum(b.values()))} = params {_gib(b['params'])} + grads {_gib(b['grads'])} "
+        f"+ optimizer {_gib(b['optimizer'])} + activations/workspace {_gib(b['activations'])}",
+        f"  ({result['sharding']})",
+        f"fits in {result['gpu_memory_gib']:.0f} GiB: {'yes' if result['fits'] else 'NO'}",
+    ]
+    if not result["fits"]:
+        lines.append(f"cheapest change that fits: {result.get('cheapest_fix') or 'none found (fewer frames, more GPUs)'}")
+    lines.append(result["prediction"])
+    return "\n".join(lines)
+
+
+def plan_text(launch: Launch, sp_size: int = 1, gpu_memory_gib: Optional[float] = None) -> str:
+    """The plan of ``launch`` as the lines ``DRY_RUN=1`` and ``tools/plan.py`` print (``sp_size``: processes per
+    sequence-parallel group, which the plan counts as whole samples)."""
+    text = format_plan(plan(launch, gpu_memory_gib or default_gpu_memory_gib()))
+    if sp_size > 1:
+        text += (f"\nSP_SIZE={sp_size}: this plan counts one whole sample's activations per process; sequence "
+                 f"parallelism keeps about 1/{sp_size} of them per process (measured 0.54x at SP_SIZE=2 on CPU, "
+                 "tests/test_sequence_parallel.py); parameters and optimizer state are as planned")
+    return text

@@ -1,0 +1,394 @@
+"""Cost of one training step, counted without weights: FLOPs and memory per GPU of a launch.
+
+Used by ``tools/plan.py`` and ``DRY_RUN=1``. Everything is measured by running the real DiT's forward and
+backward on meta tensors (no storage, no arithmetic) with the real objective building its inputs:
+
+* FLOPs: ``torch.utils.flop_counter.FlopCounterMode``. FLOPs are additive over blocks (every double-/single-
+  stream block of a kind sees the same shapes), so models of depth 1-2 are traced and the count is extended to
+  the full depth exactly (see :func:`count_flops`); tests pin the identity against a full trace and against
+  real tensors.
+* Memory: :class:`LiveBytes` records the bytes of every storage the step allocates and frees (autograd decides
+  what is saved for backward, so activations and gradient checkpointing come out as they really are). On meta
+  tensors torch would take the "math" attention path, which materialises the attention matrix; GPU training
+  takes fused kernels that keep only a log-sum-exp per query, so attention is routed to the fused kernel's
+  shape function (:func:`fused_attention`).
+* LoRA (``Launch.lora_rank > 0``): the traced model carries the same peft adapters the trainer injects
+  (``pyramid_dit.lora.add_lora``), so base weights are frozen: gradients, master weights and AdamW state are
+  counted for the adapters only, and the activations are those of the adapted, frozen-base step.
+* Sharding: DDP / ZeRO-2 / ZeRO-3 are not simulated on one process. The per-category bytes of the traced
+  step are divided as each strategy divides them (:func:`per_gpu_bytes`); that arithmetic is stated next to
+  every prediction.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Optional
+
+import torch
+from torch.utils._pytree import tree_leaves
+
+from trainer_misc.optim.engine import DEEPSPEED_BUCKET_ELEMENTS
+from trainer_misc.planning.tracing import LiveBytes, flop_counter_mode, fused_attention
+
+GIB = 2**30
+TEXT_TOKENS = 128  # T5 prompt length of both released kinds (features are padded to it)
+DEPTH_KEYS = {"pyramid_flux": ("num_layers", "num_single_layers"), "pyramid_mmdit": ("num_layers",)}
+
+
+# ------------------------------------------------------------------------------------------------ inputs
+
+@dataclass(frozen=True)
+class Launch:
+    """What a training launch runs; mirrors the training flags."""
+
+    model_kind: str  # pyramid_flux | pyramid_mmdit
+    model_config: dict
+    task: str = "ar"  # ar (temporal pyramid) | t2v (full sequence) | t2i
+    width: int = 640  # pixels
+    height: int = 384
+    num_frames: int = 16  # latent frames (NUM_FRAMES)
+    batch_size: int = 4  # per GPU
+    gpus: int = 8
+    shard_strategy: str = "zero2"
+    dtype: str = "bf16"
+    grad_accum: int = 1
+    gradient_checkpointing: bool = False
+    gradient_checkpointing_ratio: float = 0.75
+    video_sync_group: int = 8
+    text_tokens: int = TEXT_TOKENS
+    lora_rank: int = 0  # LORA_RANK; 0: full finetune
+    lora_targets: tuple[str, ...] = ()  # LORA_TARGETS; empty: the kind's default (pyramid_dit/kinds.py)
+    offload_optimizer: bool = False  # OFFLOAD=1 (ZeRO only)
+
+    def __post_init__(self) -> None:
+        if self.lora_rank < 0:
+            raise ValueError(f"lora_rank must be >= 0, got {self.lora_rank}")
+        if self.lora_rank and self.shard_strategy == "zero3":
+            raise ValueError("LoRA with zero3 is refused by the trainer; plan it with ddp or zero2")
+        if self.offload_optimizer and self.shard_strategy == "ddp":
+            raise ValueError("optimizer offload (OFFLOAD=1) is DeepSpeed's: plan it with zero2 or zero3")
+
+    @property
+    def frames(self) -> int:
+        return 1 if self.task == "t2i" else self.num_frames
+
+
+def build_model(kind: str, config: dict, dtype: torch.dtype = torch.bfloat16, lora_rank: int = 0,
+                lora_targets: tuple[str, ...] = (), device: torch.device | str = "meta") -> torch.nn.Module:
+    """The DiT of ``kind`` with ``config`` on ``device`` (default meta: no memory), in ``dtype``; with
+    ``lora_rank`` > 0 carrying the trainer's adapters (base frozen), built in the same dtype."""
+    if kind == "pyramid_flux":
+        from pyramid_dit.modeling_pyramid_flux import PyramidFluxTransformer as cls
+    elif kind == "pyramid_mmdit":
+        from pyramid_dit.modeling_pyramid_mmdit import PyramidDiffusionMMDiT as cls
+    else:
+        raise ValueError(f"unknown model kind {kind!r}; expected one of {sorted(DEPTH_KEYS)}")
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = cls(**config)
+            if lora_rank:
+                from pyramid_dit.kinds import get_kind
+                from pyramid_dit.lora import LoraSettings, add_lora
+
+                targets = tuple(lora_targets) or get_kind(kind).lora_targets
+                add_lora(model, LoraSettings(lora_rank, float(lora_rank), targets))
+            return model
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def _objective(launch: Launch):
+    from pyramid_dit.objective import PyramidFlowObjective
+    from pyramid_dit.scheduler import PyramidFlowMatchEulerDiscreteScheduler
+    scheduler = PyramidFlowMatchEulerDiscreteScheduler(shift=1.0, stages=3, stage_range=(0, 1 / 3, 2 / 3, 1))
+    group = launch.video_sync_group if launch.task == "ar" else 1
+    return PyramidFlowObjective(scheduler, launch.model_kind, max_temporal_length=launch.frames,
+                                video_sync_group=group, text_drop_rate=0.0)
+
+
+def clip_shapes(launch: Launch, rank: int = 0, micro_step: int = 0) -> list[list[tuple[int, ...]]]:
+    """Per column, the clip shapes the DiT gets on ``rank`` at ``micro_step``, built by the real objective."""
+    latents = torch.empty(launch.batch_size, 16, launch.frames, launch.height // 8, launch.width // 8,
+                          device="meta")
+    step = _objective(launch).noise_latents(latents, use_temporal_pyramid=launch.task == "ar", rank=rank,
+                                            step=micro_step)
+    return [[tuple(c.shape) for c in col] for col in step.sample]
+
+
+def dit_inputs(launch: Launch, shapes: list[list[tuple[int, ...]]], dtype: torch.dtype,
+               device: str = "meta") -> dict[str, Any]:
+    """DiT keyword inputs of the given clip shapes; every text token valid (the most a prompt can cost)."""
+    rows = shapes[0][-1][0] * len(shapes)
+    cfg = launch.model_config
+    return dict(
+        sample=[[torch.empty(s, dtype=dtype, device=device) for s in col] for col in shapes],
+        encoder_hidden_states=torch.empty(rows, launch.text_tokens, cfg["joint_attention_dim"], dtype=dtype,
+                                          device=device),
+        encoder_attention_mask=torch.ones(rows, launch.text_tokens, dtype=torch.int64, device=device),
+        pooled_projections=torch.empty(rows, cfg["pooled_projection_dim"], dtype=dtype, device=device),
+        timestep_ratio=torch.empty(rows, dtype=torch.float32, device=device),
+    )
+
+
+def _loss(outputs: list[torch.Tensor]) -> torch.Tensor:
+    return torch.stack([o.float().pow(2).mean() for o in outputs]).sum()
+
+
+def rank_shapes(launch: Launch) -> list[list[list[tuple[int, ...]]]]:
+    """Clip shapes of every (rank, micro-batch) of the launch's first optimizer step."""
+    # Without AR every rank sees the same shapes. With AR a sync group larger than the GPU count is virtual:
+    # each process trains several slots of the clip one after the other, so every slot is one micro-batch.
+    ranks = max(launch.gpus, launch.video_sync_group) if launch.task == "ar" else 1
+    return [clip_shapes(launch, r, s) for r in range(ranks) for s in range(launch.grad_accum)]
+
+
+def _tokens(shapes: list[list[tuple[int, ...]]], patch: int = 2) -> int:
+    return sum(s[0] * s[2] * (s[3] // patch) * (s[4] // patch) for col in shapes for s in col)
+
+
+# ------------------------------------------------------------------------------------------------ counting
+
+def _trace_flops(launch: Launch, config: dict, shapes) -> int:
+    model = build_model(launch.model_kind, config, torch.bfloat16, launch.lora_rank, launch.lora_targets)
+    with flop_counter_mode() as counter, fused_attention():
+        _loss(model(**dit_inputs(launch, shapes, torch.bfloat16))).backward()
+    return counter.get_total_flops()
+
+
+def count_flops(launch: Launch, shapes) -> int:
+    """Forward + backward FLOPs of one micro-batch of ``shapes`` (no recompute), exact at full depth.
+
+    Every block of a kind sees the same shapes, so ``F(depths) = F(1, ..) + sum_k (depth_k - 1) * delta_k``,
+    where ``delta_k`` is what one more block of kind ``k`` adds; the first and last blocks (which some kinds
+    treat specially) are in ``F(1, ..)``. Three (flux) or two (SD3) shallow traces replace a full-depth one.
+    """
+    keys = DEPTH_KEYS[launch.model_kind]
+    shallow = {**launch.model_config, **{k: 1 for k in keys}, "use_gradient_checkpointing": False}
+    base = _trace_flops(launch, shallow, shapes)
+    total = base
+    for k in keys:
+        depth = launch.model_config[k]
+        if depth > 1:
+            total += (depth - 1) * (_trace_flops(launch, {**shallow, k: 2}, shapes) - base)
+    return total
+
+
+@dataclass
+class TracedMemory:
+    """Bytes of one micro-batch's forward + backward on one GPU, before sharding."""
+
+    param_bytes: int
+    grad_bytes: int  # gradients as produced by backward (model dtype)
+    activation_bytes: int  # peak of everything else alive: saved activations, temporaries, inputs
+
+
+def _build(launch: Launch, dtype: torch.dtype = torch.bfloat16) -> torch.nn.Module:
+    return build_model(launch.model_kind, launch.model_config, dtype, launch.lora_rank, launch.lora_targets)
+
+
+def trace_memory(launch: Launch, shapes, dtype: torch.dtype) -> TracedMemory:
+    model = _build(launch, dtype)
+    model.train()
+    if launch.gradient_checkpointing:
+        model.enable_gradient_checkpointing(launch.gradient_checkpointing_ratio)
+    params = list(model.parameters())
+    tracker = LiveBytes(params)
+    try:
+        with tracker, fused_attention():
+            _loss(model(**dit_inputs(launch, shapes, dtype))).backward()
+    finally:
+        tracker.close()
+    grad_bytes = sum(p.grad.untyped_storage().nbytes() for p in params if p.grad is not None)
+    return TracedMemory(param_bytes=sum(p.numel() * p.element_size() for p in params), grad_bytes=grad_bytes,
+                        activation_bytes=tracker.peak_act)
+
+
+# ------------------------------------------------------------------------------------------------ sharding
+
+def per_gpu_bytes(launch: Launch, n_params: int, n_trainable: int, traced: TracedMemory) -> dict[str, int]:
+    """Per-GPU bytes by category after the strategy's sharding (arithmetic, stated in :data:`SHARDING_NOTE`)."""
+    n = launch.gpus
+    mixed = launch.dtype != "fp32"
+    if launch.shard_strategy == "ddp":
+        # DDP keeps fp32 parameters and gradients on every GPU and autocasts the forward; AdamW: 2 fp32 states.
+        # Autocast caches a low-precision copy of each trainable weight for the step (torch caches only leaves
+        # that require grad: frozen LoRA base weights are recast per use, not kept).
+        return {"params": 4 * n_params, "grads": 4 * n_trainable, "optimizer": 8 * n_trainable,
+                "activations": traced.activation_bytes + (2 * n_trainable if mixed else 0)}
+    # DeepSpeed ZeRO: model-dtype parameters; fp32 master weights + 2 fp32 Adam states, split over the GPUs;
+    # gradients reduced / accumulated in fp32 (engine's default) into this GPU's partition, through a bucket.
+    p_bytes = traced.param_bytes
+    master = 4 * n_trainable if mixed else 0
+    grads = math.ceil(4 * n_trainable / n) + 4 * min(DEEPSPEED_BUCKET_ELEMENTS, n_trainable)
+    params = p_bytes
+    optimizer = math.ceil((master + 8 * n_trainable) / n)
+    if launch.offload_optimizer:
+        # ZeRO-Offload: master weights, AdamW state and the fp32 gradient partition live in host memory; the GPU
+        # keeps the reduce bucket.
+        optimizer, grads = 0, 4 * min(DEEPSPEED_BUCKET_ELEMENTS, n_trainable)
+    if launch.shard_strategy == "zero3":
+        elem = p_bytes // max(n_params, 1)
+        params = math.ceil(p_bytes / n) + elem * min(DEEPSPEED_BUCKET_ELEMENTS, n_params)  # + prefetched blocks
+    return {"params": params, "grads": grads, "optimizer": optimizer, "activations": traced.activation_bytes}
+
+
+SHARDING_NOTE = {
+    "ddp": "DDP: fp32 params, grads and AdamW state on every GPU; activations traced (+ autocast copies of the "
+           "trainable weights)",
+    "zero2": "ZeRO-2 arithmetic: params in model dtype on every GPU; fp32 grads, master weights and AdamW state "
+             "divided by the GPU count (+ one fp32 reduce bucket); activations traced",
+    "zero3": "ZeRO-3 arithmetic: params, fp32 grads, master weights and AdamW state divided by the GPU count "
+             "(+ one prefetch bucket of gathered params and one fp32 reduce bucket); activations traced",
+}
+
+
+# ------------------------------------------------------------------------------------------------ the plan
+
+def model_size(launch: Launch) -> tuple[int, int]:
+    """(parameters, trainable parameters) of the launch's DiT (with LoRA: the adapters are the trainable ones)."""
+    model = _build(launch)
+    return (sum(p.numel() for p in model.parameters()),
+            sum(p.numel() for p in model.parameters() if p.requires_grad))
+
+
+def predict_memory(launch: Launch) -> tuple[dict[str, int], int]:
+    """Per-GPU bytes by category for the rank with the most tokens, and that token count."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[launch.dtype]
+    heaviest = max(rank_shapes(launch), key=_tokens)
+    n_params, n_trainable = model_size(launch)
+    return per_gpu_bytes(launch, n_params, n_trainable, trace_memory(launch, heaviest, dtype)), _tokens(heaviest)
+
+
+def flops_per_step(launch: Launch) -> int:
+    """Forward + backward FLOPs of all GPUs' micro-batches of optimizer step 1 (no recompute).
+
+    FLOPs are additive over columns too (attention never crosses columns; every other op is per token or per
+    row), so the columns of all ranks and micro-batches are traced together in one forward call.
+    """
+    all_columns = [col for shapes in rank_shapes(launch) for col in shapes]
+    return count_flops(launch, all_columns) * (1 if launch.task == "ar" else launch.gpus)
+
+
+def plan(launch: Launch, gpu_memory_gib: float) -> dict[str, Any]:
+    """FLOPs per optimizer step, predicted peak memory per GPU and whether it fits; see module docstring."""
+    n_params, n_trainable = model_size(launch)
+    parts, tokens = predict_memory(launch)
+    peak = sum(parts.values())
+    lora = (f"; LoRA rank {launch.lora_rank}: grads, master weights and AdamW state of the "
+            f"{n_trainable:,} adapter parameters only" if launch.lora_rank else "")
+    if launch.offload_optimizer:
+        lora += (f"; OFFLOAD=1: master weights, AdamW state and fp32 gradient partition in host memory "
+                 f"({math.ceil(16 * n_trainable / launch.gpus) / GIB:.1f} GiB of CPU RAM per process), GPU keeps "
+                 "the reduce bucket")
+    result: dict[str, Any] = {
+        "launch": {k: v for k, v in asdict(launch).items() if k != "model_config"},
+        "params": n_params,
+        "trainable_params": n_trainable,
+        "flops_per_step": flops_per_step(launch),
+        "flops_per_step_note": f"forward+backward of the {launch.gpus} GPU(s) x {launch.grad_accum} micro-batch(es) "
+                               "of optimizer step 1; FlopCounterMode on meta tensors, 2 FLOPs per multiply-add; "
+                               "gradient-checkpointing recompute not included",
+        "max_tokens_per_gpu": tokens,
+        "peak_gib_per_gpu": round(peak / GIB, 2),
+        "peak_breakdown_gib": {k: round(v / GIB, 2) for k, v in parts.items()},
+        "peak_breakdown_bytes": parts,
+        "sharding": SHARDING_NOTE[launch.shard_strategy] + lora,
+        "gpu_memory_gib": gpu_memory_gib,
+        "fits": peak <= gpu_memory_gib * GIB,
+        "prediction": "PREDICTION from CPU tracing (meta tensors); the activation part was 10-16% above what one "
+                      "H200 measured for both released kinds (tools/measure_gpu.py); the CUDA context (~0.5-1 GiB), "
+                      "NCCL buffers and allocator fragmentation are not included",
+    }
+    if not result["fits"]:
+        result["cheapest_fix"] = cheapest_fix(launch, gpu_memory_gib)
+    return result
+
+
+def cheapest_fix(launch: Launch, gpu_memory_gib: float) -> Optional[str]:
+    """The first change, cheapest first, whose plan fits: gradient checkpointing, optimizer offload, zero3, fewer
+    frames, more GPUs."""
+    candidates: list[tuple[str, Launch]] = []
+    if launch.lora_rank and launch.shard_strategy == "ddp" and launch.dtype != "fp32":
+        # DDP keeps the frozen base in fp32; ZeRO-2 (on any process count) keeps it in the model dtype.
+        candidates.append(("SHARD_STRATEGY=zero2 (frozen base weights in bf16 instead of fp32)",
+                           replace(launch, shard_strategy="zero2")))
+    if not launch.gradient_checkpointing:
+        candidates.append(("turn on gradient checkpointing (GRADIENT_CHECKPOINTING=1)",
+                           replace(launch, gradient_checkpointing=True)))
+    base = replace(launch, gradient_checkpointing=True)
+    if launch.shard_strategy != "ddp" and not launch.offload_optimizer:
+        candidates.append(("gradient checkpointing + OFFLOAD=1 (optimizer state in host memory, slower steps)",
+                           replace(base, offload_optimizer=True)))
+    zero3 = not launch.lora_rank  # the trainer refuses LoRA under zero3
+    if zero3 and launch.shard_strategy != "zero3" and launch.gpus > 1:
+        candidates.append(("gradient checkpointing + SHARD_STRATEGY=zero3", replace(base, shard_strategy="zero3")))
+    if launch.task != "t2i" and launch.num_frames > 1:
+        half = max(launch.num_frames // 2, 1)
+        candidates.append((f"gradient checkpointing + NUM_FRAMES={half}", replace(base, num_frames=half)))
+    for more in (launch.gpus * 2, launch.gpus * 4) if zero3 else ():
+        candidates.append((f"gradient checkpointing + zero3 on {more} GPUs",
+                           replace(base, shard_strategy="zero3", gpus=more)))
+    for text, option in candidates:
+        try:
+            if sum(predict_memory(option)[0].values()) <= gpu_memory_gib * GIB:
+                return text
+        except ValueError:
+            continue
+    return None
+
+
+# ------------------------------------------------------------------------------------------------ validation
+
+def measure_step(launch: Launch, seed: int = 0) -> dict[str, dict[str, int]]:
+    """Predicted vs live bytes of one real fp32 training step (forward, backward, AdamW) on the CPU.
+
+    The prediction is this module's (meta tensors, :class:`LiveBytes`, fused-attention routing, 1-GPU DDP
+    arithmetic). The measurement is torch's own ``MemTracker`` on real tensors: parameters, gradients and
+    optimizer state after the step, and activations (+ temporaries) at the higher of the forward and backward
+    peaks. Use small configs: the real step allocates everything.
+    """
+    from torch.distributed._tools.mem_tracker import MemTracker, _ModState
+
+    if launch.dtype != "fp32" or launch.gpus != 1 or launch.shard_strategy != "ddp":
+        raise ValueError("measure a single-process fp32 'ddp' launch (what runs on this CPU)")
+    if launch.lora_rank:
+        raise ValueError("measure a full finetune: torch's MemTracker registers a gradient hook on every parameter "
+                         "and fails on LoRA's frozen base weights")
+    shapes = max(rank_shapes(launch), key=_tokens)
+    n_params, n_trainable = model_size(launch)
+    predicted = per_gpu_bytes(launch, n_params, n_trainable, trace_memory(launch, shapes, torch.float32))
+    del predicted["grads"]  # compared below only through the total
+
+    torch.manual_seed(seed)
+    model = build_model(launch.model_kind, launch.model_config, torch.float32).to_empty(device="cpu")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02)
+    model.train()
+    if launch.gradient_checkpointing:
+        model.enable_gradient_checkpointing(launch.gradient_checkpointing_ratio)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    tracker = MemTracker()
+    tracker.track_external(model, optimizer)
+    with tracker:
+        inputs = dit_inputs(launch, shapes, torch.float32, device="cpu")
+        for t in tree_leaves(inputs):
+            if t.is_floating_point():
+                t.normal_()
+        _loss(model(**inputs)).backward()
+        optimizer.step()
+    cpu = torch.device("cpu")
+    snaps = tracker.memory_tracking[model].snapshots
+    act = max(snap[cpu][_kind("ACT")] + snap[cpu][_kind("TEMP")]
+        for state in (_ModState.PEAK_FW, _ModState.PEAK_BW) for snap in snaps[state])
+    after = tracker.get_tracker_snapshot("current")[cpu]
+    measured = {"params": after[_kind("PARAM")], "optimizer": after[_kind("OPT")], "activations": act}
+    return {"predicted": predicted, "measured": measured}
+
+
+def _kind(name: str):
+    from torch.distributed._tools.mem_tracker import _MemRefType
+    return getattr(_MemRefType, name)

@@ -1,0 +1,341 @@
+"""Process-group helpers: launcher environment, backend choice, rank helpers, video sync groups.
+
+Training is launched with ``torchrun`` (or ``python -m torch.distributed.run``); accelerate/DeepSpeed then create the
+default process group from the ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`` / ``MASTER_*`` variables. This module keeps
+the few facts every other module needs in one place:
+
+* which backend a device needs (``nccl`` for CUDA, ``gloo`` for CPU);
+* a single-process run (plain ``python train.py``) gets a complete one-rank environment, because DeepSpeed refuses to
+  start without one;
+* how long a collective may wait for a peer before the run fails (``COLLECTIVE_TIMEOUT_MIN``, see
+  :func:`collective_timeout`);
+* small collectives that let rank 0 decide for everyone (:func:`broadcast_object`, :func:`any_rank`);
+* the *video sync group* layout of the autoregressive (temporal pyramid) path: ranks ``r`` with the same
+  ``r // video_sync_group`` read the same clip, and ``r % video_sync_group`` is the rank's position inside its group
+  (the objective uses it to pick which temporal unit this rank trains);
+* the *sequence-parallel* (SP) groups: ``sp_size`` consecutive ranks hold one sample and split its tokens
+  (:mod:`pyramid_dit.sequence_parallel`). The layout is data parallel x sync group x sequence parallel: rank
+  ``r`` is SP rank ``r % sp_size`` of data rank ``r // sp_size``, and the sync-group layout above applies to data
+  ranks (:func:`parallel_layout`, :func:`sequence_parallel_group`).
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from dataclasses import dataclass
+from typing import Any, List, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    "ParallelLayout",
+    "SyncGroupPosition",
+    "backend_for_device",
+    "barrier",
+    "destroy_process_group",
+    "ensure_launcher_env",
+    "get_rank",
+    "get_world_size",
+    "init_process_group",
+    "is_dist_initialized",
+    "is_main_process",
+    "parallel_layout",
+    "sequence_parallel_group",
+    "all_reduce_sum",
+    "all_reduce_host",
+    "any_rank",
+    "broadcast_object",
+    "collective_timeout",
+    "host_group",
+    "sync_group_position",
+]
+
+
+def is_dist_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    """Global rank, 0 when no process group exists."""
+    return dist.get_rank() if is_dist_initialized() else 0
+
+
+def get_world_size() -> int:
+    """Number of processes, 1 when no process group exists."""
+    return dist.get_world_size() if is_dist_initialized() else 1
+
+
+def is_main_process() -> bool:
+    return get_rank() == 0
+
+
+def barrier() -> None:
+    if is_dist_initialized() and get_world_size() > 1:
+        _barrier()
+
+
+def _barrier() -> None:
+    """``dist.barrier`` on this rank's GPU under NCCL: without ``device_ids`` NCCL guesses the device from the rank
+    and warns that the guess can hang (seen at the end of every training run on a GPU)."""
+    nccl = dist.get_backend() == "nccl"
+    dist.barrier(device_ids=[torch.cuda.current_device()] if nccl else None)
+
+
+def destroy_process_group() -> None:
+    """Tear down the default group if one exists. Only for a run that finished normally on every rank.
+
+    Leaving it to interpreter exit makes gloo abort now and then *after* all work is done
+    (``terminate called without an active exception``), which a launcher reports as a failure. A rank that failed
+    must not call this: its barrier would wait for ranks that are stuck in another collective (the entry points
+    exit through ``trainer_misc.runtime.failures.run_main`` and ``exit_process`` instead).
+    """
+    global _HOST_GROUP
+    if is_dist_initialized():
+        _barrier()
+        dist.destroy_process_group()  # every group, the host group too
+        _HOST_GROUP = None
+
+
+COLLECTIVE_TIMEOUT_ENV = "COLLECTIVE_TIMEOUT_MIN"
+DEFAULT_COLLECTIVE_TIMEOUT_MIN = 10.0
+
+
+def collective_timeout(minutes: Optional[float] = None) -> datetime.timedelta:
+    """How long a collective (all-reduce, barrier, ...) waits for the slowest rank before the run fails.
+
+    ``minutes``, else ``$COLLECTIVE_TIMEOUT_MIN``, else 10 minutes: long enough for rank 0 to write a checkpoint or
+    a validation sample while the others wait, short enough that a rank that stopped responding (a hung GPU, a
+    ``SIGSTOP``) ends the run in minutes instead of torch's default 30-60. Applies to gloo and NCCL (torch's NCCL
+    watchdog aborts a collective that exceeds it), and becomes the default of every process group created
+    afterwards.
+    """
+    if minutes is None:
+        raw = os.environ.get(COLLECTIVE_TIMEOUT_ENV, "")
+        try:
+            minutes = float(raw) if raw else DEFAULT_COLLECTIVE_TIMEOUT_MIN
+        except ValueError:
+            raise ValueError(f"{COLLECTIVE_TIMEOUT_ENV}={raw!r} must be a number of minutes (e.g. 10 or 0.5)") from None
+    if not minutes > 0:
+        raise ValueError(f"the collective timeout must be > 0 minutes, got {minutes} ({COLLECTIVE_TIMEOUT_ENV})")
+    timeout = datetime.timedelta(minutes=minutes)
+    # Groups created later without a timeout (DeepSpeed's data-parallel group, accelerate's) take torch's module
+    # defaults (30 min, NCCL 10 min), not the default group's: make them ours too.
+    from torch.distributed import distributed_c10d
+
+    distributed_c10d.default_pg_timeout = timeout
+    if isinstance(getattr(distributed_c10d, "default_pg_nccl_timeout", None), datetime.timedelta):
+        distributed_c10d.default_pg_nccl_timeout = timeout
+    return timeout
+
+
+def _comm_device() -> torch.device:
+    # NCCL only moves CUDA tensors; gloo only CPU ones.
+    if is_dist_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """``obj`` of rank ``src`` on every rank (a picklable value made by our own code: paths, numbers, messages)."""
+    if not (is_dist_initialized() and get_world_size() > 1):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src, device=_comm_device())
+    return box[0]
+
+
+_HOST_GROUP: Optional[dist.ProcessGroup] = None
+
+
+def host_group() -> Optional[dist.ProcessGroup]:
+    """A gloo group over every rank, for small decisions made from host-side values (bad batches, stop signals).
+
+    On a CUDA run the default group is NCCL, whose collectives take GPU tensors: reading the result back is a host
+    sync that stalls the CPU until every queued kernel has run. A gloo group reduces CPU tensors without touching
+    the GPU stream, so these decisions cost no sync. Created on first use (every rank reaches the same first use:
+    the callers are collectives); the default group itself when that is gloo already.
+    """
+    global _HOST_GROUP
+    if not is_dist_initialized():
+        return None
+    if dist.get_backend() == "gloo":
+        return dist.group.WORLD
+    if _HOST_GROUP is None:
+        _HOST_GROUP = dist.new_group(backend="gloo", timeout=collective_timeout())
+    return _HOST_GROUP
+
+
+def all_reduce_host(values: Sequence[float], op: str = "sum") -> List[float]:
+    """Sum (or max, ``op="max"``) a few host-side numbers over all ranks through :func:`host_group`."""
+    out = torch.tensor([float(v) for v in values], dtype=torch.float64)
+    if is_dist_initialized() and get_world_size() > 1:
+        dist.all_reduce(out, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM, group=host_group())
+    return out.tolist()
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when ``flag`` is True on at least one (one tiny host-side all-reduce)."""
+    return all_reduce_host([1.0 if flag else 0.0], op="max")[0] > 0
+
+
+def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    """Sum a small tensor over all ranks (in place on a copy) and return it; identity on one process."""
+    out = values.detach().clone()
+    if is_dist_initialized() and get_world_size() > 1:
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out
+
+
+def backend_for_device(device: torch.device) -> str:
+    """NCCL for CUDA tensors, gloo for CPU tensors (NCCL cannot move CPU tensors)."""
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def init_process_group(device: torch.device, timeout_min: Optional[float] = None) -> tuple[int, int]:
+    """For scripts that do not go through accelerate (e.g. data tools): create the default group from the
+    ``torchrun`` environment and return ``(rank, world_size)``.
+
+    A plain single-process run (no ``WORLD_SIZE``) creates no group and returns ``(0, 1)``. On CUDA the rank's local
+    device is selected first, as NCCL requires. ``timeout_min``: see :func:`collective_timeout`. Pair with
+    ``destroy_process_group()``.
+    """
+    if is_dist_initialized():
+        return get_rank(), get_world_size()
+    if "WORLD_SIZE" not in os.environ:
+        return 0, 1
+    if device.type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group(backend=backend_for_device(device), timeout=collective_timeout(timeout_min))
+    return get_rank(), get_world_size()
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def ensure_launcher_env() -> bool:
+    """Make a plain ``python script.py`` look like a one-process ``torchrun`` launch.
+
+    DeepSpeed (and accelerate's DeepSpeed path) only start when ``LOCAL_RANK`` etc. are set; without them accelerate
+    silently reports a non-distributed run. Returns True when the variables were filled in here. A partial
+    environment (some variables set, others not) is a launcher bug and raises.
+    """
+    keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+    present = [k for k in keys if k in os.environ]
+    if len(present) == len(keys):
+        return False
+    if present:
+        raise RuntimeError(f"incomplete launcher environment: {present} set but not "
+                           f"{[k for k in keys if k not in os.environ]}; launch with torchrun or set none of them")
+    os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"})
+    os.environ["MASTER_ADDR"] = os.environ.get("MASTER_ADDR") or "127.0.0.1"  # set but empty counts as unset
+    os.environ["MASTER_PORT"] = os.environ.get("MASTER_PORT") or str(_free_port())
+    return True
+
+
+@dataclass(frozen=True)
+class SyncGroupPosition:
+    """Where a rank sits in the video-sync-group layout.
+
+    ``group_index`` selects the data shard (all ranks of a group read the same clips); ``positions`` are the slots
+    of the group this rank trains, in order (the autoregressive objective trains a different temporal unit per
+    slot). A *real* group (processes a multiple of the group size) gives each rank one slot. A *virtual* group
+    (group size a multiple of the processes) spreads all slots over the processes: each trains
+    ``group_size // world_size`` consecutive slots of the same clip one after the other, accumulated into the same
+    optimizer step, so one GPU performs the update of a whole group.
+    """
+
+    group_size: int
+    group_index: int
+    positions: tuple[int, ...]
+    num_groups: int
+
+    @property
+    def position(self) -> int:
+        """The first (with a real group: the only) slot of this rank."""
+        return self.positions[0]
+
+    @property
+    def virtual(self) -> int:
+        """Slots this rank trains per micro-batch (1 for a real group)."""
+        return len(self.positions)
+
+
+def sync_group_position(rank: int, world_size: int, group_size: int) -> SyncGroupPosition:
+    """Sync-group layout: the one place that decides which group slots each process trains.
+
+    ``world_size % group_size == 0``: consecutive ranks form real groups, rank ``r`` is slot ``r % group_size`` of
+    group ``r // group_size``. ``group_size % world_size == 0`` (more slots than processes): one virtual group, rank
+    ``r`` trains slots ``r * v .. r * v + v - 1`` with ``v = group_size // world_size``. ``group_size`` 1 means
+    every rank reads its own data.
+    """
+    if group_size < 1:
+        raise ValueError(f"video_sync_group must be >= 1, got {group_size}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside world of size {world_size}")
+    if world_size % group_size == 0:
+        return SyncGroupPosition(group_size=group_size, group_index=rank // group_size,
+                                 positions=(rank % group_size,), num_groups=world_size // group_size)
+    if group_size % world_size == 0:
+        per_rank = group_size // world_size
+        return SyncGroupPosition(group_size=group_size, group_index=0,
+                                 positions=tuple(range(rank * per_rank, (rank + 1) * per_rank)), num_groups=1)
+    raise ValueError(f"the number of processes ({world_size}) and video_sync_group ({group_size}) must divide one "
+                     f"another: a multiple of the group gives real groups (one slot per process), a divisor of it a "
+                     f"virtual group (each process trains group/processes slots in turn); set VIDEO_SYNC_GROUP to "
+                     f"a divisor or a multiple of GPUS*NNODES={world_size}")
+
+
+@dataclass(frozen=True)
+class ParallelLayout:
+    """Where a rank sits in data parallel x sync group x sequence parallel.
+
+    ``sp_rank``/``sp_size``: this rank's place in its SP group (the ranks sharing one sample's tokens).
+    ``data_rank``/``data_world``: the rank and count of *data-parallel* ranks, i.e. SP groups; everything that
+    decides what a rank reads or draws (sampler shard, sync-group slot, noise seed) uses these, so the ranks of an
+    SP group read the same batch and draw the same noise. ``sync``: the sync-group layout over data ranks.
+    """
+
+    sp_size: int
+    sp_rank: int
+    data_rank: int
+    data_world: int
+    sync: SyncGroupPosition
+
+
+def parallel_layout(rank: int, world_size: int, video_sync_group: int = 1, sp_size: int = 1) -> ParallelLayout:
+    """The one place that checks and decides the rank layout (see the module docstring).
+
+    Constraints: ``sp_size`` divides the number of processes; the data ranks (processes / ``sp_size``) and
+    ``video_sync_group`` divide one another (:func:`sync_group_position`).
+    """
+    if sp_size < 1:
+        raise ValueError(f"SP_SIZE (sequence-parallel size) must be >= 1, got {sp_size}")
+    if world_size % sp_size:
+        raise ValueError(f"SP_SIZE={sp_size} must divide the number of processes GPUS*NNODES={world_size}: each "
+                         f"sample is split over SP_SIZE consecutive processes")
+    data_world = world_size // sp_size
+    return ParallelLayout(sp_size=sp_size, sp_rank=rank % sp_size, data_rank=rank // sp_size, data_world=data_world,
+                          sync=sync_group_position(rank // sp_size, data_world, video_sync_group))
+
+
+def sequence_parallel_group(sp_size: int) -> Optional[dist.ProcessGroup]:
+    """This rank's SP group (ranks ``[k*sp_size, (k+1)*sp_size)``), or ``None`` for ``sp_size`` 1.
+
+    Collective: every rank of the default group must call it (``new_group`` is), with the same ``sp_size``.
+    """
+    layout = parallel_layout(get_rank(), get_world_size(), 1, sp_size)
+    if sp_size == 1:
+        return None
+    if not is_dist_initialized():
+        raise RuntimeError(f"SP_SIZE={sp_size} needs a distributed launch (torchrun with {sp_size}+ processes)")
+    mine = None
+    for start in range(0, get_world_size(), sp_size):
+        group = dist.new_group(list(range(start, start + sp_size)))
+        if start == layout.data_rank * sp_size:
+            mine = group
+    return mine
