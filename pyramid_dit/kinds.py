@@ -77,6 +77,9 @@ class ModelKind:
             released checkpoints' key listings in ``tests/golden/keys``).
         lora_targets: default LoRA target layers (``LORA_TARGETS``): module-name suffixes inside every block, the
             attention q/k/v/out projections of both streams and the MLP linears.
+        text_encoder_configs: the released text encoders' transformers configurations, by subfolder (the class is
+            the text encoder's ``subfolders`` entry): what the planner counts when captions are encoded during
+            training (``LOAD_TEXT_ENCODER=1``).
     """
 
     name: str
@@ -88,6 +91,7 @@ class ModelKind:
     normalization: LatentNormalization
     dit_config: dict[str, Any] = field(default_factory=dict)
     lora_targets: tuple[str, ...] = ()
+    text_encoder_configs: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def dit(self) -> type:
         module, cls = self.dit_class.split(":")
@@ -103,6 +107,21 @@ class ModelKind:
 
         return self.text_encoder().from_pretrained(model_path, torch_dtype=torch_dtype or torch.float32)
 
+
+# The released text encoders (the public checkpoints both releases copy): CLIP ViT-L/14's text tower
+# (openai/clip-vit-large-patch14), OpenCLIP ViT-bigG/14's (SD3's text_encoder_2) and T5 v1.1 XXL's encoder
+# (google/t5-v1_1-xxl). tests/test_planner.py pins their parameter counts.
+_CLIP_L = {"vocab_size": 49408, "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+           "num_attention_heads": 12, "max_position_embeddings": 77, "projection_dim": 768, "hidden_act": "quick_gelu"}
+_CLIP_G = {"vocab_size": 49408, "hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32,
+           "num_attention_heads": 20, "max_position_embeddings": 77, "projection_dim": 1280, "hidden_act": "gelu"}
+_T5_XXL = {"vocab_size": 32128, "d_model": 4096, "d_kv": 64, "d_ff": 10240, "num_layers": 24, "num_heads": 64,
+           "feed_forward_proj": "gated-gelu", "relative_attention_num_buckets": 32}
+
+# The released causal video VAE (both kinds ship the same one, ``causal_video_vae/``): the class defaults except 16
+# latent channels and its scaling factor; tests/golden/keys/causal_video_vae.json lists its keys.
+VAE_CONFIG: dict[str, Any] = {"encoder_out_channels": 16, "decoder_in_channels": 16, "scaling_factor": 0.13025,
+                              "interpolate": False}
 
 KINDS: dict[str, ModelKind] = {
     "pyramid_flux": ModelKind(
@@ -123,6 +142,7 @@ KINDS: dict[str, ModelKind] = {
                       "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
                       "ff_context.net.2",
                       "proj_mlp", "proj_out"),  # the last two: MLP of the single-stream blocks
+        text_encoder_configs={"text_encoder": _CLIP_L, "text_encoder_2": _T5_XXL},
     ),
     "pyramid_mmdit": ModelKind(
         name="pyramid_mmdit",
@@ -144,6 +164,7 @@ KINDS: dict[str, ModelKind] = {
         lora_targets=("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
                       "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
                       "ff_context.net.2"),
+        text_encoder_configs={"text_encoder": _CLIP_L, "text_encoder_2": _CLIP_G, "text_encoder_3": _T5_XXL},
     ),
 }
 MODEL_NAMES: tuple[str, ...] = tuple(KINDS)

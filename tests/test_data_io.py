@@ -144,11 +144,11 @@ def test_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path, monkeypatc
     old = torch.randn(1, 16, 1, 2, 2)
     atomic_save_safetensors({"latent": old}, path)
 
-    def broken_save(tensors, filename, metadata=None):
-        Path(filename).write_bytes(b"partial")
+    def broken_write(tensors, f, metadata=None):
+        f.write(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(files, "save_file", broken_save)
+    monkeypatch.setattr(files, "write_safetensors", broken_write)
     with pytest.raises(OSError, match="disk full"):
         atomic_save_safetensors({"latent": torch.zeros(1, 16, 1, 2, 2)}, path)
     assert torch.equal(load_latent(path), old)
@@ -203,3 +203,26 @@ def test_written_files_honour_the_umask(tmp_path, umask):
     finally:
         os.umask(old)
     assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_our_streaming_writer_is_read_by_safetensors_itself(tmp_path):
+    """We write safetensors ourselves (to hash while writing); the official reader must see exactly what we wrote:
+    every dtype we save, empty and non-contiguous tensors, tied storage and metadata."""
+    import hashlib
+
+    from safetensors import safe_open
+
+    base = torch.randn(6, 4)
+    tensors = {"f32": base, "bf16": torch.randn(3, 5).to(torch.bfloat16), "f16": torch.randn(7).half(),
+               "i64": torch.arange(5), "bool": torch.tensor([True, False, True]), "u8": torch.arange(9, dtype=torch.uint8),
+               "empty": torch.zeros(0, 3), "strided": base.t(), "tied": base, "scalar": torch.tensor(2.5)}
+    path = tmp_path / "x.safetensors"
+    digest = atomic_save_safetensors(tensors, path, metadata={"format": "pt", "step": 7})
+    assert digest.size == path.stat().st_size
+    assert digest.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    with safe_open(str(path), framework="pt") as f:
+        assert f.metadata() == {"format": "pt", "step": "7"}
+        assert set(f.keys()) == set(tensors)
+        for key, want in tensors.items():
+            got = f.get_tensor(key)
+            assert got.dtype == want.dtype and got.shape == want.shape and torch.equal(got, want), key

@@ -172,7 +172,7 @@ def test_disk_full_on_one_rank_ends_every_rank_then_resume_skips_a_corrupt_check
 
     # Plant a damaged newer checkpoint (the baseline's step 4 with rank 1's RNG state truncated).
     copy_checkpoints(baseline, out, 4)
-    rng = out / "checkpoints" / "checkpoint-4" / "rank_00001" / "rng.safetensors"
+    rng = out / "checkpoints" / "checkpoint-4" / "rng" / "slot_00001.safetensors"
     rng.write_bytes(rng.read_bytes()[:100])
     resumed = launch(tmp_path, "resume", _config(out))
     assert resumed.rc == 0, resumed.explain()
@@ -230,7 +230,10 @@ def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
     lock.release()
 
 
-def test_planted_pickle_in_a_deepspeed_file_is_refused_not_run(baseline, tmp_path):
+def test_planted_pickle_in_a_checkpoint_is_refused_not_run(baseline, tmp_path):
+    """A checkpoint file replaced by a pickle that runs a command when unpickled, its manifest rewritten to match
+    (so that only the loader stands in the way): the resume refuses the file by name and nothing runs, because
+    checkpoints hold only safetensors and JSON and nothing in them is ever unpickled."""
     import torch
 
     out = tmp_path / "out"
@@ -241,20 +244,21 @@ def test_planted_pickle_in_a_deepspeed_file_is_refused_not_run(baseline, tmp_pat
         def __reduce__(self):
             return (os.system, (f"touch {marker}",))
 
-    name = "engine/zero/mp_rank_00_model_states.pt"
+    name = "weights/rank_00000.safetensors"
     torch.save({"module": Payload()}, out / "checkpoints" / "checkpoint-6" / name)
-    rewrite_manifest(out / "checkpoints" / "checkpoint-6", name)  # so that only the loader stands in the way
+    rewrite_manifest(out / "checkpoints" / "checkpoint-6", name)
     run = launch(tmp_path, "pickle", _config(out))
     assert run.rc != 0 and run.elapsed < BOUNDED_S, run.explain()
     assert not marker.exists(), "the planted pickle was executed"
-    assert f"{out / 'checkpoints' / 'checkpoint-6' / name}: refused to load" in run.last_line, run.explain()
+    assert f"{out / 'checkpoints' / 'checkpoint-6' / name}: not a readable fragment file" in run.last_line, \
+        run.explain()
 
 
 def test_no_checkpoint_verifies_names_the_files(baseline, tmp_path):
     out = tmp_path / "out"
     copy_checkpoints(baseline, out, 4, 6)
     (out / "checkpoints" / "checkpoint-6" / "trainer_state.json").write_bytes(b"\xff\xfe garbage")
-    states = out / "checkpoints" / "checkpoint-4" / "engine" / "zero" / "mp_rank_00_model_states.pt"
+    states = out / "checkpoints" / "checkpoint-4" / "weights" / "rank_00000.safetensors"
     states.write_bytes(states.read_bytes()[:-10])
     run = launch(tmp_path, "broken", _config(out))
     assert run.rc != 0 and run.elapsed < BOUNDED_S, run.explain()

@@ -175,9 +175,9 @@ def test_t2i_cli_writes_an_image_from_the_released_image_dit_and_from_a_t2i_fine
 def test_generation_defaults_come_from_the_trained_export(tiny_model, tmp_path):
     """The trainer's export carries the record; tools/generate.py takes --task / --mode / --temp from it."""
     from tools.generate import build_parser, check_args, resolve_defaults
-    from trainer_misc.runtime.arguments import ConfigError
     from train.args import build_parser as train_parser
     from train.run import train_config
+    from trainer_misc.runtime.arguments import ConfigError
     from trainer_misc.state.export import export_pretrained
 
     def trained(*flags):

@@ -91,16 +91,17 @@ def test_lora_counts_grads_and_optimizer_state_of_the_adapters_only():
     zero2 = replace(lora, shard_strategy="zero2", dtype="bf16")
     parts, _ = predict_memory(zero2)
     assert parts["optimizer"] == math.ceil(12 * adapters / 2)  # fp32 master + 2 AdamW states, over 2 GPUs
-    assert parts["grads"] == math.ceil(4 * adapters / 2) + 4 * min(DEEPSPEED_BUCKET_ELEMENTS, adapters)
+    assert parts["grads"] == math.ceil(4 * adapters / 2)
+    assert parts["comm_buffers"] == 2 * 4 * min(DEEPSPEED_BUCKET_ELEMENTS, adapters)  # two fp32 reduce buffers
     full, _ = predict_memory(replace(zero2, lora_rank=0))
     assert full["optimizer"] == math.ceil(12 * base / 2)  # the full finetune: every base parameter
     with pytest.raises(ValueError, match="zero3"):
         replace(lora, shard_strategy="zero3")
 
 
-def test_optimizer_offload_leaves_the_reduce_bucket_on_the_gpu():
-    """OFFLOAD=1 moves master weights, AdamW state and the gradient partition to host memory (arithmetic); params
-    and traced activations are unchanged."""
+def test_optimizer_offload_leaves_the_reduce_buffers_on_the_gpu():
+    """OFFLOAD=1 moves master weights, AdamW state and the gradient partition to host memory (arithmetic); params,
+    the reduce buffers and traced activations are unchanged."""
     from trainer_misc.optim.engine import DEEPSPEED_BUCKET_ELEMENTS
     from trainer_misc.planning.planner import model_size
 
@@ -108,8 +109,72 @@ def test_optimizer_offload_leaves_the_reduce_bucket_on_the_gpu():
     on, _ = predict_memory(replace(zero2, offload_optimizer=True))
     off, _ = predict_memory(zero2)
     trainable = model_size(zero2)[1]
-    assert on["optimizer"] == 0 < off["optimizer"]
-    assert on["grads"] == 4 * min(DEEPSPEED_BUCKET_ELEMENTS, trainable) < off["grads"]
+    assert on["optimizer"] == on["grads"] == 0 < off["optimizer"]
+    assert on["comm_buffers"] == off["comm_buffers"] == 2 * 4 * min(DEEPSPEED_BUCKET_ELEMENTS, trainable)
     assert (on["params"], on["activations"]) == (off["params"], off["activations"])
     with pytest.raises(ValueError, match="zero2 or zero3"):
         replace(SMALL, offload_optimizer=True)
+
+
+def test_released_encoders_have_their_published_sizes():
+    """The planner counts the text encoders and the VAE from their released configurations on the meta device; the
+    counts are the published sizes (CLIP ViT-L/14 text tower, OpenCLIP bigG text tower with projection, T5 v1.1 XXL
+    encoder) and the VAE's golden key listing."""
+    import json
+    from pathlib import Path
+
+    from trainer_misc.planning.planner import text_encoder_params, vae_params
+
+    assert text_encoder_params("pyramid_flux") == 123_060_480 + 4_762_310_656
+    assert text_encoder_params("pyramid_mmdit") == 123_650_304 + 694_659_840 + 4_762_310_656
+    golden = json.loads((Path(__file__).parent / "golden" / "keys" / "causal_video_vae.json").read_text())
+    assert vae_params() == golden["n_params"] == 335_402_067
+
+
+def test_every_model_the_launch_keeps_resident_is_counted():
+    """Live caption encoding puts the text encoders on every GPU, t2i (and --load_vae) the VAE, validation a second
+    DiT + VAE on rank 0 unless offloaded; the runtime margins come on top, and `fits` judges the total."""
+    from trainer_misc.planning.planner import GIB, model_size, plan, text_encoder_params, vae_params
+
+    base = replace(SMALL, task="t2v", shard_strategy="zero2", dtype="bf16", gpus=2, video_sync_group=1)
+    n_params = model_size(base)[0]
+    parts, _ = predict_memory(base)
+    assert parts["encoders"] == parts["validation"] == 0
+    assert parts["cuda_context"] == GIB and parts["nccl"] > 0
+    training = sum(v for k, v in parts.items() if k not in ("cuda_context", "nccl", "fragmentation"))
+    assert parts["fragmentation"] == int(0.10 * training)
+
+    live, _ = predict_memory(replace(base, text_encoder=True))
+    assert live["encoders"] == 2 * text_encoder_params("pyramid_flux")  # ~9.1 GiB of T5-XXL + CLIP-L in bf16
+    t2i, _ = predict_memory(replace(base, task="t2i"))
+    assert t2i["encoders"] == 2 * vae_params()
+    val, _ = predict_memory(replace(base, validation=True))
+    assert val["validation"] == 2 * (n_params + vae_params())
+    assert predict_memory(replace(base, validation=True, validation_offload=True))[0]["validation"] == 0
+
+    # the DiT's own training state fits 9 GiB, the launch with its encoders does not, and the plan says why
+    small_card = (sum(parts.values()) + GIB) / GIB
+    assert plan(base, small_card)["fits"]
+    verdict = plan(replace(base, text_encoder=True), small_card)
+    assert not verdict["fits"] and verdict["cheapest_fix"].startswith("LOAD_TEXT_ENCODER=0")
+
+
+def test_bytes_sent_per_step_follow_the_strategy_and_the_reduce_dtype():
+    """DDP all-reduces once per optimizer step; ZeRO-2 reduce-scatters every micro-batch and all-gathers the updated
+    weights; --grad_reduce_dtype model halves the gradient traffic; one GPU sends nothing."""
+    from trainer_misc.planning.planner import comm_bytes_per_step, model_size
+
+    zero2 = replace(SMALL, shard_strategy="zero2", dtype="bf16", gpus=8, video_sync_group=8, num_frames=8)
+    n, trainable = model_size(zero2)
+    one = comm_bytes_per_step(zero2, n, trainable)
+    accum = comm_bytes_per_step(replace(zero2, grad_accum=3), n, trainable)
+    assert accum["gradients"] == 3 * one["gradients"] and accum["weights"] == one["weights"]
+    assert comm_bytes_per_step(replace(zero2, grad_reduce_dtype="model"), n, trainable)["gradients"] * 2 == \
+        one["gradients"]
+    ddp = replace(zero2, shard_strategy="ddp")
+    assert comm_bytes_per_step(replace(ddp, grad_accum=3), n, trainable) == comm_bytes_per_step(ddp, n, trainable)
+    # a virtual sync group (8 slots on 2 GPUs) is 4 micro-batches per step for ZeRO-2's per-micro-batch reduction
+    virtual = comm_bytes_per_step(replace(zero2, gpus=2), n, trainable)
+    assert virtual["gradients"] == 4 * comm_bytes_per_step(replace(zero2, gpus=2, video_sync_group=2), n,
+                                                           trainable)["gradients"]
+    assert sum(comm_bytes_per_step(replace(zero2, gpus=1, video_sync_group=1), n, trainable).values()) == 0

@@ -187,10 +187,10 @@ def test_stream_shard_split_pads_and_covers():
 def test_parallel_layout_constraints():
     lay = parallel_layout(rank=5, world_size=8, video_sync_group=2, sp_size=2)
     assert (lay.sp_rank, lay.data_rank, lay.data_world) == (1, 2, 4)
-    assert (lay.sync.group_index, lay.sync.position) == (1, 0)
+    assert lay.slots.slots == (2,) and (lay.slots.lanes[0].group, lay.slots.lanes[0].positions) == (1, (0,))
     with pytest.raises(ValueError, match="SP_SIZE=3 must divide"):
         parallel_layout(rank=0, world_size=4, sp_size=3)
-    with pytest.raises(ValueError, match="video_sync_group"):
+    with pytest.raises(ValueError, match="must divide one\nanother|divide one another"):
         parallel_layout(rank=0, world_size=12, video_sync_group=4, sp_size=2)  # 6 data ranks vs groups of 4
 
 

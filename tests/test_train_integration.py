@@ -209,16 +209,14 @@ def test_resume_reproduces_the_uninterrupted_loss_curve(workspace):
     assert [m["step"] for m in b] == [1, 2, 3, 4]
     for x, y in zip(a, b):
         assert y["loss"] == pytest.approx(x["loss"], rel=1e-6, abs=1e-7), (x["step"], x["loss"], y["loss"])
-    # The export equals the trained weights: DDP checkpoints hold the model as safetensors.
+    # The export equals the trained weights: the checkpoint's fp32 master weights of every trainable parameter.
     from pyramid_dit.modeling_pyramid_flux import PyramidFluxTransformer
+    from trainer_misc.state.fragments import FragmentReader
     exported = PyramidFluxTransformer.from_pretrained(resumed / "export" / "transformer").state_dict()
-    saved = {}
-    for f in (resumed / "checkpoints" / "checkpoint-4" / "engine").glob("*model*.safetensors"):
-        saved.update(load_file(str(f)))
-    assert saved, "no model safetensors in the DDP checkpoint"
-    saved = {k.removeprefix("module."): v for k, v in saved.items()}
-    assert set(saved) == set(exported)
-    assert all(torch.equal(saved[k].float(), v.float()) for k, v in exported.items())
+    reader = FragmentReader(resumed / "checkpoints" / "checkpoint-4" / "weights")
+    saved = {key.split("::")[0] for key in reader.keys()}
+    assert saved == set(exported)
+    assert all(torch.equal(reader.read_full(f"{k}::fp32").float(), v.float()) for k, v in exported.items())
 
 
 def _dry_run(workspace, script: str, out: Path, **env: str) -> subprocess.CompletedProcess:

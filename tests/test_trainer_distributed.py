@@ -29,7 +29,7 @@ def _worker(spec: dict) -> None:
 
     from trainer_misc.loop.config import TrainConfig
     from trainer_misc.loop.trainer import train
-    from trainer_misc.optim.ema import local_chunk
+    from trainer_misc.optim.master import held_elements
     from trainer_misc.runtime.distributed import destroy_process_group
 
     seen: list[dict] = []
@@ -61,7 +61,7 @@ def _worker(spec: dict) -> None:
         engine = state["engine"]
         if engine is None:
             return
-        chunks = [local_chunk(p, engine.rank, engine.world_size).clone() for p in engine.module.parameters()]
+        chunks = [h.views("fp32").clone() for h in held_elements(engine)]
         if state["prev"] is not None:
             state["changed"].append(any(not torch.equal(a, b) for a, b in zip(state["prev"], chunks)))
         state["prev"] = chunks
@@ -86,7 +86,7 @@ def _worker(spec: dict) -> None:
         def __init__(self, *a, **k):
             super().__init__(*a, **k)
             state["engine"] = self
-            state["prev"] = [local_chunk(p, self.rank, self.world_size).clone() for p in self.module.parameters()]
+            state["prev"] = [h.views("fp32").clone() for h in held_elements(self)]
             if spec.get("reference_ema"):
                 state["ema_init"] = full_params(self)
 

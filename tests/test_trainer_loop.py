@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 
 import pytest
@@ -86,12 +87,16 @@ def _rewrite_verified(path, text: str) -> None:
 
 
 def test_resume_refuses_a_checkpoint_of_another_run_shape(tmp_path):
+    """A checkpoint is refused when its slots cannot be shared out (3 data streams on 2 processes would change the
+    global batch), when it comes from an older format, or when its data position means other samples now."""
+    from trainer_misc.state.trust import CheckpointError
+
     _run(_config(tmp_path, max_steps=2))
     state_file = tmp_path / "checkpoints" / "checkpoint-2" / "trainer_state.json"
     state = json.loads(state_file.read_text())
-    _rewrite_verified(state_file, json.dumps({**state, "world_size": 8}))
+    _rewrite_verified(state_file, json.dumps({**state, "format": 1}))
     reset_accelerate_state()
-    with pytest.raises(ValueError, match="8 processes"):
+    with pytest.raises(CheckpointError, match="written by an older version"):
         _run(_config(tmp_path, max_steps=4))
     _rewrite_verified(state_file, json.dumps(state))
     reset_accelerate_state()
@@ -257,3 +262,51 @@ def test_one_host_sync_per_step_from_our_code(tmp_path, monkeypatch):
     state["reads"] = 0
     _run(_config(tmp_path / "skip", max_steps=3, grad_accum_steps=2, skip_loss_threshold=1e9))
     assert state["reads"] == 3 * (1 + 2)
+
+
+def test_a_checkpoint_save_hashes_while_writing_and_reads_nothing_back(tmp_path, monkeypatch):
+    """The manifest's SHA-256s come from the bytes as they are written: a save on slow shared storage must not
+    read its multi-GB files back to hash them. The manifest still matches the files (verify_checkpoint)."""
+    import sys
+
+    import safetensors.torch
+
+    from trainer_misc.state import checkpoint as checkpoint_module
+    from trainer_misc.state.trust import verify_checkpoint
+
+    reads: list[str] = []
+    saving = {"on": False}
+    root = str(tmp_path / "checkpoints")
+
+    def audit(event, args):
+        if saving["on"] and event == "open" and isinstance(args[0], str) and args[0].startswith(root):
+            path, mode, flags = args
+            if os.path.isdir(path):  # a folder opened to fsync its entries
+                return
+            reading = ("r" in mode or "+" in mode) if mode else (flags & (os.O_WRONLY | os.O_RDWR)) != os.O_WRONLY
+            if reading:
+                reads.append(path)
+
+    def no_safetensors_reads(*a, **k):
+        raise AssertionError("a checkpoint file was read back during the save")
+
+    sys.addaudithook(audit)  # hooks cannot be removed; `saving` keeps it inert outside this test
+    monkeypatch.setattr(safetensors.torch, "load_file", no_safetensors_reads)
+    monkeypatch.setattr(safetensors, "safe_open", no_safetensors_reads)
+    real_save = checkpoint_module.save_checkpoint
+
+    def watched(*a, **k):
+        saving["on"] = True
+        try:
+            return real_save(*a, **k)
+        finally:
+            saving["on"] = False
+
+    monkeypatch.setattr("trainer_misc.loop.trainer.save_checkpoint", watched)
+    result = _run(_config(tmp_path, max_steps=2, checkpoint_every=2, ema_decay=0.9, ema_update_every=1))
+    monkeypatch.undo()
+    assert [c.name for c in result.checkpoints] == ["checkpoint-2"]
+    assert reads == []
+    assert verify_checkpoint(result.checkpoints[0]) == []
+    manifest = json.loads((result.checkpoints[0] / "complete").read_text())["files"]
+    assert any(name.startswith("weights/") for name in manifest) and len(manifest) >= 4

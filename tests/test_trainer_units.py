@@ -12,8 +12,8 @@ from torch import nn
 
 from trainer_misc.data.sampler import ResumableBatchSampler
 from trainer_misc.optim.adamw import LRSchedule, build_adamw, split_decay_groups
-from trainer_misc.optim.ema import ShardedEMA, local_chunk
-from trainer_misc.runtime.distributed import ensure_launcher_env, sync_group_position
+from trainer_misc.optim.ema import ShardedEMA, held_chunks
+from trainer_misc.runtime.distributed import ensure_launcher_env, slot_layout
 
 # ----------------------------------------------------------------------------------------------------- optimizer
 
@@ -91,23 +91,40 @@ def test_lr_schedule_rejects_bad_settings():
 
 # ----------------------------------------------------------------------------------------------------- sync groups
 
-def test_sync_group_layout():
-    pos = [sync_group_position(r, 8, 4) for r in range(8)]
-    assert [p.group_index for p in pos] == [0, 0, 0, 0, 1, 1, 1, 1]
-    assert [p.position for p in pos] == [0, 1, 2, 3, 0, 1, 2, 3]
-    assert {p.num_groups for p in pos} == {2}
+def test_slot_layout_of_real_groups():
+    lay = [slot_layout(r, 8, 4) for r in range(8)]
+    assert [(lane.group, lane.positions) for x in lay for lane in x.lanes] == \
+        [(0, (0,)), (0, (1,)), (0, (2,)), (0, (3,)), (1, (0,)), (1, (1,)), (1, (2,)), (1, (3,))]
+    assert {x.num_groups for x in lay} == {2} and [x.slots for x in lay] == [(r,) for r in range(8)]
     with pytest.raises(ValueError, match="must divide one another"):
-        sync_group_position(0, 6, 4)
+        slot_layout(0, 6, 4)
 
 
 def test_virtual_sync_group_spreads_every_slot_over_the_processes():
     # GPUS=1 VIDEO_SYNC_GROUP=8: one process trains all 8 slots; GPUS=2: 4 consecutive slots each.
-    assert sync_group_position(0, 1, 8).positions == tuple(range(8))
-    two = [sync_group_position(r, 2, 8) for r in range(2)]
-    assert [p.positions for p in two] == [(0, 1, 2, 3), (4, 5, 6, 7)]
-    assert {(p.group_index, p.num_groups, p.virtual) for p in two} == {(0, 1, 4)}
-    # A real group (processes a multiple of the group) keeps one slot per rank, as before.
-    assert [sync_group_position(r, 4, 2).positions for r in range(4)] == [(0,), (1,), (0,), (1,)]
+    assert slot_layout(0, 1, 8).lanes[0].positions == tuple(range(8))
+    two = [slot_layout(r, 2, 8) for r in range(2)]
+    assert [x.lanes[0].positions for x in two] == [(0, 1, 2, 3), (4, 5, 6, 7)]
+    assert {(x.lanes[0].group, x.num_groups, x.virtual) for x in two} == {(0, 1, 4)}
+    # A real group (processes a multiple of the group) keeps one slot per rank.
+    assert [slot_layout(r, 4, 2).lanes[0].positions for r in range(4)] == [(0,), (1,), (0,), (1,)]
+
+
+def test_a_resumed_run_keeps_its_slots_on_another_process_count():
+    """The run's data streams are fixed at its first launch: 4 processes of sync groups of 2 train 2 streams x 2
+    slots; on 1 process those 4 slots become 2 lanes of 2, on 2 processes one stream each; 3 cannot share them."""
+    first = [slot_layout(r, 4, 2) for r in range(4)]
+    assert {x.num_groups for x in first} == {2}
+    one = slot_layout(0, 1, 2, num_groups=2)
+    assert [(lane.group, lane.positions) for lane in one.lanes] == [(0, (0, 1)), (1, (0, 1))]
+    assert one.slots == (0, 1, 2, 3) and one.virtual == 4
+    assert [slot_layout(r, 2, 2, num_groups=2).slots for r in range(2)] == [(0, 1), (2, 3)]
+    # Full-sequence training (groups of 1): 2 processes' data streams on 1 process are 2 lanes of 1 slot.
+    assert [(lane.group, lane.positions) for lane in slot_layout(0, 1, 1, num_groups=2).lanes] == [(0, (0,)), (1, (0,))]
+    with pytest.raises(ValueError, match="cannot share them equally"):
+        slot_layout(0, 3, 2, num_groups=2)
+    with pytest.raises(ValueError, match="cannot share them equally"):
+        slot_layout(0, 2, 1, num_groups=1)  # more processes than the run's slots: the global batch would change
 
 
 def test_partial_launcher_environment_is_an_error(monkeypatch):
@@ -129,8 +146,8 @@ def test_sampler_sync_group_ranks_share_batches_and_groups_split_data():
     world, group = 4, 2
     streams = []
     for rank in range(world):
-        pos = sync_group_position(rank, world, group)
-        s = ResumableBatchSampler(40, 4, num_replicas=pos.num_groups, replica=pos.group_index, seed=3)
+        lay = slot_layout(rank, world, group)
+        s = ResumableBatchSampler(40, 4, num_replicas=lay.num_groups, replica=lay.lanes[0].group, seed=3)
         streams.append(_take(s, s.batches_per_epoch))
     assert streams[0] == streams[1] and streams[2] == streams[3]
     a = {i for b in streams[0] for i in b}
@@ -161,19 +178,19 @@ def test_sampler_group_keys_make_uniform_batches():
 
 # ----------------------------------------------------------------------------------------------------- EMA
 
-def test_local_chunks_partition_each_parameter():
+def test_chunks_partition_each_parameter():
     p = nn.Parameter(torch.arange(10.0))
-    chunks = [local_chunk(p, r, 3) for r in range(3)]
-    assert [c.numel() for c in chunks] == [4, 4, 4]
-    assert torch.equal(torch.cat(chunks)[:10], p.detach())
-    assert torch.equal(chunks[2][2:], torch.zeros(2))  # padding
+    held = [held_chunks([("p", p)], r, 3)[0] for r in range(3)]
+    assert [(h.start, h.numel) for h in held] == [(0, 4), (4, 4), (8, 2)]
+    assert torch.equal(torch.cat([h.views("fp32") for h in held]), p.detach())
+    assert held[0].views("fp32").data_ptr() == p.data_ptr()  # a view: the EMA reads the weights in place
 
 
-def test_ema_update_rule_and_state_round_trip():
+def test_ema_update_rule_and_reload():
     torch.manual_seed(0)
     model = ToyModel()
     named = list(model.named_parameters())
-    ema = ShardedEMA(named, decay=0.9, update_every=2, rank=0, world_size=1)
+    ema = ShardedEMA(held_chunks(named, 0, 1), decay=0.9, update_every=2)
     expected = {n: p.detach().clone() for n, p in named}
     for _ in range(3):
         with torch.no_grad():
@@ -187,20 +204,13 @@ def test_ema_update_rule_and_state_round_trip():
         torch.testing.assert_close(full[n], expected[n], rtol=1e-6, atol=1e-7)
     assert [ema.should_update(s) for s in range(5)] == [True, False, True, False, True]
 
-    other = ShardedEMA(named, decay=0.9, rank=0, world_size=1)
-    other.load_state_dict(ema.state_dict())
-    assert all(torch.equal(other.gather()[n], full[n]) for n in full)
-    with pytest.raises(KeyError, match="EMA parameter names differ"):
-        other.load_state_dict({"nope": torch.zeros(1)})
-
-
-def test_ema_shards_of_two_ranks_reassemble():
-    torch.manual_seed(1)
-    model = ToyModel()
-    named = list(model.named_parameters())
-    shards = [ShardedEMA(named, decay=0.5, rank=r, world_size=2).state_dict() for r in (0, 1)]
+    # Reloaded by ranges, as a resume on another process count reads it: two ranks' halves of the same average.
+    halves = [ShardedEMA(held_chunks(named, r, 2), decay=0.9) for r in range(2)]
+    for half in halves:
+        half.load(lambda name, start, stop: full[name].reshape(-1)[start:stop])
     for n, p in named:
-        assert torch.equal(torch.cat([shards[0][n], shards[1][n]])[:p.numel()].reshape(p.shape), p.detach())
+        joined = torch.cat([h.shadow[n] for h in halves])
+        assert torch.equal(joined, full[n].reshape(-1))
 
 
 def test_init_process_group_from_launcher_env_and_teardown(monkeypatch):
@@ -235,7 +245,7 @@ def test_ema_is_float32_for_a_bf16_model():
     torch.manual_seed(0)
     model = ToyModel().to(torch.bfloat16)
     named = list(model.named_parameters())
-    ema = ShardedEMA(named, decay=0.9999, rank=0, world_size=1)
+    ema = ShardedEMA(held_chunks(named, 0, 1), decay=0.9999)
     assert {t.dtype for t in ema.shadow.values()} == {torch.float32}
     start = {n: t.clone() for n, t in ema.gather().items()}
     with torch.no_grad():

@@ -120,10 +120,10 @@ def test_lora_trains_only_adapters_resumes_exactly_and_exports_merged(workspace)
     assert a == pytest.approx(b, rel=1e-6, abs=0) and a[0] != a[1]
 
     initial = load_file(str(workspace["model"] / "diffusion_transformer_384p" / "diffusion_pytorch_model.safetensors"))
-    # Base weights are bit-identical after training (DDP checkpoints hold the whole model as safetensors).
-    saved = load_file(str(one / "checkpoints" / "checkpoint-2" / "engine" / "model.safetensors"))
-    base = {k.replace(".base_layer.", "."): v for k, v in saved.items() if ".lora_" not in k}
-    assert set(base) == set(initial) and all(torch.equal(base[k], initial[k]) for k in initial)
+    # Only the adapters train: the checkpoint holds their state and nothing of the frozen base.
+    from trainer_misc.state.fragments import FragmentReader
+    trained = {key.split("::")[0] for key in FragmentReader(one / "checkpoints" / "checkpoint-2" / "weights").keys()}
+    assert trained and all(".lora_A." in k or ".lora_B." in k for k in trained)
 
     for out in (one, two):
         config = json.loads((out / "export" / "lora" / "adapter_config.json").read_text())

@@ -1,5 +1,7 @@
 """Plan a finetuning launch before spending a GPU-hour: parameters, FLOPs per optimizer step, predicted peak
-memory per GPU (params / grads / optimizer / activations), whether it fits, and the cheapest change if not.
+memory per GPU (params / grads / optimizer / activations, the text encoders and VAE the launch keeps resident, and
+margins for the CUDA context, NCCL and fragmentation), whether it fits and the cheapest change if not, the bytes
+each GPU sends per step (and seconds, given ``--interconnect_gbps``) and writes per checkpoint.
 
 No weights are loaded and no GPU is needed: the real DiT runs forward and backward on meta tensors
 (``trainer_misc/planning/planner.py`` says how, and what is arithmetic rather than traced). Figures are predictions.
@@ -60,6 +62,19 @@ def build_parser() -> argparse.ArgumentParser:
                    "the kind's, pyramid_dit/kinds.py)")
     p.add_argument("--offload_optimizer", action="store_true", help="OFFLOAD=1 (zero2/zero3): master weights, AdamW "
                    "state and gradient partition in host memory")
+    p.add_argument("--load_text_encoder", type=int, choices=[0, 1], default=None,
+                   help="LOAD_TEXT_ENCODER: 1 keeps the text encoders on every GPU to encode captions during "
+                        "training (default: 1 for t2v/t2i as the full-sequence script, 0 for ar, which reads "
+                        "extracted features)")
+    p.add_argument("--load_vae", action="store_true", help="--load_vae: the VAE on every GPU (t2i: always)")
+    p.add_argument("--validation", action="store_true", help="--validation_every > 0: rank 0 keeps a sampling DiT "
+                   "and VAE")
+    p.add_argument("--validation_offload", action="store_true", help="--validation_offload")
+    p.add_argument("--ema", action="store_true", help="--ema_update: an fp32 EMA of each GPU's share")
+    p.add_argument("--grad_reduce_dtype", default="fp32", choices=["fp32", "model"])
+    p.add_argument("--interconnect_gbps", type=float, default=None,
+                   help="each GPU's network bandwidth in Gbit/s (e.g. 400 for one NDR InfiniBand NIC per GPU): "
+                        "turns the bytes sent per step into seconds")
     p.add_argument("--gpu_memory", type=float, default=None,
                    help="GiB per GPU to fit in (default: the visible GPU's, else 80)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -91,7 +106,10 @@ def launch_from_args(args: argparse.Namespace) -> Launch:
                   gradient_checkpointing=args.gradient_checkpointing,
                   gradient_checkpointing_ratio=args.gradient_checkpointing_ratio, video_sync_group=group,
                   lora_rank=args.lora_rank, lora_targets=lora_targets(args.lora_targets),
-                  offload_optimizer=args.offload_optimizer)
+                  offload_optimizer=args.offload_optimizer,
+                  text_encoder=bool(args.task != "ar" if args.load_text_encoder is None else args.load_text_encoder),
+                  vae=args.load_vae, validation=args.validation, validation_offload=args.validation_offload,
+                  ema=args.ema, grad_reduce_dtype=args.grad_reduce_dtype)
 
 
 def run_measure(as_json: bool) -> int:
@@ -128,7 +146,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"planning {args.model} {args.task} {args.resolution} NUM_FRAMES={args.num_frames} on {args.gpus} "
               f"GPU(s), {args.shard_strategy}: tracing the DiT on meta tensors (seconds to a minute) ...",
               file=sys.stderr)
-    result = plan(launch, args.gpu_memory or default_gpu_memory_gib())
+    result = plan(launch, args.gpu_memory or default_gpu_memory_gib(), args.interconnect_gbps)
     result["seconds"] = round(time.time() - start, 1)
     print(json.dumps(result, indent=1) if args.json else format_plan(result))
     return 0

@@ -199,7 +199,10 @@ def planned_launch(args: argparse.Namespace, world_size: int) -> Launch:
                   grad_accum=args.gradient_accumulation_steps, gradient_checkpointing=args.gradient_checkpointing,
                   gradient_checkpointing_ratio=args.gradient_checkpointing_ratio,
                   video_sync_group=args.video_sync_group if task == "ar" else 1, lora_rank=args.lora_rank,
-                  lora_targets=lora_targets(args.lora_targets), offload_optimizer=args.offload_optimizer)
+                  lora_targets=lora_targets(args.lora_targets), offload_optimizer=args.offload_optimizer,
+                  text_encoder=args.load_text_encoder, vae=args.load_vae, validation=args.validation_every > 0,
+                  validation_offload=args.validation_offload, ema=args.ema_update,
+                  grad_reduce_dtype=args.grad_reduce_dtype)
 
 
 def dry_run_text(args: argparse.Namespace, world_size: int) -> str:

@@ -2,25 +2,61 @@
 folder, are fsynced, then renamed over the target; a process killed at any moment leaves the old file or the new
 one, never a truncated one (and at most a ``.<name>.*.tmp`` that the next run sweeps away).
 
+Every writer returns the file's size and SHA-256, computed from the bytes as they are written: a checkpoint's
+manifest needs no second pass over files of gigabytes (:class:`FileDigest`). The safetensors layout is written here
+directly (an 8-byte header length, the JSON header, then each tensor's bytes in order), so the bytes stream from
+the tensors to the file through the hash without a copy of the whole file in memory.
+
 Used by the extraction tools (latents, text features), checkpoints and exports. Files get the mode the umask
 allows, as a plain ``open`` would give them, so outputs on a shared cluster are readable by whoever the umask says.
 Reading user files is :mod:`pyramid_dit.tensor_files` (no pickled code is ever run).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import struct
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, BinaryIO, Iterable, Mapping
 
 import torch
-from safetensors.torch import save_file
 
 from pyramid_dit.tensor_files import SAFETENSORS_SUFFIXES, TensorFileError
 
-__all__ = ["atomic_save_safetensors", "honour_umask", "process_umask", "read_json", "remove_stale_temps",
-           "sweep_stale_temps", "write_json_atomic"]
+__all__ = ["FileDigest", "atomic_save_safetensors", "honour_umask", "process_umask", "read_json",
+           "remove_stale_temps", "sweep_stale_temps", "write_json_atomic", "write_safetensors"]
+
+# safetensors' names of the tensor dtypes we write.
+_SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                       torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+                       torch.uint8: "U8", torch.bool: "BOOL"}
+_CHUNK = 64 << 20  # bytes handed to the file (and the hash) at a time
+
+
+@dataclass(frozen=True)
+class FileDigest:
+    """A written file's size in bytes and SHA-256 (hex), as a checkpoint manifest records them."""
+
+    size: int
+    sha256: str
+
+
+class _Hashed:
+    """A binary file that hashes and counts what is written to it."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self.f, self.hash, self.size = f, hashlib.sha256(), 0
+
+    def write(self, data: bytes | memoryview) -> None:
+        self.f.write(data)
+        self.hash.update(data)
+        self.size += len(data)
+
+    def digest(self) -> FileDigest:
+        return FileDigest(self.size, self.hash.hexdigest())
 
 
 def _temp_name(path: Path) -> Path:
@@ -123,13 +159,39 @@ def _independent_cpu_tensors(tensors: Mapping[str, torch.Tensor]) -> dict[str, t
     return out
 
 
+def write_safetensors(tensors: Mapping[str, torch.Tensor], f: BinaryIO,
+                      metadata: Mapping[str, str] | None = None) -> None:
+    """Serialise ``tensors`` (CPU, contiguous, no shared storage: :func:`_independent_cpu_tensors`) in the
+    safetensors format to the open binary file ``f``, tensor by tensor."""
+    header: dict[str, Any] = {}
+    offset = 0
+    for key, t in tensors.items():
+        if t.dtype not in _SAFETENSORS_DTYPES:
+            raise TypeError(f"tensor {key!r}: dtype {t.dtype} has no safetensors name here")
+        nbytes = t.numel() * t.element_size()
+        header[key] = {"dtype": _SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape),
+                       "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
+    f.write(struct.pack("<Q", len(encoded)))
+    f.write(encoded)
+    for t in tensors.values():
+        data = memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
+        for start in range(0, len(data), _CHUNK):
+            f.write(data[start:start + _CHUNK])
+
+
 def atomic_save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike,
-                            metadata: Mapping[str, str] | None = None) -> None:
-    """Write ``tensors`` to ``path`` so that ``path`` is either absent, the old file, or the complete new file.
+                            metadata: Mapping[str, str] | None = None) -> FileDigest:
+    """Write ``tensors`` to ``path`` so that ``path`` is either absent, the old file, or the complete new file, and
+    return its size and SHA-256 (hashed as it is written).
 
     The data goes to a temp file in the same directory, is fsynced, then renamed over ``path``; a process killed at
     any moment leaves at most a ``.<name>.*.tmp`` file, never a truncated ``path``. Parent directories are created.
-    The file gets the mode the umask allows (safetensors alone would make it 0600).
+    The file gets the mode the umask allows.
     """
     path = Path(path)
     if path.suffix not in SAFETENSORS_SUFFIXES:
@@ -138,31 +200,37 @@ def atomic_save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.
     payload = _independent_cpu_tensors(tensors)
     tmp = _temp_name(path)
     try:
-        save_file(payload, str(tmp), metadata=dict(metadata) if metadata else None)
-        honour_umask(tmp)
-        with open(tmp, "rb+") as f:
+        with open(tmp, "wb") as f:
+            out = _Hashed(f)
+            write_safetensors(payload, out, metadata)
+            f.flush()
             os.fsync(f.fileno())
+        honour_umask(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+    return out.digest()
 
 
-def write_json_atomic(obj: Any, path: Path) -> None:
-    """Write JSON to a temp name in the same folder, fsync, then rename over ``path``."""
+def write_json_atomic(obj: Any, path: Path) -> FileDigest:
+    """Write JSON to a temp name in the same folder, fsync, then rename over ``path``; returns its size and
+    SHA-256."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    data = json.dumps(obj, indent=2, sort_keys=True).encode("utf-8")
     tmp = _temp_name(path)
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2, sort_keys=True)
+        with open(tmp, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    return FileDigest(len(data), hashlib.sha256(data).hexdigest())
 
 
 def read_json(path: Path) -> Any:

@@ -13,7 +13,6 @@ reference's behaviour. A non-finite averaged loss stops the run with an error (a
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import time
@@ -27,7 +26,7 @@ from trainer_misc.loop.config import TrainConfig
 from trainer_misc.loop.metrics import StepRecord, check_stat
 from trainer_misc.loop.tree import to_device
 from trainer_misc.optim.engine import StepOutcome, TrainEngine
-from trainer_misc.runtime.distributed import SyncGroupPosition, all_reduce_host, all_reduce_sum
+from trainer_misc.runtime.distributed import SlotLayout, all_reduce_host, all_reduce_sum
 from trainer_misc.state.rng import SlotStreams
 
 logger = logging.getLogger(__name__)
@@ -76,68 +75,72 @@ class RunCounters:
 
 
 class StepRunner:
-    """Runs one optimizer step (its ``grad_accum_steps`` micro-batches) and keeps the run's counters."""
+    """Runs one optimizer step (its ``grad_accum_steps`` micro-batches) and keeps the run's counters.
+
+    ``lanes`` are this process's data streams, one iterator per :class:`~trainer_misc.runtime.distributed.Lane` of
+    ``slots``: each micro-batch reads one batch per lane and trains every slot of that lane on it.
+    """
 
     MAX_CONSECUTIVE_BAD = 50
 
-    def __init__(self, engine: TrainEngine, compute_loss: ComputeLoss, data_iter: Iterator, config: TrainConfig,
-                 sync: SyncGroupPosition, counters: RunCounters, streams: Optional[SlotStreams] = None,
-                 sp_rank: int = 0) -> None:
-        self.engine, self.compute_loss, self.data_iter, self.config, self.sync = (engine, compute_loss, data_iter,
-                                                                                  config, sync)
+    def __init__(self, engine: TrainEngine, compute_loss: ComputeLoss, lanes: list[Iterator], config: TrainConfig,
+                 slots: SlotLayout, counters: RunCounters, streams: SlotStreams, sp_rank: int = 0) -> None:
+        if len(lanes) != len(slots.lanes):
+            raise ValueError(f"{len(lanes)} data iterators for {len(slots.lanes)} lanes")
+        self.engine, self.compute_loss, self.lanes, self.config, self.slots = (engine, compute_loss, lanes, config,
+                                                                               slots)
         self.sp_rank = sp_rank  # position in the sequence-parallel group (its config.sp_size ranks share a batch)
         self.counters = counters
         self.streams = streams
-        if sync.virtual > 1 and config.skip_loss_threshold is not None:
-            raise ValueError("skip_loss_threshold needs every slot's loss before the first backward, which a virtual "
-                             "sync group (VIDEO_SYNC_GROUP > processes) does not have; drop --skip_loss_threshold or "
-                             "use one process per slot")
-        if engine.cfg.grad_accum_steps != config.grad_accum_steps * sync.virtual:
+        if slots.virtual > 1 and config.skip_loss_threshold is not None:
+            raise ValueError("skip_loss_threshold needs every slot's loss before the first backward, which a process "
+                             "training several slots (VIDEO_SYNC_GROUP > processes, or fewer processes than the run "
+                             "started with) does not have; drop --skip_loss_threshold or use one process per slot")
+        if engine.cfg.grad_accum_steps != config.grad_accum_steps * slots.virtual:
             raise ValueError(f"the engine accumulates {engine.cfg.grad_accum_steps} backward passes per step, expected "
-                             f"grad_accum_steps ({config.grad_accum_steps}) x slots per process ({sync.virtual})")
+                             f"grad_accum_steps ({config.grad_accum_steps}) x slots per process ({slots.virtual})")
         self.schedule = config.schedule()
 
-    def _context(self, step: int, k: int, slot: int) -> StepContext:
-        e, sync = self.engine, self.sync
+    def _context(self, step: int, k: int, group: int, position: int) -> StepContext:
+        e = self.engine
         return StepContext(step=step, micro_step=self.counters.micro_step, micro_index=k, rank=e.rank,
-                           world_size=e.world_size, sync_rank=slot, sync_group=sync.group_size,
-                           sync_group_index=sync.group_index, device=e.device, dtype=e.param_dtype, module=e.module)
+                           world_size=e.world_size, sync_rank=position, sync_group=self.slots.group_size,
+                           sync_group_index=group, device=e.device, dtype=e.param_dtype, module=e.module)
 
-    def _slot_stream(self, slot: int):
-        """The slot's own random stream in a virtual group; the process's stream (its only slot) otherwise."""
-        return self.streams.use(slot) if self.streams is not None else contextlib.nullcontext()
-
-    def _next_batch(self, step: int) -> Any:
-        """The next batch in which every sample loaded, skipping bad batches on all ranks together.
+    def _next_batch(self, step: int) -> list[Any]:
+        """The next batch of every lane, in which every sample loaded, skipping bad batches on all ranks together.
 
         A batch object with a non-empty ``bad`` list of ``(path, reason)`` (see ``trainer_misc.data.datasets``) had
-        unreadable samples. Its paths are logged and counted, and *every* rank moves on to its next batch: one
-        host-side all-reduce per micro-batch decides (no device sync), so ranks never disagree on how many
-        forward/backward passes a step has (a rank that skipped alone would leave the others waiting in the
-        gradient reduction).
+        unreadable samples. Its paths are logged and counted, and *every* rank moves every lane on to its next
+        batch: one host-side all-reduce per micro-batch decides (no device sync), so ranks never disagree on how
+        many forward/backward passes a step has (a rank that skipped alone would leave the others waiting in the
+        gradient reduction), and all lanes keep one data position.
         """
         for _ in range(self.MAX_CONSECUTIVE_BAD):
-            batch = next(self.data_iter)
+            batches = [next(it) for it in self.lanes]
             self.counters.data_position += 1
-            bad = list(getattr(batch, "bad", None) or [])
-            for path, reason in bad:
-                logger.warning("rank %d step %d: bad sample %s: %s; skipping its batch", self.engine.rank, step,
-                               path, reason)
-            # The ranks of a sync group (and of an SP group) read the same batch: its bad files are counted once, by
-            # the group's first.
-            counted = len(bad) if self.sync.position == 0 and self.sp_rank == 0 else 0
-            n_bad, n_counted = all_reduce_host([len(bad), counted])
+            bad, counted = 0, 0
+            for lane, batch in zip(self.slots.lanes, batches):
+                found = list(getattr(batch, "bad", None) or [])
+                for path, reason in found:
+                    logger.warning("rank %d step %d: bad sample %s: %s; skipping its batch", self.engine.rank, step,
+                                   path, reason)
+                bad += len(found)
+                # The slots of a group (and the ranks of an SP group) read the same batch: its bad files are counted
+                # once, by the group's first slot.
+                counted += len(found) if lane.positions[0] == 0 and self.sp_rank == 0 else 0
+            n_bad, n_counted = all_reduce_host([bad, counted])
             if n_bad == 0:
-                return batch
+                return batches
             self.counters.bad_samples += int(n_counted)
         raise RuntimeError(f"{self.MAX_CONSECUTIVE_BAD} consecutive batches had unreadable samples; the data set "
                            "is broken (see the warnings above for the paths)")
 
-    def _forward(self, batch: Any, step: int, k: int, slot: int
+    def _forward(self, batch: Any, step: int, k: int, group: int, position: int
                  ) -> tuple[torch.Tensor, Optional[float], dict[str, Any]]:
         """One slot's loss on a micro-batch, its token count (a host number, None if not given) and its other
         stats (tensors not read yet)."""
-        loss, stats = self.compute_loss(self.engine.model, batch, self._context(step, k, slot))
+        loss, stats = self.compute_loss(self.engine.model, batch, self._context(step, k, group, position))
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1 or not isinstance(stats, dict):
             raise TypeError("compute_loss must return (a one-element loss tensor, a dict of stats), got "
                             f"({type(loss).__name__}, {type(stats).__name__})")
@@ -156,10 +159,10 @@ class StepRunner:
     def run(self, step: int) -> StepRecord:
         """One optimizer step: ``grad_accum_steps`` micro-batches, each trained on every slot of this process.
 
-        A real sync group has one slot per process. In a virtual group the process trains its slots one after the
-        other on the same micro-batch, each on that slot's random stream, all accumulated into this step (the
-        engine accumulates ``grad_accum_steps * slots`` backward passes), which is the update of one process per
-        slot. The logged loss is the mean over every slot of the group.
+        With one slot per process this is a plain data-parallel step. A process with several slots trains them one
+        after the other, each on that slot's batch (its lane's) and random stream, all accumulated into this step
+        (the engine accumulates ``grad_accum_steps * slots`` backward passes), which is the update of one process
+        per slot. The logged loss is the mean over every slot of the run.
 
         **Host syncs**: the losses, token counts, stats and gradient norm stay on the device until the step's
         end, where one all-reduce and one device-to-host copy read them all (the forward and backward of every
@@ -167,8 +170,8 @@ class StepRunner:
         non-finite loss therefore stops the run at the end of its step, before any checkpoint of that step.
         """
         cfg, engine, ga, counters = self.config, self.engine, self.config.grad_accum_steps, self.counters
-        slots = self.sync.positions
-        passes = ga * len(slots)
+        per_pass = [(i, lane.group, p) for i, lane in enumerate(self.slots.lanes) for p in lane.positions]
+        passes = ga * len(per_pass)
         t0 = time.perf_counter()
         lr = self.schedule(step)
         engine.set_lr(lr)
@@ -176,12 +179,13 @@ class StepRunner:
         tokens_local, has_tokens, kept, outcome = 0.0, False, 0, None
         stats: dict[str, Any] = {}
         for k in range(ga):
-            batch = to_device(self._next_batch(step), engine.device,
-                              non_blocking=engine.device.type == "cuda")  # pinned by the DataLoader
-            for j, slot in enumerate(slots):
-                last = k == ga - 1 and j == len(slots) - 1
-                with engine.accumulate(), self._slot_stream(slot):
-                    loss, tokens, micro_stats = self._forward(batch, step, k, slot)
+            batches = [to_device(b, engine.device, non_blocking=engine.device.type == "cuda")  # pinned by the loader
+                       for b in self._next_batch(step)]
+            for j, (lane, group, position) in enumerate(per_pass):
+                last = k == ga - 1 and j == len(per_pass) - 1
+                slot = group * self.slots.group_size + position
+                with engine.accumulate(), self.streams.use(slot):
+                    loss, tokens, micro_stats = self._forward(batches[lane], step, k, group, position)
                     losses.append(loss.detach().double().reshape(()))
                     if tokens is not None:
                         tokens_local, has_tokens = tokens_local + tokens, True
@@ -207,7 +211,7 @@ class StepRunner:
         for i, value in enumerate(pass_losses):
             if not math.isfinite(value):
                 raise FloatingPointError(f"loss is {value} (mean over ranks) at step {step}, micro-batch "
-                                         f"{i // len(slots)}; stopping. Lower the learning rate or check the data.")
+                                         f"{i // len(per_pass)}; stopping. Lower the learning rate or check the data.")
         if kept == 0:
             counters.skipped_updates += 1
             logger.warning("step %d: every micro-batch dropped, optimizer step skipped (%d so far)", step,

@@ -2,8 +2,8 @@
 
 ``train(model, compute_loss, dataset, config)`` runs ``config.max_steps`` optimizer steps of ``grad_accum_steps``
 micro-batches each and knows nothing about the model: the objective is the callable
-``compute_loss(model, batch, ctx) -> (loss, stats)``, with ``ctx`` a ``StepContext`` (step counters, rank, sync-group
-position, device, dtype). ``stats`` is a dict of numbers; a ``"tokens"`` entry (tokens in this micro-batch on this
+``compute_loss(model, batch, ctx) -> (loss, stats)``, with ``ctx`` a ``StepContext`` (step counters, rank, the slot's
+group and position, device, dtype). ``stats`` is a dict of numbers; a ``"tokens"`` entry (tokens in this micro-batch on this
 rank) turns on the tokens/s scalar, every other entry is logged as ``train/<name>`` (rank 0's value).
 
 Where each part lives:
@@ -12,21 +12,29 @@ Where each part lives:
 * ``step.py``     — one optimizer step (micro-batches, bad-batch skip, abnormal-loss skip, the update);
 * ``resume.py``   — which checkpoint to continue from and the counters it restores;
 * ``metrics.py``  — ``metrics.jsonl``, tensorboard, the batch trace;
-* ``engine.py`` / ``checkpoint.py`` / ``ema.py`` / ``sampler.py`` — sharding, files on disk, EMA, data order.
+* ``optim/`` / ``state/`` / ``data/`` — the engine, EMA and master weights; checkpoints, exports, random streams;
+  the batch order.
 
-**Resume**: the newest complete checkpoint under ``output_dir/checkpoints`` (or ``config.resume``) restores model,
-optimizer, EMA, RNG states of every rank and the data position, so the run continues the same loss curve.
+**Resume**: the newest complete checkpoint under ``output_dir/checkpoints`` (or ``config.resume``) restores the
+weights, optimizer, EMA, every slot's random stream and the data position, so the run continues the same loss curve,
+on this launch's process count and strategy, whatever those were when the checkpoint was written.
 ``metrics.jsonl`` (rank 0) holds one record per step; on resume, records past the checkpoint are dropped.
 
-**Data**: a map-style dataset read through ``ResumableBatchSampler`` (``batch_size`` per rank; with
-``video_sync_group = k`` the ranks of a group read identical batches; with ``k`` a multiple of the process count the
-group is *virtual*: every process reads the same batches and trains ``k / processes`` slots of each in turn, see
-``distributed.sync_group_position`` and ``step.StepRunner.run``). With ``sp_size = S`` (sequence parallelism) the
-``S`` consecutive ranks of an SP group read the same batches and draw the same noise (everything data-related is
-keyed by the *data* rank, ``rank // S``), and the model splits each sample's tokens over them
-(``model.enable_sequence_parallel``, ``distributed.parallel_layout``). ``group_keys`` (optional, one per sample)
-keep equal-shape samples together. The DataLoader gets its own seeded generator, so building it never moves the
-global RNG; randomness inside ``dataset[i]`` should derive from ``i`` for resumes to be exact with workers.
+**Slots and data**: a run trains ``num_groups * video_sync_group`` *slots* per micro-batch, fixed at its first
+launch (``distributed.SlotLayout``): the slots of a video sync group read the same batch (the autoregressive
+objective trains a different unit of the clip in each), the groups read different ones. Each process trains a
+contiguous run of slots, one *lane* (a map-style dataset read through its own ``ResumableBatchSampler`` replica) per
+group it touches, each slot on its own random stream (``rng.SlotStreams``), accumulated into one step
+(``step.StepRunner.run``). With ``sp_size = S`` (sequence parallelism) the ``S`` consecutive ranks of an SP group
+share their slots, read the same batches and draw the same noise, and the model splits each sample's tokens over
+them (``model.enable_sequence_parallel``, ``distributed.parallel_layout``). ``group_keys`` (optional, one per
+sample) keep equal-shape samples together. The DataLoader gets its own seeded generator, so building it never moves
+the global RNG; randomness inside ``dataset[i]`` should derive from ``i`` for resumes to be exact with workers.
+
+**Start-up**: the process group first, then the output folder is checked to be one folder for every node and its
+write rate measured (``state/storage.py``: a warning when a checkpoint would not fit the stop window), locked for
+this run, and the checkpoint to resume from chosen before the engine is built (its slot layout decides the
+accumulation).
 
 Call ``trainer_misc.runtime.distributed.destroy_process_group()`` when the script is done with distributed work.
 """
@@ -43,29 +51,52 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
+from pyramid_dit.device import resolve_device
 from pyramid_dit.lora import has_lora, merged_state_dict
+from pyramid_dit.progress import progress as progress_bar
 from trainer_misc.data.sampler import ResumableBatchSampler
 from trainer_misc.data.workers import data_workers
 from trainer_misc.loop.config import EXPORT_DTYPES, TrainConfig
 from trainer_misc.loop.metrics import MetricsLog, StepRecord
-from trainer_misc.loop.resume import check_data_layout, load_resume_state, resolve_resume, trainer_state
+from trainer_misc.loop.resume import (
+    check_data_layout,
+    load_resume_state,
+    resolve_resume,
+    restore_streams,
+    saved_layout,
+    trainer_state,
+)
 from trainer_misc.loop.step import ComputeLoss, StepContext, StepRunner
 from trainer_misc.optim.adamw import build_adamw
 from trainer_misc.optim.ema import ShardedEMA
 from trainer_misc.optim.engine import TrainEngine
-from trainer_misc.runtime.distributed import barrier, parallel_layout, sequence_parallel_group
+from trainer_misc.optim.master import PARTS, held_elements
+from trainer_misc.runtime.distributed import (
+    all_reduce_host,
+    barrier,
+    init_process_group,
+    parallel_layout,
+    sequence_parallel_group,
+)
 from trainer_misc.runtime.failures import RunStopped, StopSignals
-from trainer_misc.state.checkpoint import load_rank_tensors, restore_rank_rng, save_checkpoint
+from trainer_misc.state.checkpoint import save_checkpoint
 from trainer_misc.state.export import export_lora, export_model, gather_full_weights
-from trainer_misc.state.rng import SlotStreams, seed_everything
+from trainer_misc.state.rng import SlotStreams
 from trainer_misc.state.run_lock import lock_output_dir
+from trainer_misc.state.storage import check_output_dir, stop_window_note, stop_window_s
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["StepContext", "StepRecord", "TrainConfig", "TrainResult", "train", "ComputeLoss"]
 
 EXPORT_NAME = "transformer"  # output_dir/export/transformer (and transformer_ema)
-SLOT_RNG_FILE = "slot_rng"    # rank_<r>/slot_rng.safetensors: the random streams of a virtual sync group's slots
+
+
+def checkpoint_bytes(engine: TrainEngine, ema: Optional[ShardedEMA]) -> int:
+    """What this rank writes per checkpoint: its fp32 master weights and AdamW moments (and EMA), the most of any
+    rank (they write at once)."""
+    mine = sum(h.numel for h in held_elements(engine)) * 4 * (len(PARTS) + (ema is not None))
+    return int(all_reduce_host([mine], op="max")[0])
 
 
 @dataclass
@@ -82,14 +113,16 @@ class TrainResult:
     engine: TrainEngine
 
 
-def _build_loader(dataset: Dataset, config: TrainConfig, sync, start_batch: int, collate_fn, group_keys,
-                  device: torch.device) -> tuple[ResumableBatchSampler, DataLoader]:
-    sampler = ResumableBatchSampler(len(dataset), config.batch_size, num_replicas=sync.num_groups,
-                                    replica=sync.group_index, seed=config.seed, shuffle=config.shuffle,
+def _build_loader(dataset: Dataset, config: TrainConfig, num_groups: int, group: int, lanes: int, start_batch: int,
+                  collate_fn, group_keys, device: torch.device) -> tuple[ResumableBatchSampler, DataLoader]:
+    """The loader of one lane: sampler replica ``group`` of ``num_groups``; the workers the machine allows this
+    process are shared by its ``lanes``."""
+    sampler = ResumableBatchSampler(len(dataset), config.batch_size, num_replicas=num_groups,
+                                    replica=group, seed=config.seed, shuffle=config.shuffle,
                                     group_keys=group_keys, start_batch=start_batch,
                                     with_epoch=getattr(dataset, "keyed_by_epoch", False))
-    workers, note = data_workers(config.num_workers, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    if note and int(os.environ.get("RANK", "0")) == 0:
+    workers, note = data_workers(config.num_workers, int(os.environ.get("LOCAL_WORLD_SIZE", "1")) * lanes)
+    if note and int(os.environ.get("RANK", "0")) == 0 and group == 0:
         logger.info("%s", note)
     # Its own generator: creating the iterator then draws no number from the global RNG. Pinned host batches on
     # CUDA, so their copy to the GPU (non_blocking in the step) overlaps with compute.
@@ -116,22 +149,30 @@ def train(model: nn.Module, compute_loss: ComputeLoss, dataset: Dataset, config:
     output_dir = Path(config.output_dir)
     checkpoint_root = output_dir / "checkpoints"
     config.schedule()  # validate the schedule before any process group exists
-
-    # Rank layout (data parallel x sync group x sequence parallel) from the launcher's variables (the engine checks
-    # they are what it set up): a virtual group makes each process accumulate one backward pass per slot it trains.
-    launched_rank, launched_world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    layout = parallel_layout(launched_rank, launched_world, config.video_sync_group, config.sp_size)
-    sync = layout.sync
     if config.sp_size > 1 and not hasattr(model, "enable_sequence_parallel"):
         raise TypeError(f"sp_size={config.sp_size}: {type(model).__name__} has no enable_sequence_parallel (only the "
                         "Pyramid Flow DiTs split their sequence)")
 
-    # Model, optimizer and sharding.
+    # The process group first (accelerate and DeepSpeed join it): the checks below are collective.
+    launched_rank, launched_world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    init_process_group(resolve_device(config.device))
+    if launched_rank == 0:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    barrier()
+    probe = check_output_dir(output_dir)  # one folder for every node, and how fast it writes
+    lock = lock_output_dir(output_dir)  # one run per output folder
+    resumed_from, saved = resolve_resume(config, checkpoint_root)
+
+    # The slots this process trains (the run's, fixed at its first launch) decide the accumulation: one backward
+    # pass per slot and micro-batch.
+    layout = parallel_layout(launched_rank, launched_world, config.video_sync_group, config.sp_size,
+                             num_groups=saved_layout(saved))
+    slots = layout.slots
     optimizer = build_adamw(model, config.lr, config.betas, config.eps, config.weight_decay,
                             cpu_offload=config.offload_optimizer)
     engine = TrainEngine(model, optimizer,
                          dataclasses.replace(config.engine_config(),
-                                             grad_accum_steps=config.grad_accum_steps * sync.virtual))
+                                             grad_accum_steps=config.grad_accum_steps * slots.virtual))
     rank, world = engine.rank, engine.world_size
     if (rank, world) != (launched_rank, launched_world):
         raise RuntimeError(f"launcher said rank {launched_rank} of {launched_world}, the engine runs rank {rank} of "
@@ -142,36 +183,32 @@ def train(model: nn.Module, compute_loss: ComputeLoss, dataset: Dataset, config:
             logger.info("sequence parallelism: %d groups of %d processes; each process holds 1/%d of every sample's "
                         "tokens and %d data-parallel ranks read different batches", layout.data_world,
                         config.sp_size, config.sp_size, layout.data_world)
+    if engine.is_main and slots.virtual > 1:
+        logger.info("each process trains %d slots per micro-batch (%d data stream(s) x VIDEO_SYNC_GROUP=%d over %d "
+                    "data-parallel processes): the update of %d processes, %dx the time per step", slots.virtual,
+                    slots.num_groups, slots.group_size, layout.data_world, slots.total_slots, slots.virtual)
     lora = has_lora(engine.module)  # adapters only train; validation and export see the merged weights
-    streams = SlotStreams(sync.positions, config.seed, engine.device) if sync.virtual > 1 else None
-    if engine.is_main:
-        output_dir.mkdir(parents=True, exist_ok=True)
+    streams = SlotStreams(slots.slots, config.seed, engine.device)
     ema = None
     if config.ema_decay is not None:
-        ema = ShardedEMA([(n, p) for n, p in engine.module.named_parameters() if p.requires_grad],
-                         decay=config.ema_decay, update_every=config.ema_update_every, rank=rank, world_size=world)
+        ema = ShardedEMA(held_elements(engine), decay=config.ema_decay, update_every=config.ema_update_every)
+    note = stop_window_note(checkpoint_bytes(engine, ema), probe, stop_window_s())
+    if note and engine.is_main:
+        logger.warning("%s", note)
 
-    # One run per output folder; where to start: fresh, or a checkpoint's weights, counters and data position.
-    lock = lock_output_dir(output_dir)
-    resumed_from = resolve_resume(config, checkpoint_root)
-    start_step, counters, saved = load_resume_state(resumed_from, engine, ema)
-    sampler, loader = _build_loader(dataset, config, sync, counters.data_position, collate_fn, group_keys,
-                                    engine.device)
-    check_data_layout(resumed_from, saved, sampler, config)
-    runner = StepRunner(engine, compute_loss, iter(loader), config, sync, counters, streams, sp_rank=layout.sp_rank)
-    # RNG last, so nothing above (model wrapping, DataLoader set-up) shifts the streams the objective draws from.
-    if resumed_from is not None:
-        restore_rank_rng(resumed_from, rank, engine.device)
-        if streams is not None:
-            streams.load_state_dict(load_rank_tensors(resumed_from, rank, SLOT_RNG_FILE), source=str(resumed_from))
-    else:
-        seed_everything(config.seed, layout.data_rank)  # the ranks of an SP group draw the same noise
+    # Where to start: fresh, or a checkpoint's weights, counters and data position.
+    start_step, counters = load_resume_state(resumed_from, engine, ema)
+    loaders = [_build_loader(dataset, config, slots.num_groups, lane.group, len(slots.lanes), counters.data_position,
+                             collate_fn, group_keys, engine.device) for lane in slots.lanes]
+    check_data_layout(resumed_from, saved, loaders[0][0], config)
+    runner = StepRunner(engine, compute_loss, [iter(loader) for _, loader in loaders], config, slots, counters,
+                        streams, sp_rank=layout.sp_rank)
+    # Random streams last, so nothing above (model wrapping, DataLoader set-up) shifts what the objective draws.
+    restore_streams(resumed_from, saved, streams, layout, config.seed, rank, world)
 
     log = MetricsLog(output_dir, start_step, config.tensorboard) if engine.is_main else None
-    progress = None
-    if engine.is_main:
-        from tqdm.auto import tqdm
-        progress = tqdm(total=config.max_steps, initial=start_step, desc="train", dynamic_ncols=True)
+    progress = progress_bar(total=config.max_steps, initial=start_step, desc="train", unit="step") \
+        if engine.is_main else None
 
     records: list[StepRecord] = []
     checkpoints: list[Path] = []
@@ -194,9 +231,8 @@ def train(model: nn.Module, compute_loss: ComputeLoss, dataset: Dataset, config:
             stop = stopper.should_stop()  # collective: every rank stops after the same step
             if (config.checkpoint_every and done % config.checkpoint_every == 0) or done == config.max_steps or stop:
                 checkpoints.append(save_checkpoint(checkpoint_root, done, engine,
-                                                   trainer_state(done, counters, config, world, sampler), ema,
-                                                   config.keep_last_checkpoints,
-                                                   {SLOT_RNG_FILE: streams.state_dict()} if streams else None))
+                                                   trainer_state(done, counters, config, layout, world, loaders[0][0]),
+                                                   ema, config.keep_last_checkpoints, streams))
             if stop and done < config.max_steps:
                 raise RunStopped(f"stopped by {stopper.signal_name} after step {done}: wrote {checkpoints[-1]}; "
                                  "rerun the same command to resume from it", stopper.agreed or 0)

@@ -1,66 +1,60 @@
-"""Exponential moving average of the trainable parameters, sharded across ranks.
+"""Exponential moving average of the trainable parameters, over the fp32 master weights, sharded across ranks.
 
 Design (the same for DDP, ZeRO-2 and ZeRO-3):
 
-* Each parameter is viewed as a flat vector split into ``world_size`` equal chunks of ``ceil(numel / world_size)``
-  elements (the last one zero-padded). Rank ``r`` keeps the float32 EMA of chunk ``r`` only. This is exactly the
-  partition DeepSpeed ZeRO-3 keeps in ``param.ds_tensor``, so under ZeRO-3 the update reads the local partition
-  directly and needs **no communication and no gathered parameters**; under DDP / ZeRO-2 (full parameters on every
-  rank) the rank slices its chunk out of the full tensor. EMA memory per rank is ``4 * numel / world_size`` bytes.
-* The EMA is float32 even when the model trains in bf16: with decay 0.9999 a bf16 average would stop moving
-  (the reference keeps its EMA copy in the model dtype).
+* Each rank averages the elements of each trainable parameter it *holds* (:mod:`trainer_misc.optim.master`): under
+  ZeRO-2/3 the fragment of the fp32 master weights inside its optimizer partition, under DDP its chunk of the
+  (fp32) parameters. The update reads those in place: **no communication and no gathered parameters**, and EMA
+  memory per rank is ``4 * params / world_size`` bytes.
+* It averages the fp32 master weights, as the reference (which keeps fp32 parameters under FSDP) does, not the
+  bf16 working copies DeepSpeed computes with: a bf16 copy rounds away most of an update's effect at decay 0.9999.
+  The average itself is float32 too.
 * Update rule and timing follow the reference: ``ema = ema * decay + (1 - decay) * param`` with a fixed decay, after
   the optimizer steps whose 0-based index is a multiple of ``update_every`` (the reference updates every 100 steps).
-  Under bf16 DeepSpeed the parameters read are the bf16 working copies (the fp32 master weights live inside the
-  ZeRO optimizer and are not a public interface).
-* Checkpoints store each rank's chunks (``state_dict``); resuming needs the same world size, as DeepSpeed's own
-  ZeRO checkpoints do. ``gather`` assembles full tensors on one rank for export.
+* Checkpoints store each rank's fragments with their offsets (:mod:`trainer_misc.state.fragments`), so a resume on
+  another process count or strategy reads the ranges it now holds. :meth:`ShardedEMA.gather` assembles full
+  tensors on one rank for export.
 """
 from __future__ import annotations
 
-import math
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from trainer_misc.optim.master import Held, chunk_range
 from trainer_misc.runtime.distributed import get_world_size, is_dist_initialized
 
-__all__ = ["ShardedEMA", "local_chunk"]
+__all__ = ["ShardedEMA", "held_chunks"]
 
 
-def _full_shape(param: nn.Parameter) -> torch.Size:
-    # ZeRO-3 replaces param.data by an empty tensor and keeps the real shape in ds_shape.
-    return param.ds_shape if hasattr(param, "ds_tensor") else param.shape
+def held_chunks(named_params: Iterable[tuple[str, nn.Parameter]], rank: int, world_size: int) -> list[Held]:
+    """Replicated parameters (DDP, or a model outside any engine) as rank ``rank``'s chunks of each."""
+    out = []
+    for name, p in named_params:
+        start, stop = chunk_range(p.numel(), rank, world_size)
 
+        def views(part: str, p: nn.Parameter = p, start: int = start, stop: int = stop) -> torch.Tensor:
+            assert part == "fp32", part
+            return p.data.view(-1)[start:stop]
 
-def local_chunk(param: nn.Parameter, rank: int, world_size: int) -> torch.Tensor:
-    """This rank's flat chunk of ``param`` (a view when possible), ``ceil(numel / world_size)`` long."""
-    if hasattr(param, "ds_tensor"):
-        return param.ds_tensor.detach().reshape(-1)
-    flat = param.detach().reshape(-1)
-    size = math.ceil(flat.numel() / world_size)
-    chunk = flat[rank * size:(rank + 1) * size]
-    if chunk.numel() < size:
-        chunk = torch.cat([chunk, chunk.new_zeros(size - chunk.numel())])
-    return chunk
+        out.append(Held(name, p, tuple(p.shape), start, stop - start, views))
+    return out
 
 
 class ShardedEMA:
-    """EMA over ``named_params`` (names are the model's state-dict keys).
+    """EMA of the elements in ``held`` (names are the model's state-dict keys).
 
     Args:
-        named_params: trainable parameters of the *unwrapped* model, e.g.
-            ``[(n, p) for n, p in module.named_parameters() if p.requires_grad]``.
+        held: what this rank holds of each trainable parameter (:func:`trainer_misc.optim.master.held_elements`,
+            or :func:`held_chunks` for replicated parameters).
         decay: fixed EMA decay (reference ``--ema_decay``, default 0.9999).
         update_every: update after optimizer steps ``0, k, 2k, ...`` (reference: 100).
-        rank, world_size: this rank's place; default to the current process group.
-        device: where the EMA chunks live (default: the parameters' device; ``cpu`` to save accelerator memory).
+        device: where the averages live (default: the master weights' device; ``cpu`` to save accelerator memory).
     """
 
-    def __init__(self, named_params: Iterable[tuple[str, nn.Parameter]], decay: float, update_every: int = 1,
-                 rank: Optional[int] = None, world_size: Optional[int] = None,
+    def __init__(self, held: Sequence[Held], decay: float, update_every: int = 1,
                  device: Optional[torch.device] = None) -> None:
         if not 0.0 <= decay <= 1.0:
             raise ValueError(f"ema decay must be in [0, 1], got {decay}")
@@ -68,69 +62,54 @@ class ShardedEMA:
             raise ValueError(f"ema update_every must be >= 1, got {update_every}")
         self.decay = float(decay)
         self.update_every = int(update_every)
-        self.world_size = get_world_size() if world_size is None else world_size
-        self.rank = (dist.get_rank() if is_dist_initialized() else 0) if rank is None else rank
-        self.params: dict[str, nn.Parameter] = dict(named_params)
-        if not self.params:
-            raise ValueError("ShardedEMA got no parameters")
-        self.shapes = {n: torch.Size(_full_shape(p)) for n, p in self.params.items()}
+        self.held = {h.name: h for h in held}
         self.shadow: dict[str, torch.Tensor] = {}
-        for name, param in self.params.items():
-            chunk = local_chunk(param, self.rank, self.world_size)
-            self.shadow[name] = chunk.to(device=device or chunk.device, dtype=torch.float32, copy=True)
+        for name, h in self.held.items():
+            current = h.views("fp32")
+            self.shadow[name] = current.to(device=device or current.device, dtype=torch.float32, copy=True)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.held)
 
     @torch.no_grad()
     def reset_to_params(self) -> None:
-        """Set the average to the parameters' current values (a resume whose checkpoint holds no EMA state: the
-        shadow built at start-up holds the pretrained weights, not the resumed ones)."""
-        for name, param in self.params.items():
-            ema = self.shadow[name]
-            ema.copy_(local_chunk(param, self.rank, self.world_size).to(device=ema.device, dtype=torch.float32))
+        """Set the average to the current master weights (a resume whose checkpoint holds no EMA state: the averages
+        built at start-up hold the pretrained weights, not the resumed ones)."""
+        for name, h in self.held.items():
+            self.shadow[name].copy_(h.views("fp32"))
 
     def should_update(self, step: int) -> bool:
         return step % self.update_every == 0
 
     @torch.no_grad()
     def update(self) -> None:
-        """``ema = ema * decay + (1 - decay) * param`` on this rank's chunks (no communication)."""
+        """``ema = ema * decay + (1 - decay) * master`` on the elements this rank holds (no communication)."""
         d = self.decay
-        for name, param in self.params.items():
+        for name, h in self.held.items():
             ema = self.shadow[name]
-            current = local_chunk(param, self.rank, self.world_size).to(device=ema.device, dtype=torch.float32)
-            ema.mul_(d).add_(current, alpha=1.0 - d)
+            ema.mul_(d).add_(h.views("fp32").to(device=ema.device, dtype=torch.float32), alpha=1.0 - d)
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """This rank's chunks, keyed by parameter name."""
-        return {name: t.detach().cpu().contiguous() for name, t in self.shadow.items()}
-
-    def load_state_dict(self, state: dict[str, torch.Tensor], source: str = "EMA state") -> None:
-        missing = sorted(set(self.shadow) - set(state))
-        unexpected = sorted(set(state) - set(self.shadow))
-        if missing or unexpected:
-            raise KeyError(f"{source}: EMA parameter names differ from the model's (missing {missing[:5]}"
-                           f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
-                           f"{'...' if len(unexpected) > 5 else ''}); was the checkpoint written for another model?")
-        for name, ema in self.shadow.items():
-            value = state[name]
-            if value.shape != ema.shape:
-                raise ValueError(f"{source}: EMA chunk {name!r} has shape {tuple(value.shape)}, expected "
-                                 f"{tuple(ema.shape)}; resuming requires the same model and number of processes")
-            ema.copy_(value)
+    @torch.no_grad()
+    def load(self, read: Callable[[str, int, int], torch.Tensor]) -> None:
+        """Fill the averages from ``read(name, start, stop)`` (a checkpoint's EMA, whatever layout wrote it)."""
+        for name, h in self.held.items():
+            self.shadow[name].copy_(read(name, h.start, h.stop))
 
     @torch.no_grad()
     def gather(self, dst: int = 0, comm_device: Optional[torch.device] = None) -> Optional[dict[str, torch.Tensor]]:
-        """Full float32 EMA tensors on rank ``dst`` (None elsewhere). Collective: every rank must call it.
-
-        ``comm_device`` is where chunks travel (CUDA for NCCL); default the EMA's own device.
-        """
-        if self.world_size == 1:
-            return {n: t.detach().cpu().reshape(self.shapes[n]).clone() for n, t in self.shadow.items()}
-        out: Optional[dict[str, torch.Tensor]] = {} if self.rank == dst else None
-        for name, ema in self.shadow.items():
-            send = ema.to(comm_device) if comm_device is not None else ema
-            bucket = [torch.empty_like(send) for _ in range(self.world_size)] if self.rank == dst else None
-            dist.gather(send, bucket, dst=dst)
+        """Full float32 EMA tensors, in every trainable parameter's shape, on rank ``dst`` (None elsewhere).
+        Collective: every rank calls it with the same parameters. Each rank adds its (disjoint) elements into a
+        zero tensor and the sum is reduced to ``dst``; ``comm_device`` is where it travels (CUDA for NCCL)."""
+        distributed = is_dist_initialized() and get_world_size() > 1
+        rank = dist.get_rank() if distributed else 0
+        out: Optional[dict[str, torch.Tensor]] = {} if rank == dst else None
+        for name, h in self.held.items():
+            full = torch.zeros(h.param.ds_numel if hasattr(h.param, "ds_tensor") else h.param.numel(),
+                               dtype=torch.float32, device=comm_device or self.shadow[name].device)
+            full[h.start:h.stop] = self.shadow[name].to(full.device)
+            if distributed:
+                dist.reduce(full, dst=dst)
             if out is not None:
-                numel = self.shapes[name].numel()
-                out[name] = torch.cat([b.cpu() for b in bucket])[:numel].reshape(self.shapes[name])
+                out[name] = full.cpu().reshape(h.shape)
         return out

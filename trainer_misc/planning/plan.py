@@ -76,27 +76,46 @@ def _gib(x: float) -> str:
     return f"{x:.1f} GiB" if x >= 0.1 else f"{x * 1024:.2f} MiB"
 
 
+_PART_NAMES = {"params": "params", "grads": "grads", "optimizer": "optimizer", "ema": "EMA",
+               "comm_buffers": "reduce buffers", "activations": "activations/workspace",
+               "encoders": "text encoders/VAE", "validation": "validation DiT+VAE (rank 0)",
+               "cuda_context": "CUDA context", "nccl": "NCCL", "fragmentation": "fragmentation"}
+
+
 def format_plan(result: dict) -> str:
     b = {k: v / GIB for k, v in result["peak_breakdown_bytes"].items()}
+    parts = " + ".join(f"{_PART_NAMES.get(k, k)} {_gib(v)}" for k, v in b.items() if v)
+    comm = result["comm_bytes_per_step"]
     lines = [
         f"model: {result['params']:,} parameters ({result['trainable_params']:,} trainable)",
         f"FLOPs per optimizer step: {_flops(result['flops_per_step'])} ({result['flops_per_step_note']})",
         f"most tokens on one GPU: {result['max_tokens_per_gpu']:,}",
-        f"predicted peak per GPU: {_gib(sum(b.values()))} = params {_gib(b['params'])} + grads {_gib(b['grads'])} "
-        f"+ optimizer {_gib(b['optimizer'])} + activations/workspace {_gib(b['activations'])}",
+        f"predicted peak per GPU: {_gib(sum(b.values()))} = {parts}",
         f"  ({result['sharding']})",
         f"fits in {result['gpu_memory_gib']:.0f} GiB: {'yes' if result['fits'] else 'NO'}",
     ]
     if not result["fits"]:
         lines.append(f"cheapest change that fits: {result.get('cheapest_fix') or 'none found (fewer frames, more GPUs)'}")
+    if sum(comm.values()):
+        sent = f"sent per GPU per optimizer step: {_gib(sum(comm.values()) / GIB)} (gradients " \
+               f"{_gib(comm['gradients'] / GIB)}, weights {_gib(comm['weights'] / GIB)}; {result['comm_note']})"
+        if "comm_seconds_per_step" in result:
+            sent += f"; at {result['interconnect_gbps']:g} Gbit/s per GPU: {result['comm_seconds_per_step']:.2f} s"
+            if "comm_seconds_per_step_model_dtype" in result:
+                sent += (f", {result['comm_seconds_per_step_model_dtype']:.2f} s with --grad_reduce_dtype model")
+        lines.append(sent)
+    lines.append(f"checkpoint: {_gib(result['checkpoint_bytes_per_process'] / GIB)} written by each process, "
+                 f"{_gib(result['checkpoint_bytes_total'] / GIB)} in all (fp32 master weights + AdamW moments"
+                 f"{' + EMA' if result['launch'].get('ema') else ''})")
     lines.append(result["prediction"])
     return "\n".join(lines)
 
 
-def plan_text(launch: Launch, sp_size: int = 1, gpu_memory_gib: Optional[float] = None) -> str:
+def plan_text(launch: Launch, sp_size: int = 1, gpu_memory_gib: Optional[float] = None,
+              interconnect_gbps: Optional[float] = None) -> str:
     """The plan of ``launch`` as the lines ``DRY_RUN=1`` and ``tools/plan.py`` print (``sp_size``: processes per
     sequence-parallel group, which the plan counts as whole samples)."""
-    text = format_plan(plan(launch, gpu_memory_gib or default_gpu_memory_gib()))
+    text = format_plan(plan(launch, gpu_memory_gib or default_gpu_memory_gib(), interconnect_gbps))
     if sp_size > 1:
         text += (f"\nSP_SIZE={sp_size}: this plan counts one whole sample's activations per process; sequence "
                  f"parallelism keeps about 1/{sp_size} of them per process (measured 0.54x at SP_SIZE=2 on CPU, "

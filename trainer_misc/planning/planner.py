@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, replace
+from functools import lru_cache
 from typing import Any, Optional
 
 import torch
@@ -60,6 +61,12 @@ class Launch:
     lora_rank: int = 0  # LORA_RANK; 0: full finetune
     lora_targets: tuple[str, ...] = ()  # LORA_TARGETS; empty: the kind's default (pyramid_dit/kinds.py)
     offload_optimizer: bool = False  # OFFLOAD=1 (ZeRO only)
+    text_encoder: bool = False  # LOAD_TEXT_ENCODER=1: the kind's text encoders sit on every GPU
+    vae: bool = False  # --load_vae (and always for t2i): the VAE sits on every GPU to encode during training
+    validation: bool = False  # --validation_every > 0: rank 0 keeps a sampling DiT + VAE
+    validation_offload: bool = False  # --validation_offload: ... on the CPU between validations
+    ema: bool = False  # --ema_update: an fp32 average of this GPU's share of the trainable weights
+    grad_reduce_dtype: str = "fp32"  # --grad_reduce_dtype: fp32 | model
 
     def __post_init__(self) -> None:
         if self.lora_rank < 0:
@@ -68,6 +75,8 @@ class Launch:
             raise ValueError("LoRA with zero3 is refused by the trainer; plan it with ddp or zero2")
         if self.offload_optimizer and self.shard_strategy == "ddp":
             raise ValueError("optimizer offload (OFFLOAD=1) is DeepSpeed's: plan it with zero2 or zero3")
+        if self.grad_reduce_dtype not in ("fp32", "model"):
+            raise ValueError(f"grad_reduce_dtype must be fp32 or model, got {self.grad_reduce_dtype!r}")
 
     @property
     def frames(self) -> int:
@@ -183,6 +192,7 @@ class TracedMemory:
     param_bytes: int
     grad_bytes: int  # gradients as produced by backward (model dtype)
     activation_bytes: int  # peak of everything else alive: saved activations, temporaries, inputs
+    buffer_bytes: int = 0  # the model's buffers (SD3's fixed sin-cos position table): whole on every GPU
 
 
 def _build(launch: Launch, dtype: torch.dtype = torch.bfloat16) -> torch.nn.Module:
@@ -203,46 +213,163 @@ def trace_memory(launch: Launch, shapes, dtype: torch.dtype) -> TracedMemory:
         tracker.close()
     grad_bytes = sum(p.grad.untyped_storage().nbytes() for p in params if p.grad is not None)
     return TracedMemory(param_bytes=sum(p.numel() * p.element_size() for p in params), grad_bytes=grad_bytes,
-                        activation_bytes=tracker.peak_act)
+                        activation_bytes=tracker.peak_act,
+                        buffer_bytes=sum(b.numel() * b.element_size() for b in model.buffers()))
 
 
 # ------------------------------------------------------------------------------------------------ sharding
 
+def _reduce_bytes(launch: Launch) -> int:
+    """Bytes per gradient element in the reduction (``--grad_reduce_dtype``: fp32 by default)."""
+    return 4 if launch.grad_reduce_dtype == "fp32" or launch.dtype == "fp32" else 2
+
+
 def per_gpu_bytes(launch: Launch, n_params: int, n_trainable: int, traced: TracedMemory) -> dict[str, int]:
-    """Per-GPU bytes by category after the strategy's sharding (arithmetic, stated in :data:`SHARDING_NOTE`)."""
+    """Per-GPU bytes of the training state by category after the strategy's sharding (arithmetic, stated in
+    :data:`SHARDING_NOTE`): params, grads, optimizer, ema, comm_buffers, activations."""
     n = launch.gpus
     mixed = launch.dtype != "fp32"
+    ema = math.ceil(4 * n_trainable / n) if launch.ema else 0  # fp32 average of this rank's share (ShardedEMA)
     if launch.shard_strategy == "ddp":
         # DDP keeps fp32 parameters and gradients on every GPU and autocasts the forward; AdamW: 2 fp32 states.
         # Autocast caches a low-precision copy of each trainable weight for the step (torch caches only leaves
-        # that require grad: frozen LoRA base weights are recast per use, not kept).
-        return {"params": 4 * n_params, "grads": 4 * n_trainable, "optimizer": 8 * n_trainable,
+        # that require grad: frozen LoRA base weights are recast per use, not kept). DDP's own reduce buckets are
+        # views of the gradients (gradient_as_bucket_view).
+        return {"params": 4 * n_params + traced.buffer_bytes, "grads": 4 * n_trainable, "optimizer": 8 * n_trainable,
+                "ema": ema, "comm_buffers": 0,
                 "activations": traced.activation_bytes + (2 * n_trainable if mixed else 0)}
     # DeepSpeed ZeRO: model-dtype parameters; fp32 master weights + 2 fp32 Adam states, split over the GPUs;
-    # gradients reduced / accumulated in fp32 (engine's default) into this GPU's partition, through a bucket.
-    p_bytes = traced.param_bytes
+    # gradients reduced / accumulated in fp32 (engine's default) into this GPU's partition. The reduction goes
+    # through DEEPSPEED_BUCKET_ELEMENTS-element buffers, two of them with overlap_comm (on for GPUs; DeepSpeed's
+    # stage_1_and_2.setup_buckets allocates them).
+    p_bytes = traced.param_bytes + traced.buffer_bytes
     master = 4 * n_trainable if mixed else 0
-    grads = math.ceil(4 * n_trainable / n) + 4 * min(DEEPSPEED_BUCKET_ELEMENTS, n_trainable)
+    grads = math.ceil(4 * n_trainable / n)
+    buffers = 2 * _reduce_bytes(launch) * min(DEEPSPEED_BUCKET_ELEMENTS, n_trainable)
     params = p_bytes
     optimizer = math.ceil((master + 8 * n_trainable) / n)
     if launch.offload_optimizer:
-        # ZeRO-Offload: master weights, AdamW state and the fp32 gradient partition live in host memory; the GPU
-        # keeps the reduce bucket.
-        optimizer, grads = 0, 4 * min(DEEPSPEED_BUCKET_ELEMENTS, n_trainable)
+        # ZeRO-Offload: master weights, AdamW state, the fp32 gradient partition (and so the EMA) live in host
+        # memory; the GPU keeps the reduce buffers.
+        optimizer, grads, ema = 0, 0, 0
     if launch.shard_strategy == "zero3":
-        elem = p_bytes // max(n_params, 1)
-        params = math.ceil(p_bytes / n) + elem * min(DEEPSPEED_BUCKET_ELEMENTS, n_params)  # + prefetched blocks
-    return {"params": params, "grads": grads, "optimizer": optimizer, "activations": traced.activation_bytes}
+        elem = traced.param_bytes // max(n_params, 1)
+        params = (math.ceil(traced.param_bytes / n) + traced.buffer_bytes
+                  + elem * min(DEEPSPEED_BUCKET_ELEMENTS, n_params))  # + prefetched blocks
+    return {"params": params, "grads": grads, "optimizer": optimizer, "ema": ema, "comm_buffers": buffers,
+            "activations": traced.activation_bytes}
 
 
 SHARDING_NOTE = {
     "ddp": "DDP: fp32 params, grads and AdamW state on every GPU; activations traced (+ autocast copies of the "
            "trainable weights)",
     "zero2": "ZeRO-2 arithmetic: params in model dtype on every GPU; fp32 grads, master weights and AdamW state "
-             "divided by the GPU count (+ one fp32 reduce bucket); activations traced",
+             "divided by the GPU count (+ two reduce buffers); activations traced",
     "zero3": "ZeRO-3 arithmetic: params, fp32 grads, master weights and AdamW state divided by the GPU count "
-             "(+ one prefetch bucket of gathered params and one fp32 reduce bucket); activations traced",
+             "(+ one prefetch bucket of gathered params and two reduce buffers); activations traced",
 }
+
+
+# ------------------------------------------------------------------------------------------------ what else is resident
+
+# Margins for what no trace sees, stated as such (not measured here): the CUDA context with cuBLAS / cuDNN
+# workspaces lives outside torch's allocator (0.5-1 GiB per process on recent GPUs; counted as 1 GiB); NCCL's
+# buffers for the process groups of a multi-GPU launch (counted as 0.5 GiB); and the caching allocator's
+# fragmentation, counted as a fraction of the allocated peak. tools/gpu_check.sh measures the last on a GPU.
+CUDA_CONTEXT_BYTES = GIB
+NCCL_BYTES = GIB // 2
+FRAGMENTATION = 0.10
+
+
+@lru_cache(maxsize=None)
+def text_encoder_params(model_kind: str) -> int:
+    """Parameters of the kind's released text encoders, counted on the meta device from their configurations."""
+    import transformers
+
+    from pyramid_dit.kinds import get_kind
+
+    kind = get_kind(model_kind)
+    classes = kind.text_encoder().subfolders
+    total = 0
+    for name, config in kind.text_encoder_configs.items():
+        cls = getattr(transformers, classes[name].split()[0])
+        with torch.device("meta"):
+            total += sum(p.numel() for p in cls(cls.config_class(**config)).parameters())
+    return total
+
+
+@lru_cache(maxsize=None)
+def vae_params() -> int:
+    """Parameters of the released causal video VAE, counted on the meta device."""
+    from pyramid_dit.kinds import VAE_CONFIG
+    from video_vae.modeling_causal_vae import CausalVideoVAE
+
+    with torch.device("meta"):
+        return sum(p.numel() for p in CausalVideoVAE(**VAE_CONFIG).parameters())
+
+
+def resident_model_bytes(launch: Launch, n_params: int, buffer_bytes: int) -> dict[str, int]:
+    """Frozen models the launch keeps on the GPU besides the trained DiT, in the run's dtype: the text encoders
+    (``LOAD_TEXT_ENCODER=1``) and the VAE (``--load_vae``, t2i) on every GPU; rank 0's validation DiT + VAE
+    (``--validation_every`` without ``--validation_offload``). Their no-grad forwards' transients are not
+    counted (they end before the DiT's step)."""
+    elem = _ELEMENT_BYTES[launch.dtype]
+    encoders = (text_encoder_params(launch.model_kind) * elem if launch.text_encoder else 0) + \
+        (vae_params() * elem if launch.vae or launch.task == "t2i" else 0)
+    validation = (n_params * elem + buffer_bytes + vae_params() * elem
+                  if launch.validation and not launch.validation_offload else 0)
+    return {"encoders": encoders, "validation": validation}
+
+
+def runtime_bytes(launch: Launch, allocated: int) -> dict[str, int]:
+    """The margins above, for a launch whose torch allocator peaks at ``allocated`` bytes."""
+    return {"cuda_context": CUDA_CONTEXT_BYTES, "nccl": NCCL_BYTES if launch.gpus > 1 else 0,
+            "fragmentation": int(FRAGMENTATION * allocated)}
+
+
+_ELEMENT_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+
+
+# ------------------------------------------------------------------------------------------------ bytes that move
+
+def micro_batches_per_step(launch: Launch) -> int:
+    """Forward/backward passes per optimizer step on each GPU: GRAD_ACCU_STEPS, times the slots each process
+    trains when an AR sync group is virtual (larger than the process count)."""
+    virtual = max(launch.video_sync_group // launch.gpus, 1) if launch.task == "ar" else 1
+    return launch.grad_accum * virtual
+
+
+def comm_bytes_per_step(launch: Launch, n_params: int, n_trainable: int) -> dict[str, int]:
+    """Bytes each GPU sends per optimizer step for data parallelism (ring collectives: ``(n-1)/n`` of the buffer
+    per reduce-scatter or all-gather, twice that per all-reduce). Sequence-parallel all-to-alls and the AR sync
+    group's few host bytes are not counted.
+
+    * DDP: one all-reduce of the gradients per optimizer step (accumulation runs without sync).
+    * ZeRO-2: a reduce-scatter of the gradients in every micro-batch (DeepSpeed reduces as backward produces them),
+      then an all-gather of the updated model-dtype weights.
+    * ZeRO-3: per micro-batch, the weights all-gathered for forward and again for backward (and for the
+      recomputed blocks with gradient checkpointing) and the gradients reduce-scattered.
+    """
+    n = launch.gpus
+    if n == 1:
+        return {"gradients": 0, "weights": 0}
+    ring = (n - 1) / n
+    grad = n_trainable * _reduce_bytes(launch)
+    weight = n_trainable * _ELEMENT_BYTES[launch.dtype]
+    micro = micro_batches_per_step(launch)
+    if launch.shard_strategy == "ddp":
+        return {"gradients": int(2 * ring * grad), "weights": 0}
+    if launch.shard_strategy == "zero2":
+        return {"gradients": int(micro * ring * grad), "weights": int(ring * weight)}
+    gathers = 2 + (launch.gradient_checkpointing_ratio if launch.gradient_checkpointing else 0)
+    return {"gradients": int(micro * ring * grad),
+            "weights": int(micro * gathers * ring * n_params * _ELEMENT_BYTES[launch.dtype])}
+
+
+def checkpoint_bytes(launch: Launch, n_trainable: int) -> int:
+    """Bytes each process writes per checkpoint: its share of the fp32 master weights and both AdamW moments (and
+    the EMA) -- what ``save_checkpoint`` writes under every strategy."""
+    return 4 * (3 + launch.ema) * math.ceil(n_trainable / launch.gpus)
 
 
 # ------------------------------------------------------------------------------------------------ the plan
@@ -254,12 +381,21 @@ def model_size(launch: Launch) -> tuple[int, int]:
             sum(p.numel() for p in model.parameters() if p.requires_grad))
 
 
+def memory_parts(launch: Launch, n_params: int, n_trainable: int, traced: TracedMemory) -> dict[str, int]:
+    """Everything one GPU holds at the step's peak, by category: the training state (:func:`per_gpu_bytes`), the
+    frozen models resident beside it (:func:`resident_model_bytes`) and the runtime margins (:func:`runtime_bytes`)."""
+    parts = per_gpu_bytes(launch, n_params, n_trainable, traced)
+    parts.update(resident_model_bytes(launch, n_params, traced.buffer_bytes))
+    parts.update(runtime_bytes(launch, sum(parts.values())))
+    return parts
+
+
 def predict_memory(launch: Launch) -> tuple[dict[str, int], int]:
-    """Per-GPU bytes by category for the rank with the most tokens, and that token count."""
+    """:func:`memory_parts` for the rank with the most tokens, and that token count."""
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[launch.dtype]
     heaviest = max(rank_shapes(launch), key=_tokens)
     n_params, n_trainable = model_size(launch)
-    return per_gpu_bytes(launch, n_params, n_trainable, trace_memory(launch, heaviest, dtype)), _tokens(heaviest)
+    return memory_parts(launch, n_params, n_trainable, trace_memory(launch, heaviest, dtype)), _tokens(heaviest)
 
 
 def flops_per_step(launch: Launch) -> int:
@@ -272,8 +408,10 @@ def flops_per_step(launch: Launch) -> int:
     return count_flops(launch, all_columns) * (1 if launch.task == "ar" else launch.gpus)
 
 
-def plan(launch: Launch, gpu_memory_gib: float) -> dict[str, Any]:
-    """FLOPs per optimizer step, predicted peak memory per GPU and whether it fits; see module docstring."""
+def plan(launch: Launch, gpu_memory_gib: float, interconnect_gbps: Optional[float] = None) -> dict[str, Any]:
+    """FLOPs per optimizer step, predicted peak memory per GPU and whether it fits, bytes sent per step and written
+    per checkpoint; see module docstring. ``interconnect_gbps``: each GPU's network bandwidth in Gbit/s, to turn the
+    bytes sent into seconds."""
     n_params, n_trainable = model_size(launch)
     parts, tokens = predict_memory(launch)
     peak = sum(parts.values())
@@ -282,15 +420,17 @@ def plan(launch: Launch, gpu_memory_gib: float) -> dict[str, Any]:
     if launch.offload_optimizer:
         lora += (f"; OFFLOAD=1: master weights, AdamW state and fp32 gradient partition in host memory "
                  f"({math.ceil(16 * n_trainable / launch.gpus) / GIB:.1f} GiB of CPU RAM per process), GPU keeps "
-                 "the reduce bucket")
+                 "the reduce buffers")
+    comm = comm_bytes_per_step(launch, n_params, n_trainable)
+    sent = sum(comm.values())
     result: dict[str, Any] = {
         "launch": {k: v for k, v in asdict(launch).items() if k != "model_config"},
         "params": n_params,
         "trainable_params": n_trainable,
         "flops_per_step": flops_per_step(launch),
-        "flops_per_step_note": f"forward+backward of the {launch.gpus} GPU(s) x {launch.grad_accum} micro-batch(es) "
-                               "of optimizer step 1; FlopCounterMode on meta tensors, 2 FLOPs per multiply-add; "
-                               "gradient-checkpointing recompute not included",
+        "flops_per_step_note": f"forward+backward of the {launch.gpus} GPU(s) x {micro_batches_per_step(launch)} "
+                               "micro-batch(es) of optimizer step 1; FlopCounterMode on meta tensors, 2 FLOPs per "
+                               "multiply-add; gradient-checkpointing recompute not included",
         "max_tokens_per_gpu": tokens,
         "peak_gib_per_gpu": round(peak / GIB, 2),
         "peak_breakdown_gib": {k: round(v / GIB, 2) for k, v in parts.items()},
@@ -298,19 +438,39 @@ def plan(launch: Launch, gpu_memory_gib: float) -> dict[str, Any]:
         "sharding": SHARDING_NOTE[launch.shard_strategy] + lora,
         "gpu_memory_gib": gpu_memory_gib,
         "fits": peak <= gpu_memory_gib * GIB,
+        "comm_bytes_per_step": comm,
+        "comm_note": "bytes each GPU sends per optimizer step for data parallelism (ring collectives; "
+                     f"gradients reduced in {'fp32' if _reduce_bytes(launch) == 4 else launch.dtype})",
+        "checkpoint_bytes_per_process": checkpoint_bytes(launch, n_trainable),
+        "checkpoint_bytes_total": checkpoint_bytes(launch, n_trainable) * launch.gpus,
         "prediction": "PREDICTION from CPU tracing (meta tensors); the activation part was 10-16% above what one "
-                      "H200 measured for both released kinds (tools/measure_gpu.py); the CUDA context (~0.5-1 GiB), "
-                      "NCCL buffers and allocator fragmentation are not included",
+                      "H200 measured for both released kinds (tools/measure_gpu.py); CUDA context, NCCL and "
+                      "allocator fragmentation are margins (trainer_misc/planning/planner.py), not measurements",
     }
+    if interconnect_gbps:
+        seconds = sent / (interconnect_gbps * 1e9 / 8)
+        result["interconnect_gbps"] = interconnect_gbps
+        result["comm_seconds_per_step"] = round(seconds, 3)
+        if launch.grad_reduce_dtype == "fp32" and launch.dtype != "fp32":
+            halved = replace(launch, grad_reduce_dtype="model")
+            result["comm_seconds_per_step_model_dtype"] = round(
+                sum(comm_bytes_per_step(halved, n_params, n_trainable).values()) / (interconnect_gbps * 1e9 / 8), 3)
     if not result["fits"]:
         result["cheapest_fix"] = cheapest_fix(launch, gpu_memory_gib)
     return result
 
 
 def cheapest_fix(launch: Launch, gpu_memory_gib: float) -> Optional[str]:
-    """The first change, cheapest first, whose plan fits: gradient checkpointing, optimizer offload, zero3, fewer
-    frames, more GPUs."""
+    """The first change, cheapest first, whose plan fits: validation offload, pre-extracted text features, ZeRO-2
+    for LoRA, gradient checkpointing, optimizer offload, zero3, fewer frames, more GPUs."""
     candidates: list[tuple[str, Launch]] = []
+    if launch.validation and not launch.validation_offload:
+        candidates.append(("EXTRA_ARGS=--validation_offload (rank 0's sampling DiT and VAE on the CPU between "
+                           "validations)", replace(launch, validation_offload=True)))
+    if launch.text_encoder:
+        candidates.append(("LOAD_TEXT_ENCODER=0 with text features extracted beforehand "
+                           "(scripts/extract_text_feature.sh): the text encoders leave the GPUs",
+                           replace(launch, text_encoder=False)))
     if launch.lora_rank and launch.shard_strategy == "ddp" and launch.dtype != "fp32":
         # DDP keeps the frozen base in fp32; ZeRO-2 (on any process count) keeps it in the model dtype.
         candidates.append(("SHARD_STRATEGY=zero2 (frozen base weights in bf16 instead of fp32)",

@@ -10,9 +10,9 @@ the few facts every other module needs in one place:
 * how long a collective may wait for a peer before the run fails (``COLLECTIVE_TIMEOUT_MIN``, see
   :func:`collective_timeout`);
 * small collectives that let rank 0 decide for everyone (:func:`broadcast_object`, :func:`any_rank`);
-* the *video sync group* layout of the autoregressive (temporal pyramid) path: ranks ``r`` with the same
-  ``r // video_sync_group`` read the same clip, and ``r % video_sync_group`` is the rank's position inside its group
-  (the objective uses it to pick which temporal unit this rank trains);
+* the *slots* of a run (:class:`SlotLayout`): the autoregressive path's video sync groups (the slots of a group read
+  the same clip, and a slot's position in its group picks the temporal unit it trains), fixed for the run's life so
+  that a resume on another process count trains the same global batch;
 * the *sequence-parallel* (SP) groups: ``sp_size`` consecutive ranks hold one sample and split its tokens
   (:mod:`pyramid_dit.sequence_parallel`). The layout is data parallel x sync group x sequence parallel: rank
   ``r`` is SP rank ``r % sp_size`` of data rank ``r // sp_size``, and the sync-group layout above applies to data
@@ -30,8 +30,9 @@ import torch
 import torch.distributed as dist
 
 __all__ = [
+    "Lane",
     "ParallelLayout",
-    "SyncGroupPosition",
+    "SlotLayout",
     "backend_for_device",
     "barrier",
     "destroy_process_group",
@@ -43,13 +44,14 @@ __all__ = [
     "is_main_process",
     "parallel_layout",
     "sequence_parallel_group",
+    "all_gather_object",
     "all_reduce_sum",
     "all_reduce_host",
     "any_rank",
     "broadcast_object",
     "collective_timeout",
     "host_group",
-    "sync_group_position",
+    "slot_layout",
 ]
 
 
@@ -175,6 +177,15 @@ def all_reduce_host(values: Sequence[float], op: str = "sum") -> List[float]:
     return out.tolist()
 
 
+def all_gather_object(obj: Any) -> list[Any]:
+    """``obj`` of every rank, in rank order, on every rank (small picklable values made by our own code)."""
+    if not (is_dist_initialized() and get_world_size() > 1):
+        return [obj]
+    out: list[Any] = [None] * get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def any_rank(flag: bool) -> bool:
     """True on every rank when ``flag`` is True on at least one (one tiny host-side all-reduce)."""
     return all_reduce_host([1.0 if flag else 0.0], op="max")[0] > 0
@@ -238,80 +249,102 @@ def ensure_launcher_env() -> bool:
 
 
 @dataclass(frozen=True)
-class SyncGroupPosition:
-    """Where a rank sits in the video-sync-group layout.
+class Lane:
+    """One data stream a process reads: sampler replica ``group`` (a video sync group: its slots read the same
+    batches) and the ``positions`` of that group's slots this process trains, in order."""
 
-    ``group_index`` selects the data shard (all ranks of a group read the same clips); ``positions`` are the slots
-    of the group this rank trains, in order (the autoregressive objective trains a different temporal unit per
-    slot). A *real* group (processes a multiple of the group size) gives each rank one slot. A *virtual* group
-    (group size a multiple of the processes) spreads all slots over the processes: each trains
-    ``group_size // world_size`` consecutive slots of the same clip one after the other, accumulated into the same
-    optimizer step, so one GPU performs the update of a whole group.
+    group: int
+    positions: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class SlotLayout:
+    """Which training *slots* a process trains: the unit of the run's global batch.
+
+    A run has ``num_groups * group_size`` slots, fixed when it starts (``num_groups`` data streams, i.e. sampler
+    replicas, of ``group_size`` = ``VIDEO_SYNC_GROUP`` slots each; 1 without the temporal pyramid). Slot ``s`` is
+    position ``s % group_size`` of group ``s // group_size``, draws its noise from the stream seeded ``seed + s``,
+    and is what rank ``s`` trains when there is one process per slot. With fewer processes each trains a
+    contiguous run of slots in turn, accumulated into the same optimizer step: the same update, more time per step
+    (a *virtual* group). So a checkpoint resumes on any process count that divides the slot count, with the same
+    global batch and the same random streams.
     """
 
     group_size: int
-    group_index: int
-    positions: tuple[int, ...]
     num_groups: int
+    lanes: tuple[Lane, ...]
 
     @property
-    def position(self) -> int:
-        """The first (with a real group: the only) slot of this rank."""
-        return self.positions[0]
+    def slots(self) -> tuple[int, ...]:
+        """This process's slots, as global slot indices (``group * group_size + position``)."""
+        return tuple(lane.group * self.group_size + p for lane in self.lanes for p in lane.positions)
 
     @property
     def virtual(self) -> int:
-        """Slots this rank trains per micro-batch (1 for a real group)."""
-        return len(self.positions)
+        """Slots this process trains per micro-batch (1: one process per slot)."""
+        return len(self.slots)
+
+    @property
+    def total_slots(self) -> int:
+        return self.num_groups * self.group_size
 
 
-def sync_group_position(rank: int, world_size: int, group_size: int) -> SyncGroupPosition:
-    """Sync-group layout: the one place that decides which group slots each process trains.
+def slot_layout(rank: int, world_size: int, group_size: int, num_groups: Optional[int] = None) -> SlotLayout:
+    """The slots data-parallel rank ``rank`` of ``world_size`` trains: the one place that decides it.
 
-    ``world_size % group_size == 0``: consecutive ranks form real groups, rank ``r`` is slot ``r % group_size`` of
-    group ``r // group_size``. ``group_size % world_size == 0`` (more slots than processes): one virtual group, rank
-    ``r`` trains slots ``r * v .. r * v + v - 1`` with ``v = group_size // world_size``. ``group_size`` 1 means
-    every rank reads its own data.
+    ``num_groups`` is the run's number of data streams; a new run takes ``max(1, world_size // group_size)`` (one
+    slot per process when the processes are a multiple of the group, one virtual group otherwise) and keeps it for
+    its whole life, whatever the process count of a resumed launch. The slot count must be a multiple of the
+    process count (every process trains as many slots).
     """
     if group_size < 1:
         raise ValueError(f"video_sync_group must be >= 1, got {group_size}")
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside world of size {world_size}")
-    if world_size % group_size == 0:
-        return SyncGroupPosition(group_size=group_size, group_index=rank // group_size,
-                                 positions=(rank % group_size,), num_groups=world_size // group_size)
-    if group_size % world_size == 0:
-        per_rank = group_size // world_size
-        return SyncGroupPosition(group_size=group_size, group_index=0,
-                                 positions=tuple(range(rank * per_rank, (rank + 1) * per_rank)), num_groups=1)
-    raise ValueError(f"the number of processes ({world_size}) and video_sync_group ({group_size}) must divide one "
-                     f"another: a multiple of the group gives real groups (one slot per process), a divisor of it a "
-                     f"virtual group (each process trains group/processes slots in turn); set VIDEO_SYNC_GROUP to "
-                     f"a divisor or a multiple of GPUS*NNODES={world_size}")
+    if num_groups is None:
+        if world_size % group_size and group_size % world_size:
+            raise ValueError(f"the number of processes ({world_size}) and video_sync_group ({group_size}) must divide "
+                             "one another: a multiple of the group gives real groups (one slot per process), a divisor "
+                             "of it a virtual group (each process trains group/processes slots in turn); set "
+                             f"VIDEO_SYNC_GROUP to a divisor or a multiple of GPUS*NNODES={world_size}")
+        num_groups = max(1, world_size // group_size)
+    total = num_groups * group_size
+    if total % world_size:
+        raise ValueError(f"this run trains {total} slots ({num_groups} data stream(s) x VIDEO_SYNC_GROUP={group_size}) "
+                         f"per optimizer step; {world_size} data-parallel processes cannot share them equally: use a "
+                         f"process count (GPUS*NNODES/SP_SIZE) that divides {total}, or a new OUTPUT_DIR")
+    per_process = total // world_size
+    mine = range(rank * per_process, (rank + 1) * per_process)
+    lanes: dict[int, list[int]] = {}
+    for s in mine:
+        lanes.setdefault(s // group_size, []).append(s % group_size)
+    return SlotLayout(group_size=group_size, num_groups=num_groups,
+                      lanes=tuple(Lane(group, tuple(positions)) for group, positions in lanes.items()))
 
 
 @dataclass(frozen=True)
 class ParallelLayout:
-    """Where a rank sits in data parallel x sync group x sequence parallel.
+    """Where a rank sits in data parallel x slots x sequence parallel.
 
     ``sp_rank``/``sp_size``: this rank's place in its SP group (the ranks sharing one sample's tokens).
     ``data_rank``/``data_world``: the rank and count of *data-parallel* ranks, i.e. SP groups; everything that
-    decides what a rank reads or draws (sampler shard, sync-group slot, noise seed) uses these, so the ranks of an
-    SP group read the same batch and draw the same noise. ``sync``: the sync-group layout over data ranks.
+    decides what a rank reads or draws (sampler replicas, slots, noise seeds) uses these, so the ranks of an SP group
+    read the same batches and draw the same noise. ``slots``: the slots this data rank trains.
     """
 
     sp_size: int
     sp_rank: int
     data_rank: int
     data_world: int
-    sync: SyncGroupPosition
+    slots: SlotLayout
 
 
-def parallel_layout(rank: int, world_size: int, video_sync_group: int = 1, sp_size: int = 1) -> ParallelLayout:
+def parallel_layout(rank: int, world_size: int, video_sync_group: int = 1, sp_size: int = 1,
+                    num_groups: Optional[int] = None) -> ParallelLayout:
     """The one place that checks and decides the rank layout (see the module docstring).
 
-    Constraints: ``sp_size`` divides the number of processes; the data ranks (processes / ``sp_size``) and
-    ``video_sync_group`` divide one another (:func:`sync_group_position`).
+    Constraints: ``sp_size`` divides the number of processes; the data ranks (processes / ``sp_size``) share the
+    run's slots equally (:func:`slot_layout`; ``num_groups``: the run's data streams, None for a new run).
     """
     if sp_size < 1:
         raise ValueError(f"SP_SIZE (sequence-parallel size) must be >= 1, got {sp_size}")
@@ -320,7 +353,7 @@ def parallel_layout(rank: int, world_size: int, video_sync_group: int = 1, sp_si
                          f"sample is split over SP_SIZE consecutive processes")
     data_world = world_size // sp_size
     return ParallelLayout(sp_size=sp_size, sp_rank=rank % sp_size, data_rank=rank // sp_size, data_world=data_world,
-                          sync=sync_group_position(rank // sp_size, data_world, video_sync_group))
+                          slots=slot_layout(rank // sp_size, data_world, video_sync_group, num_groups))
 
 
 def sequence_parallel_group(sp_size: int) -> Optional[dist.ProcessGroup]:

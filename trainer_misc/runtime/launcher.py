@@ -196,15 +196,15 @@ def pick_interface(master_addr: str, master_port: int) -> tuple[Optional[str], s
 
 def network_env(layout: NodeLayout, env: Mapping[str, str], prog: str) -> dict[str, str]:
     """Across nodes: ``GLOO_SOCKET_IFNAME`` (the host group every step uses) and ``NCCL_SOCKET_IFNAME`` set to the
-    interface that routes to ``MASTER_ADDR``, unless the user set them; said on the launch line. A hostname that
-    resolves to loopback would make gloo listen where the other nodes cannot reach it: refused."""
+    interface that routes to ``MASTER_ADDR``, unless the user set them; said on the launch line. Without it gloo
+    binds to whatever this host's name resolves to, often a loopback address (Debian's ``127.0.1.1``) the other
+    nodes cannot reach."""
     if layout.nnodes == 1:
         return {}
     interface, local = pick_interface(layout.master_addr, layout.master_port)
     if ipaddress.ip_address(local).is_loopback:
-        raise ConfigError(f"MASTER_ADDR={layout.master_addr} is reached through loopback ({local}) on this node, so "
-                          "the other nodes cannot reach it: set MASTER_ADDR to the address of node 0 on the network "
-                          "the nodes share (and GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME to its interface)")
+        say(prog, f"MASTER_ADDR={layout.master_addr} is reached through loopback ({local}): right when every node runs "
+                  "on this host; across hosts set MASTER_ADDR to node 0's address on the network they share")
     out: dict[str, str] = {}
     for var in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
         if _env(env, var):

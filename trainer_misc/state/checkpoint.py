@@ -1,22 +1,30 @@
-"""Training checkpoints: atomic save, load, and what a rank keeps of its own (RNG states, EMA chunks).
+"""Training checkpoints: written atomically by every rank in one pass, read back by any process count and strategy.
 
 Layout of one checkpoint (``<output_dir>/checkpoints/checkpoint-<step>/``, ``step`` = optimizer steps done)::
 
-    trainer_state.json          step, data position, counters, run settings (rank 0)
-    engine/                     model + optimizer: DeepSpeed's ZeRO files, or model/optimizer safetensors (DDP)
-    rank_00000/rng.safetensors  torch / CUDA / numpy / python RNG states of that rank (+ rng.json)
-    rank_00000/ema.safetensors  that rank's EMA chunks (when EMA is on)
-    complete                    marker, written last
+    trainer_state.json              step, data position, counters, the run's slot layout and settings (rank 0)
+    optimizer.json                  AdamW's step count, the fp16 loss scale (rank 0)
+    weights/rank_00000.safetensors  that rank's fragments of each trainable parameter's fp32 master weights,
+                                    AdamW moments and EMA (``<name>::fp32|exp_avg|exp_avg_sq|ema``, with offsets)
+    rng/slot_00000.safetensors      each training slot's torch random state (``torch_cpu``, ``torch_cuda``)
+    rng/process_00000.safetensors   each process's python / numpy / torch states (+ ``.json``)
+    complete                        manifest, written last: every file's size and SHA-256
 
-Every rank writes into ``checkpoint-<step>.tmp``; once all ranks are done rank 0 writes ``complete`` and renames
-the folder, so a checkpoint folder either is complete or does not exist under its final name. A run killed while
-saving leaves a ``.tmp`` folder that the lookup ignores and the next save replaces. Multi-node runs need
-``output_dir`` on a filesystem every node sees (as DeepSpeed's own checkpoints do).
+**Any layout.** What a rank writes is what it holds (:mod:`trainer_misc.optim.master`): its fragment of the fp32
+master weights and moments under ZeRO, its chunk of the replicated parameters under DDP; nothing is gathered. A
+later launch reads the ranges *it* holds (:class:`trainer_misc.state.fragments.FragmentReader`), so a ZeRO-2 run on
+2 GPUs resumes on 1 GPU, under ZeRO-3 or DDP, with the same weights, moments and EMA. The random streams are saved
+per training *slot* (``trainer_misc.runtime.distributed.SlotLayout``), not per process, so the resumed slots draw the
+same noise wherever they now run. Frozen parameters (LoRA's base, ...) are not saved: they are the pretrained
+weights the run loads at start.
 
-``complete`` lists every file with its size and SHA-256; resume verifies them and never runs pickled code, and a
-failed write (disk full) keeps the earlier checkpoints: see :mod:`trainer_misc.state.trust`. Everything we write is
-safetensors or JSON. Which checkpoint a run resumes from is decided in :mod:`trainer_misc.loop.resume`; the
-exported model folders are :mod:`trainer_misc.state.export`.
+**Atomic, verified.** Every rank writes into ``checkpoint-<step>.tmp``; each file's size and SHA-256 come from the
+bytes as they were written (:class:`trainer_misc.files.FileDigest`: no second pass over gigabytes, which matters when
+a preemption leaves seconds to save). Once all ranks are done rank 0 writes ``complete`` and renames the folder, so
+a checkpoint either is complete or does not exist under its final name. Resume verifies the manifest and never runs
+pickled code (:mod:`trainer_misc.state.trust`): every file is safetensors or JSON. Which checkpoint a run resumes
+from is decided in :mod:`trainer_misc.loop.resume`; the exported model folders are :mod:`trainer_misc.state.export`.
+Multi-node runs need ``output_dir`` on storage every node sees (checked at start-up: :mod:`trainer_misc.state.storage`).
 """
 from __future__ import annotations
 
@@ -30,130 +38,84 @@ from typing import TYPE_CHECKING, Any, Mapping, Optional
 import torch
 
 from pyramid_dit.tensor_files import load_tensor_file
-from trainer_misc.files import atomic_save_safetensors, read_json, write_json_atomic
-from trainer_misc.runtime.distributed import barrier, broadcast_object
+from trainer_misc.files import FileDigest, atomic_save_safetensors, read_json, write_json_atomic
+from trainer_misc.optim.master import PARTS, ensure_optimizer_state, held_elements, optimizer_steps, set_model_weights
+from trainer_misc.runtime.distributed import all_gather_object, barrier
+from trainer_misc.state.fragments import Fragment, FragmentReader, write_fragments
 from trainer_misc.state.rng import capture_rng_state, restore_rng_state
 from trainer_misc.state.trust import (
     CHECKPOINT_PREFIX,
     COMPLETE_MARKER,
     TRAINER_STATE,
+    CheckpointError,
     CheckpointWriteError,
-    _all_gather,
-    _hash_share,
     _is_write_error,
-    _payload_files,
     _write_failed,
     list_checkpoints,
-    safe_torch_load,
 )
 
 if TYPE_CHECKING:
     from trainer_misc.optim.ema import ShardedEMA
     from trainer_misc.optim.engine import TrainEngine
+    from trainer_misc.state.rng import SlotStreams
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["load_checkpoint", "load_engine_state", "load_rank_tensors", "optimizer_state_from_flat",
-           "optimizer_state_to_flat", "restore_rank_rng", "save_checkpoint", "save_engine_state"]
+__all__ = ["FORMAT", "load_checkpoint", "read_trainer_state", "restore_process_rng", "save_checkpoint"]
+
+FORMAT = 2  # trainer_state.json "format": the layout above (1: DeepSpeed's own per-rank files, not readable here)
+OPTIMIZER_STATE = "optimizer.json"
+EMA = "ema"
 
 
-def _rank_dir(root: Path, rank: int) -> Path:
-    return Path(root) / f"rank_{rank:05d}"
+def _fragments(engine: "TrainEngine", ema: Optional["ShardedEMA"]) -> dict[str, Fragment]:
+    """What this rank holds of every trainable parameter's master weights, moments and EMA, as fragments."""
+    ensure_optimizer_state(engine, optimizer_steps(engine))  # a run whose every update so far was skipped has none
+    out: dict[str, Fragment] = {}
+    for held in held_elements(engine, replicated="chunk"):
+        for part in PARTS:
+            out[f"{held.name}::{part}"] = Fragment(held.start, held.views(part).detach().cpu(), held.shape)
+        if ema is not None:
+            out[f"{held.name}::{EMA}"] = Fragment(held.start, ema.shadow[held.name].detach().cpu(), held.shape)
+    return out
 
 
-# ------------------------------------------------------------------------------------------------- optimizer
-
-def optimizer_state_to_flat(state_dict: Mapping) -> tuple[dict[str, torch.Tensor], dict]:
-    """A torch optimizer ``state_dict()`` as flat tensors (``state.<param id>.<name>``) + JSON metadata."""
-    tensors: dict[str, torch.Tensor] = {}
-    scalars: dict[str, dict[str, Any]] = {}
-    for pid, entry in state_dict["state"].items():
-        for name, value in entry.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"state.{pid}.{name}"] = value
-            else:
-                scalars.setdefault(str(pid), {})[name] = value
-    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in state_dict["param_groups"]]
-    return tensors, {"param_groups": groups, "scalars": scalars, "tensor_params": sorted(
-        {int(k.split(".")[1]) for k in tensors})}
-
-
-def optimizer_state_from_flat(tensors: Mapping[str, torch.Tensor], meta: Mapping) -> dict:
-    state: dict[int, dict[str, Any]] = {}
-    for key, value in tensors.items():
-        _, pid, name = key.split(".", 2)
-        state.setdefault(int(pid), {})[name] = value
-    for pid, entry in meta["scalars"].items():
-        state.setdefault(int(pid), {}).update(entry)
-    groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in meta["param_groups"]]
-    return {"state": state, "param_groups": groups}
-
-
-# ------------------------------------------------------------------------------------------------- engine state
-
-def save_engine_state(engine: "TrainEngine", directory: Path) -> None:
-    """Model + optimizer (+ fp16 loss scaler) into ``directory``. Collective: every rank must call it.
-
-    DeepSpeed writes its own per-rank ZeRO files (model and optimizer partitions, ``torch.save``; read back
-    without running pickled code, see :func:`load_engine_state`); DDP writes
-    ``model.safetensors``, ``optimizer.safetensors`` + ``optimizer.json`` (and ``grad_scaler.json``) on rank 0.
-    """
-    directory = Path(directory)
+def _loss_scale(engine: "TrainEngine") -> Optional[dict[str, Any]]:
+    """fp16's dynamic loss-scale state (None in bf16 / fp32)."""
+    if engine.cfg.mixed_precision != "fp16":
+        return None
     if engine.is_deepspeed:
-        engine.model.save_checkpoint(str(directory), tag="zero", save_latest=False)
-        return
-    if engine.is_main:
-        directory.mkdir(parents=True, exist_ok=True)
-        atomic_save_safetensors(engine.module.state_dict(), directory / "model.safetensors")
-        tensors, meta = optimizer_state_to_flat(engine.optimizer.optimizer.state_dict())
-        atomic_save_safetensors(tensors, directory / "optimizer.safetensors")
-        write_json_atomic(meta, directory / "optimizer.json")
-        if engine.accelerator.scaler is not None:
-            write_json_atomic(engine.accelerator.scaler.state_dict(), directory / "grad_scaler.json")
+        scaler = engine.optimizer.optimizer.loss_scaler
+        return {k: getattr(scaler, k) for k in ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis")
+                if hasattr(scaler, k)}
+    scaler = engine.accelerator.scaler
+    return scaler.state_dict() if scaler is not None else None
 
-def load_engine_state(engine: "TrainEngine", directory: Path) -> None:
-    """Inverse of :func:`save_engine_state` (same strategy and number of processes). Collective."""
-    directory = Path(directory)
+
+def _restore_loss_scale(engine: "TrainEngine", state: Optional[Mapping[str, Any]]) -> None:
+    if not state or engine.cfg.mixed_precision != "fp16":
+        return
     if engine.is_deepspeed:
-        if not (directory / "zero").is_dir():
-            raise FileNotFoundError(f"{directory}: no DeepSpeed state ('zero' folder); was the checkpoint "
-                                    f"written with strategy {engine.cfg.strategy!r}?")
-        # DeepSpeed reads its files with torch.load(weights_only=False), which runs whatever a planted pickle
-        # says; every read of load_checkpoint goes through the DeepSpeed engine's checkpoint_engine.load.
-        engine.model.checkpoint_engine.load = safe_torch_load
-        path, _ = engine.model.load_checkpoint(str(directory), tag="zero", load_optimizer_states=True,
-                                             load_lr_scheduler_states=False, load_module_strict=True)
-        if path is None:
-            raise RuntimeError(f"DeepSpeed could not load the checkpoint in {directory}")
-        return
-    model_file = directory / "model.safetensors"
-    if not model_file.is_file():
-        raise FileNotFoundError(f"{model_file} missing; was the checkpoint written with strategy 'ddp'?")
-    state = load_tensor_file(model_file)
-    engine.module.load_state_dict(state, strict=True)
-    flat = load_tensor_file(directory / "optimizer.safetensors")
-    engine.optimizer.optimizer.load_state_dict(
-        optimizer_state_from_flat(flat, read_json(directory / "optimizer.json")))
-    scaler_file = directory / "grad_scaler.json"
-    if engine.accelerator.scaler is not None and scaler_file.is_file():
-        engine.accelerator.scaler.load_state_dict(read_json(scaler_file))
+        for key, value in state.items():
+            setattr(engine.optimizer.optimizer.loss_scaler, key, value)
+    elif engine.accelerator.scaler is not None:
+        engine.accelerator.scaler.load_state_dict(dict(state))
 
-
-# ------------------------------------------------------------------------------------------------- save / load
 
 def save_checkpoint(root: Path, step: int, engine: "TrainEngine", trainer_state: Mapping,
                     ema: Optional["ShardedEMA"] = None, keep_last: Optional[int] = None,
-                    rank_tensors: Optional[Mapping[str, Mapping[str, torch.Tensor]]] = None) -> Path:
-    """Write ``root/checkpoint-<step>`` atomically. Collective: every rank must call it with the same arguments.
+                    streams: Optional["SlotStreams"] = None) -> Path:
+    """Write ``root/checkpoint-<step>`` atomically. Collective: every rank calls it with the same arguments.
 
-    ``trainer_state`` (JSON-serialisable: step, data position, counters) is written by rank 0. ``keep_last``
-    deletes older complete checkpoints beyond the newest ``keep_last``. ``rank_tensors`` (name -> tensors) are this
-    rank's extra files, ``rank_<r>/<name>.safetensors`` (read back with :func:`load_rank_tensors`). A failed write raises
-    :class:`CheckpointWriteError` (the partial folder removed, earlier checkpoints untouched).
+    ``trainer_state`` (JSON-serialisable: step, data position, counters, layout) is written by rank 0; ``streams``
+    are this rank's slots' random streams. ``keep_last`` deletes older complete checkpoints beyond the newest
+    ``keep_last``. A failed write raises :class:`CheckpointWriteError` (the partial folder removed, earlier
+    checkpoints untouched).
     """
     root = Path(root)
     final = root / f"{CHECKPOINT_PREFIX}{step}"
     tmp = root / f"{CHECKPOINT_PREFIX}{step}.tmp"
+    rank = engine.rank
     try:
         if engine.is_main:
             root.mkdir(parents=True, exist_ok=True)
@@ -163,23 +125,27 @@ def save_checkpoint(root: Path, step: int, engine: "TrainEngine", trainer_state:
             tmp.mkdir()
         barrier()
 
-        save_engine_state(engine, tmp / "engine")
-        rank_dir = _rank_dir(tmp, engine.rank)
-        rank_dir.mkdir(parents=True, exist_ok=True)
-        rng_tensors, rng_meta = capture_rng_state(engine.device)
-        atomic_save_safetensors(rng_tensors, rank_dir / "rng.safetensors")
-        write_json_atomic(rng_meta, rank_dir / "rng.json")
-        if ema is not None:
-            atomic_save_safetensors(ema.state_dict(), rank_dir / "ema.safetensors")
-        for name, tensors in (rank_tensors or {}).items():
-            atomic_save_safetensors(dict(tensors), rank_dir / f"{name}.safetensors")
-        if engine.is_main:
-            write_json_atomic(dict(trainer_state), tmp / TRAINER_STATE)
-        barrier()
+        written: dict[str, FileDigest] = {}
 
-        names = broadcast_object(_payload_files(tmp) if engine.is_main else None)
+        def record(relative: str, digest: FileDigest) -> None:
+            written[relative] = digest
+
+        record(f"weights/rank_{rank:05d}.safetensors",
+               write_fragments(tmp / "weights" / f"rank_{rank:05d}.safetensors", _fragments(engine, ema)))
+        for slot, state in (streams.state_dict() if streams is not None else {}).items():
+            record(f"rng/slot_{slot:05d}.safetensors",
+                   atomic_save_safetensors(state, tmp / "rng" / f"slot_{slot:05d}.safetensors"))
+        tensors, meta = capture_rng_state(engine.device)
+        record(f"rng/process_{rank:05d}.safetensors",
+               atomic_save_safetensors(tensors, tmp / "rng" / f"process_{rank:05d}.safetensors"))
+        record(f"rng/process_{rank:05d}.json", write_json_atomic(meta, tmp / "rng" / f"process_{rank:05d}.json"))
+        if engine.is_main:
+            record(OPTIMIZER_STATE, write_json_atomic({"steps": optimizer_steps(engine),
+                                                       "loss_scale": _loss_scale(engine)}, tmp / OPTIMIZER_STATE))
+            record(TRAINER_STATE, write_json_atomic({**trainer_state, "format": FORMAT}, tmp / TRAINER_STATE))
+
         files: dict[str, dict] = {}
-        for share in _all_gather(_hash_share(tmp, names)):
+        for share in all_gather_object({name: {"size": d.size, "sha256": d.sha256} for name, d in written.items()}):
             files.update(share)
         if engine.is_main:
             write_json_atomic({"step": step, "world_size": engine.world_size, "time": time.time(), "files": files},
@@ -205,47 +171,70 @@ def save_checkpoint(root: Path, step: int, engine: "TrainEngine", trainer_state:
     return final
 
 
-def load_checkpoint(path: Path, engine: "TrainEngine", ema: Optional["ShardedEMA"] = None,
-                    restore_rng: bool = True) -> dict:
-    """Load a complete checkpoint into ``engine`` (and ``ema``), restore this rank's RNG states, and return the
-    trainer state. Collective. Raises when the checkpoint was written with another strategy / number of
-    processes."""
+def read_trainer_state(path: Path) -> dict:
+    """A complete checkpoint's ``trainer_state.json``; refuses other formats with what to do."""
     path = Path(path)
     if not (path / COMPLETE_MARKER).is_file():
         raise FileNotFoundError(f"{path}: not a complete checkpoint (no {COMPLETE_MARKER!r} marker)")
     state = read_json(path / TRAINER_STATE)
-    saved_world, saved_strategy = state.get("world_size"), state.get("strategy")
-    if saved_world != engine.world_size or saved_strategy != engine.cfg.strategy:
-        raise ValueError(f"{path} was written by a {saved_strategy!r} run with {saved_world} processes; this run "
-                         f"is {engine.cfg.strategy!r} with {engine.world_size}. Resume with the same SHARD_STRATEGY "
-                         "and GPUS, or start a new OUTPUT_DIR.")
-    load_engine_state(engine, path / "engine")
-    rank_dir = _rank_dir(path, engine.rank)
-    if ema is not None:
-        ema_file = rank_dir / "ema.safetensors"
-        if ema_file.is_file():
-            ema.load_state_dict(load_tensor_file(ema_file), source=str(ema_file))
-        else:
-            ema.reset_to_params()
-            logger.warning("%s has no EMA state: the EMA starts from the resumed weights", path)
-    if restore_rng:
-        restore_rank_rng(path, engine.rank, engine.device)
+    if state.get("format") != FORMAT:
+        raise CheckpointError(f"{path} was written by an older version of this trainer (DeepSpeed's own checkpoint "
+                              "files), which this one does not read; resume with the version that wrote it, or start "
+                              "a new OUTPUT_DIR")
     return state
 
 
-def load_rank_tensors(path: Path, rank: int, name: str) -> dict[str, torch.Tensor]:
-    """A file ``save_checkpoint(..., rank_tensors={name: ...})`` wrote for ``rank``; a clear error when absent."""
-    file = _rank_dir(Path(path), rank) / f"{name}.safetensors"
-    if not file.is_file():
-        raise FileNotFoundError(f"{file} missing: the checkpoint was written by a run with another set-up "
-                                "(e.g. another VIDEO_SYNC_GROUP); resume with the same settings or a new OUTPUT_DIR")
-    return load_tensor_file(file)
+@torch.no_grad()
+def load_checkpoint(path: Path, engine: "TrainEngine", ema: Optional["ShardedEMA"] = None) -> dict:
+    """Load the weights, AdamW moments and step count, fp16 loss scale and EMA of checkpoint ``path`` into
+    ``engine`` (and ``ema``), whatever layout wrote it; returns the trainer state. Collective (every rank reads the
+    ranges it holds; nothing is exchanged). The random streams are restored separately, last
+    (:func:`restore_process_rng`, ``SlotStreams.load_state_dict``)."""
+    path = Path(path)
+    state = read_trainer_state(path)
+    reader = FragmentReader(path / "weights")
+    optimizer = read_json(path / OPTIMIZER_STATE)
+    names = {h.name for h in held_elements(engine, replicated="full")}
+    saved = {key.split("::")[0] for key in reader.keys()}
+    if names != saved:
+        raise CheckpointError(f"{path}: its trainable parameters differ from this run's (missing "
+                              f"{sorted(names - saved)[:5]}, unexpected {sorted(saved - names)[:5]}); resume with the "
+                              "model and LoRA settings that wrote it, or start a new OUTPUT_DIR")
+    ensure_optimizer_state(engine, int(optimizer["steps"]))
+    for held in held_elements(engine, replicated="full"):
+        for part in PARTS:
+            held.views(part).copy_(reader.read(f"{held.name}::{part}", held.start, held.stop))
+    set_model_weights(engine, lambda name, start, stop: reader.read(f"{name}::fp32", start, stop))
+    _restore_loss_scale(engine, optimizer.get("loss_scale"))
+    if ema is not None:
+        if all(f"{name}::{EMA}" in reader.keys() for name in ema.names):
+            ema.load(lambda name, start, stop: reader.read(f"{name}::{EMA}", start, stop))
+        else:
+            ema.reset_to_params()
+            logger.warning("%s has no EMA state: the EMA starts from the resumed weights", path)
+    return state
 
 
-def restore_rank_rng(path: Path, rank: int, device: Optional[torch.device] = None) -> None:
-    """Restore the RNG states ``rank`` had when checkpoint ``path`` was written."""
-    rank_dir = _rank_dir(Path(path), rank)
-    restore_rng_state(load_tensor_file(rank_dir / "rng.safetensors"), read_json(rank_dir / "rng.json"), device,
-                      source=str(rank_dir))
+def slot_states(path: Path, slots) -> dict[int, dict[str, torch.Tensor]]:
+    """The random states checkpoint ``path`` saved for ``slots``; a clear error for a slot it does not have."""
+    out = {}
+    for slot in slots:
+        file = Path(path) / "rng" / f"slot_{slot:05d}.safetensors"
+        if not file.is_file():
+            raise CheckpointError(f"{file} missing: the checkpoint was written by a run with other slots (another "
+                                  "VIDEO_SYNC_GROUP); resume with the same settings or a new OUTPUT_DIR")
+        out[slot] = load_tensor_file(file)
+    return out
 
 
+def restore_process_rng(path: Path, rank: int, world_size: int, saved_world: int,
+                        device: Optional[torch.device] = None) -> bool:
+    """Restore this process's python / numpy / torch states from checkpoint ``path`` when it was written by as many
+    processes (then each process is the one that wrote them); returns whether it did. The slots' torch streams,
+    which the training draws from, are restored from their own files either way."""
+    if saved_world != world_size:
+        return False
+    base = Path(path) / "rng" / f"process_{rank:05d}"
+    restore_rng_state(load_tensor_file(base.with_suffix(".safetensors")), read_json(base.with_suffix(".json")),
+                      device, source=str(base))
+    return True

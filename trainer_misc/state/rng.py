@@ -71,22 +71,38 @@ def restore_rng_state(tensors: Mapping[str, torch.Tensor], meta: Mapping, device
 
 
 class SlotStreams:
-    """Global-generator states for ``slots`` (group slots this process trains; slot ``p`` of the one virtual group
-    is what rank ``p`` of a real group would be, so its stream is seeded ``seed + p``)."""
+    """The torch random streams of the slots this process trains (see :class:`trainer_misc.runtime.distributed.
+    SlotLayout`): slot ``s`` is seeded ``seed + s``, as rank ``s`` of a one-slot-per-process run is.
+
+    With one slot the process's own global generators are that slot's stream (``use`` does nothing). With several,
+    each slot keeps its own CPU (and CUDA) generator state, swapped into the global generators around the slot's
+    forward and backward, so the objective's draws are those its own process would have made. Either way
+    :meth:`state_dict` gives each slot's state, so a checkpoint resumes on another process count.
+    """
 
     def __init__(self, slots: Sequence[int], seed: int, device: torch.device) -> None:
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
+        self.slots = tuple(slots)
         self.cpu: dict[int, torch.Tensor] = {}
         self.gpu: dict[int, torch.Tensor] = {}
-        for slot in slots:
-            self.cpu[slot] = torch.Generator().manual_seed(seed + slot).get_state()
-            if self.cuda:
-                self.gpu[slot] = torch.Generator(device=self.device).manual_seed(seed + slot).get_state()
+        if len(self.slots) > 1:
+            for slot in self.slots:
+                self.cpu[slot] = torch.Generator().manual_seed(seed + slot).get_state()
+                if self.cuda:
+                    self.gpu[slot] = torch.Generator(device=self.device).manual_seed(seed + slot).get_state()
+
+    @property
+    def shared(self) -> bool:
+        """One slot: its stream is the process's global one."""
+        return len(self.slots) == 1
 
     @contextlib.contextmanager
     def use(self, slot: int) -> Iterator[None]:
         """Run the body on ``slot``'s stream; the process's own stream is put back afterwards."""
+        if self.shared:
+            yield
+            return
         outer_cpu = torch.get_rng_state()
         outer_gpu = torch.cuda.get_rng_state(self.device) if self.cuda else None
         torch.set_rng_state(self.cpu[slot])
@@ -101,19 +117,28 @@ class SlotStreams:
                 self.gpu[slot] = torch.cuda.get_rng_state(self.device)
                 torch.cuda.set_rng_state(outer_gpu, self.device)
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """Every slot's states, for this rank's checkpoint files."""
-        out = {f"cpu.{slot}": state.clone() for slot, state in self.cpu.items()}
-        out.update({f"cuda.{slot}": state.clone() for slot, state in self.gpu.items()})
-        return out
-
-    def load_state_dict(self, state: Mapping[str, torch.Tensor], source: str = "slot RNG state") -> None:
-        for slot in self.cpu:
-            if f"cpu.{slot}" not in state:
-                raise KeyError(f"{source}: no RNG state for sync-group slot {slot}; resume with the same "
-                               "VIDEO_SYNC_GROUP and number of processes")
-            self.cpu[slot] = state[f"cpu.{slot}"].clone()
+    def state_dict(self) -> dict[int, dict[str, torch.Tensor]]:
+        """Each slot's torch states (``torch_cpu``, and ``torch_cuda`` on a GPU), for the checkpoint."""
+        if self.shared:
+            out = {"torch_cpu": torch.get_rng_state()}
             if self.cuda:
-                if f"cuda.{slot}" not in state:
-                    raise KeyError(f"{source}: no CUDA RNG state for slot {slot} (checkpoint written by a CPU run?)")
-                self.gpu[slot] = state[f"cuda.{slot}"].clone()
+                out["torch_cuda"] = torch.cuda.get_rng_state(self.device)
+            return {self.slots[0]: out}
+        return {slot: {"torch_cpu": self.cpu[slot].clone(),
+                       **({"torch_cuda": self.gpu[slot].clone()} if self.cuda else {})} for slot in self.slots}
+
+    def load_state_dict(self, states: Mapping[int, Mapping[str, torch.Tensor]], source: str = "slot RNG state") -> None:
+        for slot in self.slots:
+            if slot not in states:
+                raise KeyError(f"{source}: no RNG state for slot {slot}")
+            state = states[slot]
+            if self.cuda and "torch_cuda" not in state:
+                raise KeyError(f"{source}: no CUDA RNG state for slot {slot} (checkpoint written by a CPU run?)")
+            if self.shared:
+                torch.set_rng_state(state["torch_cpu"])
+                if self.cuda:
+                    torch.cuda.set_rng_state(state["torch_cuda"], self.device)
+            else:
+                self.cpu[slot] = state["torch_cpu"].clone()
+                if self.cuda:
+                    self.gpu[slot] = state["torch_cuda"].clone()

@@ -1,13 +1,12 @@
 """Whether a checkpoint can be trusted, and what to say when writing one fails.
 
-* **Manifest**: ``save_checkpoint`` records every file's size and SHA-256 in the ``complete`` marker; each rank hashes
-  a share of the files (file ``i`` belongs to rank ``i % world``), so the cost is one parallel read.
+* **Manifest**: ``save_checkpoint`` records every file's size and SHA-256 in the ``complete`` marker, hashed as each
+  rank writes its files (no second read).
 * **Verification and choice** (:func:`choose_resume_checkpoint`): before resuming, the ranks re-check their shares;
   a checkpoint with a missing, truncated or changed file is skipped with a warning naming the file, the newest one
   that verifies is used, and rank 0's choice is broadcast so that every rank resumes from the same one.
-* **No pickled code** (:func:`safe_torch_load`): DeepSpeed writes its ZeRO state with ``torch.save`` and reads it
-  with ``weights_only=False``; we make it read with ``weights_only=True`` and an allow-list of its bookkeeping
-  classes, so a planted pickle is refused, not executed.
+* **No pickled code**: every file of a checkpoint is safetensors or JSON (``trainer_misc.state.checkpoint``), so
+  there is nothing to unpickle; a file that is not in the manifest is never read.
 * **Disk full**: a failed write becomes :class:`CheckpointWriteError` saying "no space left on device", the path and
   the free space; the partial folder is removed and the earlier checkpoints are kept.
 """
@@ -16,22 +15,18 @@ from __future__ import annotations
 import errno
 import hashlib
 import logging
-import os
-import pickle
 import shutil
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
-
-import torch
+from typing import Mapping, Optional
 
 from trainer_misc.files import read_json
-from trainer_misc.runtime.distributed import broadcast_object, get_rank, get_world_size, is_dist_initialized
+from trainer_misc.runtime.distributed import all_gather_object, broadcast_object, get_rank, get_world_size
 
 logger = logging.getLogger("trainer_misc.state.checkpoint")
 
 __all__ = ["CHECKPOINT_PREFIX", "COMPLETE_MARKER", "TRAINER_STATE", "CheckpointError", "CheckpointWriteError",
            "choose_resume_checkpoint", "find_latest_checkpoint", "list_checkpoints", "note_changed_settings",
-           "safe_torch_load", "verify_checkpoint"]
+           "verify_checkpoint"]
 
 CHECKPOINT_PREFIX = "checkpoint-"
 COMPLETE_MARKER = "complete"
@@ -88,28 +83,6 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _all_gather(obj: Any) -> list[Any]:
-    if not (is_dist_initialized() and get_world_size() > 1):
-        return [obj]
-    import torch.distributed as dist
-
-    out: list[Any] = [None] * get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def _payload_files(folder: Path) -> list[str]:
-    """Every file of a checkpoint except the marker, as sorted relative paths (the same list on every rank)."""
-    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != COMPLETE_MARKER)
-
-
-def _hash_share(folder: Path, names: Sequence[str]) -> dict[str, dict]:
-    """Size and SHA-256 of this rank's share of ``names`` (file ``i`` belongs to rank ``i % world``)."""
-    rank, world = get_rank(), get_world_size()
-    return {name: {"size": (folder / name).stat().st_size, "sha256": _sha256(folder / name)}
-            for i, name in enumerate(names) if i % world == rank}
-
-
 def verify_checkpoint(path: Path) -> list[str]:
     """What is wrong with checkpoint ``path`` (empty list: it verifies). Collective: each rank re-hashes its share.
 
@@ -142,7 +115,7 @@ def verify_checkpoint(path: Path) -> list[str]:
             problems.append(f"{f}: {size} bytes, {want['size']} when it was written (truncated or replaced)")
         elif _sha256(f) != want["sha256"]:
             problems.append(f"{f}: content changed since it was written (SHA-256 mismatch)")
-    return [p for rank_problems in _all_gather(problems) for p in rank_problems]
+    return [p for rank_problems in all_gather_object(problems) for p in rank_problems]
 
 
 def choose_resume_checkpoint(root: Path, resume: str = "auto") -> Optional[Path]:
@@ -238,9 +211,10 @@ def _is_write_error(exc: BaseException, root: Path) -> bool:
 
 
 def _write_failed(exc: BaseException, root: Path, tmp: Path) -> CheckpointWriteError:
-    shutil.rmtree(tmp, ignore_errors=True)  # frees the space the partial save took; the earlier ones stay
+    full = _no_space(exc, root)  # judged before the partial save is removed: that frees the space it took
+    shutil.rmtree(tmp, ignore_errors=True)  # the earlier checkpoints stay
     kept = ", ".join(p.name for _, p in list_checkpoints(root)) or "none yet"
-    if _no_space(exc, root):
+    if full:
         return CheckpointWriteError(
             errno.ENOSPC, f"no space left on device while writing checkpoint {tmp} ({_free_space(root)} free there; "
             f"{type(exc).__name__}: {exc}). Earlier checkpoints are kept ({kept}). Free some space, keep fewer "
@@ -249,48 +223,3 @@ def _write_failed(exc: BaseException, root: Path, tmp: Path) -> CheckpointWriteE
     return CheckpointWriteError(
         getattr(exc, "errno", None) or errno.EIO, f"writing checkpoint {tmp} failed: {type(exc).__name__}: {exc} "
         f"({_free_space(root)} free there). Earlier checkpoints are kept ({kept}); rerun to resume")
-
-
-# ------------------------------------------------------------------------------------------------- safe loading
-
-# DeepSpeed's ZeRO files hold tensors, containers, numbers and these bookkeeping classes (found with
-# torch.serialization.get_unsafe_globals_in_checkpoint on ZeRO-2/3 checkpoints in fp32, bf16 and fp16). Plain data
-# holders: constructing them runs no code of the file's choosing.
-_DEEPSPEED_SAFE_GLOBALS = (
-    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
-    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
-    "deepspeed.runtime.zero.config.ZeroStageEnum",
-    "deepspeed.utils.tensor_fragment.fragment_address",
-)
-
-
-def _deepspeed_safe_globals() -> list:
-    import importlib
-
-    found = []
-    for dotted in _DEEPSPEED_SAFE_GLOBALS:
-        module, _, name = dotted.rpartition(".")
-        try:
-            found.append(getattr(importlib.import_module(module), name))
-        except (ImportError, AttributeError):
-            continue  # another DeepSpeed version: what it does not have, its files do not contain
-    return found
-
-
-def safe_torch_load(path: os.PathLike | str, map_location: Any = None) -> Any:
-    """``torch.load`` of a checkpoint file that DeepSpeed wrote, without running pickled code.
-
-    Loads with ``weights_only=True`` plus DeepSpeed's bookkeeping classes; anything else in the file (a planted
-    ``__reduce__``, an unknown class) raises :class:`CheckpointError` naming the file, and nothing is executed.
-    """
-    try:
-        with torch.serialization.safe_globals(_deepspeed_safe_globals()):
-            return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: refused to load: the file contains Python objects other than tensors and "
-                              f"DeepSpeed's checkpoint bookkeeping ({reason}). Checkpoint files are loaded without "
-                              "running pickled code; if you did not put this file there, someone else did. Delete "
-                              "this checkpoint folder (the run resumes from the previous one)") from None
-    except (RuntimeError, EOFError, ValueError) as e:
-        raise CheckpointError(f"{path}: not a readable checkpoint file ({type(e).__name__}: {e})") from None
