@@ -205,7 +205,7 @@ class PyramidFlowPipeline:
             raise ValueError(f"{name}: expected prompt_embeds [B, L, D], prompt_attention_mask [B, L], "
                              f"pooled_prompt_embeds [B, P], got {tuple(feats.prompt_embeds.shape)}, "
                              f"{tuple(feats.prompt_attention_mask.shape)}, {tuple(feats.pooled_prompt_embeds.shape)}")
-        return TextFeatures(*feats).to(self.device, torch.float32)
+        return TextFeatures(*feats, feats.host_lengths).to(self.device, torch.float32)
 
     def _text_inputs(self, prompt, prompt_features, negative_prompt, negative_features
                      ) -> tuple[TextFeatures, TextFeatures]:
@@ -381,7 +381,7 @@ class PyramidFlowPipeline:
                 with self._autocast():
                     pred = self.dit(
                         sample=[clips + [model_input]],
-                        **text.dit_kwargs(),
+                        **text.dit_kwargs(), **text.dit_text_lengths(),
                         timestep_ratio=t.expand(rows).to(torch.float32),
                     )[0].float()
                 if cfg:

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pyramid_dit.text_features import TextFeatures
+from pyramid_dit.text_features import TextFeatures, prefix_lengths
 
 # Subfolders of an official model folder (e.g. rain1011/pyramid-flow-miniflux) holding the text side.
 TEXT_SUBFOLDERS: dict[str, str] = {
@@ -158,4 +158,5 @@ class FluxTextEncoder(FrozenTextEncoder):
             prompt_embeds=prompt_embeds.to(dtype=self.text_encoder_2.dtype),
             prompt_attention_mask=mask,
             pooled_prompt_embeds=pooled.to(dtype=self.text_encoder.dtype),
+            host_lengths=prefix_lengths(t5_inputs.attention_mask),  # the tokenizer's mask is in host memory
         )

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from pyramid_dit.text_encoder import FrozenTextEncoder, check_prompts
-from pyramid_dit.text_features import TextFeatures
+from pyramid_dit.text_features import TextFeatures, prefix_lengths
 
 # Subfolders of an official SD3-kind model folder holding the text side, and what each holds.
 SD3_TEXT_SUBFOLDERS: dict[str, str] = {
@@ -81,4 +81,5 @@ class SD3TextEncoder(FrozenTextEncoder):
             prompt_embeds=prompt_embeds.to(dtype=self.text_encoder_3.dtype),
             prompt_attention_mask=mask,
             pooled_prompt_embeds=torch.cat(pooled, dim=-1),
+            host_lengths=prefix_lengths(t5_inputs.attention_mask),  # the tokenizer's mask is in host memory
         )
