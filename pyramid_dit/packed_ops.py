@@ -2,11 +2,14 @@
 residuals, per-column embeddings, attention (FlexAttention over the whole sequence, or SDPA per column and frame)
 and the RMS norm of queries and keys.
 
-Modulation and gated residuals are custom autograd functions whose cost does not grow with the number of columns:
-each column's vector reaches its tokens through one gather (``index_select`` with the packing's token-to-column
-index), and the backward sums a segment's gradient with one matrix product against the packing's column
-indicator. The frame-prefix attention accumulates the key/value gradients of every frame's prefix into one buffer
-instead of one zero-filled, full-size gradient per prefix slice. ``tests/test_packed_ops.py`` checks all of them,
+Modulation and gated residuals are custom autograd functions that never materialise a per-token copy of the
+per-column vectors for backward. On a GPU (and on meta tensors, which trace what a GPU runs) their number of
+kernels does not grow with the number of columns: each column's vector reaches its tokens through one gather
+(``index_select`` with the packing's token-to-column index), and the backward sums a segment's gradient with one
+matrix product against the packing's column indicator. On the CPU, where a launch costs nothing and those skinny
+products are slow, they write each column's segment of one output in place (``Segments.batched``). The
+frame-prefix attention accumulates the key/value gradients of every frame's prefix into one buffer instead of one
+zero-filled, full-size gradient per prefix slice. ``tests/test_packed_ops.py`` checks all of them, both ways,
 outputs and every input gradient, against the plain formulas in float64.
 
 Kernels by device. What a GPU runs is what the planner must count, so meta tensors (shape-only tracing, no
@@ -40,7 +43,7 @@ SegLike = Union[Segments, Sequence[int]]
 
 
 def _as_segments(seg: SegLike, device: torch.device) -> Segments:
-    return seg if isinstance(seg, Segments) else Segments.build(seg, device)
+    return seg if isinstance(seg, Segments) else Segments.build(seg, device, batched=device.type != "cpu")
 
 
 def _shape_only(t: Tensor) -> bool:
@@ -99,17 +102,53 @@ def _segment_sum(t: Tensor, seg: Segments, n: int) -> Tensor:
     return _SEGMENT_SUM(t, seg.indicator(t.dtype))
 
 
-class _SegmentModulate(torch.autograd.Function):
-    """``x * (1 + scale_c) + shift_c`` per column segment (see the module docstring for how it stays cheap).
+def _segment_product_grads(grad: Tensor, seg: Segments, tokens: Tensor, per_column: Tensor, need_tokens: bool,
+                           need_column: bool) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    """Gradients of the product ``tokens * per_column_c`` on each column segment, given the output gradient:
+    ``grad * per_column_c`` for ``tokens`` ``[B, S, D]``, and the segment's sum of ``grad * tokens`` for
+    ``per_column`` ``[B, n, D]`` (``None`` where not needed). The backward of both segment functions below."""
+    if seg.batched:
+        g_tokens = grad * _per_token(per_column, seg) if need_tokens else None
+        g_column = _segment_sum(grad * tokens, seg, per_column.shape[1]) if need_column else None
+        return g_tokens, g_column
+    g_tokens = torch.empty_like(tokens) if need_tokens else None
+    g_column = per_column.new_zeros(per_column.shape) if need_column else None
+    for c, a, b in seg.spans:
+        g = grad[:, a:b]
+        if need_tokens:
+            torch.mul(g, per_column[:, c, None], out=g_tokens[:, a:b])
+        if need_column:
+            g_column[:, c] = (g * tokens[:, a:b]).sum(1)
+    return g_tokens, g_column
 
-    Saves ``x`` and ``1 + scale``, never the per-token copies of the vectors (they are gathered again in the
+
+def _segment_sums(grad: Tensor, seg: Segments, n: int) -> Tensor:
+    """Per-column sums of ``grad`` (the shift's gradient)."""
+    if seg.batched:
+        return _segment_sum(grad, seg, n)
+    out = grad.new_zeros(grad.shape[0], n, grad.shape[2])
+    for c, a, b in seg.spans:
+        out[:, c] = grad[:, a:b].sum(1)
+    return out
+
+
+class _SegmentModulate(torch.autograd.Function):
+    """``x * (1 + scale_c) + shift_c`` per column segment (see the module docstring for the two ways).
+
+    Saves ``x`` and ``1 + scale``, never per-token copies of the vectors (they are gathered again in the
     backward): the saved memory is that of the plain formula on per-column vectors.
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, scale: Tensor, shift: Tensor, seg: Segments) -> Tensor:
         scale1 = 1 + scale
-        out = torch.addcmul(_per_token(shift, seg), x, _per_token(scale1, seg))
+        if seg.batched:
+            out = torch.addcmul(_per_token(shift, seg), x, _per_token(scale1, seg))
+        else:
+            dtype = torch.promote_types(torch.promote_types(x.dtype, scale.dtype), shift.dtype)
+            out = x.new_empty(x.shape, dtype=dtype)
+            for c, a, b in seg.spans:
+                torch.addcmul(shift[:, c, None], x[:, a:b], scale1[:, c, None], out=out[:, a:b])
         ctx.seg = seg
         ctx.save_for_backward(x, scale1)
         return out
@@ -117,11 +156,9 @@ class _SegmentModulate(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         x, scale1 = ctx.saved_tensors
-        seg, n = ctx.seg, scale1.shape[1]
         need_x, need_scale, need_shift = ctx.needs_input_grad[:3]
-        gx = grad * _per_token(scale1, seg) if need_x else None
-        gscale = _segment_sum(grad * x, seg, n) if need_scale else None
-        gshift = _segment_sum(grad, seg, n) if need_shift else None
+        gx, gscale = _segment_product_grads(grad, ctx.seg, x, scale1, need_x, need_scale)
+        gshift = _segment_sums(grad, ctx.seg, scale1.shape[1]) if need_shift else None
         return gx, gscale, gshift, None
 
 
@@ -131,7 +168,13 @@ class _SegmentGatedResidual(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, gate: Tensor, y: Tensor, seg: Segments) -> Tensor:
-        out = torch.addcmul(x, _per_token(gate, seg), y)
+        if seg.batched:
+            out = torch.addcmul(x, _per_token(gate, seg), y)
+        else:
+            dtype = torch.promote_types(torch.promote_types(x.dtype, gate.dtype), y.dtype)
+            out = x.new_empty(x.shape, dtype=dtype)
+            for c, a, b in seg.spans:
+                torch.addcmul(x[:, a:b], gate[:, c, None], y[:, a:b], out=out[:, a:b])
         ctx.seg, ctx.x_dtype = seg, x.dtype
         ctx.save_for_backward(gate, y)
         return out
@@ -139,10 +182,8 @@ class _SegmentGatedResidual(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         gate, y = ctx.saved_tensors
-        seg = ctx.seg
         _, need_gate, need_y = ctx.needs_input_grad[:3]
-        gy = grad * _per_token(gate, seg) if need_y else None
-        ggate = _segment_sum(grad * y, seg, gate.shape[1]) if need_gate else None
+        gy, ggate = _segment_product_grads(grad, ctx.seg, y, gate, need_y, need_gate)
         gx = grad if ctx.needs_input_grad[0] else None
         return (gx.to(ctx.x_dtype) if gx is not None else None), ggate, gy, None
 

@@ -189,17 +189,21 @@ def host_text(text_mask: torch.Tensor, batch: int, n_columns: int,
 class Segments:
     """How a packed token stream ``[B, S, D]`` splits into consecutive column segments.
 
-    ``lens``: tokens per column (``S`` in all). ``index`` ``[S]`` is the column of every token and ``onehot``
-    ``[n, S]`` the same as an indicator matrix (both on the device, ``None`` for a single column); the
-    per-column ops (:mod:`pyramid_dit.packed_ops`) broadcast a column's vector over its segment with one gather
+    ``lens``: tokens per column (``S`` in all); ``spans``: ``(column, start, stop)`` of the non-empty ones.
+    ``batched`` (GPU and meta tensors): ``index`` ``[S]`` is the column of every token and ``onehot`` ``[n, S]``
+    the same as an indicator matrix (both on the device, ``None`` for a single column), and the per-column ops
+    (:mod:`pyramid_dit.packed_ops`) broadcast a column's vector over its segment with one gather
     (``index_select``) and sum a segment's gradient with one matrix product (``onehot @ grad``), whatever the
-    number of columns.
+    number of columns. Not batched (the CPU, where launches are free and those skinny products slow): they loop
+    over ``spans``.
     """
 
     def __init__(self, lens: Sequence[int], index: Optional[torch.Tensor] = None,
-                 onehot: Optional[torch.Tensor] = None):
+                 onehot: Optional[torch.Tensor] = None, batched: bool = True):
         self.lens = tuple(int(v) for v in lens)
-        self.index, self.onehot = index, onehot
+        self.index, self.onehot, self.batched = index, onehot, batched
+        starts = itertools.accumulate([0] + list(self.lens[:-1]))
+        self.spans = [(c, a, a + n) for c, (a, n) in enumerate(zip(starts, self.lens)) if n]
         self._indicator: dict[torch.dtype, torch.Tensor] = {}
 
     @property
@@ -224,11 +228,11 @@ class Segments:
         return index, onehot
 
     @classmethod
-    def build(cls, lens: Sequence[int], device: torch.device) -> "Segments":
+    def build(cls, lens: Sequence[int], device: torch.device, batched: bool = True) -> "Segments":
         """Segments of ``lens`` with their device tensors shipped now (tests and one-off calls; a forward call
         ships all of its streams' segments in one copy, :func:`pack_columns`)."""
-        seg = cls(lens)
-        if not seg.single:
+        seg = cls(lens, batched=batched)
+        if batched and not seg.single:
             seg.index, seg.onehot = ship(cls.host_arrays(lens), device)
         return seg
 
@@ -736,10 +740,11 @@ def _ship_segments(seq: PackedSequence, device: torch.device) -> None:
     lens = {stream: list(seq.lens(stream)) for stream in ("text", "video", "joint")}
     lens["joint"][-1] += seq.joint_pad
     lens["last"] = list(seq.last_lens)  # the last clips are whole (gathered) on every process
-    segs = {stream: Segments(v) for stream, v in lens.items()}
+    batched = device.type != "cpu"  # see Segments
+    segs = {stream: Segments(v, batched=batched) for stream, v in lens.items()}
     host, slots = [], []
     for stream, seg in segs.items():
-        if not seg.single:
+        if batched and not seg.single:
             host += list(Segments.host_arrays(seg.lens))
             slots.append(stream)
     last_index = {}
