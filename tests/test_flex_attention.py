@@ -147,6 +147,30 @@ def test_flex_forward_equals_the_frame_path(kind):
         assert max(errs) <= PARITY, errs
 
 
+@pytest.mark.parametrize("folder", ["flux_tiny", "mmdit_tiny"])
+def test_flex_forward_meets_the_golden_bound(golden_dir, folder):
+    """The reference-written AR vectors (tests/golden) through FlexAttention: within the golden tests' bound."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from pyramid_dit.modeling_pyramid_flux import PyramidFluxTransformer
+    from pyramid_dit.modeling_pyramid_mmdit import PyramidDiffusionMMDiT
+
+    cls = PyramidFluxTransformer if folder == "flux_tiny" else PyramidDiffusionMMDiT
+    model = cls.from_pretrained(golden_dir / folder).train()
+    spec = json.loads((golden_dir / folder / "cases.json").read_text())["case_ar"]
+    data = load_file(golden_dir / folder / spec["file"])
+    n = spec["n_columns"]
+    sample = [[data[f"sample.{c}.{k}"] for k in range(len(spec["clip_shapes"][c]))] for c in range(n)]
+    inputs = dict(sample=sample, **{k: data[k] for k in ("encoder_hidden_states", "encoder_attention_mask",
+                                                           "pooled_projections", "timestep_ratio")})
+    out = _forward(model, inputs, "flex")
+    errs = [rel_err(out[c], data[f"out.{c}"]) for c in range(n)]
+    print(folder, [f"{e:.1e}" for e in errs])
+    assert max(errs) <= PARITY, errs
+
+
 def test_flex_refuses_cpu_backward_with_a_way_out():
     model = flux_model().train()
     model.attention_split = "flex"

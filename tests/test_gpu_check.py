@@ -37,7 +37,8 @@ def test_every_measured_case_has_its_prediction_and_the_headline_one_is_current(
 
 def test_the_report_renders_a_run_and_names_what_is_missing(tmp_path):
     (tmp_path / "flex_check.json").write_text(json.dumps({
-        "device": "NVIDIA H100 80GB HBM3", "torch": "2.x",
+        "device": "NVIDIA H100 80GB HBM3", "torch": "2.x", "golden": {"flux_tiny/case_ar/flex": 3e-7},
+        "kernels": {"rms_norm": {"outputs": 1e-7, "gradients": 2e-7}},
         "parity": {"pyramid_flux/host_lengths/float32": {"outputs": 2e-7, "gradients": 3e-6, "n_gradients": 120}},
         "compilations": {"layouts": 14, "compiled_graphs": 4, "seconds": 50.0},
         "host_syncs": {"pyramid_flux": {"synchronizing_calls": 0, "first": []}}}))
@@ -49,6 +50,7 @@ def test_the_report_renders_a_run_and_names_what_is_missing(tmp_path):
     text = gpu_check_report.report(tmp_path)
     assert "| pyramid_flux/host_lengths/float32 | 2.0e-07 | 3.0e-06 (120 tensors) |" in text
     assert "compilations: 4 over 14 layouts" in text and "pyramid_flux 0" in text
+    assert "flux_tiny/case_ar/flex 3.0e-07" in text and "rms_norm 1.0e-07 / 2.0e-07" in text
     assert "| pyramid_flux:ar:384p:16 | flex | 0.200 | 180 | 0.335 | 0.60 | 108 | 40 | 9.8 / 9.0 (+9%) |" in text
     assert "measure_sd3_384.json: no results" in text
     assert (tmp_path / "summary.md").read_text() == text

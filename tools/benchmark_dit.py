@@ -312,7 +312,7 @@ def count_ops(kind: str, case: str, reference_root: Optional[Path] = None) -> di
                 ref = load_reference_class(reference_root, kind)(**config)
         finally:
             torch.set_default_dtype(previous)
-        ref.train()
+        ref.to("meta").train()  # buffers it builds from numpy land on the CPU whatever the device context
         with DeviceOpCounter() as counter, fused_attention():
             _loss(ref(**dit_inputs(launch, shapes, torch.bfloat16))).backward()
         results["reference"] = counter

@@ -31,6 +31,13 @@ def report(out: Path, status: Optional[Path] = None) -> str:
         lines.append("flex_check: no results (see log.txt)")
     else:
         lines.append(f"device: {flex.get('device')}, torch {flex.get('torch')}")
+        gold = flex.get("golden") or {}
+        lines.append("golden vectors on CUDA (max rel. diff, bound 1e-5): " + (
+            ", ".join(f"{k} {v:.1e}" for k, v in gold.items()) if "error" not in gold else str(gold)))
+        kern = flex.get("kernels") or {}
+        lines.append("CUDA kernels vs plain (outputs / gradients): " + (", ".join(
+            f"{k} {v['outputs']:.1e} / {v['gradients']:.1e}" for k, v in kern.items()) if "error" not in kern
+            else str(kern)))
         lines += ["", "| FlexAttention vs per-frame SDPA | outputs rel. diff | gradients rel. diff |", "|---|---|---|"]
         for name, r in (flex.get("parity") or {}).items():
             if name == "error":

@@ -1,6 +1,11 @@
 """On a CUDA GPU: what the CPU cannot check about FlexAttention and the step's host syncs (``tools/gpu_check.sh`` runs
 it; a minute or two on one H100, most of it compiling).
 
+0. Golden: the reference-written vectors of tests/golden (both kinds, every case) through the CUDA path (fused RMS
+   norm, gathered per-column ops, FlexAttention; and per-frame SDPA), float32 without TF32: the largest output
+   difference relative to the largest reference output (the CPU tests' bound is 1e-5).
+   Kernels: the fused RMS norm against torch's composite one, and the per-column ops' gather + indicator-product
+   form against their per-segment form, outputs and gradients.
 1. Parity: the tiny model of each kind (the tests' configs), float32 without TF32, AR columns with padded prompts
    (batch 2; once with the prompts' lengths on the host, once with a prompt that has a hole, so the kernel reads
    the device mask): outputs and every gradient with ``attention_split="flex"`` against ``"frame"`` (per-frame
@@ -41,6 +46,70 @@ def _to(inputs: dict, device: torch.device, dtype: torch.dtype) -> dict:
         return t.to(device, dtype) if t.is_floating_point() and t.ndim > 1 else t.to(device)
     return {k: ([[cast(c) for c in col] for col in v] if k == "sample" else cast(v) if isinstance(v, torch.Tensor)
                 else v) for k, v in inputs.items()}
+
+
+def golden(device: torch.device) -> dict:
+    """Largest relative output difference to the reference-written golden vectors, per kind, case and split."""
+    from safetensors.torch import load_file
+
+    from pyramid_dit.modeling_pyramid_flux import PyramidFluxTransformer
+    from pyramid_dit.modeling_pyramid_mmdit import PyramidDiffusionMMDiT
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    results = {}
+    for folder, cls in (("flux_tiny", PyramidFluxTransformer), ("mmdit_tiny", PyramidDiffusionMMDiT)):
+        root = REPO / "tests" / "golden" / folder
+        model = cls.from_pretrained(root).to(device)
+        specs = json.loads((root / "cases.json").read_text())
+        for case in ("case_nonar", "case_ar", "case_infer"):
+            spec = specs[case]
+            data = load_file(root / spec["file"])
+            n = spec["n_columns"]
+            sample = [[data[f"sample.{c}.{k}"].to(device) for k in range(len(spec["clip_shapes"][c]))]
+                      for c in range(n)]
+            model.train(spec["mode"] == "train")
+            for split in ("flex", "frame"):
+                model.attention_split = split
+                with torch.no_grad():
+                    out = model(sample=sample, **{k: data[k].to(device) for k in (
+                        "encoder_hidden_states", "encoder_attention_mask", "pooled_projections", "timestep_ratio")})
+                results[f"{folder}/{case}/{split}"] = max(_rel(out[c].cpu(), data[f"out.{c}"]) for c in range(n))
+    return results
+
+
+def kernels(device: torch.device) -> dict:
+    """The CUDA forms of the RMS norm and of the per-column ops against the plain ones, outputs and gradients."""
+    import torch.nn.functional as F
+
+    from pyramid_dit.packed_ops import gated_residual, modulate, rms_norm
+    from pyramid_dit.packing import Segments
+
+    g = torch.Generator(device=device).manual_seed(0)
+    results = {}
+    x = torch.randn(2, 300, 4, 64, device=device, generator=g, requires_grad=True)
+    w = torch.randn(64, device=device, generator=g, requires_grad=True)
+    up = torch.randn(2, 300, 4, 64, device=device, generator=g)
+    fused = rms_norm(x, w, 1e-6)
+    plain = F.rms_norm(x, (64,), w, 1e-6)
+    grads = [torch.autograd.grad((y * up).sum(), (x, w)) for y in (fused, plain)]
+    results["rms_norm"] = {"outputs": _rel(fused, plain), "gradients": max(_rel(a, b) for a, b in zip(*grads))}
+    lens = [300, 0, 1200, 37, 900]
+    for name, fn in (("modulate", modulate), ("gated_residual", gated_residual)):
+        a = torch.randn(2, sum(lens), 96, device=device, generator=g, dtype=torch.float64, requires_grad=True)
+        b, c = (torch.randn(2, len(lens), 96, device=device, generator=g, dtype=torch.float64, requires_grad=True)
+                for _ in range(2))
+        up = torch.randn(2, sum(lens), 96, device=device, generator=g, dtype=torch.float64)
+        if name == "gated_residual":  # x, gate [B, n, D], y
+            b, c = c, torch.randn(2, sum(lens), 96, device=device, generator=g, dtype=torch.float64,
+                                  requires_grad=True)
+        outs, grads = [], []
+        for batched in (True, False):
+            out = fn(a, b, c, Segments.build(lens, device, batched=batched))
+            outs.append(out)
+            grads.append(torch.autograd.grad((out * up).sum(), (a, b, c)))
+        results[name] = {"outputs": _rel(*outs), "gradients": max(_rel(p, q) for p, q in zip(*grads))}
+    return results
 
 
 def parity(device: torch.device) -> dict:
@@ -166,8 +235,9 @@ def _timed(name: str, fn: Callable[[], dict], report: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", type=Path, help="write the results here")
-    p.add_argument("--checks", nargs="+", default=["parity", "compilations", "host_syncs"],
-                   choices=["parity", "compilations", "host_syncs"])
+    checks = {"golden": golden, "kernels": kernels, "parity": parity, "compilations": compilations,
+              "host_syncs": host_syncs}
+    p.add_argument("--checks", nargs="+", default=list(checks), choices=list(checks))
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("gpu_flex_check.py needs a CUDA GPU (torch.cuda.is_available() is False)")
@@ -175,8 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     report: dict = {"device": torch.cuda.get_device_name(device), "torch": torch.__version__}
     print(f"{report['device']}, torch {report['torch']}", flush=True)
     for name in args.checks:
-        _timed(name, {"parity": lambda: parity(device), "compilations": lambda: compilations(device),
-                      "host_syncs": lambda: host_syncs(device)}[name], report)
+        _timed(name, lambda: checks[name](device), report)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=1))
