@@ -424,7 +424,9 @@ def flex_attention_padded(q: Tensor, k: Tensor, v: Tensor, mask: FlexMask, heads
     # the same form at every call site: the compiler guards on a view's base, and bases of other forms would
     # compile the kernel again. No "duck sizing": a tile count that happens to equal the head count or width
     # would share its (static) symbol and be compiled as a constant.
+    import torch.fx.experimental._config as fx_config
+
     qt, kt, vt = (x.unflatten(-1, (heads, -1)).transpose(1, 2) for x in (q, k, v))
-    with torch.fx.experimental._config.patch(use_duck_shape=False):
+    with fx_config.patch(use_duck_shape=False):
         out = _compiled_flex(q.device.type != "cpu")(qt, kt, vt, block_mask=mask.block_mask)
     return out.transpose(1, 2).flatten(2)
