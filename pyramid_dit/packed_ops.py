@@ -304,13 +304,17 @@ _STAND_INS = _define_stand_ins()
 # RMS norm
 # --------------------------------------------------------------------------------------------------------
 
+# The fused kernel and its own backward (torch >= 2.8); without both, the composite norm.
+_FUSED_RMS_NORM = hasattr(torch.ops.aten, "_fused_rms_norm") and hasattr(torch.ops.aten, "_fused_rms_norm_backward")
+
+
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """RMS norm over the last axis with a learned scale, computed in float32 and rounded once to ``x.dtype``.
 
     CUDA: the fused kernel (one launch each way). Meta: its shape-only stand-in. Elsewhere torch's composite
     ``F.rms_norm`` in float32 (bit-equal to the written-out formula).
     """
-    if x.is_cuda and hasattr(torch.ops.aten, "_fused_rms_norm"):
+    if x.is_cuda and _FUSED_RMS_NORM:
         return torch.ops.aten._fused_rms_norm(x, [x.shape[-1]], weight.to(x.dtype), eps)[0]
     if x.is_meta and _STAND_INS:
         return torch.ops.pyramid_dit.rms_norm_shape(x, weight.to(x.dtype), eps)[0]
@@ -424,9 +428,15 @@ def flex_attention_padded(q: Tensor, k: Tensor, v: Tensor, mask: FlexMask, heads
     # the same form at every call site: the compiler guards on a view's base, and bases of other forms would
     # compile the kernel again. No "duck sizing": a tile count that happens to equal the head count or width
     # would share its (static) symbol and be compiled as a constant.
+    # Past TorchDynamo's recompile limit (8 per function by default) a call would silently run FlexAttention's
+    # eager form, which materialises every (query, key) score: a process that trains (batch 1 or 2 per column, three
+    # kinds of call sites) and also samples (no grad, classifier-free guidance's doubled batch) can reach it, so the
+    # limit is raised around this call only.
+    import torch._dynamo.config as dynamo_config
     import torch.fx.experimental._config as fx_config
 
+    limit = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
     qt, kt, vt = (x.unflatten(-1, (heads, -1)).transpose(1, 2) for x in (q, k, v))
-    with fx_config.patch(use_duck_shape=False):
+    with fx_config.patch(use_duck_shape=False), dynamo_config.patch(**{limit: 64}):
         out = _compiled_flex(q.device.type != "cpu")(qt, kt, vt, block_mask=mask.block_mask)
     return out.transpose(1, 2).flatten(2)
