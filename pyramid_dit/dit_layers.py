@@ -18,15 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pyramid_dit.embeddings import apply_rope
-from pyramid_dit.packed_ops import attend, gated_residual, modulate, per_column, tails
+from pyramid_dit.packed_ops import attend, flex_attention_padded, gated_residual, modulate, per_column, rms_norm, rotate
 from pyramid_dit.packing import PackedSequence, queries_from
-
-
-def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    if hasattr(F, "rms_norm"):  # torch >= 2.4: one fused op with the scale, same float32 result as the formula
-        return F.rms_norm(x, x.shape[-1:], weight=weight, eps=eps)
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
 
 
 class RMSNorm(nn.Module):
@@ -38,10 +31,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (self.normalize_fp32(x)).to(x.dtype)
-
-    def normalize_fp32(self, x: torch.Tensor) -> torch.Tensor:
-        return _rms(x.float(), self.weight.float(), self.eps)
+        return rms_norm(x, self.weight, self.eps)
 
 
 def heads(linear: nn.Linear, x: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -49,16 +39,28 @@ def heads(linear: nn.Linear, x: torch.Tensor, n_heads: int) -> torch.Tensor:
     return linear(x).unflatten(-1, (n_heads, -1))
 
 
-def norm_rope(x: torch.Tensor, norm: RMSNorm, rope: Optional[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-    """RMS-normalise queries or keys ``[B, L, H, d]`` and rotate them by ``rope`` (tables ``[L, d]``).
+def norm_rope(x: torch.Tensor, norm: RMSNorm, rotation: Optional[torch.Tensor], flat: bool = False) -> torch.Tensor:
+    """RMS-normalise queries or keys ``[B, L, H, d]`` and rotate them by ``rotation`` (complex ``[L, 1, d/2]``,
+    ``PackedSequence.rotation``); ``flat``: return ``[B, L, H*d]`` (FlexAttention's input form).
 
-    Runs in float32 and rounds once to the activation dtype. ``rope=None`` means no rotation (text tokens sit
-    at position 0, where the rotation is the identity, or the model has no rotary positions).
+    Runs in float32 and rounds once to the activation dtype. ``rotation=None`` means no rotation (text tokens sit
+    at position 0, where the rotation is the identity, or the model has no rotary positions): then the norm
+    alone, one fused kernel on CUDA.
     """
-    y = norm.normalize_fp32(x)
-    if rope is not None:
-        y = apply_rope(y, rope[0][:, None], rope[1][:, None])
-    return y.to(x.dtype)
+    if rotation is None:
+        y = norm(x)
+        return y.flatten(2) if flat else y
+    y = rotate(rms_norm(x.float(), norm.weight, norm.eps), rotation)
+    return (y.flatten(2) if flat else y).to(x.dtype)
+
+
+def pad_cat(seq: PackedSequence, parts: list[torch.Tensor], padded: int) -> torch.Tensor:
+    """``parts`` ``[B, l_i, ...]`` concatenated along the tokens and zero-padded to ``padded`` tokens (one copy;
+    the zeros are made once per call and shape)."""
+    length = sum(p.shape[1] for p in parts)
+    if padded > length:
+        parts = parts + [seq.zeros(padded - length, parts[0])]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
 class GELUProj(nn.Module):
@@ -166,8 +168,8 @@ class JointTransformerBlock(nn.Module):
         is then not available (the last clips' tokens are spread over the processes)."""
         if last_only and seq.sharded:
             raise ValueError("last_only is not available under sequence parallelism")
-        B, lens, t_lens = seq.batch, seq.video_lens, seq.text_lens
-        lens_held, t_lens_held = seq.lens("video"), seq.lens("text")  # of the tokens this process holds
+        B = seq.batch
+        seg_v, seg_t = seq.segs("video"), seq.segs("text")  # of the tokens this process holds
         a = self.attn
         update_text = not (self.context_pre_only or last_only)
         # One modulation set per column (= per text row), broadcast over that column's tokens.
@@ -175,42 +177,76 @@ class JointTransformerBlock(nn.Module):
         t_mod = [per_column(c, B) for c in self.norm1_context.chunks(temb)]
         t_scale, t_shift = t_mod[:2] if self.context_pre_only else (t_mod[1], t_mod[0])
 
-        h = modulate(self.norm1.norm(video), v_scale, v_shift, lens_held)
-        v_k = seq.to_heads("video", norm_rope(heads(a.to_k, h, a.heads), a.norm_k, seq.rope("video")))
+        h = modulate(self.norm1.norm(video), v_scale, v_shift, seg_v)
+        v_k = seq.to_heads("video", norm_rope(heads(a.to_k, h, a.heads), a.norm_k, seq.rotation("video")))
         v_v = seq.to_heads("video", heads(a.to_v, h, a.heads))
         if last_only:  # the last clips' tokens are the only video queries whose result is used
-            video, h = tails(video, lens, seq.last_lens), tails(h, lens, seq.last_lens)
-            q_lens, q_lens_held, q_rope, q_groups = seq.last_lens, seq.last_lens, seq.rope_last, seq.last_groups
+            video, h = seq.tails("video", video), seq.tails("video", h)
+            q_seg, q_rot, queries = seq.segs("last"), seq.rotation("last"), "last"
         else:
-            q_lens, q_lens_held, q_rope = lens, lens_held, seq.rope("video")
-            q_groups = seq.groups if update_text else [queries_from(g, t) for g, t in zip(seq.groups, t_lens)]
-        v_q = seq.to_heads("video", norm_rope(heads(a.to_q, h, a.heads), a.norm_q, q_rope))
-        ht = modulate(self.norm1_context.norm(text), t_scale, t_shift, t_lens_held)
+            q_seg, q_rot, queries = seg_v, seq.rotation("video"), "all" if update_text else "video"
+        v_q = seq.to_heads("video", norm_rope(heads(a.to_q, h, a.heads), a.norm_q, q_rot))
+        ht = modulate(self.norm1_context.norm(text), t_scale, t_shift, seg_t)
         t_k = seq.to_heads("text", norm_rope(heads(a.add_k_proj, ht, a.heads), a.text_norm_k, None))  # no rotation
         t_v = seq.to_heads("text", heads(a.add_v_proj, ht, a.heads))
+        t_q = (seq.to_heads("text", norm_rope(heads(a.add_q_proj, ht, a.heads), a.text_norm_q, None))
+               if update_text else None)
 
-        # Attention per column over its text followed by its video tokens.
-        keys = [torch.cat(kv, dim=1) for kv in zip(t_k.split(t_lens, dim=1), v_k.split(lens, dim=1))]
-        values = [torch.cat(kv, dim=1) for kv in zip(t_v.split(t_lens, dim=1), v_v.split(lens, dim=1))]
-        queries = list(v_q.split(q_lens, dim=1))
-        if update_text:
-            t_q = seq.to_heads("text", norm_rope(heads(a.add_q_proj, ht, a.heads), a.text_norm_q, None))
-            queries = [torch.cat(tq_vq, dim=1) for tq_vq in zip(t_q.split(t_lens, dim=1), queries)]
-        outs = [attend(q, k, v, g) for q, k, v, g in zip(queries, keys, values, q_groups)]
-        if update_text:
-            text_out, video_out = zip(*(o.split([t, length], dim=1) for o, t, length in zip(outs, t_lens, lens)))
+        if seq.attention == "flex":
+            text_out, video_out = _joint_flex(seq, t_q, t_k, t_v, v_q, v_k, v_v, queries)
         else:
-            video_out = outs
-        video_out = seq.from_heads("video", torch.cat(video_out, dim=1))
-        video = gated_residual(video, v_gate, a.to_out[0](video_out), q_lens_held)
-        video = gated_residual(video, v_gate2,
-                               self.ff(modulate(self.norm1.norm(video), v_scale2, v_shift2, q_lens_held)), q_lens_held)
+            text_out, video_out = _joint_per_column(seq, t_q, t_k, t_v, v_q, v_k, v_v, queries)
+        video_out = seq.from_heads("video", video_out)
+        video = gated_residual(video, v_gate, a.to_out[0](video_out), q_seg)
+        video = gated_residual(video, v_gate2, self.ff(modulate(self.norm1.norm(video), v_scale2, v_shift2, q_seg)),
+                               q_seg)
         if not update_text:
             return video, None
         t_gate, t_shift2, t_scale2, t_gate2 = t_mod[2:]
-        text_out = seq.from_heads("text", torch.cat(text_out, dim=1))
-        text = gated_residual(text, t_gate, a.to_add_out(text_out), t_lens_held)
+        text_out = seq.from_heads("text", text_out)
+        text = gated_residual(text, t_gate, a.to_add_out(text_out), seg_t)
         text = gated_residual(text, t_gate2,
-                              self.ff_context(modulate(self.norm1_context.norm(text), t_scale2, t_shift2, t_lens_held)),
-                              t_lens_held)
+                              self.ff_context(modulate(self.norm1_context.norm(text), t_scale2, t_shift2, seg_t)),
+                              seg_t)
         return video, text
+
+
+def _joint_flex(seq: PackedSequence, t_q: Optional[torch.Tensor], t_k: torch.Tensor, t_v: torch.Tensor,
+                v_q: torch.Tensor, v_k: torch.Tensor, v_v: torch.Tensor, queries: str
+                ) -> tuple[Optional[torch.Tensor], torch.Tensor]:
+    """The joint attention of every column in one FlexAttention call: keys and values are all columns' text then
+    all columns' video (``"double"`` layout); queries the same (``"all"``), the video alone (``"video"``) or the
+    last clips (``"last"``). Returns (text output or ``None``, video output), each ``[B, L, h*d]``."""
+    mask = seq.flex_mask("double", queries)
+    heads = v_k.shape[2]
+    k = pad_cat(seq, [t_k.flatten(2), v_k.flatten(2)], mask.kv_padded)
+    v = pad_cat(seq, [t_v.flatten(2), v_v.flatten(2)], mask.kv_padded)
+    q = pad_cat(seq, [t_q.flatten(2), v_q.flatten(2)] if queries == "all" else [v_q.flatten(2)], mask.q_padded)
+    out = flex_attention_padded(q, k, v, mask, heads)
+    if queries == "all":
+        text_out, video_out, _ = out.split([t_q.shape[1], v_q.shape[1], mask.q_padded - mask.q_len], dim=1)
+        return text_out, video_out
+    return None, out.split([mask.q_len, mask.q_padded - mask.q_len], dim=1)[0]
+
+
+def _joint_per_column(seq: PackedSequence, t_q: Optional[torch.Tensor], t_k: torch.Tensor, t_v: torch.Tensor,
+                      v_q: torch.Tensor, v_k: torch.Tensor, v_v: torch.Tensor, queries: str
+                      ) -> tuple[Optional[torch.Tensor], torch.Tensor]:
+    """The joint attention column by column (SDPA over each column's text then video, ``frame`` or ``column``
+    groups); same contract as :func:`_joint_flex`."""
+    lens, t_lens = seq.video_lens, seq.text_lens
+    if queries == "last":
+        q_lens, q_groups = seq.last_lens, seq.last_groups
+    else:
+        q_lens = lens
+        q_groups = seq.groups if queries == "all" else [queries_from(g, t) for g, t in zip(seq.groups, t_lens)]
+    keys = [torch.cat(kv, dim=1) for kv in zip(t_k.split(t_lens, dim=1), v_k.split(lens, dim=1))]
+    values = [torch.cat(kv, dim=1) for kv in zip(t_v.split(t_lens, dim=1), v_v.split(lens, dim=1))]
+    q_parts = list(v_q.split(q_lens, dim=1))
+    if queries == "all":
+        q_parts = [torch.cat(tq_vq, dim=1) for tq_vq in zip(t_q.split(t_lens, dim=1), q_parts)]
+    outs = [attend(q, k, v, g) for q, k, v, g in zip(q_parts, keys, values, q_groups)]
+    if queries != "all":
+        return None, torch.cat(outs, dim=1)
+    text_out, video_out = zip(*(o.split([t, length], dim=1) for o, t, length in zip(outs, t_lens, lens)))
+    return torch.cat(text_out, dim=1), torch.cat(video_out, dim=1)

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pyramid_dit.dit_layers import AdaNorm, JointTransformerBlock, RMSNorm, heads, norm_rope
-from pyramid_dit.packed_ops import attend, gated_residual, modulate, per_column, tails
+from pyramid_dit.dit_layers import AdaNorm, JointTransformerBlock, RMSNorm, heads, norm_rope, pad_cat
+from pyramid_dit.packed_ops import attend, flex_attention_padded, gated_residual, modulate, per_column
 from pyramid_dit.packing import PackedSequence
 
 
@@ -55,21 +55,53 @@ class FluxSingleTransformerBlock(nn.Module):
         if last_only and seq.sharded:
             raise ValueError("last_only is not available under sequence parallelism")
         lens, a = seq.joint_lens, self.attn
-        lens_held = seq.lens("joint")
+        seg = seq.segs("joint")
         shift, scale, gate = (per_column(c, seq.batch) for c in self.norm.chunks(temb))
 
-        h = modulate(self.norm.norm(x), scale, shift, lens_held)
-        k = seq.to_heads("joint", norm_rope(heads(a.to_k, h, a.heads), a.norm_k, seq.rope("joint")))
+        h = modulate(self.norm.norm(x), scale, shift, seg)
+        if seq.attention == "flex" and not seq.sharded:
+            return self._flex_unsharded(x, h, gate, seq, last_only)
+        k = seq.to_heads("joint", norm_rope(heads(a.to_k, h, a.heads), a.norm_k, seq.rotation("joint")))
         v = seq.to_heads("joint", heads(a.to_v, h, a.heads))
         if last_only:  # the last clips' tokens are the only queries whose result is used
-            x, h = tails(x, lens, seq.last_lens), tails(h, lens, seq.last_lens)
-            q_lens, q_lens_held, q_rope, groups = seq.last_lens, seq.last_lens, seq.rope_last, seq.last_groups
+            x, h = seq.tails("joint", x), seq.tails("joint", h)
+            q_seg, q_rot = seq.segs("last"), seq.rotation("last")
         else:
-            q_lens, q_lens_held, q_rope, groups = lens, lens_held, seq.rope("joint"), seq.groups
-        q = seq.to_heads("joint", norm_rope(heads(a.to_q, h, a.heads), a.norm_q, q_rope))
+            q_seg, q_rot = seg, seq.rotation("joint")
+        q = seq.to_heads("joint", norm_rope(heads(a.to_q, h, a.heads), a.norm_q, q_rot))
 
-        outs = [attend(q_c, k_c, v_c, g) for q_c, k_c, v_c, g in
-                zip(q.split(q_lens, dim=1), k.split(lens, dim=1), v.split(lens, dim=1), groups)]
-        attn = seq.from_heads("joint", torch.cat(outs, dim=1))
+        if seq.attention == "flex":  # under SP: the whole stream of this process's heads, padded for the kernel
+            mask = seq.flex_mask("joint", "all")
+            out = flex_attention_padded(*(pad_cat(seq, [t.flatten(2)], n) for t, n in
+                                          ((q, mask.q_padded), (k, mask.kv_padded), (v, mask.kv_padded))),
+                                        mask, q.shape[2])
+            attn = out.split([q.shape[1], mask.q_padded - q.shape[1]], dim=1)[0]
+        else:
+            q_lens, groups = (seq.last_lens, seq.last_groups) if last_only else (lens, seq.groups)
+            outs = [attend(q_c, k_c, v_c, g) for q_c, k_c, v_c, g in
+                    zip(q.split(q_lens, dim=1), k.split(lens, dim=1), v.split(lens, dim=1), groups)]
+            attn = torch.cat(outs, dim=1)
+        attn = seq.from_heads("joint", attn)
         mlp = F.gelu(self.proj_mlp(h), approximate="tanh")
-        return gated_residual(x, gate, self.proj_out(torch.cat([attn, mlp], dim=-1)), q_lens_held)
+        return gated_residual(x, gate, self.proj_out(torch.cat([attn, mlp], dim=-1)), q_seg)
+
+    def _flex_unsharded(self, x: torch.Tensor, h: torch.Tensor, gate: torch.Tensor, seq: PackedSequence,
+                        last_only: bool) -> torch.Tensor:
+        """The block's attention as one FlexAttention call, without SP. The joint stream already carries the tile
+        padding (``seq.joint_pad``), so keys, values and (all) queries go to the kernel as computed: the
+        projection and the cast after the rotation, no padded copies."""
+        a = self.attn
+        k = norm_rope(heads(a.to_k, h, a.heads), a.norm_k, seq.rotation("joint"), flat=True)
+        v = a.to_v(h)
+        if last_only:  # the last clips' tokens are the only queries whose result is used
+            x, h = seq.tails("joint", x), seq.tails("joint", h)
+            q_seg, q_rot, queries = seq.segs("last"), seq.rotation("last"), "last"
+        else:
+            q_seg, q_rot, queries = seq.segs("joint"), seq.rotation("joint"), "all"
+        mask = seq.flex_mask("joint", queries)
+        q = pad_cat(seq, [norm_rope(heads(a.to_q, h, a.heads), a.norm_q, q_rot, flat=True)], mask.q_padded)
+        attn = flex_attention_padded(q, k, v, mask, a.heads)
+        if attn.shape[1] != x.shape[1]:  # the last clips' queries were padded for the kernel
+            attn = attn.split([x.shape[1], attn.shape[1] - x.shape[1]], dim=1)[0]
+        mlp = F.gelu(self.proj_mlp(h), approximate="tanh")
+        return gated_residual(x, gate, self.proj_out(torch.cat([attn, mlp], dim=-1)), q_seg)

@@ -9,11 +9,12 @@ from __future__ import annotations
 import os
 import uuid
 from pathlib import Path
-from typing import Union
+from typing import Any, Union
 
 import numpy as np
 import torch
-from tqdm import tqdm
+
+from pyramid_dit.progress import progress as progress_of
 
 ImageInput = Union["PIL.Image.Image", torch.Tensor]  # noqa: F821 (PIL is imported lazily)
 
@@ -49,7 +50,7 @@ def _frames_hwc(video: torch.Tensor) -> np.ndarray:
     return np.ascontiguousarray(video.permute(1, 2, 3, 0).cpu().numpy())
 
 
-def _write_mp4(frames: np.ndarray, path: Path, fps: float, bar: tqdm) -> None:
+def _write_mp4(frames: np.ndarray, path: Path, fps: float, bar: Any) -> None:
     import imageio_ffmpeg
 
     _, h, w, _ = frames.shape
@@ -101,7 +102,7 @@ def save_video(video: torch.Tensor, path: Union[str, os.PathLike], fps: float = 
     # The temp name keeps the suffix: ffmpeg picks the container from it.
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp{path.suffix}")
     try:
-        with tqdm(total=len(frames), desc=f"writing {path.name}", unit="frame", disable=not progress) as bar:
+        with progress_of(total=len(frames), desc=f"writing {path.name}", unit="frame", disable=not progress) as bar:
             suffix = path.suffix.lower()
             if suffix == ".mp4":
                 _write_mp4(frames, tmp, fps, bar)

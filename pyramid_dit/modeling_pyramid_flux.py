@@ -17,7 +17,7 @@ The parameter names, config keys and numerics follow the released checkpoint
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
@@ -29,7 +29,7 @@ from torch.utils.checkpoint import checkpoint
 from pyramid_dit.dit_layers import AdaNorm
 from pyramid_dit.embeddings import TimestepTextEmbedding
 from pyramid_dit.flux_blocks import FluxSingleTransformerBlock, FluxTransformerBlock
-from pyramid_dit.packed_ops import modulate, per_column, tails
+from pyramid_dit.packed_ops import modulate, per_column
 from pyramid_dit.packing import (
     Column,
     PackedDiTMixin,
@@ -161,13 +161,14 @@ class PyramidFluxTransformer(PackedDiTMixin, ModelMixin, ConfigMixin):
                              timestep_ratio, latent_channels=self.latent_channels, patch=PATCH,
                              text_dim=self.config.joint_attention_dim, pooled_dim=self.config.pooled_projection_dim)
 
-    def _pack(self, columns: Sequence[Column], text_mask: torch.Tensor) -> PackedSequence:
-        """Positions, 3-axis rotary tables and attention groups of the packed sequence (see ``packing``)."""
+    def _pack(self, columns: Sequence[Column], text_mask: torch.Tensor,
+              text_lengths: Optional[Sequence[int]] = None) -> PackedSequence:
+        """Positions, 3-axis rotary tables, segments and attention masks of the packed sequence (see ``packing``)."""
         columns = [[col] if isinstance(col, torch.Tensor) else list(col) for col in columns]
         return pack_columns(columns, text_mask, patch=PATCH, rope_axes=self.axes_dims_rope, joint_rope=True,
                             interp_condition_pos=self.interp_condition_pos,
                             temporal_causal=self.use_temporal_causal, sp=self.sequence_parallel,
-                            attention_split=self.attention_split)
+                            attention_split=self.attention_split, text_lengths=text_lengths)
 
     def forward(
         self,
@@ -176,6 +177,7 @@ class PyramidFluxTransformer(PackedDiTMixin, ModelMixin, ConfigMixin):
         encoder_attention_mask: torch.Tensor,
         pooled_projections: torch.Tensor,
         timestep_ratio: torch.Tensor,
+        text_lengths: Optional[Sequence[int]] = None,
     ) -> list[torch.Tensor]:
         """Predict each column's last clip.
 
@@ -186,13 +188,16 @@ class PyramidFluxTransformer(PackedDiTMixin, ModelMixin, ConfigMixin):
             encoder_attention_mask: ``[B*n, T]``, 1 = token, 0 = padding.
             pooled_projections: ``[B*n, pooled_projection_dim]``.
             timestep_ratio: ``[B*n]`` timesteps on the 0-1000 scale.
+            text_lengths: optional, per text row the number of its leading valid tokens, known on the host
+                (``TextFeatures.host_lengths``): lets a device-side mask's padding be trimmed without reading the
+                mask back from the device. A CPU mask is read directly; without either, all text is kept.
 
         Returns:
             One tensor per column, shaped like the column's last clip.
         """
         columns = self._check_inputs(sample, encoder_hidden_states, encoder_attention_mask, pooled_projections,
                                      timestep_ratio)
-        seq = self._pack(columns, encoder_attention_mask)
+        seq = self._pack(columns, encoder_attention_mask, text_lengths)
         B = seq.batch
 
         temb = self.time_text_embed(timestep_ratio, pooled_projections)
@@ -208,19 +213,21 @@ class PyramidFluxTransformer(PackedDiTMixin, ModelMixin, ConfigMixin):
 
         # Single-stream layout: each column's text then its video (under SP: gathered, re-laid, split again).
         text, video = seq.gather("text", text), seq.gather("video", video)
-        x = torch.cat([part for t, v in zip(text.split(seq.text_lens, dim=1), video.split(seq.video_lens, dim=1))
-                       for part in (t, v)], dim=1)
-        x = seq.split("joint", x)
+        parts = [part for t, v in zip(text.split(seq.text_lens, dim=1), video.split(seq.video_lens, dim=1))
+                 for part in (t, v)]
+        if seq.joint_pad:  # FlexAttention's tile padding, carried by the stream (see PackedSequence)
+            parts.append(seq.zeros(seq.joint_pad, video))
+        x = seq.split("joint", torch.cat(parts, dim=1))
         n_single = len(self.single_transformer_blocks)
         for i, block in enumerate(self.single_transformer_blocks):
             # Only the last clips are returned: the final block computes just their tokens.
             args = (x, temb, seq, self._last_only(i == n_single - 1))
             x = checkpoint(block, *args, use_reentrant=False) if self._checkpointed(i, n_single) else block(*args)
         if not self._last_only(n_single > 0):
-            x = tails(seq.gather("joint", x), seq.joint_lens, seq.last_lens)
+            x = seq.tails("joint", seq.gather("joint", x))
 
         scale, shift = (per_column(c, B) for c in self.norm_out.chunks(temb))
-        x = self.proj_out(modulate(self.norm_out.norm(x), scale, shift, seq.last_lens))
+        x = self.proj_out(modulate(self.norm_out.norm(x), scale, shift, seq.segs("last")))
         last_shapes = [(clips[-1].shape[2], clips[-1].shape[3] // PATCH, clips[-1].shape[4] // PATCH)
                        for clips in columns]
         return [unpatchify(tok, *shape) for tok, shape in zip(x.split(seq.last_lens, dim=1), last_shapes)]

@@ -19,7 +19,7 @@ reference pipeline adds (``use_t5_mask``, ``add_temp_pos_embed``, ``temp_pos_emb
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +31,7 @@ from torch.utils.checkpoint import checkpoint
 
 from pyramid_dit.dit_layers import AdaNorm, JointTransformerBlock
 from pyramid_dit.embeddings import TimestepTextEmbedding, sincos_table_2d
-from pyramid_dit.packed_ops import modulate, per_column, tails
+from pyramid_dit.packed_ops import modulate, per_column
 from pyramid_dit.packing import (
     Column,
     PackedDiTMixin,
@@ -238,13 +238,14 @@ class PyramidDiffusionMMDiT(PackedDiTMixin, ModelMixin, ConfigMixin):
                              timestep_ratio, latent_channels=self.latent_channels, patch=self.patch_size,
                              text_dim=self.config.joint_attention_dim, pooled_dim=self.config.pooled_projection_dim)
 
-    def _pack(self, columns: Sequence[Column], text_mask: torch.Tensor) -> PackedSequence:
-        """Temporal rotary tables and attention groups of the packed sequence (see ``packing``)."""
+    def _pack(self, columns: Sequence[Column], text_mask: torch.Tensor,
+              text_lengths: Optional[Sequence[int]] = None) -> PackedSequence:
+        """Temporal rotary tables, segments and attention masks of the packed sequence (see ``packing``)."""
         columns = [[col] if isinstance(col, torch.Tensor) else list(col) for col in columns]
         return pack_columns(columns, text_mask, patch=self.patch_size, rope_axes=self.rope_axes, joint_rope=False,
                             interp_condition_pos=self.interp_condition_pos,
                             temporal_causal=self.use_temporal_causal, sp=self.sequence_parallel,
-                            attention_split=self.attention_split)
+                            attention_split=self.attention_split, text_lengths=text_lengths)
 
     def _clip_grids(self, columns: list[list[torch.Tensor]]) -> list[tuple[torch.Tensor, int, int]]:
         """Each clip with the token grid its positions are cropped at: the column's last clip's grid
@@ -263,6 +264,7 @@ class PyramidDiffusionMMDiT(PackedDiTMixin, ModelMixin, ConfigMixin):
         encoder_attention_mask: torch.Tensor,
         pooled_projections: torch.Tensor,
         timestep_ratio: torch.Tensor,
+        text_lengths: Optional[Sequence[int]] = None,
     ) -> list[torch.Tensor]:
         """Predict each column's last clip.
 
@@ -273,13 +275,15 @@ class PyramidDiffusionMMDiT(PackedDiTMixin, ModelMixin, ConfigMixin):
             encoder_attention_mask: ``[B*n, T]``, 1 = token, 0 = padding.
             pooled_projections: ``[B*n, pooled_projection_dim]``.
             timestep_ratio: ``[B*n]`` timesteps on the 0-1000 scale.
+            text_lengths: optional, per text row the number of its leading valid tokens, known on the host
+                (``TextFeatures.host_lengths``), as for the miniFLUX kind.
 
         Returns:
             One tensor per column, shaped like the column's last clip.
         """
         columns = self._check_inputs(sample, encoder_hidden_states, encoder_attention_mask, pooled_projections,
                                      timestep_ratio)
-        seq = self._pack(columns, encoder_attention_mask)
+        seq = self._pack(columns, encoder_attention_mask, text_lengths)
 
         temb = self.time_text_embed(timestep_ratio, pooled_projections)
         text = seq.split("text", self.context_embedder(packed_text(encoder_hidden_states, seq)))
@@ -291,10 +295,10 @@ class PyramidDiffusionMMDiT(PackedDiTMixin, ModelMixin, ConfigMixin):
             args = (video, text, temb, seq, self._last_only(i == n - 1))
             video, text = checkpoint(block, *args, use_reentrant=False) if self._checkpointed(i, n) else block(*args)
         if not self._last_only(n > 0):
-            video = tails(seq.gather("video", video), seq.video_lens, seq.last_lens)
+            video = seq.tails("video", seq.gather("video", video))
 
         scale, shift = (per_column(c, seq.batch) for c in self.norm_out.chunks(temb))
-        x = self.proj_out(modulate(self.norm_out.norm(video), scale, shift, seq.last_lens))
+        x = self.proj_out(modulate(self.norm_out.norm(video), scale, shift, seq.segs("last")))
         p = self.patch_size
         last_shapes = [(clips[-1].shape[2], clips[-1].shape[3] // p, clips[-1].shape[4] // p) for clips in columns]
         return [unpatchify(tok, *shape, patch=p) for tok, shape in zip(x.split(seq.last_lens, dim=1), last_shapes)]

@@ -38,6 +38,7 @@ from typing import Any, Dict, List, NamedTuple, Optional, Sequence
 import torch
 
 from pyramid_dit.kinds import MODEL_NAMES, get_kind
+from pyramid_dit.packing import to_device_async
 from pyramid_dit.pyramid import (
     column_stages,
     history_plan,
@@ -50,7 +51,7 @@ from pyramid_dit.pyramid import (
 )
 from pyramid_dit.scheduler import PyramidFlowMatchEulerDiscreteScheduler
 from pyramid_dit.text_features import FIELDS as TEXT_FIELDS
-from pyramid_dit.text_features import TextFeatures
+from pyramid_dit.text_features import TextFeatures, prefix_lengths
 
 
 @dataclass
@@ -77,7 +78,8 @@ class PyramidTrainingBatch:
         """Keyword arguments for the DiT forward: ``preds = dit(**batch.dit_inputs())``."""
         if self.text is None:
             raise ValueError("this batch has no text yet: set batch.text (see trainer_misc.loop.pyramid_loss)")
-        return {"sample": self.sample, "timestep_ratio": self.timestep_ratio, **self.text.dit_kwargs()}
+        return {"sample": self.sample, "timestep_ratio": self.timestep_ratio, **self.text.dit_kwargs(),
+                **self.text.dit_text_lengths()}
 
 
 def flow_matching_loss(preds: Sequence[torch.Tensor], targets: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -164,6 +166,13 @@ class PyramidFlowObjective:
         self.video_sync_group = video_sync_group
         self.text_drop_rate = text_drop_rate
         self.null_text = _squeeze_null_text(null_text) if null_text is not None else None
+        self._null_text_device: Optional[TextFeatures] = None
+        # The empty prompt's valid tokens, read once here (not in a step): dropped rows keep the batch's lengths
+        # known on the host (TextFeatures.host_lengths), so the DiT can trim text without reading the device.
+        self._null_length: Optional[int] = None
+        if self.null_text is not None:
+            lengths = prefix_lengths(self.null_text.prompt_attention_mask.detach().to("cpu")[None])
+            self._null_length = None if lengths is None else lengths[0]
 
     # ------------------------------------------------------------------------------------------ public API
     def sample_text_dropout(self, batch: int) -> torch.Tensor:
@@ -190,15 +199,25 @@ class PyramidFlowObjective:
         if self.null_text is None:
             raise ValueError("text_drop_rate > 0 needs null_text (the empty prompt's features) at construction")
         replaced = []
-        for name, rows, empty in zip(TEXT_FIELDS, text, self.null_text):
+        device = text.prompt_embeds.device
+        keep_empty = to_device_async(dropped, device)  # drawn on the host: copied without stalling it
+        for name, rows, empty in zip(TEXT_FIELDS, text, self._null_text_on(device)):
             if empty.shape != rows.shape[1:]:
                 raise ValueError(
                     f"null_text.{name} has shape {tuple(empty.shape)} but one row of the batch's {name} is "
                     f"{tuple(rows.shape[1:])}; extract the empty prompt with the same text length and width"
                 )
-            keep_empty = dropped.to(rows.device).view(-1, *[1] * empty.ndim)
-            replaced.append(torch.where(keep_empty, empty.to(rows), rows))
-        return TextFeatures(*replaced), dropped
+            replaced.append(torch.where(keep_empty.view(-1, *[1] * empty.ndim), empty.to(rows.dtype), rows))
+        lengths = None
+        if text.host_lengths is not None and self._null_length is not None:
+            lengths = tuple(self._null_length if d else n for d, n in zip(dropped.tolist(), text.host_lengths))
+        return TextFeatures(*replaced, lengths), dropped
+
+    def _null_text_on(self, device: torch.device) -> TextFeatures:
+        """``null_text`` on ``device``, copied there once (not at every step)."""
+        if self._null_text_device is None or self._null_text_device.prompt_embeds.device != device:
+            self._null_text_device = TextFeatures(*(to_device_async(t, device) for t in self.null_text))
+        return self._null_text_device
 
     @torch.no_grad()
     def noise_latents(
@@ -283,8 +302,10 @@ class PyramidFlowObjective:
         num_steps = self.scheduler.config.num_train_timesteps
         u = torch.rand(size=(num_rows,), device="cpu")
         index = (u * num_steps).long().clamp(0, num_steps - 1)
-        timestep = self.scheduler.timesteps_per_stage[stage][index].to(device=device)
-        ratio = self.scheduler.sigmas_per_stage[stage][index].to(device=device)  # float64
+        # Drawn and looked up on the host (the scheduler's tables live there), then copied without making the host
+        # wait for the device's queued work (a plain .to(device) would, once per column).
+        timestep = to_device_async(self.scheduler.timesteps_per_stage[stage][index], device)
+        ratio = to_device_async(self.scheduler.sigmas_per_stage[stage][index], device)  # float64
         ratio = ratio.view(-1, *[1] * (start.ndim - 1))
         noisy = (ratio * start + (1 - ratio) * end).to(dtype)
 

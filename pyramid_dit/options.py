@@ -2,11 +2,16 @@
 launch checks use them before anything heavy loads). What each option does is documented where it is used."""
 from __future__ import annotations
 
-__all__ = ["AESTHETIC_SUFFIX", "ATTENTION_SPLITS", "DEFAULT_NEGATIVE_PROMPT"]
+__all__ = ["AESTHETIC_SUFFIX", "ATTENTION_SPLITS", "DEFAULT_NEGATIVE_PROMPT", "TEXT_TOKENS"]
 
-# How the temporal-causal attention of a column is split into kernel calls (pyramid_dit.packing.attention_groups):
-# one call per frame, or one masked call per column. Same outputs; speed depends on the device.
-ATTENTION_SPLITS = ("frame", "column")
+# How attention runs (pyramid_dit/packing.py's docstring): ``flex``, one FlexAttention call per block over the
+# packed micro-batch with a block-sparse mask; ``frame``, one SDPA call per frame; ``column``, one masked SDPA call
+# per column. Same outputs; speed depends on the device. ``auto``: ``flex`` on CUDA (and on meta tensors, which
+# trace what CUDA runs) when this torch has FlexAttention, ``frame`` elsewhere.
+ATTENTION_SPLITS = ("auto", "flex", "frame", "column")
+
+# T5 prompt length of both released kinds: the text encoders pad (and cut) every prompt to it.
+TEXT_TOKENS = 128
 
 # The released demo's negative prompt (the reference pipeline's default).
 DEFAULT_NEGATIVE_PROMPT = (

@@ -33,7 +33,6 @@ from typing import Iterator, List, Optional, Sequence, Union
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from pyramid_dit.block_noise import renoise_coefficients
 from pyramid_dit.device import resolve_device
@@ -41,6 +40,7 @@ from pyramid_dit.kinds import get_kind, kind_of_dit
 from pyramid_dit.media import ImageInput, image_to_tensor, to_uint8
 from pyramid_dit.noise import GeneratorNoise, NoiseSource
 from pyramid_dit.options import DEFAULT_NEGATIVE_PROMPT
+from pyramid_dit.progress import progress as progress_of
 from pyramid_dit.pyramid import history_plan, noise_pyramid, spatial_pyramid, unit_frames, upsample_nearest
 from pyramid_dit.sampling_plan import VAE_DOWNSAMPLE, check_pixel_size, frame_units, per_stage_steps
 from pyramid_dit.scheduler import PyramidFlowMatchEulerDiscreteScheduler
@@ -197,7 +197,7 @@ class PyramidFlowPipeline:
             raise ValueError(f"{name}: expected prompt_embeds [B, L, D], prompt_attention_mask [B, L], "
                              f"pooled_prompt_embeds [B, P], got {tuple(feats.prompt_embeds.shape)}, "
                              f"{tuple(feats.prompt_attention_mask.shape)}, {tuple(feats.pooled_prompt_embeds.shape)}")
-        return TextFeatures(*feats).to(self.device, torch.float32)
+        return TextFeatures(*feats, feats.host_lengths).to(self.device, torch.float32)
 
     def _text_inputs(self, prompt, prompt_features, negative_prompt, negative_features
                      ) -> tuple[TextFeatures, TextFeatures]:
@@ -320,7 +320,7 @@ class PyramidFlowPipeline:
             generated.append(self.encode_image(image_pixels.expand(batch, -1, -1, -1), noise))
 
         with self._using(self.dit, "DiT"):
-            for unit in tqdm(range(len(generated), len(units)), desc="units", disable=not progress):
+            for unit in progress_of(range(len(generated), len(units)), desc="units", unit="unit", disable=not progress):
                 first = unit == 0
                 latents = lowest[:, :, units[unit]]
                 history = self._history(generated, unit) if generated else [[] for _ in range(self.num_stages)]
@@ -373,7 +373,7 @@ class PyramidFlowPipeline:
                 with self._autocast():
                     pred = self.dit(
                         sample=[clips + [model_input]],
-                        **text.dit_kwargs(),
+                        **text.dit_kwargs(), **text.dit_text_lengths(),
                         timestep_ratio=t.expand(rows).to(torch.float32),
                     )[0].float()
                 if cfg:
@@ -406,7 +406,7 @@ class PyramidFlowPipeline:
         those pieces: at 121 frames of 640x384 the decode takes minutes.
         """
         z = self.normalization.denormalize(latents.float())
-        bar = tqdm(desc="VAE decode", unit="piece", disable=not progress)
+        bar = progress_of(desc="VAE decode", unit="piece", disable=not progress)
 
         def advance(done: int, total: int) -> None:
             bar.total = total

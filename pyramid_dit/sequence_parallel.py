@@ -47,10 +47,24 @@ class SequenceParallel:
 
 
 def _all_to_all(x: torch.Tensor, sp: SequenceParallel, scatter_dim: int, gather_dim: int) -> torch.Tensor:
-    parts = [p.contiguous() for p in x.chunk(sp.size, dim=scatter_dim)]
-    out = [torch.empty_like(parts[0]) for _ in range(sp.size)]
-    dist.all_to_all(out, parts, group=sp.group)
-    return torch.cat(out, dim=gather_dim)
+    """One ``all_to_all_single`` on one contiguous buffer (no per-part copies, no concatenation of received parts).
+
+    The parts to send are laid out rank-major (``[S, ...]``: a view when the scattered axis is the outermost one
+    that is not of size 1, a single copy otherwise); what arrives, rank-major too, is put back along ``gather_dim``
+    (a view when only size-1 axes lie before it, a single copy otherwise). With one batch row that is one copy
+    per call, where sending a list of parts and concatenating the received list made two.
+    """
+    S = sp.size
+    shape = list(x.shape)
+    # Send buffer [S, *shape with scatter_dim divided by S]: rank j's part is x's j-th chunk along scatter_dim.
+    split = shape[:scatter_dim] + [S, shape[scatter_dim] // S] + shape[scatter_dim + 1:]
+    send = x.reshape(split).movedim(scatter_dim, 0).contiguous()
+    received = torch.empty_like(send)
+    dist.all_to_all_single(received, send, group=sp.group)
+    # received[j] came from rank j: it is the j-th block of the gathered axis.
+    part = list(received.shape[1:])
+    out = received.movedim(0, gather_dim)  # [..., S, l, ...] with S just before the gathered axis
+    return out.reshape(part[:gather_dim] + [S * part[gather_dim]] + part[gather_dim + 1:])
 
 
 class _AllToAll(torch.autograd.Function):
@@ -74,21 +88,35 @@ def all_to_all(x: torch.Tensor, sp: SequenceParallel, scatter_dim: int, gather_d
     return _AllToAll.apply(x, sp, scatter_dim, gather_dim)
 
 
+def _has_reduce_scatter(sp: SequenceParallel) -> bool:
+    """Whether the group's backend has a reduce-scatter (NCCL does; gloo, the CPU backend, does not)."""
+    return dist.get_backend(sp.group) != dist.Backend.GLOO
+
+
 class _GatherSequence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, sp: SequenceParallel) -> torch.Tensor:
         ctx.sp = sp
-        parts = [torch.empty_like(x) for _ in range(sp.size)]
-        dist.all_gather(parts, x.contiguous(), group=sp.group)
-        return torch.cat(parts, dim=1)
+        # [S, B, l, ...] rank-major, gathered in place; then the ranks' parts side by side along the tokens (a view
+        # for one batch row).
+        gathered = x.new_empty((sp.size * x.shape[0], *x.shape[1:]))
+        dist.all_gather_into_tensor(gathered, x.contiguous(), group=sp.group)
+        return gathered.unflatten(0, (sp.size, -1)).movedim(0, 1).flatten(1, 2)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        # Every process used the gathered tensor: the gradient of its own part is the sum over the group (gloo
-        # has no reduce-scatter, so all-reduce and keep the part).
+        # Every process used the gathered tensor: the gradient of its own part is the sum over the group of that
+        # part's gradients. A reduce-scatter moves half the bytes of an all-reduce; gloo has none, so there the
+        # whole gradient is all-reduced and this part kept.
+        sp = ctx.sp
+        parts = grad.unflatten(1, (sp.size, -1)).movedim(1, 0)  # [S, B, l, ...]
+        if _has_reduce_scatter(sp):
+            out = grad.new_empty(parts.shape[1:])
+            dist.reduce_scatter_tensor(out, parts.contiguous().flatten(0, 1), group=sp.group)
+            return out, None
         grad = grad.contiguous()
-        dist.all_reduce(grad, group=ctx.sp.group)
-        return grad.chunk(ctx.sp.size, dim=1)[ctx.sp.rank], None
+        dist.all_reduce(grad, group=sp.group)
+        return grad.chunk(sp.size, dim=1)[sp.rank], None
 
 
 def gather_sequence(x: torch.Tensor, sp: SequenceParallel) -> torch.Tensor:

@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pyramid_dit.text_features import TextFeatures
+from pyramid_dit.options import TEXT_TOKENS
+from pyramid_dit.text_features import TextFeatures, prefix_lengths
 
 # Subfolders of an official model folder (e.g. rain1011/pyramid-flow-miniflux) holding the text side.
 TEXT_SUBFOLDERS: dict[str, str] = {
@@ -80,7 +81,7 @@ class FrozenTextEncoder(nn.Module):
 
     @classmethod
     def from_pretrained(cls, model_path: str | Path, torch_dtype: torch.dtype = torch.float32,
-                        max_sequence_length: int = 128) -> FrozenTextEncoder:
+                        max_sequence_length: int = TEXT_TOKENS) -> FrozenTextEncoder:
         """Load every part from its official subfolder. ``torch_dtype`` goes to the transformers loaders rather
         than a ``.to()`` afterwards, as in the original pipelines: in float16, T5 keeps its ``wo`` layers in
         float32."""
@@ -119,7 +120,7 @@ class FluxTextEncoder(FrozenTextEncoder):
     build_hint = "tools/build_tiny_checkpoint.py"
 
     def __init__(self, tokenizer, text_encoder: nn.Module, tokenizer_2, text_encoder_2: nn.Module,
-                 max_sequence_length: int = 128) -> None:
+                 max_sequence_length: int = TEXT_TOKENS) -> None:
         super().__init__()
         if max_sequence_length < 1:
             raise ValueError(f"max_sequence_length must be positive, got {max_sequence_length}")
@@ -158,4 +159,5 @@ class FluxTextEncoder(FrozenTextEncoder):
             prompt_embeds=prompt_embeds.to(dtype=self.text_encoder_2.dtype),
             prompt_attention_mask=mask,
             pooled_prompt_embeds=pooled.to(dtype=self.text_encoder.dtype),
+            host_lengths=prefix_lengths(t5_inputs.attention_mask),  # the tokenizer's mask is in host memory
         )

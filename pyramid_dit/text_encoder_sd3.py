@@ -15,8 +15,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from pyramid_dit.options import TEXT_TOKENS
 from pyramid_dit.text_encoder import FrozenTextEncoder, check_prompts
-from pyramid_dit.text_features import TextFeatures
+from pyramid_dit.text_features import TextFeatures, prefix_lengths
 
 # Subfolders of an official SD3-kind model folder holding the text side, and what each holds.
 SD3_TEXT_SUBFOLDERS: dict[str, str] = {
@@ -41,7 +42,7 @@ class SD3TextEncoder(FrozenTextEncoder):
     build_hint = "tools/build_tiny_checkpoint.py --kind pyramid_mmdit"
 
     def __init__(self, tokenizer, text_encoder: nn.Module, tokenizer_2, text_encoder_2: nn.Module, tokenizer_3,
-                 text_encoder_3: nn.Module, max_sequence_length: int = 128) -> None:
+                 text_encoder_3: nn.Module, max_sequence_length: int = TEXT_TOKENS) -> None:
         super().__init__()
         if max_sequence_length < 1:
             raise ValueError(f"max_sequence_length must be positive, got {max_sequence_length}")
@@ -80,4 +81,5 @@ class SD3TextEncoder(FrozenTextEncoder):
             prompt_embeds=prompt_embeds.to(dtype=self.text_encoder_3.dtype),
             prompt_attention_mask=mask,
             pooled_prompt_embeds=torch.cat(pooled, dim=-1),
+            host_lengths=prefix_lengths(t5_inputs.attention_mask),  # the tokenizer's mask is in host memory
         )

@@ -65,6 +65,8 @@ def test_every_line_checked_and_grouped_by_reason(data):
     assert "clip lengths used (latent frames: clips): 4: 2" in text
     assert "stage 2: 16/frame, 64/clip (+ 6 text tokens)" in text
     assert report.ok
+    live = format_report(check_data(spec(data, load_text_encoder=True)))  # captions encoded during training
+    assert "(+ 128 text tokens, captions encoded during training)" in live and "?" not in live
 
 
 def test_nothing_usable_exits_2_with_one_summary(data, capsys):

@@ -129,3 +129,15 @@ def test_missing_model_folder_is_one_clear_line(tmp_path, capsys):
     (tmp_path / "a.jsonl").write_text(_row("t", "f.safetensors") + "\n")
     assert main(["--model_path", str(tmp_path), "--anno_file", str(tmp_path / "a.jsonl"), "--no_progress"]) == 2
     assert "text_encoder" in capsys.readouterr().err
+
+
+def test_the_report_lands_beside_the_features_as_the_latent_report_does(tiny_ckpt, tmp_path, monkeypatch):
+    """Both extraction reports sit in the folder of their per-line outputs (data/text_fea/, data/latents/), not one
+    of them at the data root because the empty prompt's features live there."""
+    monkeypatch.setenv("PYRAMID_DATA_ROOT", "")
+    (tmp_path / "anno.jsonl").write_text(_row(CAPTIONS[0], "text_fea/0.safetensors") + "\n" +
+                                         _row(CAPTIONS[1], "text_fea/1.safetensors") + "\n")
+    assert main(["--model_path", str(tiny_ckpt), "--anno_file", str(tmp_path / "anno.jsonl"), "--model_dtype",
+                 "fp32", "--no_progress"]) == 0
+    assert (tmp_path / "text_fea" / "anno.text_fea_report.jsonl").is_file()
+    assert (tmp_path / EMPTY_PROMPT_FILENAME).is_file() and not (tmp_path / "anno.text_fea_report.jsonl").exists()

@@ -430,13 +430,23 @@ def test_forward_and_backward_trace_on_meta_and_fake_tensors_with_the_real_flop_
         assert _train_step_flops(fake_model, fake) == real
         assert all(p.grad is not None for p in fake_model.parameters())
 
-    # Meta tensors run attention as plain matmuls (bmm); every linear layer is counted the same.
+    # Meta tensors with attention per frame run it as plain matmuls (bmm); every linear layer is counted the same.
     on_meta = {k: ([[c.to("meta") for c in col] for col in v] if k == "sample" else v.to("meta"))
                for k, v in unpadded.items()}
     with torch.device("meta"):
         meta_model = PyramidFluxTransformer(**TINY)
+    meta_model.attention_split = "frame"
     meta = _train_step_flops(meta_model, on_meta)
     assert (meta["mm"], meta["addmm"]) == (real["mm"], real["addmm"]) and meta["bmm"] > 0
+
+    # By default meta tensors trace what CUDA runs: FlexAttention, one shape-only op each way, counting the FLOPs of
+    # the same (query, key) pairs as the per-frame calls; the linear layers also see the single-stream sequence's
+    # tile padding (computed on the GPU too), so they count more.
+    meta_model.attention_split = "auto"
+    flex = _train_step_flops(meta_model, on_meta)
+    assert flex["flex_attention_shape"] == real["_scaled_dot_product_flash_attention_for_cpu"]
+    assert flex["flex_attention_shape_backward"] == real["_scaled_dot_product_flash_attention_for_cpu_backward"]
+    assert flex["mm"] > real["mm"] and "bmm" not in flex
 
     # Real tensors still trim text padding: a padded batch costs less than the untrimmed (traced) count.
     padded = _train_step_flops(tiny_model(), make_inputs(TRACE_COLUMNS, pad=(4,)))

@@ -2,11 +2,12 @@
 formulas they replace: outputs and gradients of every input, in float64."""
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
 from pyramid_dit.packed_ops import attend, gated_residual, modulate
-from pyramid_dit.packing import AttentionGroup
+from pyramid_dit.packing import AttentionGroup, Segments
 
 LENS = [3, 0, 5, 2]  # an empty segment too (a sequence-parallel part may hold none of a column)
 
@@ -19,21 +20,27 @@ def _grads(out: torch.Tensor, inputs: list[torch.Tensor], weight: torch.Tensor) 
     return list(torch.autograd.grad((out * weight).sum(), inputs))
 
 
-def test_modulate_and_gated_residual_match_the_per_token_formulas():
+@pytest.mark.parametrize("batched", [False, True], ids=["per-segment (CPU)", "gather + product (GPU)"])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_modulate_and_gated_residual_match_the_per_token_formulas(batched, batch):
+    """Both ways of the per-column ops: per segment (the CPU's) and one gather forward, one indicator product per
+    sum backward (the GPU's: the same number of kernels whatever the number of columns)."""
+    seg = Segments.build(LENS, torch.device("cpu"), batched=batched)
+    assert seg.batched == batched and (seg.index is not None) == batched
     g = torch.Generator().manual_seed(0)
-    B, S, D, n = 2, sum(LENS), 5, len(LENS)
+    B, S, D, n = batch, sum(LENS), 5, len(LENS)
     x, y = (torch.randn(B, S, D, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
     scale, shift, gate = (torch.randn(B, n, D, generator=g, dtype=torch.float64, requires_grad=True)
                           for _ in range(3))
     w = torch.randn(B, S, D, generator=g, dtype=torch.float64)
 
-    out = modulate(x, scale, shift, LENS)
+    out = modulate(x, scale, shift, seg)
     ref = x * (1 + _per_token(scale, LENS)) + _per_token(shift, LENS)
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
     for a, b in zip(_grads(out, [x, scale, shift], w), _grads(ref, [x, scale, shift], w)):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
 
-    out = gated_residual(x, gate, y, LENS)
+    out = gated_residual(x, gate, y, seg)
     ref = x + _per_token(gate, LENS) * y
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
     for a, b in zip(_grads(out, [x, gate, y], w), _grads(ref, [x, gate, y], w)):

@@ -42,6 +42,15 @@ CASES = [
     # One masked attention call per column (--attention_split column) instead of one per frame.
     ("flux_ar_column_split", "flux", [[(1, 4, 6)] * 3, [(2, 4, 6), (1, 6, 6)]], (0, 3), {"attention_split": "column"},
      False),
+    # The gather's backward through a reduce-scatter (NCCL's path; emulated on gloo, which has none).
+    ("sd3_ar_reduce_scatter", "sd3", [[(1, 4, 6)] * 3, [(1, 4, 6), (1, 8, 12), (1, 6, 6)]], (0, 5),
+     {"reduce_scatter": True}, True),
+]
+# FlexAttention under SP, forward only (torch has no CPU backward for it; with TorchDynamo off, as in these
+# launches, it runs torch's eager implementation).
+FLEX_CASES = [
+    ("flux_ar_flex", "flux", [[(1, 4, 6)] * 3, [(1, 4, 6), (1, 8, 12), (1, 6, 6)]], (0, 3)),
+    ("sd3_ar_flex", "sd3", [[(1, 4, 6)] * 3, [(2, 4, 6), (1, 8, 12)]], (2, 0)),
 ]
 BATCH = {"flux_full_causal_ckpt": 2}
 
@@ -54,6 +63,7 @@ def _model(kind: str, overrides: dict, ckpt: bool):
     else:
         from test_mmdit import tiny_model
     overrides = dict(overrides)
+    overrides.pop("reduce_scatter", None)  # a collective's path, not a config key
     split = overrides.pop("attention_split", "frame")  # a model attribute, not a config key
     model = tiny_model(**overrides).train()
     model.attention_split = split
@@ -83,10 +93,20 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
 
 
+def _emulated_reduce_scatter(dist):
+    """``dist.reduce_scatter_tensor`` for gloo (which has none): all-reduce, keep this rank's block."""
+    def reduce_scatter_tensor(output, input, group=None):
+        total = input.clone()
+        dist.all_reduce(total, group=group)
+        output.copy_(total.chunk(dist.get_world_size(group))[dist.get_rank(group)])
+    return reduce_scatter_tensor
+
+
 def worker(result_dir: Path) -> None:
     import torch.distributed as dist
     from test_dit import make_inputs
 
+    import pyramid_dit.sequence_parallel as sequence_parallel
     from trainer_misc.runtime.distributed import sequence_parallel_group
 
     dist.init_process_group("gloo")
@@ -100,7 +120,16 @@ def worker(result_dir: Path) -> None:
         weights = [torch.randn(col[-1].shape, generator=g) for col in inputs["sample"]]
         ref_out, ref_grads = outputs_and_grads(model, inputs, weights)
         model.enable_sequence_parallel(sp)
-        out, grads = outputs_and_grads(model, inputs, weights)
+        if overrides.get("reduce_scatter"):
+            has, reduce_scatter = sequence_parallel._has_reduce_scatter, getattr(dist, "reduce_scatter_tensor")
+            sequence_parallel._has_reduce_scatter = lambda _sp: True
+            dist.reduce_scatter_tensor = _emulated_reduce_scatter(dist)
+            try:
+                out, grads = outputs_and_grads(model, inputs, weights)
+            finally:
+                sequence_parallel._has_reduce_scatter, dist.reduce_scatter_tensor = has, reduce_scatter
+        else:
+            out, grads = outputs_and_grads(model, inputs, weights)
         split = model._pack(inputs["sample"], inputs["encoder_attention_mask"])
         model.enable_sequence_parallel(None)
         assert set(grads) == set(ref_grads), set(grads) ^ set(ref_grads)
@@ -113,6 +142,16 @@ def worker(result_dir: Path) -> None:
                         "n_grads": len(grads), "video_tokens": sum(seq.video_lens), "text_tokens": sum(seq.text_lens),
                         "sharded": split.sharded and not seq.sharded,
                         "held_video": sum(split.lens("video")), "held_text": sum(split.lens("text"))}
+    for name, kind, columns, pad in FLEX_CASES:
+        model = _model(kind, {}, False).eval()
+        inputs = make_inputs(columns, text_len=9, pad=pad, seed=4)
+        with torch.no_grad():
+            ref_out = model(**inputs)  # one process, attention per frame
+            model.attention_split = "flex"
+            model.enable_sequence_parallel(sp)
+            out = model(**inputs)
+            model.enable_sequence_parallel(None)
+        report[name] = {"out": max(_rel(o, r) for o, r in zip(out, ref_out))}
     # Activation memory per process, full-sequence column of 4 frames x 16 x 16 tokens and 9 text tokens.
     model = _model("flux", {"use_temporal_causal": False}, False)
     inputs = make_inputs([[(4, 32, 32)]], text_len=9, pad=(0,), seed=5)
@@ -145,6 +184,13 @@ def test_sp2_equals_sp1(reports, case):
         assert (r["held_video"], r["held_text"]) == (-(-r["video_tokens"] // 2), -(-r["text_tokens"] // 2))
         assert r["out"] < TOL, r
         assert r["grad"] < TOL, r
+
+
+@pytest.mark.parametrize("case", [c[0] for c in FLEX_CASES])
+def test_sp2_flex_forward_equals_one_process_per_frame(reports, case):
+    for rank, report in enumerate(reports):
+        print(f"{case} rank {rank}: output rel err {report[case]['out']:.2e}")
+        assert report[case]["out"] < TOL, report[case]
 
 
 def test_activation_memory_per_process_halves(reports):

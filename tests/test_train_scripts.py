@@ -271,11 +271,15 @@ def test_every_script_variable_is_read_by_its_launcher():
         assert set(re.findall(r'^: "\$\{(\w+):=', text, re.M)) == names, script
 
 
-def _train_config(*flags: str):
+def _args_and_config(*flags: str):
     from train.args import build_parser
     from train.run import train_config
-    return train_config(build_parser().parse_args(["--model_path", "m", "--anno_file", "a", "--output_dir", "o",
-                                                   *flags]))
+    args = build_parser().parse_args(["--model_path", "m", "--anno_file", "a", "--output_dir", "o", *flags])
+    return args, train_config(args)
+
+
+def _train_config(*flags: str):
+    return _args_and_config(*flags)[1]
 
 
 @pytest.mark.parametrize("flags,warmup", [
@@ -288,6 +292,14 @@ def _train_config(*flags: str):
 ])
 def test_warmup_flags_keep_the_reference_meaning(flags, warmup):
     assert _train_config(*flags).warmup_steps == warmup
+    from train.run import warmup_note
+
+    note = warmup_note(*_args_and_config(*flags))
+    if "--warmup_steps" in flags and flags[flags.index("--warmup_steps") + 1] == "0" and warmup:
+        assert note.startswith(f"LR warmup: {warmup} steps = WARMUP_EPOCHS=")
+        assert "WARMUP_STEPS=0 is not positive" in note
+    elif flags and warmup in (0, 1000, 3):
+        assert note is None  # given in steps, or no warmup asked for: nothing to explain
 
 
 @pytest.mark.parametrize("flags,every", [

@@ -38,27 +38,38 @@ after how many steps of the same layout it is repaid.
 (imported from that checkout at run time) with the same weights and inputs, alternating steps with ours, and
 prints the output difference between the two.
 
+``--count_ops`` runs nothing for real: on meta tensors (no memory, no arithmetic) at the released size, it counts
+what one micro-batch dispatches to the device for the heaviest micro-batch of a one-GPU 384p x 16-frame AR launch
+(``--count_case`` to change it; the input ``tools/measure_gpu.py`` builds): attention calls (a fused kernel
+each, forward and backward), device ops (aten ops on the device, views and metadata excluded: what launches
+kernels) and host syncs (reads of device values on the host, and host-to-device copies that make the host wait;
+``DeviceOpCounter``). Ours runs the objective (noising, on the device), forward, loss and backward; meta tensors
+take the path CUDA takes. With ``--reference``, the reference's class of the same kind on the same input
+(forward, loss, backward).
+
     python tools/benchmark_dit.py --steps 7
     python tools/benchmark_dit.py --steps 7 --reference /tmp/ref
     python tools/benchmark_dit.py --steps 7 --reference /tmp/ref --kind pyramid_mmdit
+    python tools/benchmark_dit.py --count_ops --reference /tmp/ref
 """
 from __future__ import annotations
 
 import argparse
-import importlib
+import collections
 import statistics
-import sys
 import time
-import types
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Optional
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 REPO = Path(__file__).resolve().parents[1]
 
 from pyramid_dit.kinds import get_kind
 from pyramid_dit.options import ATTENTION_SPLITS
+from tools.reference_dit import load_reference_class
 
 CONFIGS = {
     "pyramid_flux": dict(num_layers=2, num_single_layers=4, attention_head_dim=64, num_attention_heads=6,
@@ -71,8 +82,6 @@ CONFIGS = {
 }
 CONFIG = CONFIGS["pyramid_flux"]
 # Where the reference keeps each kind's DiT: (folder under pyramid_dit/, module, class).
-REFERENCE = {"pyramid_flux": ("flux_modules", "modeling_pyramid_flux", "PyramidFluxTransformer"),
-             "pyramid_mmdit": ("mmdit_modules", "modeling_pyramid_mmdit", "PyramidDiffusionMMDiT")}
 COLUMNS = [
     [(1, 6, 10)] * 3,
     [(1, 6, 10), (1, 12, 20), (1, 12, 20)],
@@ -177,43 +186,149 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def load_reference_class(ref_root: Path, kind: str = "pyramid_flux"):
-    """The reference DiT class of ``kind``, imported from a Pyramid-Flow checkout without its package init.
+# ------------------------------------------------------------------------------------------------ op counting
 
-    Its modules import sequence-parallel helpers from a top-level ``trainer_misc``; a stub that reports
-    "not initialised" stands in while they import (and our own ``trainer_misc``, if loaded, is restored).
-    """
-    folder, module_name, class_name = REFERENCE[kind]
-    flux_dir = ref_root / "pyramid_dit" / folder
-    if not (flux_dir / f"{module_name}.py").is_file():
-        raise FileNotFoundError(f"--reference {ref_root}: no pyramid_dit/{folder}/{module_name}.py there")
-    stub = types.ModuleType("trainer_misc")
-    stub.is_sequence_parallel_initialized = lambda: False
+_aten = torch.ops.aten
+# Ops that launch no kernel: shape / stride queries, dtype arithmetic, allocations (their memory is the caching
+# allocator's, no launch), storage re-pointing. Views are recognised by their schema (``OpOverload.is_view``).
+_NO_KERNEL = {_aten.sym_size.int, _aten.sym_stride.int, _aten.sym_numel.default, _aten.sym_storage_offset.default,
+              _aten.is_same_size.default, _aten._has_compatible_shallow_copy_type.default,
+              _aten.promote_types.default, _aten.empty.memory_format, _aten.empty_strided.default,
+              _aten.new_empty.default, _aten.new_empty_strided.default, _aten.empty_like.default,
+              _aten.set_.source_Storage_storage_offset, _aten._unsafe_view.default, _aten.lift_fresh.default}
+# Ops whose result the host must read (a value, or a shape that depends on values): on a GPU each one waits for
+# the device to finish everything queued before it.
+_HOST_READS = {_aten._local_scalar_dense.default, _aten.is_nonzero.default, _aten.item.default,
+               _aten.nonzero.default, _aten.masked_select.default, _aten._unique2.default,
+               _aten.unique_consecutive.default, _aten.unique_dim.default, _aten.repeat_interleave.Tensor}
 
-    def _unavailable(*_args, **_kwargs):
-        raise RuntimeError("sequence parallelism is not available in the benchmark stub")
 
-    for name in ("get_sequence_parallel_group", "get_sequence_parallel_world_size", "get_sequence_parallel_rank",
-                 "all_to_all"):
-        setattr(stub, name, _unavailable)
-    try:  # the reference's SD3 module imports IPython's ``embed`` (a debugging leftover) at import time
-        importlib.import_module("IPython")
-    except ImportError:
-        ipython = types.ModuleType("IPython")
-        ipython.embed = _unavailable
-        sys.modules["IPython"] = ipython
-    package = types.ModuleType(f"_reference_{folder}")
-    package.__path__ = [str(flux_dir)]
-    saved = sys.modules.get("trainer_misc")
-    sys.modules[package.__name__], sys.modules["trainer_misc"] = package, stub
-    try:
-        module = importlib.import_module(f"{package.__name__}.{module_name}")
-    finally:
-        if saved is None:
-            del sys.modules["trainer_misc"]
-        else:
-            sys.modules["trainer_misc"] = saved
-    return getattr(module, class_name)
+def _is_device(t: Any) -> bool:
+    return isinstance(t, torch.Tensor) and t.device.type != "cpu"
+
+
+def host_sync(func, args: tuple, kwargs: dict) -> Optional[str]:
+    """What makes the host wait for the device in this op, or ``None``: a read of a device value (``.item()``,
+    ``bool(t)``, value-dependent shapes), a copy from the device to the host, or a copy from the host to the device
+    that is not ``non_blocking`` (torch synchronises the stream before a pageable host-to-device copy)."""
+    if func in _HOST_READS:
+        return str(func) if any(_is_device(t) for t in tree_leaves((args, kwargs))) else None
+    if func is _aten._to_copy.default:
+        src, dst = args[0], kwargs.get("device", args[0].device)
+        if src.device.type != "cpu" and torch.device(dst).type == "cpu":
+            return "device-to-host copy"
+        if src.device.type == "cpu" and torch.device(dst).type != "cpu" and not kwargs.get("non_blocking", False):
+            return "blocking host-to-device copy"
+    if func is _aten.copy_.default:
+        dst, src = args[0], args[1]
+        non_blocking = args[2] if len(args) > 2 else kwargs.get("non_blocking", False)
+        if src.device.type != "cpu" and dst.device.type == "cpu":
+            return "device-to-host copy"
+        if src.device.type == "cpu" and dst.device.type != "cpu" and not non_blocking:
+            return "blocking host-to-device copy"
+    return None
+
+
+class DeviceOpCounter(TorchDispatchMode):
+    """Counts, for everything run inside it, the device ops (aten ops that launch kernels: views and metadata
+    excluded), the attention calls among them (one fused kernel each, forward and backward) and the host syncs
+    (:func:`host_sync`). Meant for meta tensors (shape-only: nothing runs, nothing syncs for real), where a model
+    that reads a device value on the host would fail: it is counted first."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: collections.Counter = collections.Counter()
+        self.attention: collections.Counter = collections.Counter()
+        self.syncs: collections.Counter = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        sync = host_sync(func, args, kwargs)
+        if sync is not None:
+            self.syncs[sync] += 1
+        if not (func.is_view or func in _NO_KERNEL):
+            self.ops[func] += 1
+            name = str(func)
+            if "scaled_dot_product" in name or "flex_attention" in name:
+                self.attention["backward" if "backward" in name else "forward"] += 1
+        return func(*args, **kwargs)
+
+    @property
+    def total(self) -> int:
+        return sum(self.ops.values())
+
+
+def count_ops(kind: str, case: str, reference_root: Optional[Path] = None) -> dict[str, dict]:
+    """Meta-device counts of one micro-batch (see the module docstring) for ours and, with ``reference_root``,
+    the reference; ``{name: {"attention": (forward, backward), "ops": n, "syncs": {...}, "blocks": n,
+    "top": [(op, n), ...]}}``."""
+    from pyramid_dit.objective import PyramidFlowObjective
+    from pyramid_dit.text_features import TextFeatures
+    from tools.measure_gpu import Case, _heaviest
+    from trainer_misc.planning.planner import _loss, _objective, build_model, dit_inputs
+    from trainer_misc.planning.tracing import fused_attention
+
+    launch = Case.parse(case).launch()
+    if launch.model_kind != kind:
+        raise SystemExit(f"--count_case {case} is not a {kind} case")
+    shapes = _heaviest(launch)
+    config = launch.model_config
+    blocks = config.get("num_layers", 0) + config.get("num_single_layers", 0)
+    results = {}
+
+    ours = build_model(kind, config, torch.bfloat16).train()
+    objective: PyramidFlowObjective = _objective(launch)
+    # The batch as the trainer has it: latents and text features on the device, the prompts' lengths on the host.
+    latents = torch.empty(launch.batch_size, 16, launch.frames, launch.height // 8, launch.width // 8,
+                          device="meta")
+    host_text = TextFeatures(torch.empty(launch.batch_size, launch.text_tokens, config["joint_attention_dim"]),
+                             torch.ones(launch.batch_size, launch.text_tokens, dtype=torch.int64),
+                             torch.empty(launch.batch_size, config["pooled_projection_dim"]))
+    text = host_text.to("meta", torch.bfloat16)
+    heaviest_rank = next(r for r in range(max(launch.gpus, launch.video_sync_group))
+                         if [[tuple(c.shape) for c in col] for col in objective.noise_latents(
+                             latents, use_temporal_pyramid=launch.task == "ar", rank=r).sample] == shapes)
+    with DeviceOpCounter() as counter, fused_attention():
+        text, _ = objective.drop_text(text)
+        step = objective.noise_latents(latents, use_temporal_pyramid=launch.task == "ar", rank=heaviest_rank)
+        step.text = text
+        inputs = step.dit_inputs()
+        inputs = {k: ([[c.to(torch.bfloat16) for c in col] for col in v] if k == "sample" else v)
+                  for k, v in inputs.items()}
+        _loss(ours(**inputs)).backward()
+    results["ours"] = counter
+
+    if reference_root is not None:
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(torch.bfloat16)
+        try:
+            with torch.device("meta"):
+                ref = load_reference_class(reference_root, kind)(**config)
+        finally:
+            torch.set_default_dtype(previous)
+        ref.to("meta").train()  # buffers it builds from numpy land on the CPU whatever the device context
+        with DeviceOpCounter() as counter, fused_attention():
+            _loss(ref(**dit_inputs(launch, shapes, torch.bfloat16))).backward()
+        results["reference"] = counter
+    return {name: {"attention": (c.attention["forward"], c.attention["backward"]), "ops": c.total,
+                   "syncs": dict(c.syncs), "blocks": blocks,
+                   "top": [(str(op), n) for op, n in c.ops.most_common(12)]} for name, c in results.items()}
+
+
+def print_counts(counts: dict[str, dict], case: str) -> None:
+    print(f"meta-device counts, one micro-batch of {case} at the released size (heaviest of a one-GPU launch):")
+    print("| | attention calls (fwd + bwd) | per block | device ops | host syncs |")
+    print("|---|---|---|---|---|")
+    for name, c in counts.items():
+        fwd, bwd = c["attention"]
+        syncs = sum(c["syncs"].values())
+        detail = f" ({', '.join(f'{k}: {v}' for k, v in c['syncs'].items())})" if syncs else ""
+        print(f"| {name} | {fwd} + {bwd} | {fwd / c['blocks']:.1f} + {bwd / c['blocks']:.1f} | {c['ops']:,} | "
+              f"{syncs}{detail} |")
+    if "reference" in counts:
+        print(f"device ops, ours / reference: {counts['ours']['ops'] / counts['reference']['ops']:.2f}")
+    for name, c in counts.items():
+        print(f"{name}, most frequent: " + ", ".join(f"{op.replace('aten.', '')} {n}" for op, n in c["top"]))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -226,12 +341,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kind", choices=sorted(CONFIGS), default="pyramid_flux", help="which DiT kind to time")
     parser.add_argument("--compile", action="store_true",
                         help="also time our DiT after compile_blocks() (torch.compile), with its one-time compile cost")
-    parser.add_argument("--attention_split", choices=ATTENTION_SPLITS, default="frame",
-                        help="our attention: one call per frame (default) or one masked call per column")
+    parser.add_argument("--attention_split", choices=ATTENTION_SPLITS, default="auto",
+                        help="our attention: auto (flex on CUDA, frame on the CPU), flex (one FlexAttention call "
+                             "per block), frame (one SDPA call per frame) or column (one masked call per column)")
+    parser.add_argument("--count_ops", action="store_true",
+                        help="count attention calls, device ops and host syncs on meta tensors at the released "
+                             "size (with --reference: the reference's too) and stop")
+    parser.add_argument("--count_case", default=None,
+                        help="kind:task:resolution:frames for --count_ops (tools/measure_gpu.py's form); default "
+                             "the kind's :ar:384p:16")
     parser.add_argument("--padding", default=",".join(map(str, TEXT_PADDING)),
                         help="padding tokens at the end of each column's text row (4 comma-separated counts)")
     args = parser.parse_args(argv)
 
+    if args.count_ops:
+        case = args.count_case or f"{args.kind}:ar:384p:16"
+        print_counts(count_ops(args.kind, case, args.reference), case)
+        return 0
     torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     torch.manual_seed(0)

@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-from tqdm import tqdm
 
 from pyramid_dit.kinds import MODEL_NAMES, get_kind
+from pyramid_dit.progress import progress
 from pyramid_dit.tensor_files import TensorFileError, read_safetensors_metadata
 from tools.cli import DefaultsHelp
 from tools.extraction_common import (
@@ -169,7 +169,7 @@ def build_parser() -> CheckedParser:
     p.add_argument("--overwrite", action="store_true", help="redo outputs that already exist and are valid")
     p.add_argument("--report", default=None,
                    help="jsonl report path (default: <annotation stem>.text_fea_report.jsonl in the deepest folder "
-                        "holding all outputs)")
+                        "holding every line's text_fea, as the latent tool puts its report beside the latents)")
     p.add_argument("--no_progress", action="store_true")
     return p
 
@@ -186,9 +186,8 @@ def run(args: argparse.Namespace, ctx: DistContext) -> tuple[list[ItemResult], P
     results += shard(planned, ctx.rank, ctx.world_size, key=lambda r: by_line[r.line].index)
     announce_failures(args.anno_file, results)
     empty_path = Path(args.empty_prompt_fea) if args.empty_prompt_fea else default_empty_prompt_path(root)
-    outputs = [e.text_fea for e in entries] + [empty_path]
-    report = Path(args.report) if args.report else default_report_path(
-        outputs, root, f"{Path(args.anno_file).stem}.text_fea_report.jsonl")
+    report = Path(args.report) if args.report else default_report_path(  # beside the per-line outputs, as latents'
+        [e.text_fea for e in entries], root, f"{Path(args.anno_file).stem}.text_fea_report.jsonl")
 
     model_path = str(args.model_path)
     encoder = load_text_encoder(args.model_path, ctx.device, dtype, args.model_name)
@@ -198,8 +197,8 @@ def run(args: argparse.Namespace, ctx: DistContext) -> tuple[list[ItemResult], P
 
     mine = shard(entries, ctx.rank, ctx.world_size)
     sweep_stale_temps([e.text_fea for e in mine] + ([empty_path] if ctx.is_main else []))  # a killed run's
-    bar = tqdm(total=len(mine), desc=f"text rank {ctx.rank}", position=ctx.rank, unit="text",
-               disable=args.no_progress, dynamic_ncols=True)
+    bar = progress(total=len(mine), desc=f"text rank {ctx.rank}", position=ctx.rank, unit="text",
+                   disable=args.no_progress)
     pending: list[tuple[Entry, str | None]] = []
     for i, e in enumerate(mine):
         ok, note = (False, None) if args.overwrite else valid_existing(e.text_fea, e.text)

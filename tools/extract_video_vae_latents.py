@@ -30,8 +30,8 @@ from typing import Sequence
 import decord
 import torch
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
+from pyramid_dit.progress import progress
 from pyramid_dit.resize import resize_crop_frames
 from pyramid_dit.tensor_files import TensorFileError, read_safetensors_metadata
 from tools.cli import DefaultsHelp
@@ -343,8 +343,8 @@ def run(args: argparse.Namespace, ctx: DistContext) -> tuple[list[ItemResult], P
     if note and ctx.is_main:
         print(f"note: {note}", flush=True)
     loader = make_loader(ClipDataset(mine, args.width, args.height, args.num_frames, args.overwrite), workers)
-    bar = tqdm(total=len(mine), desc=f"latents rank {ctx.rank}", position=ctx.rank, unit="clip",
-               disable=args.no_progress, dynamic_ncols=True)
+    bar = progress(total=len(mine), desc=f"latents rank {ctx.rank}", position=ctx.rank, unit="clip",
+                   disable=args.no_progress)
     for item in loader:
         entry: VideoEntry = item["entry"]
         base = dict(line=entry.line, input=str(entry.video), output=str(entry.latent), rank=ctx.rank)

@@ -17,11 +17,15 @@ objective exactly as the planner builds it, and the DiT runs forward + backward 
   arithmetic and are not measured here.
 * time: median of ``--steps`` timed steps after one warm-up (CUDA-synchronised wall clock), and the achieved
   TFLOP/s over the planner's FLOP count (forward + backward, recompute not counted).
-* ``--attention_split frame column``: each case with each way of calling attention (per frame, per column;
-  ``pyramid_dit.packing.attention_groups``), to see which is faster on this GPU.
+* ``--attention_split flex frame column``: each case with each way of calling attention (one FlexAttention call
+  per block, one SDPA call per frame, one masked call per column; ``pyramid_dit.packing``), to see which is
+  fastest on this GPU (``auto``, the default, is what training takes: ``flex`` on CUDA). ``first_step_s`` is the
+  first step, FlexAttention's compilation included.
 * ``--reference``: the reference's class of the same kind, from a Pyramid-Flow checkout, with the same weights
   and inputs, timed alternately with ours (no gradient checkpointing: the two implement it differently), and
   the largest output difference relative to the largest reference output.
+
+Ours gets the prompts' lengths on the host (``text_lengths``), as in training; every prompt is full length.
 """
 from __future__ import annotations
 
@@ -30,6 +34,7 @@ import json
 import statistics
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Optional
 
@@ -121,6 +126,12 @@ def _inputs(launch: Launch, device: torch.device, seed: int) -> dict:
     return inputs
 
 
+def _with_lengths(inputs: dict) -> dict:
+    """Our DiT's inputs: the same tensors, and the prompts' lengths on the host, as the trainer passes them."""
+    mask = inputs["encoder_attention_mask"]
+    return {**inputs, "text_lengths": (mask.shape[1],) * mask.shape[0]}
+
+
 def _step(model: torch.nn.Module, inputs: dict) -> list[torch.Tensor]:
     out = model(**inputs)
     _loss(out).backward()
@@ -155,18 +166,23 @@ def measure(case: Case, prediction: dict, device: torch.device, steps: int, refe
     param_bytes = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
     inputs = _inputs(launch, device, seed=1)
-    out = _step(model, inputs)  # the measured step is the first (nothing cached from an earlier one)
+    ours = _with_lengths(inputs)
+    start = time.perf_counter()
+    out = _step(model, ours)  # the measured step is the first (nothing cached from an earlier one)
+    torch.cuda.synchronize(device)
+    first = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated(device) - param_bytes
     reserved = torch.cuda.max_memory_reserved(device) - param_bytes
-    times = [_timed(device, lambda: _step(model, inputs)) for _ in range(steps)]
-    row = {"case": str(case), "attention_split": split, "tokens": prediction["tokens"],
+    times = [_timed(device, partial(_step, model, ours)) for _ in range(steps)]
+    row = {"case": str(case), "attention_split": split, "tokens": prediction["tokens"], "first_step_s": first,
            "predicted_activation_gib": prediction["activation_bytes"] / GIB,
            "measured_activation_gib": peak / GIB, "reserved_gib": reserved / GIB,
            "param_gib": param_bytes / GIB,
            "activation_error": prediction["activation_bytes"] / peak - 1,
            "step_s": statistics.median(times), "tflops": prediction["flops"] / statistics.median(times) / 1e12}
     if reference_root is not None and not case.checkpointing:
-        row.update(_against_reference(launch, model, inputs, out, device, steps, reference_root))
+        row.update(_against_reference(launch, model, inputs, out, device, steps, reference_root,
+                                      prediction["flops"]))
     for h in hooks:
         h.remove()
     del model, inputs, out
@@ -175,8 +191,10 @@ def measure(case: Case, prediction: dict, device: torch.device, steps: int, refe
 
 
 def _against_reference(launch: Launch, ours: torch.nn.Module, inputs: dict, ours_out: list[torch.Tensor],
-                       device: torch.device, steps: int, root: Path) -> dict:
-    from tools.benchmark_dit import load_reference_class
+                       device: torch.device, steps: int, root: Path, flops: int) -> dict:
+    """The reference's step on the same weights and inputs, timed alternately with ours; its TFLOP/s over the same
+    FLOP count (the model's, ours)."""
+    from tools.reference_dit import load_reference_class
 
     config = launch.model_config
     previous = torch.get_default_dtype()
@@ -192,14 +210,16 @@ def _against_reference(launch: Launch, ours: torch.nn.Module, inputs: dict, ours
     ref_out = _step(ref, inputs)
     err = max(((a.float() - b.float()).abs().max() / b.float().abs().max()).item() for a, b in zip(ours_out, ref_out))
     ours_t, ref_t = [], []
+    ours_inputs = _with_lengths(inputs)
     for _ in range(steps):  # alternate, so both see the same clocks
-        ours_t.append(_timed(device, lambda: _step(ours, inputs)))
-        ref_t.append(_timed(device, lambda: _step(ref, inputs)))
+        ours_t.append(_timed(device, partial(_step, ours, ours_inputs)))
+        ref_t.append(_timed(device, partial(_step, ref, inputs)))
     for h in hooks:
         h.remove()
     del ref
     return {"reference_step_s": statistics.median(ref_t), "ours_step_s_alternating": statistics.median(ours_t),
-            "ratio_to_reference": statistics.median(ours_t) / statistics.median(ref_t), "output_rel_diff": err}
+            "ratio_to_reference": statistics.median(ours_t) / statistics.median(ref_t), "output_rel_diff": err,
+            "reference_tflops": flops / statistics.median(ref_t) / 1e12}
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -208,8 +228,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--steps", type=int, default=3, help="timed steps per case (median reported)")
     p.add_argument("--reference", type=Path, help="Pyramid-Flow checkout: time its DiT class as well (with the "
                                                   "first --attention_split)")
-    p.add_argument("--attention_split", nargs="+", choices=ATTENTION_SPLITS, default=["frame"],
-                   help="our attention, one call per frame or one masked call per column (each is measured)")
+    p.add_argument("--attention_split", nargs="+", choices=ATTENTION_SPLITS, default=["auto"],
+                   help="our attention (each is measured): auto (flex on CUDA), flex, frame, column")
     p.add_argument("--predictions", type=Path,
                    help="JSON of the planner's predictions per case: read if present, else written (tracing is CPU "
                         "work: do it once, on any machine, with --predict_only)")
@@ -238,17 +258,21 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"measuring {case}, attention split {split} ...", flush=True)
             rows.append(measure(case, cached[str(case)], device, args.steps, None if i else args.reference, split))
             print("  " + json.dumps(rows[-1]), flush=True)
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=1))
-    print("\n| case | split | tokens | predicted act GiB | measured act GiB | error | reserved GiB | s/step | TFLOP/s | "
-          "reference s/step | ours/reference |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+            if args.json:  # after every row: a run stopped by a time limit keeps what it measured
+                args.json.write_text(json.dumps(rows, indent=1))
+    print_table(rows)
+    return 0
+
+
+def print_table(rows: list[dict]) -> None:
+    print("\n| case | split | tokens | predicted act GiB | measured act GiB | error | reserved GiB | first step s | "
+          "s/step | TFLOP/s | reference s/step | ours/reference |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         ref = (f"{r['reference_step_s']:.3f} | {r['ratio_to_reference']:.2f}" if "reference_step_s" in r else "- | -")
         print(f"| {r['case']} | {r['attention_split']} | {r['tokens']:,} | {r['predicted_activation_gib']:.2f} | "
               f"{r['measured_activation_gib']:.2f} | {r['activation_error']:+.1%} | {r['reserved_gib']:.2f} | "
-              f"{r['step_s']:.3f} | {r['tflops']:.0f} | {ref} |")
-    return 0
+              f"{r.get('first_step_s', float('nan')):.1f} | {r['step_s']:.3f} | {r['tflops']:.0f} | {ref} |")
 
 
 if __name__ == "__main__":

@@ -80,9 +80,10 @@ def build_parser() -> CheckedParser:
     g.add_argument("--lora_dropout", type=number(0, 1, hi_open=True), default=0.0,
                    help="dropout on the LoRA branch input")
     g.add_argument("--use_flash_attn", action="store_true", help="accepted for compatibility; attention uses SDPA")
-    g.add_argument("--attention_split", default="frame", choices=ATTENTION_SPLITS,
-                   help="one attention call per frame (keys past it skipped; fastest on CPU) or one masked call per "
-                        "column (fewer, larger kernels); same results. tools/measure_gpu.py times both on a GPU")
+    g.add_argument("--attention_split", default="auto", choices=ATTENTION_SPLITS,
+                   help="auto: flex on CUDA (one FlexAttention call per block over the packed sequence), frame on the "
+                        "CPU (one SDPA call per frame); column: one masked SDPA call per column; same results. "
+                        "tools/measure_gpu.py times them on a GPU")
     g.add_argument("--use_temporal_causal", action="store_true", default=True, help="accepted; always on")
     g.add_argument("--interp_condition_pos", action="store_true", default=True, help="accepted; always on")
 

@@ -176,6 +176,17 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
         export_files={TRAINING_RECORD: trained_as(args)})
 
 
+def warmup_note(args: argparse.Namespace, config: TrainConfig) -> Optional[str]:
+    """Say how the warmup length came about when it was not given in steps (the reference's rule, easy to miss:
+    ``WARMUP_STEPS=0`` means ``WARMUP_EPOCHS`` epochs, not no warmup)."""
+    if args.warmup_steps > 0 or config.warmup_steps == 0:
+        return None
+    return (f"LR warmup: {config.warmup_steps} steps = WARMUP_EPOCHS={args.warmup_epochs} x ITERS_PER_EPOCH="
+            f"{args.iters_per_epoch}{' (capped at the run length)' if config.warmup_steps == config.max_steps else ''}"
+            f", because WARMUP_STEPS={args.warmup_steps} is not positive (the reference's rule); set WARMUP_STEPS "
+            "to a step count, or WARMUP_EPOCHS=0 for no warmup")
+
+
 def run_summary(result, world_size: int, output_dir: str) -> str:
     """The closing line; a run that resumed at its last step says so instead of quoting losses it never had."""
     exported = ", ".join(map(str, result.exported)) or "nothing"
@@ -219,6 +230,9 @@ def run(args: argparse.Namespace) -> int:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     config = train_config(args)
+    note = warmup_note(args, config)
+    if note and rank == 0:
+        print(note, flush=True)
 
     dataset = build_dataset(args, verbose=rank == 0)
     if is_dry_run():  # DRY_RUN=1: data summary (above) and the plan of this launch, no weights, no training

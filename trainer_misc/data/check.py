@@ -20,6 +20,7 @@ from typing import Optional, Sequence, Union
 
 from safetensors import SafetensorError, safe_open
 
+from pyramid_dit.options import TEXT_TOKENS
 from pyramid_dit.tensor_files import SAFETENSORS_SUFFIXES, TensorFileError, load_tensor_file
 from trainer_misc.data.annotation import (
     AnnotationError,
@@ -231,7 +232,8 @@ def _tokens_per_stage(spec: DataSpec, report: DataReport) -> str:
     h, w = height // 8, width // 8
     per_frame = [((h >> (2 - k)) // 2) * ((w >> (2 - k)) // 2) for k in range(3)]
     return ", ".join(f"stage {k}: {n:,}/frame, {n * spec.num_frames:,}/clip" for k, n in enumerate(per_frame)) + \
-        f" (+ {report.text_tokens or '?'} text tokens)"
+        (f" (+ {TEXT_TOKENS} text tokens, captions encoded during training)" if spec.load_text_encoder
+         else f" (+ {report.text_tokens} text tokens)" if report.text_tokens else "")
 
 
 def format_report(report: DataReport) -> str:

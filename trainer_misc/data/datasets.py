@@ -55,7 +55,7 @@ class TrainBatch:
         """Page-locked copy, called by a DataLoader with ``pin_memory=True`` (the trainer sets it on CUDA), so the
         copy to the GPU can run asynchronously."""
         return dataclasses.replace(self, **{f.name: getattr(self, f.name).pin_memory() for f in dataclasses.fields(self)
-                                            if isinstance(getattr(self, f.name), torch.Tensor)})
+                                            if isinstance(getattr(self, f.name), (torch.Tensor, TextFeatures))})
 
 
 def _bad(path: object, reason: str) -> dict:

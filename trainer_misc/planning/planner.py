@@ -29,11 +29,11 @@ from typing import Any, Optional
 import torch
 from torch.utils._pytree import tree_leaves
 
+from pyramid_dit.options import TEXT_TOKENS
 from trainer_misc.optim.engine import DEEPSPEED_BUCKET_ELEMENTS
 from trainer_misc.planning.tracing import LiveBytes, flop_counter_mode, fused_attention
 
 GIB = 2**30
-TEXT_TOKENS = 128  # T5 prompt length of both released kinds (features are padded to it)
 DEPTH_KEYS = {"pyramid_flux": ("num_layers", "num_single_layers"), "pyramid_mmdit": ("num_layers",)}
 
 
