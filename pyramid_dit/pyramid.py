@@ -123,7 +123,8 @@ def sample_stage_length(
     (long low-resolution sequences where the high-resolution one is short). Counts are capped at
     ``max_units`` (the units of a clip shorter than ``max_temporal_length``).
 
-    ``step`` counts this rank's calls from 0 (the reference's post-increment counter is ``step + 1``).
+    ``step`` counts this rank's calls from 0; the reference increments its counter before using it, so at call
+    ``step`` it uses ``step + 1`` (hence ``(step + 1) % turns`` below).
     """
     units_in_training = num_units(max_temporal_length, frame_per_unit)
     turns = units_in_training // video_sync_group

@@ -242,7 +242,7 @@ def test_decode_and_write_report_progress(pipe, tmp_path, capsys):
 
 
 def test_save_video_formats(tmp_path):
-    decord = pytest.importorskip("decord")
+    import decord
     from PIL import Image
 
     frames = torch.linspace(0, 1, 17).view(1, 17, 1, 1).expand(3, 17, 48, 80).contiguous()
@@ -288,7 +288,7 @@ def test_cli_rejects_bad_flags(tiny_model, capsys):
 
 
 def test_cli_writes_mp4(tiny_model, tmp_path):
-    decord = pytest.importorskip("decord")
+    import decord
     out = tmp_path / "videos" / "clip.mp4"
     cmd = [sys.executable, str(REPO_ROOT / "tools" / "generate.py"), "--model_path", str(tiny_model),
            "--prompt", "a red ball", "--height", "64", "--width", "128", "--temp", "2",

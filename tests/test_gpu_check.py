@@ -15,7 +15,7 @@ from tools import gpu_check_report, measure_gpu
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "tools" / "gpu_check.sh"
-PREDICTIONS = REPO / "docs" / "gpu_check_predictions.json"
+PREDICTIONS = REPO / "tools" / "gpu_check_predictions.json"
 
 
 def test_the_script_parses_and_bounds_every_step():

@@ -126,3 +126,44 @@ def test_merged_export_has_the_reference_state_dict_layout(kind, golden_dir, tmp
     add_lora(released, LoraSettings(rank=16, alpha=16.0, targets=targets))
     merged = merged_state_dict(released.state_dict(), released)
     assert {k: list(v.shape) for k, v in merged.items()} == listing["state_dict"]
+
+
+_OLDEST_PEFT_SCRIPT = """
+import sys, torch, peft
+from safetensors.torch import save_file
+from peft import PeftModel
+from test_dit import make_inputs, tiny_model
+from test_lora import SHAPES
+model = PeftModel.from_pretrained(tiny_model().eval(), sys.argv[1])  # peft's own loader, no code of ours
+with torch.no_grad():
+    outs = model(**make_inputs(SHAPES, batch=2))
+save_file({f"out{i}": o.contiguous() for i, o in enumerate(outs)}, sys.argv[2], metadata={"version": peft.__version__})
+"""
+
+
+def test_the_exported_adapter_loads_with_the_oldest_peft_allowed(tmp_path):
+    """export/lora must be usable by anyone's peft, not only by the version we train with: its adapter_config.json
+    carries only fields every release since requirements.txt's lower bound knows (newer ones reject nothing, older
+    ones fail on unknown keys). .ci/run installs that release (.ci/oldest.txt) beside the pinned one; peft's own
+    PeftModel.from_pretrained must give the outputs of the adapted model."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    oldest = os.environ.get("PYRAMID_OLDEST_PEFT")
+    if not oldest:
+        pytest.skip("PYRAMID_OLDEST_PEFT is not set (.ci/run installs peft 0.13.0 there)")
+    model, _, _ = _adapted()
+    out = save_adapter(model.state_dict(), model, tmp_path / "lora")
+    here = Path(__file__).resolve().parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([oldest, str(here.parent), str(here)])}
+    result = subprocess.run([sys.executable, "-c", _OLDEST_PEFT_SCRIPT, str(out), str(tmp_path / "outs.safetensors")],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with safe_open(str(tmp_path / "outs.safetensors"), "pt") as f:
+        assert f.metadata()["version"] == "0.13.0"
+        got = [f.get_tensor(f"out{i}") for i in range(len(f.keys()))]
+    with torch.no_grad():
+        want = model(**make_inputs(SHAPES, batch=2))
+    assert len(got) == len(want) and all(torch.allclose(g, w, rtol=0, atol=1e-6) for g, w in zip(got, want))

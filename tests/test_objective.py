@@ -288,6 +288,29 @@ def test_entry_point_objective_has_the_reference_pipeline_constants(objective_js
     assert objective.scheduler.config.num_train_timesteps == 1000
 
 
+def test_caption_dropout_trains_on_the_extracted_empty_prompt_features(tmp_path):
+    """Divergence: with pre-extracted text features the entry point reads the empty prompt's features from the file
+    the text extraction writes (the reference trainer would need its text encoder in memory, or leaves them undefined);
+    a dropped caption becomes exactly that file's features."""
+    from train.run import build_objective, load_null_text
+    from trainer_misc.files import atomic_save_safetensors
+
+    g = torch.Generator().manual_seed(0)
+    empty = {"prompt_embed": torch.randn(1, 5, 8, generator=g), "prompt_attention_mask": torch.tensor([[1, 1, 0, 0, 0]]),
+             "pooled_prompt_embed": torch.randn(1, 6, generator=g)}
+    atomic_save_safetensors(empty, tmp_path / "empty.safetensors")
+    args = _entry_point_args("--empty_prompt_fea", str(tmp_path / "empty.safetensors"), "--text_drop_rate", "1.0")
+    objective = build_objective(args, null_text=load_null_text(args))
+    text = TextFeatures(torch.randn(3, 5, 8, generator=g), torch.ones(3, 5, dtype=torch.long),
+                        torch.randn(3, 6, generator=g))
+    dropped_text, dropped = objective.drop_text(text)
+    assert dropped.all()
+    for got, want in zip(dropped_text, (empty["prompt_embed"], empty["prompt_attention_mask"],
+                                        empty["pooled_prompt_embed"])):
+        assert torch.equal(got, want.expand_as(got).to(got.dtype))
+    assert dropped_text.host_lengths == (2, 2, 2)
+
+
 @pytest.mark.parametrize("case", ["case_nonar", "case_ar"])
 def test_production_loss_path_draws_in_order_and_feeds_the_dit(golden_dir, case):
     """trainer_misc.loop.pyramid_loss.PyramidFlowLoss, the trainer's compute_loss, on the golden tiny DiT: caption

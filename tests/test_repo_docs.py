@@ -1,5 +1,6 @@
-"""Documents that must not rot: the README's divergence table names real tests; requirements' lower bounds are the
-versions CI runs."""
+"""Documents that must not rot: the divergence table names real tests; every script variable is documented; links
+between the pages resolve; the GPU table has the planner's rows; requirements' lower bounds are the versions CI
+runs."""
 from __future__ import annotations
 
 import re
@@ -9,8 +10,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _divergence_rows() -> list[list[str]]:
-    text = (REPO / "README.md").read_text()
-    section = text.split("## Coming from the reference guide", 1)[1].split("\n## ", 1)[0]
+    text = (REPO / "docs" / "divergences.md").read_text()
+    section = text.split("# Differences from the reference", 1)[1].split("\n## ", 1)[0]
     rows = [line for line in section.splitlines() if line.startswith("|")]
     assert rows[0].strip("| ").startswith("difference") and set(rows[1]) <= set("|- ")
     return [[cell.strip() for cell in row.strip().strip("|").split("|")] for row in rows[2:]]
@@ -39,23 +40,24 @@ def _version(text: str) -> tuple[int, ...]:
 
 
 def test_requirement_lower_bounds_are_the_ci_tested_versions():
-    """diffusers / accelerate / deepspeed: the bound is CI's pin (the suite runs with it); transformers: the oldest
-    release CI installs beside the pin (.ci/oldest.txt: the text encoders must load with it)."""
+    """diffusers / accelerate / deepspeed: the bound is CI's pin (the suite runs with it); transformers and peft: the
+    oldest release CI installs beside the pin (.ci/oldest.txt: the text encoders, and exported adapters, must load
+    with it)."""
     pins, oldest = _pins(REPO / ".ci" / "constraints.txt"), _pins(REPO / ".ci" / "oldest.txt")
-    bounds = dict(re.findall(r"^([A-Za-z0-9_-]+)>=(\S+)$", (REPO / "requirements.txt").read_text(), re.M))
-    for name in ("diffusers", "accelerate", "deepspeed", "transformers"):
+    bounds = dict(re.findall(r"^([A-Za-z0-9_-]+)>=(\S+)", (REPO / "requirements.txt").read_text(), re.M))
+    for name in ("diffusers", "accelerate", "deepspeed", "transformers", "peft"):
         tested = oldest.get(name) or pins[name]
         bound = _version(bounds[name])
         assert bound == _version(tested)[:len(bound)], f"requirements {name}>={bounds[name]} but CI tests {tested}"
 
 
 def test_gpu_table_rows_are_what_tools_gpu_table_prints():
-    """The README's "Which GPUs do I need" table has tools/gpu_table.py's header and, in order, one row for each
+    """docs/training.md's "Which GPUs do I need" table has tools/gpu_table.py's header and, in order, one row for each
     launch of its default grid, each with one figure per column (the figures take minutes to trace: not redone)."""
     from tools.gpu_table import HEADER, grid, row_key
 
-    text = (REPO / "README.md").read_text()
-    section = text.split("#### Which GPUs do I need", 1)[1].split("\n#", 1)[0]
+    text = (REPO / "docs" / "training.md").read_text()
+    section = text.split("### Which GPUs do I need", 1)[1].split("\n#", 1)[0]
     lines = [line for line in section.splitlines() if line.startswith("|")]
     assert tuple(lines[:2]) == HEADER
     keys = [row_key(*launch) for launch in grid()]
@@ -64,3 +66,49 @@ def test_gpu_table_rows_are_what_tools_gpu_table_prints():
     for line in lines[2:]:
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         assert len(cells) == columns and all(float(c) > 0 for c in cells[4:]), line
+
+
+def _pages() -> list[Path]:
+    return [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor of a heading: lower case, punctuation dropped (but - and _), spaces to dashes."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_links_between_the_pages_resolve():
+    """Every relative link of the README and docs/ names an existing file, and its #anchor a heading there."""
+    for page in _pages():
+        for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+            if re.match(r"[a-z]+://", target):
+                continue
+            path, _, anchor = target.partition("#")
+            file = (page.parent / path).resolve() if path else page
+            assert file.exists(), f"{page.relative_to(REPO)}: link to {target}: no such file"
+            if anchor:
+                headings = re.findall(r"^#+ (.*)$", file.read_text(), re.M)
+                assert anchor in {_slug(h) for h in headings}, f"{page.relative_to(REPO)}: no heading #{anchor} in {path}"
+
+
+def _script_variables() -> set[str]:
+    """What the scripts' headers set (``: "${VAR:=...}"``) and what their launchers read."""
+    from tools.launch import SCRIPTS
+    from train.launch import SCRIPT_VARIABLES
+
+    names = set()
+    for script in (REPO / "scripts").glob("*.sh"):
+        names |= set(re.findall(r'^: "\$\{([A-Z][A-Z0-9_]*):=', script.read_text(), re.M))
+    for variables in SCRIPT_VARIABLES.values():
+        names |= set(variables)
+    for script in SCRIPTS.values():
+        names |= set(script.variables)
+    return names
+
+
+def test_every_script_variable_is_documented():
+    documented = set(re.findall(r"`([A-Z][A-Z0-9_]*)`", (REPO / "docs" / "variables.md").read_text()))
+    names = _script_variables()
+    assert {"GPUS", "VIDEO_SYNC_GROUP", "KIND", "VAE_MODEL_PATH", "QUICKSTART_DIR", "TORCH_CPU_INDEX"} <= names
+    missing = sorted(names - documented)
+    assert not missing, f"script variables missing from docs/variables.md: {missing}"

@@ -338,3 +338,22 @@ def test_dry_run_plans_the_lora_and_offload_launch_it_was_given(tmp_path):
     assert "LoRA" not in plain and "OFFLOAD" not in plain
     assert "LoRA rank 4: grads, master weights and AdamW state of the" in lora
     assert "OFFLOAD=1: master weights, AdamW state and fp32 gradient partition in host memory" in lora
+
+
+def test_the_ar_script_reads_extracted_text_features_and_never_encodes_captions(fake_model):
+    """Divergence: the reference's AR script passes --load_text_encoder; ours never does (T5-XXL would sit on every
+    GPU for features that are extracted once), and LOAD_TEXT_ENCODER is not one of its variables."""
+    ar = launched(AR, {**fake_model, "LOAD_TEXT_ENCODER": "1"})
+    assert "--load_text_encoder" not in ar and "--use_temporal_pyramid" in ar
+    full = launched(NON_AR, fake_model)  # the full-sequence script encodes live by default, as the reference's
+    assert "--load_text_encoder" in full
+
+
+def test_the_entry_point_defaults_are_the_reference_scripts_values():
+    """Divergence: train/train_pyramid_flow.py without a script trains like the scripts (seed 42, gradients clipped
+    at 1.0, as the reference's scripts pass them), not like the reference's argparse defaults (seed 0, no clipping,
+    10 workers per process: 80 on 8 GPUs); workers are `auto` (at most 4, capped by the machine)."""
+    from train.args import build_parser
+
+    args = build_parser().parse_args(["--model_path", "m", "--anno_file", "a", "--output_dir", "o"])
+    assert (args.seed, args.clip_grad, args.num_workers) == (42, 1.0, "auto")

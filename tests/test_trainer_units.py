@@ -261,17 +261,25 @@ def test_ema_is_float32_for_a_bf16_model():
     assert torch.equal(values + 1e-4, values)
 
 
-def test_t2i_vae_sample_is_normalised_and_noised_in_fp32():
+def test_t2i_vae_sample_is_normalised_and_noised_in_fp32(golden_dir):
     """t2i (pixels encoded during training): the VAE runs in its own dtype (bf16 on GPUs), but its posterior sample
     is upcast before the objective normalises it and builds the pyramid and noise -- the reference does all of that
-    in the VAE's bf16, which rounds the normalised latents to 8 mantissa bits before the noise is mixed in."""
+    in the VAE's bf16, which rounds the normalised latents to 8 mantissa bits before the noise is mixed in. Run
+    through the real loss: the DiT's inputs are exactly the fp32 noising of the upcast sample, and differ from the
+    noising done in bf16."""
     from types import SimpleNamespace
 
+    from pyramid_dit.modeling_pyramid_flux import PyramidFluxTransformer
+    from pyramid_dit.objective import PyramidFlowObjective
+    from pyramid_dit.scheduler import PyramidFlowMatchEulerDiscreteScheduler
+    from pyramid_dit.text_features import TextFeatures
     from trainer_misc.data.datasets import TrainBatch
     from trainer_misc.loop.pyramid_loss import PyramidFlowLoss
+    from trainer_misc.loop.step import StepContext
 
+    g = torch.Generator().manual_seed(0)
+    sample = torch.randn(4, 16, 1, 8, 8, generator=g).to(torch.bfloat16)
     seen = {}
-    sample = torch.randn(2, 16, 1, 4, 4).to(torch.bfloat16)
 
     class BF16VAE:
         dtype = torch.bfloat16
@@ -280,7 +288,32 @@ def test_t2i_vae_sample_is_normalised_and_noised_in_fp32():
             seen["pixels"] = pixels.dtype
             return SimpleNamespace(latent_dist=SimpleNamespace(sample=lambda: sample))
 
-    loss = PyramidFlowLoss(objective=None, use_temporal_pyramid=False, vae=BF16VAE())
-    latents = loss.latents(TrainBatch(captions=["a", "b"], paths=["a", "b"], pixels=torch.rand(2, 3, 1, 32, 32)))
-    assert seen["pixels"] == torch.bfloat16 and latents.dtype == torch.float32
-    assert torch.equal(latents, sample.float())
+    objective = PyramidFlowObjective(PyramidFlowMatchEulerDiscreteScheduler(), "pyramid_flux", text_drop_rate=0.0,
+                                     max_temporal_length=1, video_sync_group=1)
+    noise_latents, calls = objective.noise_latents, []
+
+    def watched(latents, **kw):
+        calls.append((latents, kw, torch.get_rng_state()))
+        return noise_latents(latents, **kw)
+
+    objective.noise_latents = watched
+    dit = PyramidFluxTransformer.from_pretrained(golden_dir / "flux_tiny")
+    fed = []
+    dit.register_forward_pre_hook(lambda module, args, kwargs: fed.append(kwargs["sample"]), with_kwargs=True)
+    text = TextFeatures(torch.randn(4, 8, 32, generator=g), torch.ones(4, 8, dtype=torch.long),
+                        torch.randn(4, 24, generator=g))
+    batch = TrainBatch(captions=[""] * 4, paths=[""] * 4, pixels=torch.rand(4, 3, 1, 64, 64), text_features=text)
+    ctx = StepContext(step=0, micro_step=0, micro_index=0, rank=0, world_size=1, sync_rank=0, sync_group=1,
+                      sync_group_index=0, device=torch.device("cpu"), dtype=torch.float32, module=dit)
+    PyramidFlowLoss(objective, use_temporal_pyramid=False, vae=BF16VAE())(dit, batch, ctx)
+
+    (latents, kw, rng), = calls
+    assert seen["pixels"] == torch.bfloat16 and latents.dtype == torch.float32 and torch.equal(latents, sample.float())
+    torch.set_rng_state(rng)
+    fp32 = noise_latents(sample.float(), **kw)
+    torch.set_rng_state(rng)
+    in_bf16 = noise_latents(sample, **kw)  # the reference's order: normalise and noise in the VAE's dtype
+    (dit_sample,) = fed  # what the DiT was given: the fp32 noising, replayed here from the same random state
+    for given, mine, bf16 in zip(dit_sample, fp32.sample, in_bf16.sample):
+        assert given[-1].dtype == torch.float32 and torch.equal(given[-1], mine[-1])
+        assert (mine[-1] - bf16[-1].float()).abs().max() > 0  # bf16 rounding would have changed the inputs

@@ -13,8 +13,8 @@
 #   4. sd3_384        the same for the released SD3 DiT, flex / frame, against the reference
 #   5. flux768        pyramid_flux:ar:768p:16 with gradient checkpointing, flex: the planner's activations vs measured
 #   6. report         tools/gpu_check_report.py: the table, printed last (also $OUT/summary.md)
-# The planner's predictions come from docs/gpu_check_predictions.json (traced on a CPU with
-# `python3 tools/measure_gpu.py --predict_only --predictions docs/gpu_check_predictions.json --cases ...`), so no
+# The planner's predictions come from tools/gpu_check_predictions.json (traced on a CPU with
+# `python3 tools/measure_gpu.py --predict_only --predictions tools/gpu_check_predictions.json --cases ...`), so no
 # device time goes to tracing.
 #
 # How the call is made (the device machine has no network; the reference travels inside the working tree):
@@ -35,7 +35,7 @@ export PYTHONPATH="$PWD:$PWD/tests${PYTHONPATH:+:$PYTHONPATH}"  # the package an
 OUT=${OUT:-runs/gpu_check}
 REF=${REF:-.gpu_ref}
 DEADLINE_S=${DEADLINE_S:-470}
-PREDICTIONS=docs/gpu_check_predictions.json
+PREDICTIONS=tools/gpu_check_predictions.json
 mkdir -p "$OUT"
 LOGS=$(mktemp -d)
 START=$(date +%s)
