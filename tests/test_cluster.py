@@ -140,6 +140,25 @@ def test_an_output_dir_the_nodes_do_not_share_is_refused_at_start(tmp_path):
     assert time.monotonic() - start < 200
 
 
+def test_an_output_dir_without_space_is_refused_at_start_with_the_free_space(tmp_path, monkeypatch):
+    """A full disk is found by the start-up probe, not by the first checkpoint hours later: the message names
+    OUTPUT_DIR, the error as the OS says it and the free space; the probe leaves nothing behind."""
+    import errno
+
+    from trainer_misc.state.storage import check_output_dir
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full)  # where a full filesystem reports it for buffered writes
+    with pytest.raises(ValueError) as refused:
+        check_output_dir(tmp_path / "run")
+    message = str(refused.value)
+    assert message.startswith(f"OUTPUT_DIR={tmp_path / 'run'}: rank 0 on {socket.gethostname()} cannot write a 16 MiB")
+    assert "No space left on device (" in message and " free there)" in message
+    assert list((tmp_path / "run").iterdir()) == []
+
+
 def test_a_checkpoint_that_would_not_fit_the_stop_window_is_said():
     from trainer_misc.state.storage import StorageProbe, stop_window_note
 

@@ -55,6 +55,8 @@ def _worker(spec: dict) -> int:
         if kind == "signal" and rank == 0 and record.step == fault["step"]:
             os.kill(os.getppid(), getattr(signal, fault["signal"]))  # to torchrun, as a scheduler or Ctrl-C does
             time.sleep(2)  # torchrun forwards it to both workers meanwhile
+        if kind == "signal_rank" and rank == fault["rank"] and record.step == fault["step"]:
+            os.kill(os.getpid(), getattr(signal, fault["signal"]))  # one worker only (an OOM killer's TERM, a user)
 
     if kind == "enospc":
         original = checkpoint_mod.atomic_save_safetensors
@@ -276,6 +278,20 @@ def test_sigterm_checkpoints_and_exits_then_resume_continues_the_curve(baseline,
     assert resumed.rc == 0, resumed.explain()
     assert [r["start_step"] for r in resumed.reports] == [3, 3]
     assert_same_curve(out, baseline)
+
+
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGINT"])
+def test_a_signal_to_one_rank_stops_every_rank_and_the_last_line_names_it(tmp_path, signal_name):
+    """A stop signal that reaches only rank 1 (or Ctrl-C's SIGINT through torchrun) stops both ranks after the same
+    step with a checkpoint, and the launch's last line names the signal, not "none" and not torchrun's traceback."""
+    out = tmp_path / "out"
+    fault = ({"kind": "signal_rank", "rank": 1, "signal": signal_name, "step": 2} if signal_name == "SIGTERM" else
+             {"kind": "signal", "signal": signal_name, "step": 2})
+    run = launch(tmp_path, f"one_{signal_name}", _config(out), fault=fault)
+    assert run.rc != 0 and run.elapsed < BOUNDED_S, run.explain()
+    assert f"stopped by {signal_name} after step" in run.last_line, run.explain()
+    stopped = int(run.last_line.split("after step ")[1].split(":")[0])
+    assert (out / "checkpoints" / f"checkpoint-{stopped}" / "complete").is_file()
 
 
 # -------------------------------------------------------------------------------------------- generation

@@ -345,6 +345,8 @@ def test_the_ar_script_reads_extracted_text_features_and_never_encodes_captions(
     GPU for features that are extracted once), and LOAD_TEXT_ENCODER is not one of its variables."""
     ar = launched(AR, {**fake_model, "LOAD_TEXT_ENCODER": "1"})
     assert "--load_text_encoder" not in ar and "--use_temporal_pyramid" in ar
+    said = run_script(AR, {**fake_model, "LOAD_TEXT_ENCODER": "1", "PRINT_LAUNCH": "1"}).stderr
+    assert "LOAD_TEXT_ENCODER is ignored: the AR script always reads the extracted text_fea files" in said
     full = launched(NON_AR, fake_model)  # the full-sequence script encodes live by default, as the reference's
     assert "--load_text_encoder" in full
 

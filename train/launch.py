@@ -64,6 +64,8 @@ def trainer_argv(env: Mapping[str, str], mode: str, layout: NodeLayout) -> tuple
             get["VIDEO_SYNC_GROUP"], "--frame_per_unit", "1"] if mode == "ar" else ["--task", get["TASK"]]
     if mode == "full_sequence" and _switch(env, "LOAD_TEXT_ENCODER"):
         argv.append("--load_text_encoder")
+    if mode == "ar" and env.get("LOAD_TEXT_ENCODER", "").strip():
+        notes.append("LOAD_TEXT_ENCODER is ignored: the AR script always reads the extracted text_fea files")
     for var in _VALUES:
         argv += [_FLAG_OF[var], get[var]]
     if get["SP_SIZE"].isdigit() and int(get["SP_SIZE"]) > 1:

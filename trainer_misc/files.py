@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import struct
 import uuid
 from dataclasses import dataclass
@@ -243,3 +244,13 @@ def read_json(path: Path) -> Any:
             return json.load(f)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+def free_space(path: str | os.PathLike) -> str:
+    """Free space on the filesystem of ``path`` (or of its nearest existing parent), for messages."""
+    path = Path(path)
+    for p in [path, *path.parents]:
+        if p.exists():
+            free = shutil.disk_usage(p).free
+            return f"{free / 2**30:.2f} GiB" if free >= 2**30 else f"{free / 2**20:.1f} MiB"
+    return "unknown"

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from trainer_misc.files import free_space
 from trainer_misc.runtime.distributed import all_gather_object, barrier, broadcast_object, get_rank
 
 logger = logging.getLogger(__name__)
@@ -50,18 +51,24 @@ def check_output_dir(output_dir: Path) -> StorageProbe:
     rank, host = get_rank(), socket.gethostname()
     payload = os.urandom(1 << 20)
     start = time.monotonic()
-    with open(folder / f"rank_{rank:05d}", "wb") as f:
-        for _ in range(PROBE_BYTES // len(payload)):
-            f.write(payload)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(folder / f"rank_{rank:05d}", "wb") as f:
+            for _ in range(PROBE_BYTES // len(payload)):
+                f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        failed = None
+    except OSError as e:  # every rank must still reach the gather below
+        failed = f"{e.strerror or e} ({free_space(output_dir)} free there)"
     seconds = max(time.monotonic() - start, 1e-6)
-    reports = all_gather_object((rank, host, seconds))
+    reports = all_gather_object((rank, host, seconds, failed))
     barrier()
-    problem = None
-    if rank == 0:
+    problem = next((f"OUTPUT_DIR={output_dir}: rank {r} on {h} cannot write a {PROBE_BYTES >> 20} MiB test file "
+                    f"there: {why}. Checkpoints need much more: free space or set OUTPUT_DIR elsewhere"
+                    for r, h, _, why in reports if why), None)
+    if rank == 0 and problem is None:
         seen = {int(p.name.split("_")[1]) for p in folder.iterdir() if p.name.startswith("rank_")}
-        unseen = [(r, h) for r, h, _ in reports if r not in seen]
+        unseen = [(r, h) for r, h, _, _ in reports if r not in seen]
         if unseen:
             where = ", ".join(f"rank {r} on {h}" for r, h in unseen[:8]) + (" ..." if len(unseen) > 8 else "")
             problem = (f"OUTPUT_DIR={output_dir} is not one folder for every process: rank 0 on {host} cannot see "
@@ -73,7 +80,7 @@ def check_output_dir(output_dir: Path) -> StorageProbe:
         shutil.rmtree(output_dir / PROBE_FOLDER, ignore_errors=True)
     if problem:
         raise ValueError(problem)
-    slowest = max(s for _, _, s in reports)
+    slowest = max(s for _, _, s, _ in reports)
     return StorageProbe(write_bytes_per_s=PROBE_BYTES / slowest)
 
 

@@ -19,7 +19,7 @@ import shutil
 from pathlib import Path
 from typing import Mapping, Optional
 
-from trainer_misc.files import read_json
+from trainer_misc.files import free_space, read_json
 from trainer_misc.runtime.distributed import all_gather_object, broadcast_object, get_rank, get_world_size
 
 logger = logging.getLogger("trainer_misc.state.checkpoint")
@@ -177,14 +177,6 @@ def note_changed_settings(saved: Mapping, current: Mapping, source: Path) -> lis
 
 # ------------------------------------------------------------------------------------------------- write errors
 
-def _free_space(path: Path) -> str:
-    for p in [path, *path.parents]:
-        if p.exists():
-            free = shutil.disk_usage(p).free
-            return f"{free / 2**30:.2f} GiB" if free >= 2**30 else f"{free / 2**20:.1f} MiB"
-    return "unknown"
-
-
 def _no_space(exc: BaseException, root: Path) -> bool:
     """Whether a failed write looks like a full disk or quota. torch.save's C++ writer only says
     ``basic_ios::clear: iostream error``; then a nearly full filesystem is taken as the cause."""
@@ -216,10 +208,10 @@ def _write_failed(exc: BaseException, root: Path, tmp: Path) -> CheckpointWriteE
     kept = ", ".join(p.name for _, p in list_checkpoints(root)) or "none yet"
     if full:
         return CheckpointWriteError(
-            errno.ENOSPC, f"no space left on device while writing checkpoint {tmp} ({_free_space(root)} free there; "
+            errno.ENOSPC, f"no space left on device while writing checkpoint {tmp} ({free_space(root)} free there; "
             f"{type(exc).__name__}: {exc}). Earlier checkpoints are kept ({kept}). Free some space, keep fewer "
             "checkpoints (KEEP_CKPTS / --keep_last_checkpoints), or use an OUTPUT_DIR on a larger disk, then rerun "
             "to resume")
     return CheckpointWriteError(
         getattr(exc, "errno", None) or errno.EIO, f"writing checkpoint {tmp} failed: {type(exc).__name__}: {exc} "
-        f"({_free_space(root)} free there). Earlier checkpoints are kept ({kept}); rerun to resume")
+        f"({free_space(root)} free there). Earlier checkpoints are kept ({kept}); rerun to resume")
