@@ -60,6 +60,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "the kind's, pyramid_dit/kinds.py)")
     p.add_argument("--offload_optimizer", action="store_true", help="OFFLOAD=1 (zero2/zero3): master weights, AdamW "
                    "state and gradient partition in host memory")
+    p.add_argument("--eval_samples", type=int, default=0,
+                   help="held-out evaluation samples (EVAL_SAMPLES, capped by the evaluation set): adds the "
+                        "evaluation's FLOPs to the plan (0: none)")
+    p.add_argument("--eval_timesteps", type=int, default=4, help="EVAL_TIMESTEPS")
+    p.add_argument("--eval_history_depths", type=int, default=2, help="EVAL_HISTORY_DEPTHS (AR)")
+    p.add_argument("--eval_every", type=int, default=500, help="EVAL_EVERY")
+    p.add_argument("--max_steps", type=int, default=40000,
+                   help="optimizer steps of the run (EPOCHS x ITERS_PER_EPOCH), to count its evaluations")
     p.add_argument("--gpu_memory", type=float, default=None,
                    help="GiB per GPU to fit in (default: the visible GPU's, else 80)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -76,6 +84,10 @@ def launch_from_args(args: argparse.Namespace) -> Launch:
         raise SystemExit(f"--batch_size {args.batch_size}: a positive multiple of 4 (1:2:1 over 3 stages)")
     if min(args.gpus, args.num_frames, args.grad_accum) < 1:
         raise SystemExit("--gpus, --num_frames and --grad_accum must be >= 1")
+    if args.eval_samples < 0 or min(args.eval_timesteps, args.eval_history_depths) < 1 or \
+            min(args.eval_every, args.max_steps) < 0:
+        raise SystemExit("--eval_samples, --eval_every and --max_steps must be >= 0, --eval_timesteps and "
+                         "--eval_history_depths >= 1")
     if args.offload_optimizer and args.shard_strategy == "ddp":
         raise SystemExit("--offload_optimizer is DeepSpeed's optimizer offload: --shard_strategy zero2 or zero3")
     if args.lora_rank < 0 or (args.lora_rank and args.shard_strategy == "zero3"):
@@ -91,7 +103,9 @@ def launch_from_args(args: argparse.Namespace) -> Launch:
                   gradient_checkpointing=args.gradient_checkpointing,
                   gradient_checkpointing_ratio=args.gradient_checkpointing_ratio, video_sync_group=group,
                   lora_rank=args.lora_rank, lora_targets=lora_targets(args.lora_targets),
-                  offload_optimizer=args.offload_optimizer)
+                  offload_optimizer=args.offload_optimizer, eval_samples=args.eval_samples,
+                  eval_timesteps=args.eval_timesteps, eval_history_depths=args.eval_history_depths,
+                  eval_every=args.eval_every, max_steps=args.max_steps)
 
 
 def run_measure(as_json: bool) -> int:
