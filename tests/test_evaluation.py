@@ -355,3 +355,13 @@ def test_eval_report_table_lines_up_training_and_held_out(tmp_path):
     text = format_rows(rows)
     assert text.splitlines()[1].split()[:3] == ["0", f"{rows[0]['loss']:.5f}", "base"]
     assert "first" in text.splitlines()[0] and text.splitlines()[-1].startswith("best held-out loss")
+
+
+def test_an_unreadable_evaluation_sample_stops_the_run_before_the_first_step(tmp_path):
+    class Broken(ToyHeldOut):
+        def load(self, index, device):
+            return ("clips/held_3.safetensors", "truncated") if index == 3 else None
+
+    with pytest.raises(ValueError, match=r"1 unreadable sample\(s\) \(sample 3: clips/held_3.safetensors: truncated\)"):
+        _train(tmp_path, Broken())
+    assert not (tmp_path / "checkpoints").exists()

@@ -216,9 +216,10 @@ def train(model: nn.Module, compute_loss: ComputeLoss, dataset: Dataset, config:
             done = step + 1
             stop = stopper.should_stop()  # collective: every rank stops after the same step
             degraded = False
-            # Before the checkpoint, so it holds this evaluation; skipped on a stop signal (the checkpoint must come
-            # fast), and then made up for when the run resumes (evaluation_steps).
-            if evaluation is not None and not stop and evaluation.due(done, config.max_steps):
+            # Before the checkpoint, so it holds this evaluation; skipped on a stop signal before the last step (the
+            # checkpoint must come fast), and then made up for when the run resumes (evaluation_steps).
+            if evaluation is not None and (not stop or done == config.max_steps) \
+                    and evaluation.due(done, config.max_steps):
                 degraded = evaluation.run(done, log, lr=record.lr).stop  # the same decision on every rank
             if (config.checkpoint_every and done % config.checkpoint_every == 0) or done == config.max_steps or stop \
                     or degraded:
