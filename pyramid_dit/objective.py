@@ -11,13 +11,19 @@ variance):
 * a per-row ratio ``r`` from the scheduler's float64 table gives the DiT input ``r * start + (1 - r) * end``
   (computed in float64, cast to the latent dtype) and the target velocity ``start - end``.
 
-Two ways to use it, sharing that one routine (:meth:`PyramidFlowObjective._noise_column`):
+Two ways to train with it, sharing that one routine (:meth:`PyramidFlowObjective._noise_column`, whose arithmetic is
+:meth:`PyramidFlowObjective._flow_pair`):
 
 * full sequence (``use_temporal_pyramid=False``): every frame of the column is noised and trained at once;
 * autoregressive temporal pyramid (``use_temporal_pyramid=True``): the column trains a single unit (a group of
   ``frame_per_unit`` latent frames) conditioned on the units before it, which are shown clean but slightly
   corrupted (noise level uniform in ``[0, corrupt_ratio)``) and at decreasing resolution the older they are.
   Which unit a rank trains is decided by its position in its ``video_sync_group`` and the step counter.
+
+and one way to evaluate with it (:meth:`PyramidFlowObjective.eval_columns`): one clip at fixed grid points (every
+stage, fixed timestep-table indices, for AR a fixed history depth), through the same ``_flow_pair`` arithmetic and
+history construction, with every draw from a caller's seeded ``torch.Generator`` instead of the global streams
+below (the held-out loss, ``trainer_misc.loop.pyramid_eval``).
 
 Random draws, all from torch's global generators, in this order (identical to the reference implementation
 jy0205/Pyramid-Flow, so the same seed gives the same batch):
@@ -33,7 +39,7 @@ jy0205/Pyramid-Flow, so the same seed gives the same batch):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, List, NamedTuple, Optional, Sequence
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence
 
 import torch
 
@@ -247,7 +253,8 @@ class PyramidFlowObjective:
                 n = units[stage]
                 trained = unit_frames(n - 1, n, self.frame_per_unit)
                 col = self._noise_column(pyramid, noises, column, stage, trained)
-                history = self._corrupted_history(pyramid, column, stage, n, col.corrupt_sigma)
+                rows = slice(column, None, len(self.column_stages))
+                history = self._corrupted_history(pyramid, rows, stage, n, col.corrupt_sigma)
                 noised.append(col)
                 sample.append(history[::-1] + [col.noisy])
 
@@ -268,6 +275,74 @@ class PyramidFlowObjective:
         """See :func:`flow_matching_loss`."""
         return flow_matching_loss(preds, targets)
 
+    # ------------------------------------------------------------------------------------------- evaluation
+    def timestep_grid(self, count: int) -> List[int]:
+        """``count`` fixed indices into every stage's training table: the midpoints of ``count`` equal bins of the
+        uniform draw :meth:`_noise_column` makes, so their mean is a midpoint-rule estimate of the expected loss
+        over timesteps."""
+        steps = self.scheduler.config.num_train_timesteps
+        if not 1 <= count <= steps:
+            raise ValueError(f"timestep grid size must be in [1, {steps}], got {count}")
+        return [min(int((j + 0.5) * steps / count), steps - 1) for j in range(count)]
+
+    def history_grid(self, count: int, frames: int) -> List[int]:
+        """``count`` fixed AR unit counts ``n`` (the column trains unit ``n - 1`` after ``n - 1`` history units),
+        midpoints of ``count`` equal bins of ``1 .. units`` (units of a ``frames``-frame clip); fewer when the clip
+        has fewer units than ``count`` (duplicates dropped)."""
+        units = num_units(frames, self.frame_per_unit)
+        if count < 1:
+            raise ValueError(f"history grid size must be >= 1, got {count}")
+        return sorted({min(1 + int((d + 0.5) * units / count), units) for d in range(count)})
+
+    @torch.no_grad()
+    def eval_columns(
+        self, latents: torch.Tensor, *, timestep_indices: Sequence[int], units: Optional[int],
+        generator: torch.Generator,
+    ) -> PyramidTrainingBatch:
+        """One sample's DiT inputs and targets at fixed grid points, every draw from ``generator``.
+
+        ``latents``: one raw clip ``[1, C, T, h, w]``. One column per stage (lowest first); the rows of every
+        column are ``timestep_indices`` (indices into the stage's training table, see :meth:`timestep_grid`).
+        ``units`` (AR): the column trains unit ``units - 1`` with the ``units - 1`` before it as corrupted
+        history, exactly as :meth:`noise_latents` builds a training column; ``None``: the whole clip, as the
+        full-sequence mode. The noisy input and target come from the same arithmetic as training
+        (:meth:`_flow_pair`); only the draws differ: the noise (one ``randn`` of the clip's shape, then halved
+        per stage as in training), the history corruption level (one ``rand`` per column, in
+        ``[0, corrupt_ratio)``) and the history noise all come from ``generator`` (a CPU generator: the same
+        numbers on any device), so the global random streams training draws from are never moved, and the
+        same generator seed gives the same inputs on every run, resume and process count.
+        """
+        if latents.ndim != 5 or latents.shape[0] != 1:
+            raise ValueError(f"eval_columns takes one clip [1, C, T, h, w], got shape {tuple(latents.shape)}")
+        index = torch.as_tensor(list(timestep_indices), dtype=torch.long)
+        if index.numel() == 0:
+            raise ValueError("eval_columns needs at least one timestep index")
+        latents = self.normalization.normalize(latents)
+        pyramid = spatial_pyramid(latents, self.num_stages)
+        noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype).to(latents.device)
+        noises = noise_pyramid(noise, self.num_stages)
+        rows, every_row = index.numel(), slice(None)
+        frames = slice(None) if units is None else unit_frames(units - 1, units, self.frame_per_unit)
+
+        def draw_like(clean: torch.Tensor) -> torch.Tensor:
+            return torch.randn(clean.shape, generator=generator, dtype=clean.dtype).to(clean.device)
+
+        sample, targets, timesteps = [], [], []
+        for stage in range(self.num_stages):
+            noisy, target, timestep = self._flow_pair(pyramid, noises, every_row, stage, frames, index)
+            column = [noisy]
+            if units is not None:
+                sigma = torch.rand((1,), generator=generator).to(latents.device) * self.corrupt_ratio
+                history = self._corrupted_history(pyramid, every_row, stage, units, sigma, draw_like)
+                column = [clip.expand(rows, *clip.shape[1:]) for clip in history[::-1]] + column
+            sample.append(column)
+            targets.append(target.expand(rows, *target.shape[1:]))
+            timesteps.append(timestep)
+        return PyramidTrainingBatch(
+            sample=sample, timestep_ratio=torch.stack(timesteps, dim=1).reshape(-1), targets=targets,
+            units_per_stage=None if units is None else [units] * self.num_stages,
+        )
+
     # ------------------------------------------------------------------------------------------- internals
     def _noise_column(
         self,
@@ -283,9 +358,29 @@ class PyramidFlowObjective:
         latents' device; the full-sequence mode discards it but still draws it, like the reference).
         """
         rows = slice(column, None, len(self.column_stages))
+        num_rows, device = pyramid[stage][rows].shape[0], pyramid[stage].device
+        num_steps = self.scheduler.config.num_train_timesteps
+        u = torch.rand(size=(num_rows,), device="cpu")
+        index = (u * num_steps).long().clamp(0, num_steps - 1)
+        noisy, target, timestep = self._flow_pair(pyramid, noises, rows, stage, frames, index)
+        corrupt_sigma = torch.rand(size=(num_rows,), device=device) * self.corrupt_ratio
+        return _NoisedColumn(noisy=noisy, target=target, timestep=timestep, corrupt_sigma=corrupt_sigma)
+
+    def _flow_pair(
+        self,
+        pyramid: List[torch.Tensor],
+        noises: List[torch.Tensor],
+        rows: slice,
+        stage: int,
+        frames: slice,
+        index: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(noisy, target, timestep)`` of the ``rows`` at ``stage`` for the timestep-table ``index`` (one per
+        row; a single clean row broadcasts over several indices): the one arithmetic of training and evaluation
+        (draws none)."""
         noise = noises[stage][rows][:, :, frames]
         clean = pyramid[stage][rows][:, :, frames]
-        dtype, device, num_rows = clean.dtype, clean.device, clean.shape[0]
+        dtype, device = clean.dtype, clean.device
         start_sigma = self.scheduler.start_sigmas[stage]
         end_sigma = self.scheduler.end_sigmas[stage]
 
@@ -299,31 +394,27 @@ class PyramidFlowObjective:
         else:
             end = end_sigma * noise + (1 - end_sigma) * clean
 
-        num_steps = self.scheduler.config.num_train_timesteps
-        u = torch.rand(size=(num_rows,), device="cpu")
-        index = (u * num_steps).long().clamp(0, num_steps - 1)
-        # Drawn and looked up on the host (the scheduler's tables live there), then copied without making the host
-        # wait for the device's queued work (a plain .to(device) would, once per column).
+        # Looked up on the host (the scheduler's tables live there), then copied without making the host wait for
+        # the device's queued work (a plain .to(device) would, once per column).
         timestep = to_device_async(self.scheduler.timesteps_per_stage[stage][index], device)
         ratio = to_device_async(self.scheduler.sigmas_per_stage[stage][index], device)  # float64
         ratio = ratio.view(-1, *[1] * (start.ndim - 1))
         noisy = (ratio * start + (1 - ratio) * end).to(dtype)
-
-        corrupt_sigma = torch.rand(size=(num_rows,), device=device) * self.corrupt_ratio
-        return _NoisedColumn(noisy=noisy, target=start - end, timestep=timestep.to(dtype), corrupt_sigma=corrupt_sigma)
+        return noisy, start - end, timestep.to(dtype)
 
     def _corrupted_history(
-        self, pyramid: List[torch.Tensor], column: int, stage: int, units: int, corrupt_sigma: torch.Tensor
+        self, pyramid: List[torch.Tensor], rows: slice, stage: int, units: int, corrupt_sigma: torch.Tensor,
+        draw_like: Callable[[torch.Tensor], torch.Tensor] = torch.randn_like,
     ) -> List[torch.Tensor]:
-        """Condition clips (newest first) for a column training unit ``units - 1``, each corrupted as
-        ``sigma * eps + (1 - sigma) * clean`` with the row's ``sigma`` (one ``randn_like`` per clip)."""
+        """Condition clips (newest first) for the ``rows`` of a column training unit ``units - 1``, each corrupted
+        as ``sigma * eps + (1 - sigma) * clean`` with the row's ``sigma`` (one ``draw_like(clean)`` per clip:
+        the global ``randn_like`` in training, a seeded generator in evaluation)."""
         sigma = corrupt_sigma.view(-1, 1, 1, 1, 1)
-        rows = slice(column, None, len(self.column_stages))
         clips = []
         for clip in history_plan(stage, units):
             # randn_like on this exact view (strides included) keeps the draws identical to the reference.
             clean = pyramid[clip.stage][rows][:, :, unit_frames(clip.first_unit, clip.end_unit, self.frame_per_unit)]
-            corrupted = sigma * torch.randn_like(clean) + (1 - sigma) * clean
+            corrupted = sigma * draw_like(clean) + (1 - sigma) * clean
             clips.append(corrupted.to(clean.dtype))
         return clips
 

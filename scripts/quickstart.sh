@@ -52,19 +52,23 @@ GPUS=$GPUS MODEL_PATH=$MODEL ANNO_FILE=$DATA/video_text.jsonl WIDTH=64 HEIGHT=64
 banner "4/6 text features + empty-prompt features ($GPUS processes)"
 GPUS=$GPUS MODEL_PATH=$MODEL ANNO_FILE=$DATA/video_text.jsonl sh "$REPO/scripts/extract_text_feature.sh"
 
-train() {  # $1 = optimizer steps in total
+train() {  # $1 = optimizer steps in total. EVAL_FRACTION=0.25 keeps 2 of the 8 clips out of training and
+           # evaluates them before the first step (the base model), every 4 steps and at the end (docs/evaluation.md)
     GPUS=$GPUS VIDEO_SYNC_GROUP=$GPUS SHARD_STRATEGY=$SHARD_STRATEGY MODEL_PATH=$MODEL OUTPUT_DIR=$RUN \
     ANNO_FILE=$DATA/video_text.jsonl RESOLUTION=64x64 NUM_FRAMES=4 BATCH_SIZE=4 GRAD_ACCU_STEPS=1 LR=1e-4 \
     WARMUP_STEPS=0 WARMUP_EPOCHS=0 EPOCHS=1 ITERS_PER_EPOCH=$1 SAVE_EVERY_STEPS=4 NUM_WORKERS=0 \
+    EVAL_FRACTION=0.25 EVAL_EVERY=4 \
         sh "$REPO/scripts/train_pyramid_flow.sh"
 }
-banner "5/6 autoregressive training: 4 steps, then a second launch that resumes and trains to 8"
+banner "5/6 autoregressive training: 4 steps, then a second launch that resumes and trains to 8 (2 clips held out)"
 if [ -d "$RUN" ]; then
     echo "removing the training run of an earlier quickstart ($RUN): the quickstart always trains its 4 + 4 steps anew"
     rm -rf "$RUN"
 fi
 train 4
 train 8
+echo "held-out evaluation (step 0 = the base model; docs/evaluation.md explains the columns):"
+python3 "$REPO/tools/eval_report.py" "$RUN"
 
 banner "6/6 generate a video with the finetuned DiT"
 python3 "$REPO/tools/generate.py" --model_name "$MODEL_NAME" --model_path "$MODEL" --dit_path "$RUN/export/transformer" \
@@ -77,7 +81,7 @@ cat <<EOT
   demo clips + annotation        $DATA/videos/  $DATA/video_text.jsonl
   VAE latents / text features    $DATA/latents/  $DATA/text_fea/  ($DATA/empty_prompt_text_fea.safetensors)
   checkpoints (resumable)        $RUN/checkpoints/
-  loss per step                  $RUN/metrics.jsonl   (tensorboard --logdir $RUN)
+  loss per step, held-out loss   $RUN/metrics.jsonl   (tensorboard --logdir $RUN; python3 tools/eval_report.py $RUN)
   finetuned DiT (diffusers)      $RUN/export/transformer/
   generated video                $Q/sample.mp4
 EOT

@@ -50,6 +50,15 @@ set -a  # every variable below reaches the launcher
 : "${GRADIENT_CHECKPOINTING:=}"       # 1 recomputes activations; unset: on for 768p only
 : "${LOAD_TEXT_ENCODER:=1}"           # 1: encode captions during training; 0: read text_fea files
 : "${NUM_WORKERS:=auto}"              # data-loading workers per process: auto (up to 4) or a count; capped by the machine
+: "${EVAL_FRACTION:=0}"               # held-out evaluation (docs/evaluation.md): fraction of ANNO_FILE's lines kept out of training (0..0.5)
+: "${EVAL_ANNO_FILE:=}"               # ... or a separate annotation file to evaluate (never trained on); set one of the two
+: "${EVAL_EVERY:=500}"                # evaluation loss before the first step (base model), every N steps and after the last
+: "${EVAL_SAMPLES:=32}"               # at most this many evaluation samples (cost: samples x stages x timesteps x depths rows)
+: "${EVAL_TIMESTEPS:=4}"              # fixed timesteps per stage in the evaluation grid
+: "${EVAL_DEGRADE_MARGIN:=0.02}"      # warn when the evaluation loss is >2% above the reference ...
+: "${EVAL_DEGRADE_PATIENCE:=3}"       # ... for this many evaluations in a row
+: "${EVAL_DEGRADE_VS:=best}"          # the reference: best (so far, base included) | base (the model you started from)
+: "${EVAL_STOP_ON_DEGRADE:=0}"        # 1: when the warning fires, checkpoint, export and end the run
 : "${EXTRA_ARGS:=}"                   # more flags for train/train_pyramid_flow.py (see --help)
 set +a
 

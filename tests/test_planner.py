@@ -48,6 +48,40 @@ def test_flops_equal_flop_counter_on_real_tensors_and_add_up_over_ranks(monkeypa
     assert flops_per_step(SMALL) == sum(real)
 
 
+@pytest.mark.parametrize("task", ["ar", "t2v"])
+def test_eval_flops_are_the_forward_of_the_real_evaluation_inputs(task, monkeypatch):
+    """The held-out evaluation's cost: its calls are the objective's eval_columns shapes, and the planner's
+    forward-only count equals torch's on the real tiny model; the plan states it per evaluation and per run."""
+    from pyramid_dit.objective import PyramidFlowObjective
+    from pyramid_dit.packing import PackedDiTMixin
+    monkeypatch.setattr(PackedDiTMixin, "attention_split", "frame")  # same attention form both ways (see above)
+    from pyramid_dit.scheduler import PyramidFlowMatchEulerDiscreteScheduler
+    from trainer_misc.planning.planner import eval_call_shapes, eval_cost, eval_flops_per_sample
+
+    launch = replace(SMALL, task=task, eval_samples=3, eval_timesteps=4, eval_history_depths=2, eval_every=10,
+                     max_steps=100)
+    calls = eval_call_shapes(launch)
+    assert len(calls) == (2 if task == "ar" else 1) and all(len(call) == 3 for call in calls)
+    scheduler = PyramidFlowMatchEulerDiscreteScheduler(shift=1.0, stages=3, stage_range=(0, 1 / 3, 2 / 3, 1))
+    objective = PyramidFlowObjective(scheduler, "pyramid_flux", max_temporal_length=4, video_sync_group=1)
+    latents = torch.randn(1, 16, 4, 8, 8)
+    torch.manual_seed(0)
+    model = PyramidFluxTransformer(**TINY).eval()
+    real = 0
+    for call, units in zip(calls, [2, 4] if task == "ar" else [None]):
+        inputs = objective.eval_columns(latents, timestep_indices=objective.timestep_grid(4), units=units,
+                                        generator=torch.Generator().manual_seed(0))
+        assert [[tuple(c.shape) for c in col] for col in inputs.sample] == call
+        kwargs = dit_inputs(launch, call, torch.float32, device="cpu")
+        with flop_counter_mode() as counter, torch.no_grad():
+            model(**{**kwargs, "sample": inputs.sample})
+        real += counter.get_total_flops()
+    assert eval_flops_per_sample(launch) == real
+    cost = eval_cost(launch, flops_per_step=10**6)
+    assert cost["eval_flops"] == 3 * real and cost["eval_rows_per_sample"] == 12 * len(calls)
+    assert cost["evaluations"] == 11  # before the first step, every 10 steps up to 100
+
+
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_predicted_memory_matches_a_real_training_step(checkpointing):
     launch = replace(SMALL, model_config={**TINY, "num_layers": 2, "num_single_layers": 2}, num_frames=2, gpus=1,

@@ -139,16 +139,18 @@ def test_ar_zero3_two_ranks_share_clip_train_different_units(workspace):
     assert all(math.isfinite(m["loss"]) for m in log)
     assert_reloads(out / "export" / "transformer", workspace["model"], "diffusion_transformer_384p")
     assert read_training_record(out / "export" / "transformer")[:2] == ("t2v", "ar")  # generation's default
-    # Validation samples from the gathered ZeRO-3 weights, every step, as mp4 and in tensorboard.
+    # Validation samples from the gathered ZeRO-3 weights, before the first step (the base) and every step, as mp4,
+    # as base-above-current PNGs and in tensorboard.
     import decord
-    for step in (1, 2):
-        video = decord.VideoReader(str(out / "samples" / f"step-{step:06d}" / "prompt0.mp4"))
+    for folder in ("base", "step-000001", "step-000002"):
+        video = decord.VideoReader(str(out / "samples" / folder / "prompt0.mp4"))
         assert (len(video), *video[0].shape) == (9, 64, 64, 3)
+    assert (out / "samples" / "step-000002" / "before_after_prompt0.png").stat().st_size > 0
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     tags = set()
     for events in (out / "logs").glob("events.out.tfevents.*"):
         tags |= set(EventAccumulator(str(events)).Reload().Tags()["images"])
-    assert "validation/prompt0" in tags
+    assert {"validation/prompt0", "validation/before_after/prompt0"} <= tags
 
 
 def test_full_sequence_t2v_zero2(workspace):

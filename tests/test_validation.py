@@ -101,3 +101,49 @@ def test_sampler_is_built_once_in_the_run_dtype_and_takes_new_weights(tiny, tmp_
     assert [p.name for p in first + second] == ["prompt0.mp4", "prompt0.mp4"]
     assert first[0].parent.name == "step-000001" and second[0].parent.name == "step-000002"
     assert first[0].read_bytes() != second[0].read_bytes()
+
+
+def test_base_samples_once_then_before_after_images_also_after_a_resume(tiny, tmp_path):
+    """Step 0 (the base weights, before the first step) writes samples/base/ and its frame strips; every later
+    validation writes the base strip above the current one, to a PNG and to tensorboard; a new sampler (a resumed
+    run) reads the base strips back from disk instead of sampling resumed weights."""
+    import numpy as np
+    from PIL import Image
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from pyramid_dit.modeling_pyramid_flux import PyramidFluxTransformer
+    from pyramid_dit.text_encoder import FluxTextEncoder
+    from trainer_misc.loop.validation import ValidationPrompt
+    from video_vae.modeling_causal_vae import CausalVideoVAE
+
+    encoder = FluxTextEncoder.from_pretrained(tiny)
+    trained = PyramidFluxTransformer.from_pretrained(tiny, subfolder="diffusion_transformer_384p")
+
+    def sampler():
+        return ValidationSampler(type(trained).from_config(trained.config),
+                                 CausalVideoVAE.from_pretrained(tiny / "causal_video_vae"),
+                                 [ValidationPrompt("a red square", encoder.encode(["a red square"]))],
+                                 encoder.encode([""]), width=64, height=64, temp=2, steps=[1, 1, 1],
+                                 dtype=torch.float32, device=torch.device("cpu"), output_dir=str(tmp_path))
+
+    state = trained.state_dict()
+    first = sampler()
+    base = first(0, state)
+    assert [p.relative_to(tmp_path).as_posix() for p in base] == ["samples/base/prompt0.mp4"]
+    assert (tmp_path / "samples" / "base" / "strips.safetensors").is_file()
+    moved = {k: v + 0.05 * torch.randn_like(v) for k, v in state.items()}
+    after = first(3, moved)
+    assert [p.name for p in after] == ["prompt0.mp4", "before_after_prompt0.png"]
+    pair = torch.from_numpy(np.array(Image.open(after[1]))).permute(2, 0, 1).float() / 255
+    assert pair.shape[1] == 2 * 64  # base above current
+    top, bottom = pair[:, :64], pair[:, 64:]
+    assert torch.allclose(top, first.base_strips[0], atol=1 / 255 + 1e-6)
+    assert not torch.allclose(top, bottom, atol=0.02), "the current weights drew something else"
+
+    resumed = sampler()  # a new process: the base comes from samples/base/, not from the (moved) weights
+    again = resumed(3, moved)
+    assert again[1].read_bytes() == after[1].read_bytes()
+    tags = set()
+    for events in (tmp_path / "logs").glob("events.out.tfevents.*"):
+        tags |= set(EventAccumulator(str(events)).Reload().Tags()["images"])
+    assert {"validation/prompt0", "validation/before_after/prompt0"} <= tags

@@ -75,6 +75,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--interconnect_gbps", type=float, default=None,
                    help="each GPU's network bandwidth in Gbit/s (e.g. 400 for one NDR InfiniBand NIC per GPU): "
                         "turns the bytes sent per step into seconds")
+    p.add_argument("--eval_samples", type=int, default=0,
+                   help="held-out evaluation samples (EVAL_SAMPLES, capped by the evaluation set): adds the "
+                        "evaluation's FLOPs to the plan (0: none)")
+    p.add_argument("--eval_timesteps", type=int, default=4, help="EVAL_TIMESTEPS")
+    p.add_argument("--eval_history_depths", type=int, default=2, help="EVAL_HISTORY_DEPTHS (AR)")
+    p.add_argument("--eval_every", type=int, default=500, help="EVAL_EVERY")
+    p.add_argument("--max_steps", type=int, default=40000,
+                   help="optimizer steps of the run (EPOCHS x ITERS_PER_EPOCH), to count its evaluations")
     p.add_argument("--gpu_memory", type=float, default=None,
                    help="GiB per GPU to fit in (default: the visible GPU's, else 80)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -91,6 +99,10 @@ def launch_from_args(args: argparse.Namespace) -> Launch:
         raise SystemExit(f"--batch_size {args.batch_size}: a positive multiple of 4 (1:2:1 over 3 stages)")
     if min(args.gpus, args.num_frames, args.grad_accum) < 1:
         raise SystemExit("--gpus, --num_frames and --grad_accum must be >= 1")
+    if args.eval_samples < 0 or min(args.eval_timesteps, args.eval_history_depths) < 1 or \
+            min(args.eval_every, args.max_steps) < 0:
+        raise SystemExit("--eval_samples, --eval_every and --max_steps must be >= 0, --eval_timesteps and "
+                         "--eval_history_depths >= 1")
     if args.offload_optimizer and args.shard_strategy == "ddp":
         raise SystemExit("--offload_optimizer is DeepSpeed's optimizer offload: --shard_strategy zero2 or zero3")
     if args.lora_rank < 0 or (args.lora_rank and args.shard_strategy == "zero3"):
@@ -109,7 +121,9 @@ def launch_from_args(args: argparse.Namespace) -> Launch:
                   offload_optimizer=args.offload_optimizer,
                   text_encoder=bool(args.task != "ar" if args.load_text_encoder is None else args.load_text_encoder),
                   vae=args.load_vae, validation=args.validation, validation_offload=args.validation_offload,
-                  ema=args.ema, grad_reduce_dtype=args.grad_reduce_dtype)
+                  ema=args.ema, grad_reduce_dtype=args.grad_reduce_dtype, eval_samples=args.eval_samples,
+                  eval_timesteps=args.eval_timesteps, eval_history_depths=args.eval_history_depths,
+                  eval_every=args.eval_every, max_steps=args.max_steps)
 
 
 def run_measure(as_json: bool) -> int:

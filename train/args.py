@@ -21,7 +21,7 @@ from trainer_misc.data.resolution import parse_resolution
 from trainer_misc.runtime.arguments import CheckedParser, ConfigError, Naming, integer, number, parse_checked
 
 __all__ = ["FLAG_VARS", "SAMPLE_RATIOS", "VARIANTS", "build_parser", "check_args", "empty_prompt_file",
-           "parse_and_check", "sp_size_of", "strategy_of"]
+           "has_eval_set", "parse_and_check", "sp_size_of", "strategy_of"]
 
 SAMPLE_RATIOS = (1, 2, 1)  # batch columns per pyramid stage (low, mid, high resolution)
 VARIANTS = ("diffusion_transformer_384p", "diffusion_transformer_768p", "diffusion_transformer_image")
@@ -41,7 +41,11 @@ FLAG_VARS: dict[str, str] = {
     "--sp_group_size": "SP_SIZE", "--lora_rank": "LORA_RANK", "--lora_alpha": "LORA_ALPHA",
     "--lora_targets": "LORA_TARGETS", "--lora_dropout": "LORA_DROPOUT", "--offload_optimizer": "OFFLOAD",
     "--gradient_checkpointing": "GRADIENT_CHECKPOINTING", "--load_text_encoder": "LOAD_TEXT_ENCODER",
-    "--empty_prompt_fea": "EMPTY_PROMPT_FEA",
+    "--empty_prompt_fea": "EMPTY_PROMPT_FEA", "--eval_anno_file": "EVAL_ANNO_FILE", "--eval_fraction": "EVAL_FRACTION",
+    "--eval_every": "EVAL_EVERY", "--eval_samples": "EVAL_SAMPLES", "--eval_timesteps": "EVAL_TIMESTEPS",
+    "--eval_history_depths": "EVAL_HISTORY_DEPTHS", "--eval_degrade_margin": "EVAL_DEGRADE_MARGIN",
+    "--eval_degrade_patience": "EVAL_DEGRADE_PATIENCE", "--eval_degrade_vs": "EVAL_DEGRADE_VS",
+    "--eval_stop_on_degrade": "EVAL_STOP_ON_DEGRADE",
 }
 
 
@@ -124,6 +128,30 @@ def build_parser() -> CheckedParser:
                    help="t2i: where the bucket-sized crop is cut from the resized image (reference default: random)")
     g.add_argument("--no_shuffle", action="store_true",
                    help="read samples in annotation order instead of a seeded shuffle (to reproduce a data problem)")
+
+    g = p.add_argument_group("held-out evaluation (docs/evaluation.md)")
+    g.add_argument("--eval_anno_file", default="",
+                   help="annotation jsonl of an evaluation set (same format as --anno_file; never trained on)")
+    g.add_argument("--eval_fraction", type=number(0, 0.5), default=0.0,
+                   help="hold this fraction of --anno_file's lines out of training for evaluation, chosen by a "
+                        "split seeded with --seed (0: no held-out split)")
+    g.add_argument("--eval_every", type=integer(0, MAX_STEPS), default=500,
+                   help="with an evaluation set: its loss before the first step (the base model), every N optimizer "
+                        "steps and after the last (0: only before the first and after the last)")
+    g.add_argument("--eval_samples", type=integer(1, 4096), default=32,
+                   help="evaluate at most this many samples of the evaluation set (its first ones): bounds the cost")
+    g.add_argument("--eval_timesteps", type=integer(1, 64), default=4,
+                   help="timesteps per pyramid stage in the evaluation grid (fixed midpoints of the training draw)")
+    g.add_argument("--eval_history_depths", type=integer(1, 64), default=2,
+                   help="AR runs: history depths (units already generated) in the evaluation grid")
+    g.add_argument("--eval_degrade_margin", type=number(0, 10), default=0.02,
+                   help="warn when the evaluation loss is more than this fraction above the reference (0.02 = 2%%)")
+    g.add_argument("--eval_degrade_patience", type=integer(1, 1000), default=3,
+                   help="... for this many evaluations in a row")
+    g.add_argument("--eval_degrade_vs", default="best", choices=["best", "base"],
+                   help="the reference: the best evaluation loss so far (base model included) or the base model's")
+    g.add_argument("--eval_stop_on_degrade", action="store_true",
+                   help="when the warning fires, checkpoint, export and end the run (EVAL_STOP_ON_DEGRADE=1)")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--batch_size", type=integer(4, 1024, multiple_of=sum(SAMPLE_RATIOS),
@@ -272,6 +300,7 @@ def check_args(args: argparse.Namespace, world_size: int, n: Optional[Naming] = 
     _check_model_folder(args, n, sp)
     if not Path(args.anno_file).is_file():
         raise ConfigError(f"{n('--anno_file')}: not found; set {n.var('--anno_file')} to your annotation jsonl")
+    _check_evaluation(args, n)
     if args.data_root and not Path(args.data_root).is_dir():
         raise ConfigError(f"{n('--data_root')} is not a folder; set it to the folder the relative paths in "
                           f"{n.var('--anno_file')} start from")
@@ -299,6 +328,27 @@ def check_args(args: argparse.Namespace, world_size: int, n: Optional[Naming] = 
                           f"{args.frame_per_unit}: a clip is one first frame plus whole units")
     if args.use_temporal_pyramid:
         _check_sync_group(args, world_size // sp, n)
+
+
+def has_eval_set(args: argparse.Namespace) -> bool:
+    """Whether the run evaluates a held-out set (``--eval_anno_file`` or ``--eval_fraction``)."""
+    return bool(str(args.eval_anno_file).strip()) or args.eval_fraction > 0
+
+
+def _check_evaluation(args: argparse.Namespace, n: Naming) -> None:
+    if str(args.eval_anno_file).strip() and args.eval_fraction > 0:
+        raise ConfigError(f"{n('--eval_anno_file')} and {n('--eval_fraction')} both set: evaluate either a separate "
+                          f"file or a held-out part of {n.var('--anno_file')}; unset one of them")
+    if str(args.eval_anno_file).strip():
+        if not Path(args.eval_anno_file).is_file():
+            raise ConfigError(f"{n('--eval_anno_file')}: not found; set {n.var('--eval_anno_file')} to an annotation "
+                              "jsonl of evaluation clips (same format as the training one), or unset it")
+        if Path(args.eval_anno_file).resolve() == Path(args.anno_file).resolve():
+            raise ConfigError(f"{n('--eval_anno_file')} is the training annotation: a loss on trained data is not "
+                              f"held out; use another file, or {n.var('--eval_fraction')} to hold lines out of it")
+    if args.eval_stop_on_degrade and not has_eval_set(args):
+        raise ConfigError(f"{n.var('--eval_stop_on_degrade')}=1 needs an evaluation set: set "
+                          f"{n.var('--eval_fraction')} (e.g. 0.02) or {n.var('--eval_anno_file')}")
 
 
 def _check_model_folder(args: argparse.Namespace, n: Naming, sp: int) -> None:

@@ -33,8 +33,11 @@ _COMMON = ("GPUS", "NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "SHARD_S
            "ANNO_FILE", "DATA_ROOT", "EMPTY_PROMPT_FEA", "MODEL_DTYPE", "LR", "WARMUP_STEPS", "WARMUP_EPOCHS",
            "EPOCHS", "ITERS_PER_EPOCH", "SAVE_CKPT_FREQ", "SAVE_EVERY_STEPS", "KEEP_CKPTS", "LORA_RANK",
            "LORA_ALPHA", "LORA_TARGETS", "LORA_DROPOUT", "OFFLOAD", "GRADIENT_CHECKPOINTING", "NUM_WORKERS",
-           "COLLECTIVE_TIMEOUT_MIN", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "EXTRA_ARGS")
-SCRIPT_VARIABLES = {"ar": _COMMON + ("VIDEO_SYNC_GROUP",), "full_sequence": _COMMON + ("TASK", "LOAD_TEXT_ENCODER")}
+           "COLLECTIVE_TIMEOUT_MIN", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "EVAL_ANNO_FILE", "EVAL_FRACTION",
+           "EVAL_EVERY", "EVAL_SAMPLES", "EVAL_TIMESTEPS", "EVAL_DEGRADE_MARGIN", "EVAL_DEGRADE_PATIENCE",
+           "EVAL_DEGRADE_VS", "EVAL_STOP_ON_DEGRADE", "EXTRA_ARGS")
+SCRIPT_VARIABLES = {"ar": _COMMON + ("VIDEO_SYNC_GROUP", "EVAL_HISTORY_DEPTHS"),
+                    "full_sequence": _COMMON + ("TASK", "LOAD_TEXT_ENCODER")}
 
 # Fixed by the scripts, as the reference's scripts fix them.
 _FIXED = ["--schedule_shift", "1.0", "--lr_scheduler", "constant_with_warmup", "--opt_beta1", "0.9", "--opt_beta2",
@@ -44,7 +47,9 @@ _VALUES = ("MODEL_NAME", "MODEL_PATH", "VARIANT", "OUTPUT_DIR", "ANNO_FILE", "RE
            "BATCH_SIZE", "GRAD_ACCU_STEPS", "LR", "WARMUP_STEPS", "WARMUP_EPOCHS", "EPOCHS", "ITERS_PER_EPOCH",
            "SAVE_CKPT_FREQ", "SAVE_EVERY_STEPS", "KEEP_CKPTS", "NUM_WORKERS", "SHARD_STRATEGY", "SP_SIZE")
 _FLAG_OF = {var: flag for flag, var in FLAG_VARS.items()}
-_OPTIONAL = ("DATA_ROOT", "EMPTY_PROMPT_FEA", "LORA_ALPHA", "LORA_TARGETS", "LORA_DROPOUT")
+_OPTIONAL = ("DATA_ROOT", "EMPTY_PROMPT_FEA", "LORA_ALPHA", "LORA_TARGETS", "LORA_DROPOUT", "EVAL_ANNO_FILE",
+             "EVAL_FRACTION", "EVAL_EVERY", "EVAL_SAMPLES", "EVAL_TIMESTEPS", "EVAL_HISTORY_DEPTHS",
+             "EVAL_DEGRADE_MARGIN", "EVAL_DEGRADE_PATIENCE", "EVAL_DEGRADE_VS")
 
 
 def _switch(env: Mapping[str, str], name: str) -> bool:
@@ -84,8 +89,10 @@ def trainer_argv(env: Mapping[str, str], mode: str, layout: NodeLayout) -> tuple
     if _switch(env, "OFFLOAD"):
         argv.append("--offload_optimizer")
     argv += ["--lora_rank", get["LORA_RANK"] or "0"]
+    if _switch(env, "EVAL_STOP_ON_DEGRADE"):
+        argv.append("--eval_stop_on_degrade")
     for var in _OPTIONAL:
-        if get[var]:
+        if get.get(var):  # unset: the flag's default (EVAL_HISTORY_DEPTHS is the AR script's only)
             argv += [_FLAG_OF[var], get[var]]
     set_lora = [v for v in ("LORA_ALPHA", "LORA_TARGETS", "LORA_DROPOUT") if get[v]]
     if set_lora and get["LORA_RANK"] in ("", "0"):

@@ -1,9 +1,10 @@
 """How a training run is put together from its checked flags (:mod:`train.args`): the dataset, the model side by
 kind, the Pyramid Flow loss, validation samples and the loop's settings, then :func:`run`.
 
-Each builder does one thing, top to bottom in :func:`run`: the data check and dataset (``trainer_misc.data``), the
-DiT and the encoders that run during training (:func:`build_model_side`, by kind through ``pyramid_dit.kinds``),
-the objective (``pyramid_dit.objective``) inside the loss (``trainer_misc.loop.pyramid_loss``), validation
+Each builder does one thing, top to bottom in :func:`run`: the data check and the datasets (``trainer_misc.data``:
+the training lines and the evaluation set, split there), the DiT and the encoders that run during training
+(:func:`build_model_side`, by kind through ``pyramid_dit.kinds``), the objective (``pyramid_dit.objective``) inside
+the loss (``trainer_misc.loop.pyramid_loss``) and the held-out loss (``trainer_misc.loop.pyramid_eval``), validation
 (``trainer_misc.loop.validation``) and the loop (``trainer_misc.loop.trainer``).
 """
 from __future__ import annotations
@@ -23,13 +24,14 @@ from pyramid_dit.objective import PyramidFlowObjective
 from pyramid_dit.scheduler import PyramidFlowMatchEulerDiscreteScheduler
 from pyramid_dit.text_features import TextFeatures
 from pyramid_dit.training_record import TRAINING_RECORD, training_record
-from train.args import SAMPLE_RATIOS, empty_prompt_file, sp_size_of, strategy_of
+from train.args import SAMPLE_RATIOS, empty_prompt_file, has_eval_set, sp_size_of, strategy_of
 from trainer_misc.data.check import DataSpec, image_buckets, is_dry_run, run_data_check
 from trainer_misc.data.datasets import ImageDataset, VideoLatentDataset, collate
 from trainer_misc.data.features import load_text_features
 from trainer_misc.data.resolution import parse_resolution
 from trainer_misc.loop.config import TrainConfig
 from trainer_misc.loop.metrics import BatchTrace
+from trainer_misc.loop.pyramid_eval import eval_subset
 from trainer_misc.loop.pyramid_loss import PyramidFlowLoss
 from trainer_misc.loop.trainer import train
 from trainer_misc.optim.engine import EngineConfig
@@ -47,22 +49,36 @@ def load_null_text(args: argparse.Namespace) -> Optional[TextFeatures]:
     return None if path is None else TextFeatures.from_file(load_text_features(path))
 
 
-def build_dataset(args: argparse.Namespace, verbose: bool):
+def build_datasets(args: argparse.Namespace, verbose: bool):
     """The up-front data check (file headers only; prints its summary, exits 2 when nothing is usable), then
-    the dataset of the usable lines."""
+    ``(training dataset, evaluation dataset or None)``: the usable lines, split as the data check decided
+    (``--eval_fraction``'s held-out lines never reach the training dataset), the evaluation set capped at
+    ``--eval_samples``."""
     dit_config = json.loads((Path(args.model_path) / args.model_variant / "config.json").read_text())
     dims = (dit_config.get("joint_attention_dim"), dit_config.get("pooled_projection_dim"))
     report = run_data_check(DataSpec(
         anno_file=args.anno_file, task=args.task, resolution=args.resolution, num_frames=args.max_frames,
         data_root=args.data_root, load_text_encoder=args.load_text_encoder, text_drop_rate=args.text_drop_rate,
-        empty_prompt_fea=args.empty_prompt_fea or None, text_dims=dims if None not in dims else None),
+        empty_prompt_fea=args.empty_prompt_fea or None, text_dims=dims if None not in dims else None,
+        eval_anno_file=args.eval_anno_file or None, eval_fraction=args.eval_fraction, seed=args.seed),
         verbose=verbose)
+    evaluation = eval_subset(report.eval_usable, args.eval_samples) if has_eval_set(args) else []
+    if verbose and len(report.eval_usable) > len(evaluation):
+        print(f"  evaluation set capped at EVAL_SAMPLES={args.eval_samples} (--eval_samples): the first "
+              f"{len(evaluation)} of {len(report.eval_usable)} usable evaluation samples are evaluated", flush=True)
     if args.task == "t2i":
-        return ImageDataset(report.usable, image_buckets(args.resolution), load_text_fea=not args.load_text_encoder,
-                            crop_mode=args.crop_mode, seed=args.seed)
+        buckets = image_buckets(args.resolution)
+        train_set = ImageDataset(report.usable, buckets, load_text_fea=not args.load_text_encoder,
+                                 crop_mode=args.crop_mode, seed=args.seed)
+        # Centre crops: an evaluation sample is the same image at every evaluation.
+        eval_set = ImageDataset(evaluation, buckets, load_text_fea=not args.load_text_encoder,
+                                crop_mode="center", seed=args.seed) if evaluation else None
+        return train_set, eval_set
     width, height = parse_resolution(args.resolution)
-    return VideoLatentDataset(report.usable, args.max_frames, (height // 8, width // 8),
-                              load_text_fea=not args.load_text_encoder)
+    latent_size = (height // 8, width // 8)
+    return (VideoLatentDataset(report.usable, args.max_frames, latent_size, load_text_fea=not args.load_text_encoder),
+            VideoLatentDataset(evaluation, args.max_frames, latent_size, load_text_fea=not args.load_text_encoder)
+            if evaluation else None)
 
 
 @dataclass
@@ -149,6 +165,16 @@ def build_validation(args: argparse.Namespace, side: ModelSide, dataset, null_te
         mode=trained_as(args)["sampling_mode"])
 
 
+def build_held_out(args: argparse.Namespace, eval_set, objective: PyramidFlowObjective, side: ModelSide):
+    """The held-out loss of ``eval_set`` on the run's own objective (AR or full sequence, t2v or t2i)."""
+    from trainer_misc.loop.pyramid_eval import PyramidHeldOutLoss
+
+    return PyramidHeldOutLoss(objective, eval_set, use_temporal_pyramid=args.use_temporal_pyramid,
+                              timesteps=args.eval_timesteps, history_depths=args.eval_history_depths,
+                              frames=1 if args.task == "t2i" else args.max_frames, seed=args.seed, vae=side.vae,
+                              text_encoder=side.text_encoder)
+
+
 def trained_as(args: argparse.Namespace) -> dict:
     """What this run teaches (task, sampling mode): recorded in the export for generation, used by validation."""
     return training_record(args.task, args.use_temporal_pyramid)
@@ -173,7 +199,9 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
         shuffle=not args.no_shuffle, num_workers=args.num_workers, checkpoint_every=checkpoint_every,
         keep_last_checkpoints=args.keep_last_checkpoints, resume=args.resume, export_dtype=args.export_dtype,
         tensorboard=args.report_to == "tensorboard", validate_every=args.validation_every,
-        export_files={TRAINING_RECORD: trained_as(args)})
+        export_files={TRAINING_RECORD: trained_as(args)}, eval_every=args.eval_every,
+        eval_degrade_margin=args.eval_degrade_margin, eval_degrade_patience=args.eval_degrade_patience,
+        eval_degrade_vs=args.eval_degrade_vs, eval_stop_on_degrade=args.eval_stop_on_degrade)
 
 
 def warmup_note(args: argparse.Namespace, config: TrainConfig) -> Optional[str]:
@@ -194,12 +222,21 @@ def run_summary(result, world_size: int, output_dir: str) -> str:
         return (f"done: nothing to train: {output_dir} already holds a finished run of {result.final_step} steps "
                 f"(resumed at step {result.start_step}); exported {exported}. Use a new OUTPUT_DIR to train again, "
                 "or raise EPOCHS / ITERS_PER_EPOCH to train further.")
-    return (f"done: {result.final_step} steps (from {result.start_step}), loss {result.records[0].loss:.4f} -> "
+    line = (f"done: {result.final_step} steps (from {result.start_step}), loss {result.records[0].loss:.4f} -> "
             f"{result.records[-1].loss:.4f}, world size {world_size}; {result.bad_samples} unreadable samples "
             f"skipped; exported {exported}")
+    evaluations, base = getattr(result, "evaluations", None), getattr(result, "eval_base", None)
+    if evaluations:
+        last = evaluations[-1]
+        line += f"; held-out loss {last.loss:.5f} at step {last.step}"
+        if base is not None:
+            line += f" vs base {base:.5f} ({100 * (last.loss / base - 1):+.2f}%)"
+    if getattr(result, "stopped_early", None):
+        line += f"; {result.stopped_early}"
+    return line
 
 
-def planned_launch(args: argparse.Namespace, world_size: int) -> Launch:
+def planned_launch(args: argparse.Namespace, world_size: int, eval_samples: int = 0) -> Launch:
     """The launch these flags describe, as the planner counts it (``DRY_RUN=1``)."""
     kind, config = load_model_config(args.model_path, args.model_variant)
     task = "t2i" if args.task == "t2i" else ("ar" if args.use_temporal_pyramid else "t2v")
@@ -213,12 +250,15 @@ def planned_launch(args: argparse.Namespace, world_size: int) -> Launch:
                   lora_targets=lora_targets(args.lora_targets), offload_optimizer=args.offload_optimizer,
                   text_encoder=args.load_text_encoder, vae=args.load_vae, validation=args.validation_every > 0,
                   validation_offload=args.validation_offload, ema=args.ema_update,
-                  grad_reduce_dtype=args.grad_reduce_dtype)
+                  grad_reduce_dtype=args.grad_reduce_dtype, eval_samples=eval_samples,
+                  eval_timesteps=args.eval_timesteps, eval_history_depths=args.eval_history_depths,
+                  eval_every=args.eval_every, max_steps=train_config(args).max_steps)
 
 
-def dry_run_text(args: argparse.Namespace, world_size: int) -> str:
-    """``DRY_RUN=1``: the plan of the exact launch these flags describe."""
-    launch = planned_launch(args, world_size)
+def dry_run_text(args: argparse.Namespace, world_size: int, eval_samples: int = 0) -> str:
+    """``DRY_RUN=1``: the plan of the exact launch these flags describe (``eval_samples``: the evaluation set's
+    size after the data check, 0 without one)."""
+    launch = planned_launch(args, world_size, eval_samples)
     print(f"DRY_RUN: planning this launch ({launch.model_kind}, {launch.task}, {args.resolution}, "
           f"NUM_FRAMES={args.max_frames}, {world_size} process(es), {launch.shard_strategy}) on meta tensors ...",
           flush=True)
@@ -234,21 +274,23 @@ def run(args: argparse.Namespace) -> int:
     if note and rank == 0:
         print(note, flush=True)
 
-    dataset = build_dataset(args, verbose=rank == 0)
+    dataset, eval_set = build_datasets(args, verbose=rank == 0)
     if is_dry_run():  # DRY_RUN=1: data summary (above) and the plan of this launch, no weights, no training
         if rank == 0:
-            print(dry_run_text(args, world_size), flush=True)
+            print(dry_run_text(args, world_size, len(eval_set) if eval_set is not None else 0), flush=True)
         return 0
     null_text = load_null_text(args)
     device = resolve_device(args.device)  # this rank's GPU (LOCAL_RANK), as the engine uses
     side = build_model_side(args, device, config.engine_config())
     trace = BatchTrace(args.output_dir, rank) if args.trace_batches else None
-    compute_loss = PyramidFlowLoss(build_objective(args, null_text), args.use_temporal_pyramid, vae=side.vae,
+    objective = build_objective(args, null_text)
+    compute_loss = PyramidFlowLoss(objective, args.use_temporal_pyramid, vae=side.vae,
                                    text_encoder=side.text_encoder, trace=trace)
     validate = build_validation(args, side, dataset, null_text, device) if args.validation_every and rank == 0 \
         else None
+    held_out = build_held_out(args, eval_set, objective, side) if eval_set is not None else None
     result = train(side.dit, compute_loss, dataset, config, collate_fn=collate, group_keys=dataset.group_keys(),
-                   validate=validate)
+                   validate=validate, held_out=held_out)
     if trace is not None:
         trace.write({"sharding": result.engine.sharding_report()})
     if result.engine.is_main:

@@ -8,10 +8,16 @@ an image's header). The result is one summary — usable lines, excluded lines g
 few paths, clip lengths or image buckets, tokens per sample per stage — instead of one warning per bad sample
 during training. A launch where no line is usable stops with that summary and exit status 2.
 
+The evaluation set is checked here too: the lines ``EVAL_FRACTION`` holds out of the annotation (decided by
+:mod:`trainer_misc.data.split`; they go to ``DataReport.eval_usable`` and never into ``DataReport.usable``, the
+training lines) or every line of ``EVAL_ANNO_FILE`` (checked like the training file). The summary says how many
+evaluation samples are usable; asking for an evaluation set that has none stops the launch.
+
 This is the only start-up check: the datasets take the usable lines from here and read no file at start-up.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -33,6 +39,7 @@ from trainer_misc.data.annotation import (
 from trainer_misc.data.datasets import closest_bucket
 from trainer_misc.data.features import LATENT_CHANNELS, LATENT_KEY, TEXT_FEATURE_KEYS
 from trainer_misc.data.resolution import IMAGE_BUCKETS, parse_resolution
+from trainer_misc.data.split import held_out_lines
 
 SHOWN_PATHS = 3  # example paths printed per exclusion reason
 EXIT_NO_DATA = 2
@@ -60,6 +67,13 @@ class DataSpec:
     text_drop_rate: float = 0.1
     empty_prompt_fea: Optional[str] = None
     text_dims: Optional[tuple[int, int]] = None  # DiT (joint_attention_dim, pooled_projection_dim)
+    eval_anno_file: Optional[str] = None  # EVAL_ANNO_FILE: a separate evaluation set
+    eval_fraction: float = 0.0  # EVAL_FRACTION: lines of anno_file held out of training for evaluation
+    seed: int = 42  # the held-out split's seed (the run's --seed)
+
+    @property
+    def wants_eval(self) -> bool:
+        return bool(self.eval_anno_file) or self.eval_fraction > 0
 
 
 @dataclass(frozen=True)
@@ -81,6 +95,10 @@ class DataReport:
     lengths: Counter = field(default_factory=Counter)  # latent frames of usable clips / image buckets
     short_lengths: Counter = field(default_factory=Counter)  # latent frames of clips shorter than NUM_FRAMES
     text_tokens: int = 0
+    eval_usable: list[UsableLine] = field(default_factory=list)  # the evaluation set (never trained on)
+    eval_lines: int = 0  # lines held out (EVAL_FRACTION) or in EVAL_ANNO_FILE
+    eval_report: Optional["DataReport"] = None  # EVAL_ANNO_FILE's own check
+    eval_overlap: list[str] = field(default_factory=list)  # EVAL_ANNO_FILE samples that ANNO_FILE also trains on
 
     @property
     def ok(self) -> bool:
@@ -206,7 +224,42 @@ def check_data(spec: DataSpec) -> DataReport:
                             "extract them all with the same max_sequence_length")
     report.text_tokens = next(iter(text_lengths), 0)
     _check_empty_prompt(spec, report)
+    if spec.wants_eval:
+        _split_off_eval(spec, report)
     return report
+
+
+def _sample_path(line: UsableLine) -> Path:
+    entry = line.entry
+    return entry.latent if isinstance(entry, VideoEntry) else entry.image
+
+
+def _split_off_eval(spec: DataSpec, report: DataReport) -> None:
+    """The evaluation set: the held-out lines of the annotation (moved out of ``usable``), or EVAL_ANNO_FILE's
+    usable lines (checked as the training file is)."""
+    if spec.eval_fraction > 0:
+        held = held_out_lines(report.lines, spec.eval_fraction, spec.seed)
+        report.eval_lines = len(held)
+        report.eval_usable = [line for line in report.usable if line.entry.index in held]
+        report.usable = [line for line in report.usable if line.entry.index not in held]
+        report.lengths = Counter(min(line.frames, spec.num_frames) if isinstance(line.entry, VideoEntry)
+                                 else image_buckets(spec.resolution)[line.bucket] for line in report.usable)
+        if report.eval_usable and not report.usable:
+            report.fatal.append(f"EVAL_FRACTION={spec.eval_fraction} (--eval_fraction) holds out every usable line "
+                                "of ANNO_FILE: nothing is left to train on; lower EVAL_FRACTION or add data")
+    else:
+        # Its own lines, checked as the training file's (the empty prompt is the training file's concern).
+        sub = check_data(dataclasses.replace(spec, anno_file=str(spec.eval_anno_file), eval_anno_file=None,
+                                             eval_fraction=0.0, text_drop_rate=0.0))
+        report.eval_report, report.eval_lines, report.eval_usable = sub, sub.lines, sub.usable
+        report.fatal += [f"EVAL_ANNO_FILE (--eval_anno_file): {reason}" for reason in sub.fatal]
+        trained = {_sample_path(line) for line in report.usable}
+        report.eval_overlap = [str(_sample_path(line)) for line in sub.usable if _sample_path(line) in trained]
+    if not report.eval_usable:
+        source = (f"EVAL_FRACTION={spec.eval_fraction} (--eval_fraction) held out {report.eval_lines} line(s)"
+                  if spec.eval_fraction > 0 else f"EVAL_ANNO_FILE={spec.eval_anno_file} (--eval_anno_file)")
+        report.fatal.append(f"the evaluation set is empty: {source}, none usable (reasons above); fix those "
+                            "lines, raise EVAL_FRACTION or unset the evaluation set")
 
 
 def _check_empty_prompt(spec: DataSpec, report: DataReport) -> None:
@@ -257,10 +310,33 @@ def format_report(report: DataReport) -> str:
             hist = ", ".join(f"{t}: {n}" for t, n in sorted(report.lengths.items()))
             out.append(f"  clip lengths used (latent frames: clips): {hist}")
         out.append(f"  tokens per sample per stage: {_tokens_per_stage(spec, report)}")
+    if spec.wants_eval:
+        out += _eval_summary(report)
     out += [f"  STOP: {f}" for f in report.fatal]
     if not report.usable and not report.fatal:
         out.append("  STOP: no usable line; fix the reasons above (nothing was loaded)")
     return "\n".join(out)
+
+
+def _eval_summary(report: DataReport) -> list[str]:
+    spec = report.spec
+    if spec.eval_fraction > 0:
+        out = [f"  evaluation set: {len(report.eval_usable)} usable of the {report.eval_lines} line(s) EVAL_FRACTION="
+               f"{spec.eval_fraction} holds out of {report.lines} (seed {spec.seed}); training uses the other "
+               f"{len(report.usable)}"]
+    else:
+        sub = report.eval_report
+        excluded = sum(len(v) for v in sub.excluded.values()) if sub is not None else 0
+        out = [f"  evaluation set: EVAL_ANNO_FILE={spec.eval_anno_file}: {report.eval_lines} lines, "
+               f"{len(report.eval_usable)} usable, {excluded} excluded"]
+        if sub is not None:
+            for reason, items in sorted(sub.excluded.items(), key=lambda kv: -len(kv[1])):
+                out.append(f"    {len(items)} x {reason}")
+                out += [f"        {item}" for item in items[:SHOWN_PATHS]]
+    if report.eval_overlap:
+        out.append(f"  NOTE: {len(report.eval_overlap)} evaluation sample(s) are also in ANNO_FILE (trained on), e.g. "
+                   f"{report.eval_overlap[0]}: their loss is not a held-out figure")
+    return out
 
 
 def run_data_check(spec: DataSpec, *, verbose: bool = True) -> DataReport:

@@ -10,6 +10,7 @@ from typing import Optional, Union
 
 import torch
 
+from trainer_misc.loop.evaluation import DegradeRule
 from trainer_misc.optim.adamw import LRSchedule
 from trainer_misc.optim.engine import PRECISIONS, STRATEGIES, EngineConfig
 
@@ -68,6 +69,13 @@ class TrainConfig:
     export_files: dict = dataclasses.field(default_factory=dict)
     # validation samples: every N steps (0 = off) train() calls its ``validate`` on rank 0 with the weights
     validate_every: int = 0
+    # held-out evaluation (when train() gets a ``held_out`` set; loop/evaluation.py): before the first step, every
+    # N steps (0: only then and after the last step) and after the last; the degradation warning's rule
+    eval_every: int = 0
+    eval_degrade_margin: float = 0.02          # relative: 0.02 = 2 % above the reference
+    eval_degrade_patience: int = 3             # evaluations in a row
+    eval_degrade_vs: str = "best"              # best (so far, base included) | base
+    eval_stop_on_degrade: bool = False         # checkpoint and end the run when the warning fires
     # logging
     tensorboard: bool = True
 
@@ -84,6 +92,9 @@ class TrainConfig:
             raise ValueError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
         if self.export_dtype not in EXPORT_DTYPES:
             raise ValueError(f"export_dtype must be one of {list(EXPORT_DTYPES)}, got {self.export_dtype!r}")
+        if self.eval_every < 0 or self.validate_every < 0:
+            raise ValueError(f"eval_every and validate_every must be >= 0, got {self.eval_every}, "
+                             f"{self.validate_every}")
         if self.skip_loss_threshold is not None and not self.skip_loss_threshold > 0:
             raise ValueError(f"skip_loss_threshold must be > 0 or None, got {self.skip_loss_threshold}")
         self.betas = tuple(self.betas)
@@ -94,6 +105,10 @@ class TrainConfig:
                             grad_accum_steps=self.grad_accum_steps, max_grad_norm=self.max_grad_norm,
                             micro_batch_size=self.batch_size, grad_reduce_dtype=self.grad_reduce_dtype,
                             offload_optimizer=self.offload_optimizer)
+
+    def degrade_rule(self) -> DegradeRule:
+        return DegradeRule(margin=self.eval_degrade_margin, patience=self.eval_degrade_patience,
+                           against=self.eval_degrade_vs, stop=self.eval_stop_on_degrade)
 
     def schedule(self) -> LRSchedule:
         return LRSchedule(self.lr_scheduler, self.lr, self.max_steps, self.warmup_steps, self.warmup_start_lr,

@@ -1,5 +1,5 @@
-"""What a run writes about itself: one ``StepRecord`` per optimizer step, in ``metrics.jsonl`` and tensorboard
-(rank 0), and the optional per-rank batch trace (``--trace_batches``)."""
+"""What a run writes about itself: one ``StepRecord`` per optimizer step and one line per held-out evaluation, in
+``metrics.jsonl`` and tensorboard (rank 0), and the optional per-rank batch trace (``--trace_batches``)."""
 from __future__ import annotations
 
 import dataclasses
@@ -98,6 +98,17 @@ class MetricsLog:
         scalars.update({f"train/{k}": v for k, v in record.stats.items()})
         for name, value in scalars.items():
             self.writer.add_scalar(name, value, record.step)
+
+    def write_eval(self, step: int, scalars: dict[str, float]) -> None:
+        """One evaluation (``trainer_misc.loop.evaluation``): a ``{"step", "eval": {...}}`` line (told apart from step
+        records by its ``eval`` key; the step-0 line is the base model's) and the ``eval/*`` scalars."""
+        record = {name.removeprefix("eval/"): value for name, value in scalars.items()}
+        self.file.write(json.dumps({"step": step, "eval": record}) + "\n")
+        self.file.flush()
+        if self.writer is not None:
+            for name, value in scalars.items():
+                self.writer.add_scalar(name, value, step)
+            self.writer.flush()
 
     def close(self) -> None:
         self.file.close()

@@ -86,13 +86,17 @@ def check_data_layout(path: Optional[Path], saved: dict, sampler: ResumableBatch
 
 
 def trainer_state(step_done: int, counters: RunCounters, config: TrainConfig, layout: ParallelLayout,
-                  world_size: int, sampler: ResumableBatchSampler) -> dict:
+                  world_size: int, sampler: ResumableBatchSampler, evaluation: Optional[dict] = None) -> dict:
     """The loop's part of a checkpoint (``trainer_state.json``), with the run's slot layout (what a resume on any
-    process count must keep) and the process layout that wrote it."""
-    return {"step": step_done, "micro_step": counters.micro_step, "data_position": counters.data_position,
-            "bad_samples": counters.bad_samples, "skipped_updates": counters.skipped_updates,
-            "dropped_micro_batches": counters.dropped_micro_batches,
-            "layout": {"num_groups": layout.slots.num_groups, "group_size": layout.slots.group_size,
-                       "world_size": world_size, "sp_size": layout.sp_size, "strategy": config.strategy},
-            "mixed_precision": config.mixed_precision, "grad_accum_steps": config.grad_accum_steps,
-            "sampler": sampler.state_dict(), "config": dataclasses.asdict(config)}
+    process count must keep) and the process layout that wrote it; ``evaluation``: the held-out figures so far
+    (base, best, degradation streak: ``EvalTracker.state_dict``), so a resumed run compares with the same base."""
+    state = {"step": step_done, "micro_step": counters.micro_step, "data_position": counters.data_position,
+             "bad_samples": counters.bad_samples, "skipped_updates": counters.skipped_updates,
+             "dropped_micro_batches": counters.dropped_micro_batches,
+             "layout": {"num_groups": layout.slots.num_groups, "group_size": layout.slots.group_size,
+                        "world_size": world_size, "sp_size": layout.sp_size, "strategy": config.strategy},
+             "mixed_precision": config.mixed_precision, "grad_accum_steps": config.grad_accum_steps,
+             "sampler": sampler.state_dict(), "config": dataclasses.asdict(config)}
+    if evaluation is not None:
+        state["evaluation"] = evaluation
+    return state

@@ -57,6 +57,7 @@ from pyramid_dit.progress import progress as progress_bar
 from trainer_misc.data.sampler import ResumableBatchSampler
 from trainer_misc.data.workers import data_workers
 from trainer_misc.loop.config import EXPORT_DTYPES, TrainConfig
+from trainer_misc.loop.evaluation import EvalFigures, Evaluation, HeldOutSet
 from trainer_misc.loop.metrics import MetricsLog, StepRecord
 from trainer_misc.loop.resume import (
     check_data_layout,
@@ -111,6 +112,9 @@ class TrainResult:
     checkpoints: list[Path]
     exported: list[Path]
     engine: TrainEngine
+    evaluations: list[EvalFigures] = dataclasses.field(default_factory=list)  # held-out figures of this call
+    eval_base: Optional[float] = None  # the base model's held-out loss (kept across resumes), when known
+    stopped_early: Optional[str] = None  # why the run ended before max_steps (the degradation stop)
 
 
 def _build_loader(dataset: Dataset, config: TrainConfig, num_groups: int, group: int, lanes: int, start_batch: int,
@@ -134,14 +138,19 @@ def _build_loader(dataset: Dataset, config: TrainConfig, num_groups: int, group:
 def train(model: nn.Module, compute_loss: ComputeLoss, dataset: Dataset, config: TrainConfig, *,
           collate_fn: Optional[Callable] = None, group_keys: Optional[Sequence[Hashable]] = None,
           on_step_end: Optional[Callable[[StepRecord], None]] = None,
-          validate: Optional[Callable[[int, dict[str, torch.Tensor]], None]] = None) -> TrainResult:
+          validate: Optional[Callable[[int, dict[str, torch.Tensor]], None]] = None,
+          held_out: Optional[HeldOutSet] = None) -> TrainResult:
     """Train ``model`` with ``compute_loss`` on ``dataset``; see the module docstring.
 
     ``model`` should be on the CPU or its device already, with pretrained weights loaded (``load_dit_weights``)
     and gradient checkpointing configured. ``on_step_end`` is called on every rank after each step. Returns the
     per-step records of this call and what was written. ``validate(step, state_dict)`` runs on rank 0 every
-    ``config.validate_every`` steps with the full weights (the EMA's when EMA is on) while the other ranks wait;
-    only rank 0 needs to pass it.
+    ``config.validate_every`` steps with the full weights (the EMA's when EMA is on) while the other ranks wait,
+    and once with ``step`` 0 and the base weights before the first step of a fresh run (the "before" of the
+    before/after samples); only rank 0 needs to pass it. ``held_out``: the evaluation set
+    (``trainer_misc.loop.evaluation``), scored by every rank before the first step, every ``config.eval_every``
+    steps and after the last; its figures go to the log and the checkpoints, and with
+    ``config.eval_stop_on_degrade`` a degrading run ends early (checkpointed and exported).
     """
     if isinstance(dataset, IterableDataset):
         raise TypeError("train() needs a map-style dataset (len + __getitem__) so the data position can be "
@@ -212,9 +221,23 @@ def train(model: nn.Module, compute_loss: ComputeLoss, dataset: Dataset, config:
 
     records: list[StepRecord] = []
     checkpoints: list[Path] = []
+    stopped_early: Optional[str] = None
     engine.model.train()
+    evaluation = None
+    if held_out is not None:  # draws nothing from the RNG streams restored above: the training curve is unchanged
+        evaluation = Evaluation(held_out, engine, layout, config.degrade_rule(), config.eval_every, saved, lora)
+        evaluation.announce(start_step, config.max_steps)
+
+    def state_of(done: int) -> dict:
+        return trainer_state(done, counters, config, layout, world, loaders[0][0],
+                             evaluation.state_dict() if evaluation is not None else None)
+
     stopper = StopSignals().install()  # SIGTERM/SIGINT/SIGHUP/SIGUSR1: finish the step, checkpoint, stop
     try:
+        if evaluation is not None and evaluation.due_at_start(start_step, config.max_steps):
+            evaluation.run(start_step, log)  # step 0: the base model's figures
+        if config.validate_every and start_step == 0 and start_step < config.max_steps:
+            _validate(engine, ema, lora, validate, 0)  # the base weights' samples: the "before" of before/after
         for step in range(start_step, config.max_steps):
             record = runner.run(step)
             if ema is not None and ema.should_update(step):
@@ -229,19 +252,27 @@ def train(model: nn.Module, compute_loss: ComputeLoss, dataset: Dataset, config:
                 on_step_end(record)
             done = step + 1
             stop = stopper.should_stop()  # collective: every rank stops after the same step
-            if (config.checkpoint_every and done % config.checkpoint_every == 0) or done == config.max_steps or stop:
-                checkpoints.append(save_checkpoint(checkpoint_root, done, engine,
-                                                   trainer_state(done, counters, config, layout, world, loaders[0][0]),
-                                                   ema, config.keep_last_checkpoints, streams))
+            degraded = False
+            # Before the checkpoint, so it holds this evaluation; skipped on a stop signal before the last step (the
+            # checkpoint must come fast), and then made up for when the run resumes (evaluation_steps).
+            if evaluation is not None and (not stop or done == config.max_steps) \
+                    and evaluation.due(done, config.max_steps):
+                degraded = evaluation.run(done, log, lr=record.lr).stop  # the same decision on every rank
+            if (config.checkpoint_every and done % config.checkpoint_every == 0) or done == config.max_steps or stop \
+                    or degraded:
+                checkpoints.append(save_checkpoint(checkpoint_root, done, engine, state_of(done), ema,
+                                                   config.keep_last_checkpoints, streams))
             if stop and done < config.max_steps:
                 raise RunStopped(f"stopped by {stopper.signal_name} after step {done}: wrote {checkpoints[-1]}; "
                                  "rerun the same command to resume from it", stopper.agreed or 0)
             if config.validate_every and done % config.validate_every == 0:
-                weights, ema_weights = gather_full_weights(engine, ema)  # collective: every rank takes part
-                if engine.is_main and validate is not None:
-                    weights = ema_weights if ema_weights is not None else weights
-                    validate(done, merged_state_dict(weights, engine.module) if lora else weights)
-                barrier()
+                _validate(engine, ema, lora, validate, done)
+            if degraded and done < config.max_steps:
+                stopped_early = (f"stopped after step {done} of {config.max_steps}: the held-out loss degraded "
+                                 f"(EVAL_STOP_ON_DEGRADE=1); wrote {checkpoints[-1]}")
+                if engine.is_main:
+                    logger.warning("%s", stopped_early)
+                break
     finally:
         stopper.restore()
         if progress is not None:
@@ -257,7 +288,20 @@ def train(model: nn.Module, compute_loss: ComputeLoss, dataset: Dataset, config:
                                 dtype=EXPORT_DTYPES[config.export_dtype], files=config.export_files)
     if lock is not None:
         lock.release()
-    return TrainResult(records=records, start_step=start_step, final_step=max(start_step, config.max_steps),
+    final_step = records[-1].step if stopped_early else max(start_step, config.max_steps)
+    return TrainResult(records=records, start_step=start_step, final_step=final_step,
                        skipped_updates=counters.skipped_updates, dropped_micro_batches=counters.dropped_micro_batches,
                        bad_samples=counters.bad_samples, resumed_from=resumed_from, checkpoints=checkpoints,
-                       exported=exported, engine=engine)
+                       exported=exported, engine=engine,
+                       evaluations=evaluation.results if evaluation is not None else [], stopped_early=stopped_early,
+                       eval_base=evaluation.base_loss if evaluation is not None else None)
+
+
+def _validate(engine: TrainEngine, ema: Optional[ShardedEMA], lora: bool,
+              validate: Optional[Callable[[int, dict[str, torch.Tensor]], None]], step: int) -> None:
+    """Gather the full weights (collective: every rank takes part) and hand them to rank 0's ``validate``."""
+    weights, ema_weights = gather_full_weights(engine, ema)
+    if engine.is_main and validate is not None:
+        weights = ema_weights if ema_weights is not None else weights
+        validate(step, merged_state_dict(weights, engine.module) if lora else weights)
+    barrier()

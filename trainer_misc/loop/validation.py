@@ -10,6 +10,12 @@ empty-prompt features: no text encoder is ever loaded just for validation.
 Samples use the sampler that matches what the run trains (``mode``): autoregressive for the temporal pyramid,
 full-sequence (all latent frames jointly, no history) for training without it and for images; a sample from the
 other loop would judge the weights on a task they are not learning.
+
+**Before / after.** The loop calls the sampler once with step 0 and the base weights before the first step of a
+fresh run: those samples go to ``samples/base/`` (same prompts, same seeds as every later validation), and their
+frame strips to ``samples/base/strips.safetensors`` so a resumed run still has them. Every later validation also
+writes ``samples/step-<step>/before_after_prompt<i>.png`` (the base strip above the current one) and logs the same
+image to tensorboard as ``validation/before_after/prompt<i>``: a change in what the model draws is seen at a glance.
 """
 from __future__ import annotations
 
@@ -25,7 +31,25 @@ from pyramid_dit.text_features import TextFeatures
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ValidationPrompt", "ValidationSampler", "pick_validation_prompts"]
+__all__ = ["BASE_FOLDER", "ValidationPrompt", "ValidationSampler", "frame_strip", "pick_validation_prompts"]
+
+
+BASE_FOLDER = "base"  # samples/base/: the base weights' samples (step 0 of a fresh run)
+STRIPS_FILE = "strips.safetensors"
+
+
+def frame_strip(video: torch.Tensor) -> torch.Tensor:
+    """``[3, F, H, W]`` (uint8, or float in [0, 1]) -> up to 8 of its frames side by side, ``[3, H, F' * W]``
+    float in [0, 1]."""
+    video = video.float() / 255 if video.dtype == torch.uint8 else video.float()
+    strip = video[:, :: max(1, video.shape[1] // 8)]
+    return strip.permute(0, 2, 1, 3).flatten(2)
+
+
+def _save_png(image: torch.Tensor, path: Path) -> Path:
+    """``[3, H, W]`` in [0, 1] as a PNG (atomically, through ``save_video``'s one-frame strip)."""
+    from pyramid_dit.media import save_video
+    return save_video(image[:, None], path)
 
 
 @dataclass
@@ -77,7 +101,8 @@ class ValidationSampler:
         steps: Euler steps per pyramid stage of the first frame (later frames use half, at least 1).
         dtype: the run's dtype (bf16 / fp16 / fp32). device: this rank's device.
         offload: keep the DiT and VAE on the CPU between validations (moved to ``device`` only while sampling).
-        output_dir: samples go to ``<output_dir>/samples/step-<step>/``; tensorboard to ``<output_dir>/logs``.
+        output_dir: samples go to ``<output_dir>/samples/step-<step>/`` (step 0, the base weights:
+            ``samples/base/``); tensorboard to ``<output_dir>/logs``.
         model_name: the DiT's kind (``pyramid_flux`` / ``pyramid_mmdit``; selects the latent normalisation).
         mode: ``"ar"`` or ``"full_sequence"``: the sampling mode of the trained objective
             (:func:`pyramid_dit.training_record.training_record`).
@@ -97,6 +122,19 @@ class ValidationSampler:
         self.prompts, self.negative = list(prompts), negative
         self.width, self.height, self.temp, self.steps = width, height, temp, list(steps)
         self.output_dir, self.tensorboard = Path(output_dir), tensorboard
+        self.base_strips: Optional[list[torch.Tensor]] = None  # [3, H, W'] per prompt, from samples/base/
+
+    def _base(self) -> Optional[list[torch.Tensor]]:
+        """The base weights' strips: sampled by this run, or read back from ``samples/base/`` after a resume."""
+        if self.base_strips is None:
+            path = self.output_dir / "samples" / BASE_FOLDER / STRIPS_FILE
+            if path.is_file():
+                from pyramid_dit.tensor_files import load_tensor_file
+                saved = load_tensor_file(path)
+                strips = [saved.get(f"prompt{i}") for i in range(len(self.prompts))]
+                if all(s is not None for s in strips):
+                    self.base_strips = [s.float() / 255 for s in strips]
+        return self.base_strips
 
     @torch.no_grad()
     def __call__(self, step: int, state: dict[str, torch.Tensor]) -> list[Path]:
@@ -108,7 +146,10 @@ class ValidationSampler:
         self.vae.to(self.device)
         pipe = PyramidFlowPipeline(self.dit, vae=self.vae, model_name=self.model_name, device=self.device,
                                    dtype=self.dtype)
-        folder = self.output_dir / "samples" / f"step-{step:06d}"
+        base = step == 0
+        folder = self.output_dir / "samples" / (BASE_FOLDER if base else f"step-{step:06d}")
+        before = None if base else self._base()
+        strips: list[torch.Tensor] = []
         writer = None
         if self.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -123,10 +164,22 @@ class ValidationSampler:
                                       seed=i, progress=False)[0]
                 path = save_video(video, folder / (f"prompt{i}.mp4" if self.temp > 1 else f"prompt{i}.png"))
                 written.append(path)
-                logger.info("validation sample for %r -> %s", prompt.caption, path)
+                logger.info("validation sample%s for %r -> %s", " (base weights)" if base else "", prompt.caption,
+                            path)
+                strip = frame_strip(video)
+                strips.append(strip)
+                if before is not None:
+                    pair = torch.cat([before[i], strip], dim=1)  # base above, current below
+                    written.append(_save_png(pair, folder / f"before_after_prompt{i}.png"))
                 if writer is not None:
-                    strip = video[:, :: max(1, video.shape[1] // 8)]  # [3, F', H, W] -> frames side by side
-                    writer.add_image(f"validation/prompt{i}", strip.permute(0, 2, 1, 3).flatten(2), step)
+                    writer.add_image(f"validation/prompt{i}", strip, step)
+                    if before is not None:
+                        writer.add_image(f"validation/before_after/prompt{i}", pair, step)
+            if base:
+                from trainer_misc.files import atomic_save_safetensors
+                self.base_strips = strips
+                atomic_save_safetensors({f"prompt{i}": (s.clamp(0, 1) * 255).round().to(torch.uint8)
+                                         for i, s in enumerate(strips)}, folder / STRIPS_FILE)
         finally:
             if writer is not None:
                 writer.close()

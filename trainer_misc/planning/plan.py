@@ -94,6 +94,15 @@ def format_plan(result: dict) -> str:
         f"  ({result['sharding']})",
         f"fits in {result['gpu_memory_gib']:.0f} GiB: {'yes' if result['fits'] else 'NO'}",
     ]
+    if "eval_flops" in result:
+        share = result["eval_share_of_run"]
+        lines.append(f"evaluation: {result['eval_samples']:,} held-out "
+                     f"sample(s) x {result['eval_rows_per_sample']} grid points (DiT rows, forward only, "
+                     f"{result['eval_calls_per_sample']} call(s) per sample) = {_flops(result['eval_flops'])} per "
+                     f"evaluation ({_flops(result['eval_flops_per_sample'])} per sample, "
+                     f"{result['eval_flops'] / result['flops_per_step']:.2f}x one optimizer step); "
+                     f"{result['evaluations']} evaluation(s) in the run"
+                     + (f" = {100 * share:.2f}% of its training FLOPs" if share is not None else ""))
     if not result["fits"]:
         lines.append(f"cheapest change that fits: {result.get('cheapest_fix') or 'none found (fewer frames, more GPUs)'}")
     if sum(comm.values()):

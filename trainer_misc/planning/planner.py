@@ -67,6 +67,11 @@ class Launch:
     validation_offload: bool = False  # --validation_offload: ... on the CPU between validations
     ema: bool = False  # --ema_update: an fp32 average of this GPU's share of the trainable weights
     grad_reduce_dtype: str = "fp32"  # --grad_reduce_dtype: fp32 | model
+    eval_samples: int = 0  # evaluation set size after the data check and EVAL_SAMPLES (0: no evaluation)
+    eval_timesteps: int = 4  # EVAL_TIMESTEPS
+    eval_history_depths: int = 2  # EVAL_HISTORY_DEPTHS (AR only)
+    eval_every: int = 0  # EVAL_EVERY
+    max_steps: int = 0  # optimizer steps of the run (for the number of evaluations)
 
     def __post_init__(self) -> None:
         if self.lora_rank < 0:
@@ -160,15 +165,20 @@ def _tokens(shapes: list[list[tuple[int, ...]]], patch: int = 2) -> int:
 
 # ------------------------------------------------------------------------------------------------ counting
 
-def _trace_flops(launch: Launch, config: dict, shapes) -> int:
+def _trace_flops(launch: Launch, config: dict, shapes, backward: bool = True) -> int:
     model = build_model(launch.model_kind, config, torch.bfloat16, launch.lora_rank, launch.lora_targets)
     with flop_counter_mode() as counter, fused_attention():
-        _loss(model(**dit_inputs(launch, shapes, torch.bfloat16))).backward()
+        if backward:
+            _loss(model(**dit_inputs(launch, shapes, torch.bfloat16))).backward()
+        else:
+            with torch.no_grad():
+                model(**dit_inputs(launch, shapes, torch.bfloat16))
     return counter.get_total_flops()
 
 
-def count_flops(launch: Launch, shapes) -> int:
-    """Forward + backward FLOPs of one micro-batch of ``shapes`` (no recompute), exact at full depth.
+def count_flops(launch: Launch, shapes, backward: bool = True) -> int:
+    """Forward + backward (``backward=False``: forward only) FLOPs of one micro-batch of ``shapes`` (no recompute),
+    exact at full depth.
 
     Every block of a kind sees the same shapes, so ``F(depths) = F(1, ..) + sum_k (depth_k - 1) * delta_k``,
     where ``delta_k`` is what one more block of kind ``k`` adds; the first and last blocks (which some kinds
@@ -176,13 +186,31 @@ def count_flops(launch: Launch, shapes) -> int:
     """
     keys = DEPTH_KEYS[launch.model_kind]
     shallow = {**launch.model_config, **{k: 1 for k in keys}, "use_gradient_checkpointing": False}
-    base = _trace_flops(launch, shallow, shapes)
+    base = _trace_flops(launch, shallow, shapes, backward)
     total = base
     for k in keys:
         depth = launch.model_config[k]
         if depth > 1:
-            total += (depth - 1) * (_trace_flops(launch, {**shallow, k: 2}, shapes) - base)
+            total += (depth - 1) * (_trace_flops(launch, {**shallow, k: 2}, shapes, backward) - base)
     return total
+
+
+def eval_call_shapes(launch: Launch) -> list[list[list[tuple[int, ...]]]]:
+    """Per DiT call of one evaluation sample, the clip shapes of each column, built by the objective's own
+    evaluation path (``PyramidFlowObjective.eval_columns``) on meta latents."""
+    objective = _objective(launch)
+    latents = torch.empty(1, 16, launch.frames, launch.height // 8, launch.width // 8, device="meta")
+    units = objective.history_grid(launch.eval_history_depths, launch.frames) if launch.task == "ar" else [None]
+    indices = objective.timestep_grid(launch.eval_timesteps)
+    generator = torch.Generator().manual_seed(0)
+    return [[[tuple(c.shape) for c in col] for col in
+             objective.eval_columns(latents, timestep_indices=indices, units=u, generator=generator).sample]
+            for u in units]
+
+
+def eval_flops_per_sample(launch: Launch) -> int:
+    """Forward FLOPs of one evaluation sample: every call of its grid (stages x timesteps x depths rows)."""
+    return sum(count_flops(launch, call, backward=False) for call in eval_call_shapes(launch))
 
 
 @dataclass
@@ -455,9 +483,27 @@ def plan(launch: Launch, gpu_memory_gib: float, interconnect_gbps: Optional[floa
             halved = replace(launch, grad_reduce_dtype="model")
             result["comm_seconds_per_step_model_dtype"] = round(
                 sum(comm_bytes_per_step(halved, n_params, n_trainable).values()) / (interconnect_gbps * 1e9 / 8), 3)
+    if launch.eval_samples:
+        result.update(eval_cost(launch, result["flops_per_step"]))
     if not result["fits"]:
         result["cheapest_fix"] = cheapest_fix(launch, gpu_memory_gib)
     return result
+
+
+def eval_cost(launch: Launch, flops_per_step: int) -> dict[str, Any]:
+    """The held-out evaluation's FLOPs: per sample, per evaluation, and over the run next to its training."""
+    from trainer_misc.loop.evaluation import evaluation_steps
+
+    calls = eval_call_shapes(launch)
+    per_sample = eval_flops_per_sample(launch)
+    rows = sum(len(call) * call[0][-1][0] for call in calls)
+    evaluations = len(evaluation_steps(0, launch.max_steps, launch.eval_every, None)) if launch.max_steps else 1
+    per_eval = per_sample * launch.eval_samples
+    training = flops_per_step * launch.max_steps
+    return {"eval_samples": launch.eval_samples, "eval_flops_per_sample": per_sample, "eval_flops": per_eval,
+            "eval_rows_per_sample": rows,
+            "eval_calls_per_sample": len(calls), "evaluations": evaluations,
+            "eval_share_of_run": per_eval * evaluations / training if training else None}
 
 
 def cheapest_fix(launch: Launch, gpu_memory_gib: float) -> Optional[str]:
