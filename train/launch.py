@@ -34,7 +34,8 @@ _COMMON = ("GPUS", "NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "SHARD_S
            "EPOCHS", "ITERS_PER_EPOCH", "SAVE_CKPT_FREQ", "SAVE_EVERY_STEPS", "KEEP_CKPTS", "LORA_RANK",
            "LORA_ALPHA", "LORA_TARGETS", "LORA_DROPOUT", "OFFLOAD", "GRADIENT_CHECKPOINTING", "NUM_WORKERS",
            "COLLECTIVE_TIMEOUT_MIN", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "EXTRA_ARGS")
-SCRIPT_VARIABLES = {"ar": _COMMON + ("VIDEO_SYNC_GROUP",), "full_sequence": _COMMON + ("TASK", "LOAD_TEXT_ENCODER")}
+SCRIPT_VARIABLES = {"ar": _COMMON + ("VIDEO_SYNC_GROUP", "PACK_SLOTS"),
+                    "full_sequence": _COMMON + ("TASK", "LOAD_TEXT_ENCODER")}
 
 # Fixed by the scripts, as the reference's scripts fix them.
 _FIXED = ["--schedule_shift", "1.0", "--lr_scheduler", "constant_with_warmup", "--opt_beta1", "0.9", "--opt_beta2",
@@ -61,7 +62,8 @@ def trainer_argv(env: Mapping[str, str], mode: str, layout: NodeLayout) -> tuple
     get = {name: env.get(name, "").strip() for name in SCRIPT_VARIABLES[mode]}
     notes: list[str] = []
     argv = ["--task", "t2v", "--use_temporal_pyramid", "--sync_video_input", "--video_sync_group",
-            get["VIDEO_SYNC_GROUP"], "--frame_per_unit", "1"] if mode == "ar" else ["--task", get["TASK"]]
+            get["VIDEO_SYNC_GROUP"], "--frame_per_unit", "1", "--pack_slots", get["PACK_SLOTS"] or "1"] \
+        if mode == "ar" else ["--task", get["TASK"]]
     if mode == "full_sequence" and _switch(env, "LOAD_TEXT_ENCODER"):
         argv.append("--load_text_encoder")
     for var in _VALUES:

@@ -33,7 +33,7 @@ from trainer_misc.loop.metrics import BatchTrace
 from trainer_misc.loop.pyramid_loss import PyramidFlowLoss
 from trainer_misc.loop.trainer import train
 from trainer_misc.optim.engine import EngineConfig
-from trainer_misc.planning.plan import load_model_config, lora_targets, pixel_size, plan_text
+from trainer_misc.planning.plan import load_model_config, lora_targets, pack_peak_predictor, pixel_size, plan_text
 from trainer_misc.planning.planner import Launch
 from trainer_misc.runtime.distributed import get_world_size
 
@@ -169,7 +169,7 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
         min_lr=args.min_lr, max_grad_norm=args.clip_grad or None, skip_loss_threshold=args.skip_loss_threshold,
         ema_decay=args.ema_decay if args.ema_update else None, ema_update_every=args.ema_update_every,
         seed=args.seed, video_sync_group=args.video_sync_group if args.sync_video_input else 1,
-        sp_size=sp_size_of(args),
+        sp_size=sp_size_of(args), pack_slots=args.pack_slots,
         shuffle=not args.no_shuffle, num_workers=args.num_workers, checkpoint_every=checkpoint_every,
         keep_last_checkpoints=args.keep_last_checkpoints, resume=args.resume, export_dtype=args.export_dtype,
         tensorboard=args.report_to == "tensorboard", validate_every=args.validation_every,
@@ -222,7 +222,8 @@ def dry_run_text(args: argparse.Namespace, world_size: int) -> str:
     print(f"DRY_RUN: planning this launch ({launch.model_kind}, {launch.task}, {args.resolution}, "
           f"NUM_FRAMES={args.max_frames}, {world_size} process(es), {launch.shard_strategy}) on meta tensors ...",
           flush=True)
-    return plan_text(launch, sp_size_of(args)) + "\nDRY_RUN: nothing trained, no checkpoint written."
+    return plan_text(launch, sp_size_of(args), pack_slots=args.pack_slots) + \
+        "\nDRY_RUN: nothing trained, no checkpoint written."
 
 
 def run(args: argparse.Namespace) -> int:
@@ -244,7 +245,8 @@ def run(args: argparse.Namespace) -> int:
     side = build_model_side(args, device, config.engine_config())
     trace = BatchTrace(args.output_dir, rank) if args.trace_batches else None
     compute_loss = PyramidFlowLoss(build_objective(args, null_text), args.use_temporal_pyramid, vae=side.vae,
-                                   text_encoder=side.text_encoder, trace=trace)
+                                   text_encoder=side.text_encoder, trace=trace,
+                                   peak_bytes=pack_peak_predictor(planned_launch(args, world_size), args.pack_slots))
     validate = build_validation(args, side, dataset, null_text, device) if args.validation_every and rank == 0 \
         else None
     result = train(side.dit, compute_loss, dataset, config, collate_fn=collate, group_keys=dataset.group_keys(),
