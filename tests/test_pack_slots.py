@@ -48,7 +48,7 @@ def _objective(kind: str) -> PyramidFlowObjective:
                                 max_temporal_length=8, video_sync_group=4, text_drop_rate=0.3, null_text=null)
 
 
-def _lane_batch(seed: int, rows: int = 4) -> TrainBatch:
+def _lane_batch(seed: int, rows: int = 8) -> TrainBatch:
     """A lane's batch: latents and prompts of different lengths (padding at the end), so each column's text is
     trimmed to its own longest prompt."""
     g = torch.Generator().manual_seed(seed)
@@ -354,3 +354,18 @@ def test_auto_asks_the_planner_on_a_gpu_and_broadcasts(monkeypatch):
     choice = step_module.slots_per_pass("auto", 8, fake, ToyModel(), torch.device("cuda", 0))
     assert choice.slots == 4 and sent == [choice]
     assert "fits" in choice.reason and "PREDICTION" in choice.reason
+
+
+def test_count_ops_of_one_step_packed_and_not():
+    """``tools/benchmark_dit.py --count_ops --pack_slots 1,8``: one optimizer step of the one-GPU 384p AR launch
+    (VIDEO_SYNC_GROUP=8) through the trainer's loss, on meta tensors at the released size: packing all 8 slots
+    into one pass dispatches fewer device ops and attention calls, and neither reads the device on the host."""
+    from tools.benchmark_dit import count_step
+
+    one, packed = (count_step("pyramid_flux", "pyramid_flux:ar:384p:16", k) for k in (1, 8))
+    assert (one["passes"], packed["passes"]) == (8, 1)
+    assert one["syncs"] == packed["syncs"] == {}
+    assert sum(packed["attention"]) < sum(one["attention"]) and packed["ops"] < one["ops"]
+    assert max(one["tokens_per_pass"]) < packed["tokens_per_pass"][0]
+    print(f"one step: {one['ops']:,} device ops, {sum(one['attention'])} attention calls in 8 passes; packed: "
+          f"{packed['ops']:,} ops, {sum(packed['attention'])} calls in 1 pass")

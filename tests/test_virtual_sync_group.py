@@ -109,22 +109,23 @@ def test_one_process_virtual_group_equals_two_processes(workspace, strategy):
     assert moved > 1e-3, "training did not change the weights"
 
 
-@pytest.mark.parametrize("kind", ["pyramid_flux", "pyramid_mmdit"])
-def test_packed_slots_train_like_one_slot_per_pass(workspace, tmp_path_factory, kind):
+@pytest.mark.parametrize("kind,strategy", [("pyramid_flux", "ddp"), ("pyramid_flux", "zero2"),
+                                           ("pyramid_mmdit", "ddp")])
+def test_packed_slots_train_like_one_slot_per_pass(workspace, tmp_path_factory, kind, strategy):
     """PACK_SLOTS=2: the virtual group's two slots run as one forward/backward per micro-batch (their columns in
-    one DiT call) and log the losses and export the DiT of one slot per pass (GPUS=1 DDP, PACK_SLOTS=1), training
-    the same (slot, unit) pairs; stopped after step 1 and resumed with PACK_SLOTS=1, a packed run continues the
-    same curve. Both DiT kinds."""
+    one DiT call) and log the losses and export the DiT of one slot per pass (GPUS=1, PACK_SLOTS=1), training the
+    same (slot, unit) pairs; stopped after step 1 and resumed with PACK_SLOTS=1, a packed run continues the same
+    curve. Both DiT kinds; DDP and ZeRO-2 (DeepSpeed counts one backward per pass)."""
     if kind != "pyramid_flux":
         workspace = _workspace(tmp_path_factory.mktemp(f"virtual_group_{kind}"), kind)
-    plain, packed, switched = (workspace["root"] / name for name in ("ddp_gpus1", "ddp_gpus1_packed",
-                                                                     "ddp_gpus1_pack_then_not"))
+    plain, packed, switched = (workspace["root"] / f"{strategy}_gpus1{suffix}"
+                               for suffix in ("", "_packed", "_pack_then_not"))
     if not (plain / "metrics.jsonl").is_file():
-        _train(workspace, plain, 1, "ddp", 2, env_extra={"PACK_SLOTS": "1"})
-    result = _train(workspace, packed, 1, "ddp", 2, env_extra={"PACK_SLOTS": "2"})
+        _train(workspace, plain, 1, strategy, 2, env_extra={"PACK_SLOTS": "1"})
+    result = _train(workspace, packed, 1, strategy, 2, env_extra={"PACK_SLOTS": "2"})
     assert "2 of this process's 2 slots per forward/backward pass: PACK_SLOTS=2" in result.stderr, result.stderr
-    _train(workspace, switched, 1, "ddp", 1, env_extra={"PACK_SLOTS": "2"})
-    result = _train(workspace, switched, 1, "ddp", 2, env_extra={"PACK_SLOTS": "1"})
+    _train(workspace, switched, 1, strategy, 1, env_extra={"PACK_SLOTS": "2"})
+    result = _train(workspace, switched, 1, strategy, 2, env_extra={"PACK_SLOTS": "1"})
     assert "resumed from" in result.stderr and "PACK_SLOTS=1" in result.stderr, result.stderr
 
     want, dit_want = _losses(plain), _dit(plain)
@@ -134,7 +135,7 @@ def test_packed_slots_train_like_one_slot_per_pass(workspace, tmp_path_factory, 
         assert _units(out) == _units(plain)
         dit = _dit(out)
         worst = max(float((dit[k] - dit_want[k]).norm() / dit_want[k].norm().clamp_min(1e-30)) for k in dit_want)
-        print(f"{kind} {out.name}: losses {got} vs {want}; export max relative difference {worst:.3g}")
+        print(f"{kind} {strategy} {out.name}: losses {got} vs {want}; export max relative difference {worst:.3g}")
         assert set(dit) == set(dit_want) and worst <= 1e-6
 
 
