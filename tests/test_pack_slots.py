@@ -154,7 +154,7 @@ class PackedToyLoss:
         return self.forward_packed(model, [self.prepare(model, batch, ctx)], [ctx])[0]
 
 
-@pytest.fixture(autouse=False)
+@pytest.fixture
 def fresh_accelerate():
     reset_accelerate_state()
     yield

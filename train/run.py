@@ -246,7 +246,8 @@ def run(args: argparse.Namespace) -> int:
     trace = BatchTrace(args.output_dir, rank) if args.trace_batches else None
     compute_loss = PyramidFlowLoss(build_objective(args, null_text), args.use_temporal_pyramid, vae=side.vae,
                                    text_encoder=side.text_encoder, trace=trace,
-                                   peak_bytes=pack_peak_predictor(planned_launch(args, world_size), args.pack_slots))
+                                   peak_bytes=pack_peak_predictor(lambda: planned_launch(args, world_size),
+                                                                  args.pack_slots))
     validate = build_validation(args, side, dataset, null_text, device) if args.validation_every and rank == 0 \
         else None
     result = train(side.dit, compute_loss, dataset, config, collate_fn=collate, group_keys=dataset.group_keys(),

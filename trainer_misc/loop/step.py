@@ -10,6 +10,12 @@ untouched; the learning-rate schedule still advances, as in the reference). All 
 value, so they stay in step. When only some micro-batches of a window are dropped, the update is made from the
 others (a dropped micro-batch contributes zero gradient), which with one micro-batch per step is exactly the
 reference's behaviour. A non-finite averaged loss stops the run with an error (as the reference does).
+
+**Packed slots** (``pack_slots`` > 1, a process training several slots of a virtual sync group): ``pack_slots`` slots
+run as one forward/backward whose micro-batch holds all their columns, when ``compute_loss`` offers the packed
+protocol (:data:`ComputeLoss`); each slot's random draws are still made on its own stream, and each slot's loss is
+still recorded, so the losses, gradients and streams are those of one slot per pass (:func:`slots_per_pass` decides
+how many, once, before the engine is built).
 """
 from __future__ import annotations
 

@@ -157,13 +157,20 @@ def with_pack(launch: Launch, pack_slots: Union[int, str], gpu_memory_gib: float
     return replace(launch, pack_slots=int(pack_slots)), ""
 
 
-def pack_peak_predictor(launch: Launch, pack_slots: Union[int, str]) -> Optional[Callable[[int], int]]:
+def pack_peak_predictor(launch: Callable[[], Launch], pack_slots: Union[int, str]
+                        ) -> Optional[Callable[[int], int]]:
     """For the trainer's ``PACK_SLOTS=auto`` (``trainer_misc.loop.step.slots_per_pass``): ``k -> predicted peak
-    bytes per GPU`` of ``launch`` with ``k`` slots per pass, traced when asked (rank 0 on a GPU); None when the
-    slots per pass were given as a count."""
+    bytes per GPU`` of the launch (built by ``launch()`` on first use) with ``k`` slots per pass, traced when asked
+    (only rank 0 on a GPU asks); None when the slots per pass were given as a count."""
     if pack_slots != "auto":
         return None
-    return lambda k: packed_peak_bytes(launch, k)
+    built: list[Launch] = []
+
+    def peak(k: int) -> int:
+        if not built:
+            built.append(launch())
+        return packed_peak_bytes(built[0], k)
+    return peak
 
 
 def plan_text(launch: Launch, sp_size: int = 1, gpu_memory_gib: Optional[float] = None,
