@@ -87,6 +87,56 @@ class PyramidTrainingBatch:
         return {"sample": self.sample, "timestep_ratio": self.timestep_ratio, **self.text.dit_kwargs(),
                 **self.text.dit_text_lengths()}
 
+    @staticmethod
+    def cat(batches: Sequence["PyramidTrainingBatch"]) -> "PyramidTrainingBatch":
+        """One batch holding the columns of ``batches``, in order: one DiT call for several training slots.
+
+        Why: a process that trains several slots of a virtual sync group would otherwise run one small forward
+        and backward per slot; one call over all their columns runs the same arithmetic in bigger kernels. The
+        DiT never mixes columns (attention, modulation, text trimming and positions are per column), so each
+        column gets the prediction it gets alone, and the first ``len(batches[0].sample)`` predictions are the
+        first batch's, and so on.
+
+        The per-row inputs are re-interleaved for the DiT's rule (row ``r`` belongs to column ``r % columns``,
+        i.e. rows are ``[rows_per_column, columns]``): every batch's rows are viewed that way, joined on the
+        column axis and flattened. Every batch needs as many rows per column and the same text length.
+        ``units_per_stage`` is per slot and not merged (None). One batch is returned as it is.
+        """
+        if not batches:
+            raise ValueError("PyramidTrainingBatch.cat needs at least one batch")
+        if len(batches) == 1:
+            return batches[0]
+        if any(b.text is None for b in batches):
+            raise ValueError("set .text on every batch before merging (see trainer_misc.loop.pyramid_loss)")
+        counts = [len(b.sample) for b in batches]
+        rows = {b.timestep_ratio.shape[0] // n for b, n in zip(batches, counts)}
+        if len(rows) != 1 or any(b.timestep_ratio.shape[0] % n for b, n in zip(batches, counts)):
+            raise ValueError(f"batches with {[b.timestep_ratio.shape[0] for b in batches]} rows over {counts} "
+                             "columns: every batch needs the same number of rows per column to share one DiT call")
+        per_column = rows.pop()
+
+        def interleave(parts: Sequence[torch.Tensor]) -> torch.Tensor:
+            """Rows ``[per_column * n_i, ...]`` of each part -> rows of the joined columns, column-minor."""
+            views = [p.reshape(per_column, n, *p.shape[1:]) for p, n in zip(parts, counts)]
+            joined = torch.cat(views, dim=1)
+            return joined.reshape(-1, *joined.shape[2:])
+
+        texts = [b.text for b in batches]
+        lengths = None
+        if all(t.host_lengths is not None for t in texts):
+            lengths = tuple(v for r in range(per_column) for t, n in zip(texts, counts)
+                            for v in t.host_lengths[r * n:(r + 1) * n])
+        text = TextFeatures(*(interleave(fields) for fields in zip(*texts)), lengths)
+        dropped = None
+        if all(b.text_dropped is not None for b in batches):
+            dropped = interleave([b.text_dropped for b in batches])
+        return PyramidTrainingBatch(
+            sample=[col for b in batches for col in b.sample],
+            timestep_ratio=interleave([b.timestep_ratio for b in batches]),
+            targets=[t for b in batches for t in b.targets],
+            text=text, text_dropped=dropped, units_per_stage=None,
+        )
+
 
 def flow_matching_loss(preds: Sequence[torch.Tensor], targets: Sequence[torch.Tensor]) -> torch.Tensor:
     """Mean over all rows (of every column, equally weighted) of each row's mean squared error, in float32."""

@@ -24,6 +24,7 @@ set -a  # every variable below reaches the launcher
 : "${SHARD_STRATEGY:=zero2}"          # zero2 | zero3 (DeepSpeed ZeRO) | ddp
 : "${SP_SIZE:=1}"                     # sequence parallelism: processes splitting each sample's tokens (divides GPUS*NNODES and the head count)
 : "${VIDEO_SYNC_GROUP:=8}"            # slots sharing one clip: 4, 8 or 16 (may exceed GPUS*NNODES, see above)
+: "${PACK_SLOTS:=auto}"               # virtual group: its slots per forward/backward pass (same losses; auto: most that fit the GPU, 1 on CPU)
 : "${MODEL_NAME:=pyramid_flux}"       # pyramid_flux (rain1011/pyramid-flow-miniflux) | pyramid_mmdit (rain1011/pyramid-flow-sd3)
 : "${MODEL_PATH:=}"                   # the downloaded checkpoint folder
 : "${VARIANT:=diffusion_transformer_384p}"   # DiT subfolder to finetune

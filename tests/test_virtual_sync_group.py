@@ -22,23 +22,27 @@ REPO = Path(__file__).resolve().parents[1]
 LAUNCH_TIMEOUT_S = 600
 
 
-@pytest.fixture(scope="module")
-def workspace(tmp_path_factory) -> dict[str, Path]:
-    """Tiny model + 4 demo clips (25 frames, 64x64 -> 4 latent frames) with latents and text features."""
+def _workspace(root: Path, kind: str) -> dict[str, Path]:
+    """Tiny model of ``kind`` + 4 demo clips (25 frames, 64x64 -> 4 latent frames) with latents and text
+    features."""
     from tools.build_tiny_checkpoint import build_tiny_checkpoint
     from tools.extract_text_features import main as extract_text
     from tools.extract_video_vae_latents import main as extract_latents
     from tools.make_demo_dataset import make_demo_dataset
 
-    root = tmp_path_factory.mktemp("virtual_group")
-    model = build_tiny_checkpoint(root / "model")
+    model = build_tiny_checkpoint(root / "model", kind=kind)
     data = root / "data"
     make_demo_dataset(data, num_clips=4, num_frames=25, width=64, height=64)
     common = ["--anno_file", str(data / "video_text.jsonl"), "--no_progress"]
     assert extract_latents(["--model_path", str(model / "causal_video_vae"), "--width", "64", "--height", "64",
                             "--num_frames", "25", "--model_dtype", "fp32", "--num_workers", "0", *common]) == 0
-    assert extract_text(["--model_path", str(model), "--model_dtype", "fp32", *common]) == 0
-    return {"root": root, "model": model, "anno": data / "video_text.jsonl"}
+    assert extract_text(["--model_name", kind, "--model_path", str(model), "--model_dtype", "fp32", *common]) == 0
+    return {"root": root, "model": model, "anno": data / "video_text.jsonl", "env": {"MODEL_NAME": kind}}
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> dict[str, Path]:
+    return _workspace(tmp_path_factory.mktemp("virtual_group"), "pyramid_flux")
 
 
 def _train(workspace, out: Path, gpus: int, strategy: str, steps: int, extra: str = "",
@@ -49,7 +53,7 @@ def _train(workspace, out: Path, gpus: int, strategy: str, steps: int, extra: st
            "MODEL_DTYPE": "fp32", "MODEL_PATH": str(workspace["model"]), "OUTPUT_DIR": str(out),
            "ANNO_FILE": str(workspace["anno"]), "RESOLUTION": "64x64", "NUM_FRAMES": "4", "BATCH_SIZE": "4",
            "GRAD_ACCU_STEPS": "1", "ITERS_PER_EPOCH": str(steps), "SAVE_EVERY_STEPS": "1",
-           "EXTRA_ARGS": "--trace_batches --report_to none " + extra, **(env_extra or {})}
+           "EXTRA_ARGS": "--trace_batches --report_to none " + extra, **workspace["env"], **(env_extra or {})}
     result = subprocess.run(["sh", str(REPO / "scripts" / "train_pyramid_flow.sh")], env=env, capture_output=True,
                             text=True, timeout=LAUNCH_TIMEOUT_S)
     assert result.returncode == 0, f"GPUS={gpus} {strategy} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
@@ -103,6 +107,36 @@ def test_one_process_virtual_group_equals_two_processes(workspace, strategy):
     print(f"{strategy}: losses {a} vs {b}; export max relative difference {worst:.3g} (training moved {moved:.3g})")
     assert worst <= 1e-6
     assert moved > 1e-3, "training did not change the weights"
+
+
+@pytest.mark.parametrize("kind,strategy", [("pyramid_flux", "ddp"), ("pyramid_flux", "zero2"),
+                                           ("pyramid_mmdit", "ddp")])
+def test_packed_slots_train_like_one_slot_per_pass(workspace, tmp_path_factory, kind, strategy):
+    """PACK_SLOTS=2: the virtual group's two slots run as one forward/backward per micro-batch (their columns in
+    one DiT call) and log the losses and export the DiT of one slot per pass (GPUS=1, PACK_SLOTS=1), training the
+    same (slot, unit) pairs; stopped after step 1 and resumed with PACK_SLOTS=1, a packed run continues the same
+    curve. Both DiT kinds; DDP and ZeRO-2 (DeepSpeed counts one backward per pass)."""
+    if kind != "pyramid_flux":
+        workspace = _workspace(tmp_path_factory.mktemp(f"virtual_group_{kind}"), kind)
+    plain, packed, switched = (workspace["root"] / f"{strategy}_gpus1{suffix}"
+                               for suffix in ("", "_packed", "_pack_then_not"))
+    if not (plain / "metrics.jsonl").is_file():
+        _train(workspace, plain, 1, strategy, 2, env_extra={"PACK_SLOTS": "1"})
+    result = _train(workspace, packed, 1, strategy, 2, env_extra={"PACK_SLOTS": "2"})
+    assert "2 of this process's 2 slots per forward/backward pass: PACK_SLOTS=2" in result.stderr, result.stderr
+    _train(workspace, switched, 1, strategy, 1, env_extra={"PACK_SLOTS": "2"})
+    result = _train(workspace, switched, 1, strategy, 2, env_extra={"PACK_SLOTS": "1"})
+    assert "resumed from" in result.stderr and "PACK_SLOTS=1" in result.stderr, result.stderr
+
+    want, dit_want = _losses(plain), _dit(plain)
+    for out in (packed, switched):
+        got = _losses(out)
+        assert len(got) == 2 and got == pytest.approx(want, rel=1e-6, abs=0), (got, want)
+        assert _units(out) == _units(plain)
+        dit = _dit(out)
+        worst = max(float((dit[k] - dit_want[k]).norm() / dit_want[k].norm().clamp_min(1e-30)) for k in dit_want)
+        print(f"{kind} {strategy} {out.name}: losses {got} vs {want}; export max relative difference {worst:.3g}")
+        assert set(dit) == set(dit_want) and worst <= 1e-6
 
 
 LORA = "--lora_rank 4 --lora_alpha 8 --ema_update --ema_update_every 1 --ema_decay 0.5"

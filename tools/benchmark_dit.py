@@ -315,6 +315,75 @@ def count_ops(kind: str, case: str, reference_root: Optional[Path] = None) -> di
                    "top": [(str(op), n) for op, n in c.ops.most_common(12)]} for name, c in results.items()}
 
 
+def count_step(kind: str, case: str, pack_slots: int) -> dict:
+    """Meta-device counts of one optimizer step of the case's one-GPU launch with ``pack_slots`` slots of its
+    virtual sync group per forward/backward pass (PACK_SLOTS): every micro-batch, every slot, through the trainer's
+    loss (``PyramidFlowLoss.prepare`` on each slot, ``forward_packed`` on each pack) and one backward per pass, as
+    the step runner (``trainer_misc.loop.step``) runs them; the optimizer update, the same either way, is left out.
+    ``{"pack_slots", "passes", "attention": (forward, backward), "ops", "syncs", "tokens_per_pass"}``."""
+    from dataclasses import replace
+
+    from pyramid_dit.text_features import TextFeatures
+    from tools.measure_gpu import Case
+    from trainer_misc.data.datasets import TrainBatch
+    from trainer_misc.loop.pyramid_loss import PyramidFlowLoss
+    from trainer_misc.loop.step import StepContext
+    from trainer_misc.planning.planner import _objective, build_model
+    from trainer_misc.planning.tracing import fused_attention
+
+    launch = Case.parse(case).launch()
+    if launch.model_kind != kind:
+        raise SystemExit(f"--count_case {case} is not a {kind} case")
+    slots = launch.slots_per_process
+    if slots % pack_slots:
+        raise SystemExit(f"--pack_slots {pack_slots}: must divide the {slots} slot(s) per process of {case}")
+    launch = replace(launch, pack_slots=pack_slots)
+    config = launch.model_config
+    model = build_model(kind, config, torch.bfloat16).train()
+    loss_fn = PyramidFlowLoss(_objective(launch), use_temporal_pyramid=launch.task == "ar")
+    rows = launch.batch_size
+    # The batch as the trainer has it: latents and text features on the device, the prompts' lengths on the host.
+    host_text = TextFeatures(torch.empty(rows, launch.text_tokens, config["joint_attention_dim"]),
+                             torch.ones(rows, launch.text_tokens, dtype=torch.int64),
+                             torch.empty(rows, config["pooled_projection_dim"]))
+    batch = TrainBatch(captions=[""] * rows, paths=[f"clip{i}" for i in range(rows)],
+                       latents=torch.empty(rows, 16, launch.frames, launch.height // 8, launch.width // 8,
+                                           device="meta"),
+                       text_features=host_text.to("meta", torch.bfloat16))
+    passes, tokens = 0, []
+    with DeviceOpCounter() as counter, fused_attention():
+        for micro in range(launch.grad_accum):
+            for first in range(0, slots, pack_slots):
+                contexts = [StepContext(step=0, micro_step=micro, micro_index=micro, rank=0, world_size=1,
+                                        sync_rank=s, sync_group=launch.video_sync_group, sync_group_index=0,
+                                        device=torch.device("meta"), dtype=torch.bfloat16, module=model)
+                            for s in range(first, first + pack_slots)]
+                prepared = [loss_fn.prepare(model, batch, ctx) for ctx in contexts]
+                losses = [loss for loss, _ in loss_fn.forward_packed(model, prepared, contexts)]
+                (losses[0] if pack_slots == 1 else torch.stack(losses).mean()).backward()
+                passes += 1
+                tokens.append(sum(p.tokens for p in prepared))
+    return {"pack_slots": pack_slots, "passes": passes, "attention": (counter.attention["forward"],
+            counter.attention["backward"]), "ops": counter.total, "syncs": dict(counter.syncs),
+            "tokens_per_pass": tokens}
+
+
+def print_step_counts(counts: list[dict], case: str) -> None:
+    print(f"meta-device counts, one optimizer step of {case} at the released size on one GPU (every slot of its "
+          "virtual sync group), by slots per forward/backward pass (PACK_SLOTS):")
+    print("| PACK_SLOTS | passes | attention calls (fwd + bwd) | device ops | host syncs | tokens per pass |")
+    print("|---|---|---|---|---|---|")
+    for c in counts:
+        fwd, bwd = c["attention"]
+        tokens = f"{min(c['tokens_per_pass']):,}-{max(c['tokens_per_pass']):,}"
+        print(f"| {c['pack_slots']} | {c['passes']} | {fwd} + {bwd} | {c['ops']:,} | {sum(c['syncs'].values())} | "
+              f"{tokens} |")
+    base = counts[0]
+    for c in counts[1:]:
+        print(f"PACK_SLOTS={c['pack_slots']} / PACK_SLOTS={base['pack_slots']}: device ops "
+              f"{c['ops'] / base['ops']:.2f}x, attention calls {sum(c['attention']) / sum(base['attention']):.2f}x")
+
+
 def print_counts(counts: dict[str, dict], case: str) -> None:
     print(f"meta-device counts, one micro-batch of {case} at the released size (heaviest of a one-GPU launch):")
     print("| | attention calls (fwd + bwd) | per block | device ops | host syncs |")
@@ -350,12 +419,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--count_case", default=None,
                         help="kind:task:resolution:frames for --count_ops (tools/measure_gpu.py's form); default "
                              "the kind's :ar:384p:16")
+    parser.add_argument("--pack_slots", default=None,
+                        help="with --count_ops: count one whole optimizer step instead of one micro-batch, for each "
+                             "of these comma-separated slots per pass (PACK_SLOTS; e.g. 1,4,8)")
     parser.add_argument("--padding", default=",".join(map(str, TEXT_PADDING)),
                         help="padding tokens at the end of each column's text row (4 comma-separated counts)")
     args = parser.parse_args(argv)
 
     if args.count_ops:
         case = args.count_case or f"{args.kind}:ar:384p:16"
+        if args.pack_slots:
+            packs = [int(k) for k in args.pack_slots.split(",")]
+            print_step_counts([count_step(args.kind, case, k) for k in packs], case)
+            return 0
         print_counts(count_ops(args.kind, case, args.reference), case)
         return 0
     torch.set_num_threads(args.threads)

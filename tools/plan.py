@@ -27,6 +27,7 @@ from trainer_misc.planning.plan import (
     load_model_config,
     lora_targets,
     pixel_size,
+    with_pack,
 )
 from trainer_misc.planning.planner import Launch, measure_step, plan
 
@@ -72,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--validation_offload", action="store_true", help="--validation_offload")
     p.add_argument("--ema", action="store_true", help="--ema_update: an fp32 EMA of each GPU's share")
     p.add_argument("--grad_reduce_dtype", default="fp32", choices=["fp32", "model"])
+    p.add_argument("--pack_slots", default="1",
+                   help="PACK_SLOTS (AR with a virtual sync group): slots per forward/backward pass, a divisor of "
+                        "--video_sync_group / --gpus, or auto (the most that fit in --gpu_memory)")
     p.add_argument("--interconnect_gbps", type=float, default=None,
                    help="each GPU's network bandwidth in Gbit/s (e.g. 400 for one NDR InfiniBand NIC per GPU): "
                         "turns the bytes sent per step into seconds")
@@ -109,6 +113,8 @@ def launch_from_args(args: argparse.Namespace) -> Launch:
         raise SystemExit(f"--lora_rank {args.lora_rank}: must be >= 0, and LoRA runs with ddp or zero2 (the "
                          "trainer refuses zero3)")
     group = args.video_sync_group or default_sync_group(args.gpus, args.num_frames)
+    if args.pack_slots != "auto":
+        _pack_slots(args.pack_slots)
     if args.task == "ar" and ((args.gpus % group and group % args.gpus) or args.num_frames % group):
         raise SystemExit(f"--video_sync_group {group} must divide --num_frames {args.num_frames} and divide or be "
                          f"a multiple of --gpus {args.gpus} (a virtual group: slots run one after the other)")
@@ -124,6 +130,12 @@ def launch_from_args(args: argparse.Namespace) -> Launch:
                   ema=args.ema, grad_reduce_dtype=args.grad_reduce_dtype, eval_samples=args.eval_samples,
                   eval_timesteps=args.eval_timesteps, eval_history_depths=args.eval_history_depths,
                   eval_every=args.eval_every, max_steps=args.max_steps)
+
+
+def _pack_slots(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise SystemExit(f"--pack_slots {text}: a positive integer (dividing the slots per GPU) or auto")
+    return int(text)
 
 
 def run_measure(as_json: bool) -> int:
@@ -160,9 +172,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"planning {args.model} {args.task} {args.resolution} NUM_FRAMES={args.num_frames} on {args.gpus} "
               f"GPU(s), {args.shard_strategy}: tracing the DiT on meta tensors (seconds to a minute) ...",
               file=sys.stderr)
-    result = plan(launch, args.gpu_memory or default_gpu_memory_gib(), args.interconnect_gbps)
+    gpu = args.gpu_memory or default_gpu_memory_gib()
+    launch, note = with_pack(launch, args.pack_slots, gpu)
+    result = plan(launch, gpu, interconnect_gbps=args.interconnect_gbps)
     result["seconds"] = round(time.time() - start, 1)
-    print(json.dumps(result, indent=1) if args.json else format_plan(result))
+    if note:
+        result["pack_note"] = note
+    print(json.dumps(result, indent=1) if args.json else format_plan(result) + (f"\n{note}" if note else ""))
     return 0
 
 

@@ -46,6 +46,7 @@ FLAG_VARS: dict[str, str] = {
     "--eval_history_depths": "EVAL_HISTORY_DEPTHS", "--eval_degrade_margin": "EVAL_DEGRADE_MARGIN",
     "--eval_degrade_patience": "EVAL_DEGRADE_PATIENCE", "--eval_degrade_vs": "EVAL_DEGRADE_VS",
     "--eval_stop_on_degrade": "EVAL_STOP_ON_DEGRADE",
+    "--pack_slots": "PACK_SLOTS",
 }
 
 
@@ -202,6 +203,11 @@ def build_parser() -> CheckedParser:
                    help="dtype of the cross-rank gradient reduction and of the accumulation over micro-batches: "
                         "fp32 (default, exact enough for many ranks) or model (the training dtype, e.g. bf16: "
                         "half the gradient traffic, as the reference)")
+    g.add_argument("--pack_slots", type=pack_slots, default=1,
+                   help="AR with a virtual sync group: slots of this process run per forward/backward pass, their "
+                        "columns packed into one micro-batch (same losses and gradients, fewer and bigger kernels, "
+                        "their activations held at once): a divisor of VIDEO_SYNC_GROUP / processes, or auto (the "
+                        "most the planner predicts to fit in the GPU's memory; 1 on the CPU)")
     g.add_argument("--offload_optimizer", action="store_true",
                    help="zero2/zero3: keep fp32 master weights, gradients and AdamW state in CPU memory and update "
                         "them there with DeepSpeed's CPU Adam (less GPU memory, slower steps; OFFLOAD=1)")
@@ -328,6 +334,42 @@ def check_args(args: argparse.Namespace, world_size: int, n: Optional[Naming] = 
                           f"{args.frame_per_unit}: a clip is one first frame plus whole units")
     if args.use_temporal_pyramid:
         _check_sync_group(args, world_size // sp, n)
+    _check_pack_slots(args, world_size // sp, n)
+
+
+def pack_slots(text: str) -> str | int:
+    """``--pack_slots``: ``auto`` or a count from 1 to 1024 (that it divides the slots per process is checked with
+    the other flags, :func:`check_args`)."""
+    if str(text).strip() == "auto":
+        return "auto"
+    return integer(1, 1024, why=" or auto (slots per forward/backward pass)")(text)
+
+
+def slots_per_process(args: argparse.Namespace, data_world: int) -> int:
+    """Slots each data-parallel process of a new run trains per micro-batch: VIDEO_SYNC_GROUP / processes for a
+    virtual AR group, else 1 (``trainer_misc.runtime.distributed.slot_layout`` decides it at start)."""
+    if not (args.use_temporal_pyramid and args.sync_video_input) or args.video_sync_group <= data_world:
+        return 1
+    return args.video_sync_group // data_world
+
+
+def _check_pack_slots(args: argparse.Namespace, data_world: int, n: Naming) -> None:
+    """``--pack_slots`` divides the slots each process trains, and no forward draws random numbers (a packed pass
+    would draw them for all its slots from one stream, not each slot's own)."""
+    if args.pack_slots == "auto":
+        return
+    slots = slots_per_process(args, data_world)
+    allowed = [k for k in range(1, slots + 1) if slots % k == 0]
+    if args.pack_slots not in allowed:
+        where = (f"{n('--video_sync_group')} over {data_world} data-parallel process(es)" if slots > 1 else
+                 "one slot per process: packing needs an AR run with VIDEO_SYNC_GROUP larger than the processes")
+        raise ConfigError(f"{n('--pack_slots')}: each process trains {slots} slot(s) per micro-batch ({where}); "
+                          f"set {n.var('--pack_slots')} to one of {allowed} or auto")
+    if args.pack_slots > 1 and args.lora_dropout > 0:
+        raise ConfigError(f"{n('--pack_slots')} with {n('--lora_dropout')}: LoRA dropout draws random numbers in "
+                          "the forward, which a packed pass would draw for all its slots at once (not the losses of "
+                          f"one slot at a time); set {n.var('--pack_slots')}=1 or auto, or "
+                          f"{n.var('--lora_dropout')}=0")
 
 
 def has_eval_set(args: argparse.Namespace) -> bool:

@@ -36,7 +36,7 @@ _COMMON = ("GPUS", "NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "SHARD_S
            "COLLECTIVE_TIMEOUT_MIN", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "EVAL_ANNO_FILE", "EVAL_FRACTION",
            "EVAL_EVERY", "EVAL_SAMPLES", "EVAL_TIMESTEPS", "EVAL_DEGRADE_MARGIN", "EVAL_DEGRADE_PATIENCE",
            "EVAL_DEGRADE_VS", "EVAL_STOP_ON_DEGRADE", "EXTRA_ARGS")
-SCRIPT_VARIABLES = {"ar": _COMMON + ("VIDEO_SYNC_GROUP", "EVAL_HISTORY_DEPTHS"),
+SCRIPT_VARIABLES = {"ar": _COMMON + ("VIDEO_SYNC_GROUP", "EVAL_HISTORY_DEPTHS", "PACK_SLOTS"),
                     "full_sequence": _COMMON + ("TASK", "LOAD_TEXT_ENCODER")}
 
 # Fixed by the scripts, as the reference's scripts fix them.
@@ -66,7 +66,8 @@ def trainer_argv(env: Mapping[str, str], mode: str, layout: NodeLayout) -> tuple
     get = {name: env.get(name, "").strip() for name in SCRIPT_VARIABLES[mode]}
     notes: list[str] = []
     argv = ["--task", "t2v", "--use_temporal_pyramid", "--sync_video_input", "--video_sync_group",
-            get["VIDEO_SYNC_GROUP"], "--frame_per_unit", "1"] if mode == "ar" else ["--task", get["TASK"]]
+            get["VIDEO_SYNC_GROUP"], "--frame_per_unit", "1", "--pack_slots", get["PACK_SLOTS"] or "1"] \
+        if mode == "ar" else ["--task", get["TASK"]]
     if mode == "full_sequence" and _switch(env, "LOAD_TEXT_ENCODER"):
         argv.append("--load_text_encoder")
     if mode == "ar" and env.get("LOAD_TEXT_ENCODER", "").strip():

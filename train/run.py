@@ -35,7 +35,7 @@ from trainer_misc.loop.pyramid_eval import eval_subset
 from trainer_misc.loop.pyramid_loss import PyramidFlowLoss
 from trainer_misc.loop.trainer import train
 from trainer_misc.optim.engine import EngineConfig
-from trainer_misc.planning.plan import load_model_config, lora_targets, pixel_size, plan_text
+from trainer_misc.planning.plan import load_model_config, lora_targets, pack_peak_predictor, pixel_size, plan_text
 from trainer_misc.planning.planner import Launch
 from trainer_misc.runtime.distributed import get_world_size
 
@@ -195,7 +195,7 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
         min_lr=args.min_lr, max_grad_norm=args.clip_grad or None, skip_loss_threshold=args.skip_loss_threshold,
         ema_decay=args.ema_decay if args.ema_update else None, ema_update_every=args.ema_update_every,
         seed=args.seed, video_sync_group=args.video_sync_group if args.sync_video_input else 1,
-        sp_size=sp_size_of(args),
+        sp_size=sp_size_of(args), pack_slots=args.pack_slots,
         shuffle=not args.no_shuffle, num_workers=args.num_workers, checkpoint_every=checkpoint_every,
         keep_last_checkpoints=args.keep_last_checkpoints, resume=args.resume, export_dtype=args.export_dtype,
         tensorboard=args.report_to == "tensorboard", validate_every=args.validation_every,
@@ -262,7 +262,8 @@ def dry_run_text(args: argparse.Namespace, world_size: int, eval_samples: int = 
     print(f"DRY_RUN: planning this launch ({launch.model_kind}, {launch.task}, {args.resolution}, "
           f"NUM_FRAMES={args.max_frames}, {world_size} process(es), {launch.shard_strategy}) on meta tensors ...",
           flush=True)
-    return plan_text(launch, sp_size_of(args)) + "\nDRY_RUN: nothing trained, no checkpoint written."
+    return plan_text(launch, sp_size_of(args), pack_slots=args.pack_slots) + \
+        "\nDRY_RUN: nothing trained, no checkpoint written."
 
 
 def run(args: argparse.Namespace) -> int:
@@ -285,7 +286,9 @@ def run(args: argparse.Namespace) -> int:
     trace = BatchTrace(args.output_dir, rank) if args.trace_batches else None
     objective = build_objective(args, null_text)
     compute_loss = PyramidFlowLoss(objective, args.use_temporal_pyramid, vae=side.vae,
-                                   text_encoder=side.text_encoder, trace=trace)
+                                   text_encoder=side.text_encoder, trace=trace,
+                                   peak_bytes=pack_peak_predictor(lambda: planned_launch(args, world_size),
+                                                                  args.pack_slots))
     validate = build_validation(args, side, dataset, null_text, device) if args.validation_every and rank == 0 \
         else None
     held_out = build_held_out(args, eval_set, objective, side) if eval_set is not None else None

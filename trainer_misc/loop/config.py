@@ -57,6 +57,8 @@ class TrainConfig:
     seed: int = 0
     video_sync_group: int = 1                  # [--video_sync_group], 1 = every rank reads its own batches
     sp_size: int = 1                           # [--sp_group_size] processes splitting one sample's tokens (Ulysses)
+    pack_slots: Union[int, str] = 1            # slots per forward/backward pass (divides the slots per process), or
+                                               # "auto": the most the planner predicts to fit (step.slots_per_pass)
     shuffle: bool = True                       # --no_shuffle: annotation order (to reproduce a data problem)
     num_workers: Union[int, str] = 0          # DataLoader workers per process, or "auto"; capped by the machine
     # checkpoints and export (to output_dir/export/transformer, and transformer_ema with EMA)

@@ -10,6 +10,12 @@ untouched; the learning-rate schedule still advances, as in the reference). All 
 value, so they stay in step. When only some micro-batches of a window are dropped, the update is made from the
 others (a dropped micro-batch contributes zero gradient), which with one micro-batch per step is exactly the
 reference's behaviour. A non-finite averaged loss stops the run with an error (as the reference does).
+
+**Packed slots** (``pack_slots`` > 1, a process training several slots of a virtual sync group): ``pack_slots`` slots
+run as one forward/backward whose micro-batch holds all their columns, when ``compute_loss`` offers the packed
+protocol (:data:`ComputeLoss`); each slot's random draws are still made on its own stream, and each slot's loss is
+still recorded, so the losses, gradients and streams are those of one slot per pass (:func:`slots_per_pass` decides
+how many, once, before the engine is built).
 """
 from __future__ import annotations
 
@@ -17,7 +23,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, Union
 
 import torch
 from torch import nn
@@ -26,12 +32,19 @@ from trainer_misc.loop.config import TrainConfig
 from trainer_misc.loop.metrics import StepRecord, check_stat
 from trainer_misc.loop.tree import to_device
 from trainer_misc.optim.engine import StepOutcome, TrainEngine
-from trainer_misc.runtime.distributed import SlotLayout, all_reduce_host, all_reduce_sum
+from trainer_misc.runtime.distributed import (
+    SlotLayout,
+    all_reduce_host,
+    all_reduce_sum,
+    broadcast_object,
+    get_rank,
+)
 from trainer_misc.state.rng import SlotStreams
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["StepContext", "ComputeLoss", "StepRunner"]
+__all__ = ["StepContext", "ComputeLoss", "PackChoice", "StepRunner", "random_in_forward", "slots_per_pass",
+           "supports_packing"]
 
 
 @dataclass(frozen=True)
@@ -61,6 +74,100 @@ class StepContext:
 
 
 ComputeLoss = Callable[[nn.Module, Any, StepContext], "tuple[torch.Tensor, dict[str, Any]]"]
+"""``compute_loss(model, batch, ctx) -> (loss, stats)`` for one slot's micro-batch.
+
+Optional packed protocol, for a process that trains several slots per micro-batch (a virtual sync group): with
+``prepare(model, batch, ctx) -> prepared`` (every random draw of the slot, no forward) and
+``forward_packed(model, [prepared, ...], [ctx, ...]) -> [(loss, stats), ...]`` (one forward over all of them, each
+slot's loss from its own outputs), ``pack_slots`` slots run as one forward/backward pass; ``packed_peak_bytes(k)``
+(predicted device bytes of a step whose passes train ``k`` slots, or None) lets ``pack_slots="auto"`` choose. A
+``compute_loss`` without ``prepare``/``forward_packed`` trains one slot at a time.
+"""
+
+
+def supports_packing(compute_loss: ComputeLoss) -> bool:
+    """Whether ``compute_loss`` offers the packed protocol (see :data:`ComputeLoss`)."""
+    return callable(getattr(compute_loss, "prepare", None)) and callable(getattr(compute_loss, "forward_packed", None))
+
+
+@dataclass(frozen=True)
+class PackChoice:
+    """Slots per forward/backward pass, and why: said once at start, so a run's speed is never a mystery."""
+
+    slots: int
+    reason: str
+
+
+def _divisors(n: int) -> list[int]:
+    return [k for k in range(1, n + 1) if n % k == 0]
+
+
+def random_in_forward(model: nn.Module) -> Optional[str]:
+    """The first module of ``model`` that draws random numbers in its training forward (dropout with ``p > 0``,
+    LoRA dropout included), or None. Packed slots share one forward, so such draws would come from one stream
+    for all of them instead of each slot's own: the losses would no longer be those of one slot at a time."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0:
+            return f"{name or type(model).__name__} ({type(module).__name__}, p={module.p:g})"
+    return None
+
+
+def slots_per_pass(requested: Union[int, str], slots_per_process: int, compute_loss: ComputeLoss,
+                   model: nn.Module, device: torch.device) -> PackChoice:
+    """How many of this process's ``slots_per_process`` slots each forward/backward pass trains.
+
+    ``requested`` is ``pack_slots``: a divisor of ``slots_per_process`` (anything else raises, naming the allowed
+    values), or ``"auto"``: the largest divisor whose predicted peak (``compute_loss.packed_peak_bytes``, the
+    planner's) fits this GPU's memory, decided by rank 0 and broadcast, so every rank runs as many passes (a
+    collective: every rank calls it). On the CPU there is no GPU memory to fit and ``auto`` means 1. Packing
+    needs the packed protocol, and a model that draws nothing in its forward (:func:`random_in_forward`); without
+    the protocol the slots run one at a time, whatever was asked.
+    """
+    allowed = _divisors(slots_per_process)
+    if requested != "auto" and (not isinstance(requested, int) or requested not in allowed):
+        raise ValueError(f"PACK_SLOTS (--pack_slots) {requested!r}: this process trains {slots_per_process} slot(s) "
+                         f"per micro-batch, so slots per pass must be one of {allowed} or auto")
+    if slots_per_process == 1 or requested == 1:
+        return PackChoice(1, "one slot per process" if slots_per_process == 1 else "PACK_SLOTS=1")
+    if not supports_packing(compute_loss):
+        return PackChoice(1, f"PACK_SLOTS={requested}, but compute_loss has no packed forward (prepare / "
+                             "forward_packed): one slot per pass")
+    drawn = random_in_forward(model)
+    if drawn is not None:
+        if requested != "auto":
+            raise ValueError(f"PACK_SLOTS={requested}: {drawn} draws random numbers in the forward, which a packed "
+                             "pass would draw for all its slots from one stream; set PACK_SLOTS=1 (or the dropout "
+                             "to 0)")
+        return PackChoice(1, f"PACK_SLOTS=auto: {drawn} draws random numbers in the forward, one slot per pass")
+    if requested != "auto":
+        return PackChoice(requested, f"PACK_SLOTS={requested}")
+    choice = None
+    if get_rank() == 0:
+        choice = _auto_pack(slots_per_process, compute_loss, device)
+    return broadcast_object(choice)
+
+
+def _auto_pack(slots_per_process: int, compute_loss: ComputeLoss, device: torch.device) -> PackChoice:
+    """``PACK_SLOTS=auto`` on this rank (rank 0): see :func:`slots_per_pass`."""
+    from trainer_misc.planning.planner import GIB, choose_pack_slots
+
+    if device.type != "cuda":
+        return PackChoice(1, f"PACK_SLOTS=auto on {device.type}: no GPU memory to fit, one slot per pass")
+    predict = getattr(compute_loss, "packed_peak_bytes", None)
+    if predict is None:
+        return PackChoice(1, "PACK_SLOTS=auto without a memory prediction (compute_loss.packed_peak_bytes): one "
+                             "slot per pass")
+    gpu = torch.cuda.get_device_properties(device).total_memory
+    print(f"PACK_SLOTS=auto: predicting the peak memory of 1 to {slots_per_process} slot(s) per pass on meta tensors "
+          "(the planner's trace; seconds to a minute, once per launch) ...", flush=True)
+    try:
+        slots, peaks = choose_pack_slots(slots_per_process, gpu, predict)
+    except ValueError as e:  # the planner's launch has another slot count (a resume on fewer processes)
+        return PackChoice(1, f"PACK_SLOTS=auto: the planner cannot plan this layout ({e}): one slot per pass")
+    said = ", ".join(f"{peaks[k] / GIB:.1f} GiB for {k}" for k in sorted(peaks, reverse=True))
+    verdict = "fits" if peaks[slots] <= gpu else "is the least, and even it does not fit"
+    return PackChoice(slots, f"PACK_SLOTS=auto: the planner predicts a peak of {said} slot(s) per pass on this "
+                             f"{gpu / GIB:.1f} GiB GPU; {slots} {verdict} (PREDICTION, meta-device trace)")
 
 
 @dataclass
@@ -82,6 +189,8 @@ class StepRunner:
     """
 
     MAX_CONSECUTIVE_BAD = 50
+    # Decide config.pack_slots before the engine is built: its accumulation counts one backward per pass.
+    slots_per_pass = staticmethod(slots_per_pass)
 
     def __init__(self, engine: TrainEngine, compute_loss: ComputeLoss, lanes: list[Iterator], config: TrainConfig,
                  slots: SlotLayout, counters: RunCounters, streams: SlotStreams, sp_rank: int = 0) -> None:
@@ -96,9 +205,16 @@ class StepRunner:
             raise ValueError("skip_loss_threshold needs every slot's loss before the first backward, which a process "
                              "training several slots (VIDEO_SYNC_GROUP > processes, or fewer processes than the run "
                              "started with) does not have; drop --skip_loss_threshold or use one process per slot")
-        if engine.cfg.grad_accum_steps != config.grad_accum_steps * slots.virtual:
+        self.pack = config.pack_slots
+        if not isinstance(self.pack, int) or self.pack < 1 or slots.virtual % self.pack:
+            raise ValueError(f"pack_slots={self.pack!r}: expected a divisor of the {slots.virtual} slot(s) this process "
+                             "trains per micro-batch (resolve 'auto' with slots_per_pass first)")
+        if self.pack > 1 and not supports_packing(compute_loss):
+            raise TypeError(f"pack_slots={self.pack} needs compute_loss.prepare and compute_loss.forward_packed")
+        if engine.cfg.grad_accum_steps != config.grad_accum_steps * slots.virtual // self.pack:
             raise ValueError(f"the engine accumulates {engine.cfg.grad_accum_steps} backward passes per step, expected "
-                             f"grad_accum_steps ({config.grad_accum_steps}) x slots per process ({slots.virtual})")
+                             f"grad_accum_steps ({config.grad_accum_steps}) x slots per process ({slots.virtual}) / "
+                             f"slots per pass ({self.pack})")
         self.schedule = config.schedule()
 
     def _context(self, step: int, k: int, group: int, position: int) -> StepContext:
@@ -141,6 +257,12 @@ class StepRunner:
         """One slot's loss on a micro-batch, its token count (a host number, None if not given) and its other
         stats (tensors not read yet)."""
         loss, stats = self.compute_loss(self.engine.model, batch, self._context(step, k, group, position))
+        return self._checked(loss, stats)
+
+    @staticmethod
+    def _checked(loss: Any, stats: Any) -> tuple[torch.Tensor, Optional[float], dict[str, Any]]:
+        """``compute_loss``'s (loss, stats) checked: the loss, the token count (a host number or None) and the other
+        stats (tensors not read yet)."""
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1 or not isinstance(stats, dict):
             raise TypeError("compute_loss must return (a one-element loss tensor, a dict of stats), got "
                             f"({type(loss).__name__}, {type(stats).__name__})")
@@ -161,8 +283,12 @@ class StepRunner:
 
         With one slot per process this is a plain data-parallel step. A process with several slots trains them one
         after the other, each on that slot's batch (its lane's) and random stream, all accumulated into this step
-        (the engine accumulates ``grad_accum_steps * slots`` backward passes), which is the update of one process
-        per slot. The logged loss is the mean over every slot of the run.
+        (the engine accumulates ``grad_accum_steps * slots / pack`` backward passes), which is the update of one
+        process per slot. The logged loss is the mean over every slot of the run.
+
+        **Packing** (``config.pack_slots`` = ``pack`` > 1): the slots run ``pack`` at a time, as one forward and
+        one backward over all their columns (bigger kernels; see :meth:`_packed`). The losses, the gradient and
+        the random streams are those of one slot at a time, and every slot's loss is still recorded on its own.
 
         **Host syncs**: the losses, token counts, stats and gradient norm stay on the device until the step's
         end, where one all-reduce and one device-to-host copy read them all (the forward and backward of every
@@ -171,26 +297,45 @@ class StepRunner:
         """
         cfg, engine, ga, counters = self.config, self.engine, self.config.grad_accum_steps, self.counters
         per_pass = [(i, lane.group, p) for i, lane in enumerate(self.slots.lanes) for p in lane.positions]
-        passes = ga * len(per_pass)
+        packs = [per_pass[i:i + self.pack] for i in range(0, len(per_pass), self.pack)]
+        passes = ga * len(per_pass)  # slot passes: what the logged loss and the stats average over
         t0 = time.perf_counter()
         lr = self.schedule(step)
         engine.set_lr(lr)
-        losses: list[torch.Tensor] = []   # per pass, local
+        losses: list[torch.Tensor] = []   # per slot pass, local
         tokens_local, has_tokens, kept, outcome = 0.0, False, 0, None
         stats: dict[str, Any] = {}
+
+        def record(loss: torch.Tensor, tokens: Optional[float], micro_stats: dict[str, Any]) -> None:
+            nonlocal tokens_local, has_tokens
+            losses.append(loss.detach().double().reshape(()))
+            if tokens is not None:
+                tokens_local, has_tokens = tokens_local + tokens, True
+            for name, value in micro_stats.items():
+                stats[name] = stats.get(name, 0.0) + value / passes
+
         for k in range(ga):
             batches = [to_device(b, engine.device, non_blocking=engine.device.type == "cuda")  # pinned by the loader
                        for b in self._next_batch(step)]
-            for j, (lane, group, position) in enumerate(per_pass):
-                last = k == ga - 1 and j == len(per_pass) - 1
+            for j, pack in enumerate(packs):
+                last = k == ga - 1 and j == len(packs) - 1
+                if len(pack) > 1:
+                    with engine.accumulate():
+                        results = self._packed(batches, pack, step, k)
+                        for loss, tokens, micro_stats in results:
+                            record(loss, tokens, micro_stats)
+                        # The mean of the pack's losses, scaled by 1/passes-per-step by the engine: each slot's
+                        # loss enters the gradient with the weight it has when it is a pass of its own.
+                        engine.backward(torch.stack([loss for loss, _, _ in results]).mean())
+                        kept += len(pack)
+                        if last:
+                            outcome = engine.step()
+                    continue
+                lane, group, position = pack[0]
                 slot = group * self.slots.group_size + position
                 with engine.accumulate(), self.streams.use(slot):
                     loss, tokens, micro_stats = self._forward(batches[lane], step, k, group, position)
-                    losses.append(loss.detach().double().reshape(()))
-                    if tokens is not None:
-                        tokens_local, has_tokens = tokens_local + tokens, True
-                    for name, value in micro_stats.items():
-                        stats[name] = stats.get(name, 0.0) + value / passes
+                    record(loss, tokens, micro_stats)
                     # Only with one slot per process (checked in __init__): the decision needs every slot's loss.
                     if cfg.skip_loss_threshold is not None and \
                             (global_loss := self._mean_loss_now(loss)) >= cfg.skip_loss_threshold:
@@ -225,6 +370,25 @@ class StepRunner:
                           dropped_micro_batches=passes - kept, step_time=elapsed, samples_per_sec=samples / elapsed,
                           tokens_per_sec=tokens_sum / elapsed if has_tokens else None,
                           bad_samples=counters.bad_samples, stats=stats)
+
+    def _packed(self, batches: list[Any], pack: list[tuple[int, int, int]], step: int, k: int
+                ) -> list[tuple[torch.Tensor, Optional[float], dict[str, Any]]]:
+        """The slots of ``pack`` as one forward: each slot's random draws made by ``compute_loss.prepare`` on that
+        slot's own stream (so every stream advances exactly as when the slot runs alone), then one
+        ``compute_loss.forward_packed`` over all of them, which returns each slot's (loss, stats).
+
+        The forward and backward run on no slot's stream: they must draw nothing (LoRA dropout would; the
+        trainer's flags refuse packing with it), or the slots' draws would depend on the packing."""
+        prepared, contexts = [], []
+        for lane, group, position in pack:
+            ctx = self._context(step, k, group, position)
+            with self.streams.use(group * self.slots.group_size + position):
+                prepared.append(self.compute_loss.prepare(self.engine.model, batches[lane], ctx))
+            contexts.append(ctx)
+        results = self.compute_loss.forward_packed(self.engine.model, prepared, contexts)
+        if len(results) != len(pack):
+            raise TypeError(f"compute_loss.forward_packed returned {len(results)} results for {len(pack)} slots")
+        return [self._checked(loss, stats) for loss, stats in results]
 
     def _read_step(self, losses: list[torch.Tensor], tokens_local: float, stats: dict[str, Any],
                    outcome: Optional[StepOutcome]) -> tuple[list[float], float, dict[str, float], Optional[float]]:

@@ -177,11 +177,18 @@ def train(model: nn.Module, compute_loss: ComputeLoss, dataset: Dataset, config:
     layout = parallel_layout(launched_rank, launched_world, config.video_sync_group, config.sp_size,
                              num_groups=saved_layout(saved))
     slots = layout.slots
+    # Slots per forward/backward pass (PACK_SLOTS; "auto" asks the planner on rank 0): one backward per pass.
+    pack = StepRunner.slots_per_pass(config.pack_slots, slots.virtual, compute_loss, model,
+                                     resolve_device(config.device))
+    config = dataclasses.replace(config, pack_slots=pack.slots)
+    if launched_rank == 0 and slots.virtual > 1:
+        logger.info("%d of this process's %d slots per forward/backward pass: %s", pack.slots, slots.virtual,
+                    pack.reason)
     optimizer = build_adamw(model, config.lr, config.betas, config.eps, config.weight_decay,
                             cpu_offload=config.offload_optimizer)
     engine = TrainEngine(model, optimizer,
                          dataclasses.replace(config.engine_config(),
-                                             grad_accum_steps=config.grad_accum_steps * slots.virtual))
+                                             grad_accum_steps=config.grad_accum_steps * slots.virtual // pack.slots))
     rank, world = engine.rank, engine.world_size
     if (rank, world) != (launched_rank, launched_world):
         raise RuntimeError(f"launcher said rank {launched_rank} of {launched_world}, the engine runs rank {rank} of "

@@ -7,14 +7,15 @@ planner's figures (:mod:`trainer_misc.planning.planner`) as text.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional, Union
 
 from pyramid_dit.kinds import get_kind, kind_of_class_name
 from trainer_misc.data.resolution import IMAGE_BUCKETS, parse_resolution
-from trainer_misc.planning.planner import GIB, Launch, plan
+from trainer_misc.planning.planner import GIB, Launch, choose_pack_slots, packed_peak_bytes, plan
 
-__all__ = ["RELEASED", "default_gpu_memory_gib", "default_sync_group", "format_plan", "load_model_config",
+__all__ = ["RELEASED", "auto_pack", "pack_peak_predictor", "with_pack", "default_gpu_memory_gib", "default_sync_group", "format_plan", "load_model_config",
            "lora_targets", "pixel_size", "plan_text"]
 
 RELEASED = {"released-miniflux": "pyramid_flux", "released-sd3": "pyramid_mmdit"}  # --model names -> kind
@@ -82,6 +83,25 @@ _PART_NAMES = {"params": "params", "grads": "grads", "optimizer": "optimizer", "
                "cuda_context": "CUDA context", "nccl": "NCCL", "fragmentation": "fragmentation"}
 
 
+def _passes_lines(result: dict) -> list[str]:
+    """Passes per optimizer step and the attention kernels they launch; with PACK_SLOTS > 1, against one slot per
+    pass, and the packed pass's activations against one slot's (the price of the saving)."""
+    p = result.get("passes")
+    if not p or p["slots_per_process"] == 1:
+        return []
+    line = (f"forward/backward passes per optimizer step per GPU: {p['per_step']} of {p['pack_slots']} slot(s) each "
+            f"(PACK_SLOTS={p['pack_slots']} of {p['slots_per_process']} slots per process), "
+            f"{p['attention_calls_per_step']:,} attention kernel calls")
+    unpacked = p.get("unpacked")
+    if unpacked is None:
+        return [line + "; PACK_SLOTS=k runs k slots per pass (fewer, bigger kernels) if memory allows"]
+    saved = unpacked["attention_calls_per_step"] - p["attention_calls_per_step"]
+    return [line + f"; one slot per pass: {unpacked['per_step']} passes, {unpacked['attention_calls_per_step']:,} "
+                   f"calls ({saved:,} calls and {unpacked['per_step'] - p['per_step']} passes saved per step)",
+            f"  activations of the heaviest packed pass: {_gib(p['activation_bytes'] / GIB)}, one slot's: "
+            f"{_gib(unpacked['activation_bytes'] / GIB)} (included in the peak above)"]
+
+
 def format_plan(result: dict) -> str:
     b = {k: v / GIB for k, v in result["peak_breakdown_bytes"].items()}
     parts = " + ".join(f"{_PART_NAMES.get(k, k)} {_gib(v)}" for k, v in b.items() if v)
@@ -94,6 +114,7 @@ def format_plan(result: dict) -> str:
         f"  ({result['sharding']})",
         f"fits in {result['gpu_memory_gib']:.0f} GiB: {'yes' if result['fits'] else 'NO'}",
     ]
+    lines += _passes_lines(result)
     if "eval_flops" in result:
         share = result["eval_share_of_run"]
         lines.append(f"evaluation: {result['eval_samples']:,} held-out "
@@ -120,11 +141,55 @@ def format_plan(result: dict) -> str:
     return "\n".join(lines)
 
 
+def auto_pack(launch: Launch, gpu_memory_gib: float) -> tuple[Launch, str]:
+    """``PACK_SLOTS=auto`` for a plan: ``launch`` with the slots per pass the trainer would choose on a GPU of
+    ``gpu_memory_gib`` (:func:`~trainer_misc.planning.planner.choose_pack_slots`), and a line saying so."""
+    if launch.slots_per_process == 1:
+        return launch, "PACK_SLOTS=auto: one slot per process, nothing to pack"
+    k, peaks = choose_pack_slots(launch.slots_per_process, int(gpu_memory_gib * GIB),
+                                 lambda slots: packed_peak_bytes(launch, slots))
+    said = ", ".join(f"{_gib(peaks[n] / GIB)} for {n}" for n in sorted(peaks, reverse=True))
+    return replace(launch, pack_slots=k), (
+        f"PACK_SLOTS=auto: {k} slot(s) per pass on a {gpu_memory_gib:.0f} GiB GPU (predicted peaks {said} slot(s) "
+        "per pass; on a machine without a GPU the trainer runs one slot per pass)")
+
+
+def with_pack(launch: Launch, pack_slots: Union[int, str], gpu_memory_gib: float) -> tuple[Launch, str]:
+    """``launch`` with ``PACK_SLOTS`` (a count, or ``auto``: :func:`auto_pack`), and a line when it says something.
+    A count that does not divide the plan's slots per process (the plan counts an SP group's processes as data
+    ranks) is planned as one slot per pass, and said."""
+    if pack_slots == "auto":
+        return auto_pack(launch, gpu_memory_gib)
+    if launch.slots_per_process % int(pack_slots):
+        return launch, (f"PACK_SLOTS={pack_slots}: planned as one slot per pass (the plan has "
+                        f"{launch.slots_per_process} slot(s) per process)")
+    return replace(launch, pack_slots=int(pack_slots)), ""
+
+
+def pack_peak_predictor(launch: Callable[[], Launch], pack_slots: Union[int, str]
+                        ) -> Optional[Callable[[int], int]]:
+    """For the trainer's ``PACK_SLOTS=auto`` (``trainer_misc.loop.step.slots_per_pass``): ``k -> predicted peak
+    bytes per GPU`` of the launch (built by ``launch()`` on first use) with ``k`` slots per pass, traced when asked
+    (only rank 0 on a GPU asks); None when the slots per pass were given as a count."""
+    if pack_slots != "auto":
+        return None
+    built: list[Launch] = []
+
+    def peak(k: int) -> int:
+        if not built:
+            built.append(launch())
+        return packed_peak_bytes(built[0], k)
+    return peak
+
+
 def plan_text(launch: Launch, sp_size: int = 1, gpu_memory_gib: Optional[float] = None,
-              interconnect_gbps: Optional[float] = None) -> str:
+              interconnect_gbps: Optional[float] = None, pack_slots: Union[int, str] = 1) -> str:
     """The plan of ``launch`` as the lines ``DRY_RUN=1`` and ``tools/plan.py`` print (``sp_size``: processes per
-    sequence-parallel group, which the plan counts as whole samples)."""
-    text = format_plan(plan(launch, gpu_memory_gib or default_gpu_memory_gib(), interconnect_gbps))
+    sequence-parallel group, which the plan counts as whole samples; ``pack_slots``: PACK_SLOTS, see
+    :func:`with_pack`)."""
+    gpu = gpu_memory_gib or default_gpu_memory_gib()
+    launch, note = with_pack(launch, pack_slots, gpu)
+    text = format_plan(plan(launch, gpu, interconnect_gbps)) + (f"\n{note}" if note else "")
     if sp_size > 1:
         text += (f"\nSP_SIZE={sp_size}: this plan counts one whole sample's activations per process; sequence "
                  f"parallelism keeps about 1/{sp_size} of them per process (measured 0.54x at SP_SIZE=2 on CPU, "

@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, replace
 from functools import lru_cache
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch.utils._pytree import tree_leaves
@@ -72,6 +72,7 @@ class Launch:
     eval_history_depths: int = 2  # EVAL_HISTORY_DEPTHS (AR only)
     eval_every: int = 0  # EVAL_EVERY
     max_steps: int = 0  # optimizer steps of the run (for the number of evaluations)
+    pack_slots: int = 1  # PACK_SLOTS: slots of a virtual sync group per forward/backward pass (divides the slots)
 
     def __post_init__(self) -> None:
         if self.lora_rank < 0:
@@ -82,6 +83,14 @@ class Launch:
             raise ValueError("optimizer offload (OFFLOAD=1) is DeepSpeed's: plan it with zero2 or zero3")
         if self.grad_reduce_dtype not in ("fp32", "model"):
             raise ValueError(f"grad_reduce_dtype must be fp32 or model, got {self.grad_reduce_dtype!r}")
+        if self.pack_slots < 1 or self.slots_per_process % self.pack_slots:
+            raise ValueError(f"pack_slots {self.pack_slots} must divide the {self.slots_per_process} slot(s) each "
+                             "process trains per micro-batch")
+
+    @property
+    def slots_per_process(self) -> int:
+        """Slots each process trains per micro-batch: VIDEO_SYNC_GROUP / GPUs for a virtual AR group, else 1."""
+        return max(self.video_sync_group // self.gpus, 1) if self.task == "ar" else 1
 
     @property
     def frames(self) -> int:
@@ -152,11 +161,15 @@ def _loss(outputs: list[torch.Tensor]) -> torch.Tensor:
 
 
 def rank_shapes(launch: Launch) -> list[list[list[tuple[int, ...]]]]:
-    """Clip shapes of every (rank, micro-batch) of the launch's first optimizer step."""
+    """Clip shapes of every forward/backward pass of the launch's first optimizer step, on every process."""
     # Without AR every rank sees the same shapes. With AR a sync group larger than the GPU count is virtual:
-    # each process trains several slots of the clip one after the other, so every slot is one micro-batch.
+    # each process trains several slots of the clip one after the other, so every slot is one pass; with
+    # PACK_SLOTS = k, k consecutive slots of a process (it owns a contiguous run of them) share one pass, their
+    # columns joined (pyramid_dit.objective.PyramidTrainingBatch.cat).
     ranks = max(launch.gpus, launch.video_sync_group) if launch.task == "ar" else 1
-    return [clip_shapes(launch, r, s) for r in range(ranks) for s in range(launch.grad_accum)]
+    k = launch.pack_slots
+    return [[col for r in range(first, first + k) for col in clip_shapes(launch, r, s)]
+            for first in range(0, ranks, k) for s in range(launch.grad_accum)]
 
 
 def _tokens(shapes: list[list[tuple[int, ...]]], patch: int = 2) -> int:
@@ -221,6 +234,7 @@ class TracedMemory:
     grad_bytes: int  # gradients as produced by backward (model dtype)
     activation_bytes: int  # peak of everything else alive: saved activations, temporaries, inputs
     buffer_bytes: int = 0  # the model's buffers (SD3's fixed sin-cos position table): whole on every GPU
+    attention_calls: int = 0  # attention kernels the pass launched, forward and backward together
 
 
 def _build(launch: Launch, dtype: torch.dtype = torch.bfloat16) -> torch.nn.Module:
@@ -242,7 +256,8 @@ def trace_memory(launch: Launch, shapes, dtype: torch.dtype) -> TracedMemory:
     grad_bytes = sum(p.grad.untyped_storage().nbytes() for p in params if p.grad is not None)
     return TracedMemory(param_bytes=sum(p.numel() * p.element_size() for p in params), grad_bytes=grad_bytes,
                         activation_bytes=tracker.peak_act,
-                        buffer_bytes=sum(b.numel() * b.element_size() for b in model.buffers()))
+                        buffer_bytes=sum(b.numel() * b.element_size() for b in model.buffers()),
+                        attention_calls=tracker.attention_calls)
 
 
 # ------------------------------------------------------------------------------------------------ sharding
@@ -362,9 +377,8 @@ _ELEMENT_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 
 def micro_batches_per_step(launch: Launch) -> int:
     """Forward/backward passes per optimizer step on each GPU: GRAD_ACCU_STEPS, times the slots each process
-    trains when an AR sync group is virtual (larger than the process count)."""
-    virtual = max(launch.video_sync_group // launch.gpus, 1) if launch.task == "ar" else 1
-    return launch.grad_accum * virtual
+    trains when an AR sync group is virtual (larger than the process count), over the slots per pass."""
+    return launch.grad_accum * launch.slots_per_process // launch.pack_slots
 
 
 def comm_bytes_per_step(launch: Launch, n_params: int, n_trainable: int) -> dict[str, int]:
@@ -418,12 +432,41 @@ def memory_parts(launch: Launch, n_params: int, n_trainable: int, traced: Traced
     return parts
 
 
-def predict_memory(launch: Launch) -> tuple[dict[str, int], int]:
-    """:func:`memory_parts` for the rank with the most tokens, and that token count."""
+def _traced_heaviest(launch: Launch) -> tuple[TracedMemory, int]:
+    """The trace of the pass with the most tokens (the one that sets the peak), and that token count."""
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[launch.dtype]
     heaviest = max(rank_shapes(launch), key=_tokens)
+    return trace_memory(launch, heaviest, dtype), _tokens(heaviest)
+
+
+def predict_memory(launch: Launch) -> tuple[dict[str, int], int]:
+    """:func:`memory_parts` for the rank with the most tokens, and that token count."""
+    traced, tokens = _traced_heaviest(launch)
     n_params, n_trainable = model_size(launch)
-    return memory_parts(launch, n_params, n_trainable, trace_memory(launch, heaviest, dtype)), _tokens(heaviest)
+    return memory_parts(launch, n_params, n_trainable, traced), tokens
+
+
+def packed_peak_bytes(launch: Launch, pack_slots: int) -> int:
+    """Predicted peak bytes per GPU of ``launch`` with ``pack_slots`` slots per pass (what ``PACK_SLOTS=auto``
+    compares with the GPU's memory)."""
+    return sum(predict_memory(replace(launch, pack_slots=pack_slots))[0].values())
+
+
+def choose_pack_slots(slots_per_process: int, gpu_bytes: int, peak: Callable[[int], int]
+                      ) -> tuple[int, dict[int, int]]:
+    """``PACK_SLOTS=auto``: the largest divisor of ``slots_per_process`` whose predicted peak ``peak(k)`` fits in
+    ``gpu_bytes``, else 1 (one slot per pass is the least a step can hold); and the peaks predicted, by slots per
+    pass. Largest first, stopping at the first that fits: each prediction is a trace of the packed pass.
+
+    Why the largest: the packed passes run the same arithmetic in fewer, bigger kernels, and the only cost is the
+    pack's activations held at once.
+    """
+    peaks: dict[int, int] = {}
+    for k in sorted((d for d in range(1, slots_per_process + 1) if slots_per_process % d == 0), reverse=True):
+        peaks[k] = peak(k)
+        if peaks[k] <= gpu_bytes:
+            return k, peaks
+    return 1, peaks
 
 
 def flops_per_step(launch: Launch) -> int:
@@ -436,12 +479,31 @@ def flops_per_step(launch: Launch) -> int:
     return count_flops(launch, all_columns) * (1 if launch.task == "ar" else launch.gpus)
 
 
+def pass_counts(launch: Launch, traced: TracedMemory) -> dict[str, Any]:
+    """Forward/backward passes per optimizer step on each GPU and the attention kernels they launch (the heaviest
+    pass's count times the passes: under FlexAttention, CUDA's path, every pass launches one call per block each
+    way), with PACK_SLOTS as launched and, when it packs, one slot per pass: what packing saves, and what it
+    costs (the activations of the packed pass against one slot's; ``traced`` is the launch's heaviest pass)."""
+    passes = micro_batches_per_step(launch)
+    out: dict[str, Any] = {"pack_slots": launch.pack_slots, "slots_per_process": launch.slots_per_process,
+                           "per_step": passes, "attention_calls_per_step": traced.attention_calls * passes,
+                           "activation_bytes": traced.activation_bytes}
+    if launch.pack_slots > 1:
+        single = replace(launch, pack_slots=1)
+        one, tokens = _traced_heaviest(single)
+        out["unpacked"] = {"per_step": micro_batches_per_step(single),
+                           "attention_calls_per_step": one.attention_calls * micro_batches_per_step(single),
+                           "activation_bytes": one.activation_bytes, "max_tokens": tokens}
+    return out
+
+
 def plan(launch: Launch, gpu_memory_gib: float, interconnect_gbps: Optional[float] = None) -> dict[str, Any]:
     """FLOPs per optimizer step, predicted peak memory per GPU and whether it fits, bytes sent per step and written
     per checkpoint; see module docstring. ``interconnect_gbps``: each GPU's network bandwidth in Gbit/s, to turn the
     bytes sent into seconds."""
     n_params, n_trainable = model_size(launch)
-    parts, tokens = predict_memory(launch)
+    traced, tokens = _traced_heaviest(launch)
+    parts = memory_parts(launch, n_params, n_trainable, traced)
     peak = sum(parts.values())
     lora = (f"; LoRA rank {launch.lora_rank}: grads, master weights and AdamW state of the "
             f"{n_trainable:,} adapter parameters only" if launch.lora_rank else "")
@@ -457,9 +519,10 @@ def plan(launch: Launch, gpu_memory_gib: float, interconnect_gbps: Optional[floa
         "trainable_params": n_trainable,
         "flops_per_step": flops_per_step(launch),
         "flops_per_step_note": f"forward+backward of the {launch.gpus} GPU(s) x {micro_batches_per_step(launch)} "
-                               "micro-batch(es) of optimizer step 1; FlopCounterMode on meta tensors, 2 FLOPs per "
+                               "pass(es) of optimizer step 1; FlopCounterMode on meta tensors, 2 FLOPs per "
                                "multiply-add; gradient-checkpointing recompute not included",
         "max_tokens_per_gpu": tokens,
+        "passes": pass_counts(launch, traced),
         "peak_gib_per_gpu": round(peak / GIB, 2),
         "peak_breakdown_gib": {k: round(v / GIB, 2) for k, v in parts.items()},
         "peak_breakdown_bytes": parts,

@@ -69,7 +69,8 @@ def fused_attention() -> Iterator[None]:
 # ------------------------------------------------------------------------------------------------ memory
 
 class LiveBytes(TorchDispatchMode):
-    """Bytes of live storages created inside the mode, with their peak; gradients are counted apart.
+    """Bytes of live storages created inside the mode, with their peak; gradients are counted apart. Also counts
+    the attention kernels dispatched (the planner reports them per optimizer step).
 
     A storage is counted when an op first returns it and uncounted when it is freed (weakref callback), so
     tensors autograd saves for backward stay counted exactly as long as they live. Gradients are recognised by
@@ -85,6 +86,7 @@ class LiveBytes(TorchDispatchMode):
         self.now = self.grad_now = 0
         self.peak = self.peak_act = 0
         self.hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for p in params if p.requires_grad]
+        self.attention_calls = 0  # attention kernels (fused SDPA or FlexAttention, forward and backward)
 
     @staticmethod
     def _key(storage: torch.UntypedStorage) -> int:
@@ -106,6 +108,9 @@ class LiveBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        name = str(func)
+        if "scaled_dot_product" in name or "flex_attention" in name:
+            self.attention_calls += 1
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor):
                 storage = t.untyped_storage()
