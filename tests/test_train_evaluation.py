@@ -18,6 +18,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from demo_workspace import build_demo_workspace, run_train_script
 
 from trainer_misc.data.split import held_out_lines
 
@@ -28,30 +29,11 @@ LAUNCH_TIMEOUT_S = 600
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory) -> dict[str, Path]:
     """Tiny model + 8 demo clips (25 frames, 64x64 -> 4 latent frames) with latents and text features, 8 images."""
-    from tools.build_tiny_checkpoint import build_tiny_checkpoint
-    from tools.extract_text_features import main as extract_text
-    from tools.extract_video_vae_latents import main as extract_latents
-    from tools.make_demo_dataset import make_demo_dataset
-
-    root = tmp_path_factory.mktemp("train_eval")
-    model = build_tiny_checkpoint(root / "model")
-    data = root / "data"
-    make_demo_dataset(data, num_clips=8, num_frames=25, width=64, height=64)
-    anno = data / "video_text.jsonl"
-    common = ["--anno_file", str(anno), "--no_progress"]
-    assert extract_latents(["--model_path", str(model / "causal_video_vae"), "--width", "64", "--height", "64",
-                            "--num_frames", "25", "--model_dtype", "fp32", "--num_workers", "0", *common]) == 0
-    assert extract_text(["--model_path", str(model), "--model_dtype", "fp32", *common]) == 0
-    return {"root": root, "model": model, "data": data, "anno": anno, "images": data / "image_text.jsonl"}
+    return build_demo_workspace(tmp_path_factory.mktemp("train_eval"))
 
 
 def run_script(script: str, env: dict[str, str]) -> subprocess.CompletedProcess:
-    full = {**os.environ, "NUM_WORKERS": "0", "WARMUP_STEPS": "0", "WARMUP_EPOCHS": "0", "EPOCHS": "1", "LR": "1e-3",
-            "OMP_NUM_THREADS": "1", "TORCHDYNAMO_DISABLE": "1", "MODEL_DTYPE": "fp32", **env}
-    result = subprocess.run(["sh", str(REPO / "scripts" / script)], env=full, capture_output=True, text=True,
-                            timeout=LAUNCH_TIMEOUT_S)
-    assert result.returncode == 0, f"{script} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
-    return result
+    return run_train_script(script, {"LR": "1e-3", "MODEL_DTYPE": "fp32", **env}, timeout=LAUNCH_TIMEOUT_S)
 
 
 def evals(out: Path) -> dict[int, dict]:

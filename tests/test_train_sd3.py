@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from demo_workspace import build_demo_workspace
 from test_train_integration import metrics, run_script, traces
 
 from pyramid_dit.training_record import read_training_record
@@ -18,22 +19,7 @@ from pyramid_dit.training_record import read_training_record
 @pytest.fixture(scope="module")
 def sd3_workspace(tmp_path_factory) -> dict[str, Path]:
     """Tiny SD3-layout model + 8 demo clips (25 frames, 64x64) with latents and SD3 text features."""
-    from tools.build_tiny_checkpoint import build_tiny_checkpoint
-    from tools.extract_text_features import main as extract_text
-    from tools.extract_video_vae_latents import main as extract_latents
-    from tools.make_demo_dataset import make_demo_dataset
-
-    root = tmp_path_factory.mktemp("train_sd3")
-    model = build_tiny_checkpoint(root / "model", kind="pyramid_mmdit")
-    data = root / "data"
-    make_demo_dataset(data, num_clips=8, num_frames=25, width=64, height=64)
-    anno = data / "video_text.jsonl"
-    common = ["--anno_file", str(anno), "--no_progress"]
-    assert extract_latents(["--model_path", str(model / "causal_video_vae"), "--width", "64", "--height", "64",
-                            "--num_frames", "25", "--model_dtype", "fp32", "--num_workers", "0", *common]) == 0
-    assert extract_text(["--model_name", "pyramid_mmdit", "--model_path", str(model), "--model_dtype", "fp32",
-                         *common]) == 0
-    return {"root": root, "model": model, "anno": anno}
+    return build_demo_workspace(tmp_path_factory.mktemp("train_sd3"), kind="pyramid_mmdit")
 
 
 def _assert_reloads(export_dir: Path, model_dir: Path) -> None:
