@@ -344,6 +344,27 @@ def test_clear_error_is_one_line_without_traceback():
     assert proc.stderr.strip() == "prog: rank 0: ckpt was written by a ddp run with 2 processes; this run has 1"
 
 
+def test_running_out_of_gpu_memory_ends_with_the_figures_and_the_levers():
+    # torch's own exception class and message form; the CUDA allocator raises it on a GPU.
+    proc = _python("import torch\n"
+                   "from trainer_misc.runtime.failures import run_main\n"
+                   "from train.train_pyramid_flow import OOM_HINT\n"
+                   "def main():\n"
+                   "    raise torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a "
+                   "total capacity of 79.19 GiB of which 1.06 GiB is free. Including non-PyTorch memory, this process "
+                   "has 78.12 GiB memory in use. If reserved but unallocated memory is large try setting "
+                   "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True to avoid fragmentation.')\n"
+                   "run_main(main, 'train_pyramid_flow.py', oom_hint=OOM_HINT)\n")
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "train_pyramid_flow.py: rank 0: out of GPU memory (CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 "
+        "has a total capacity of 79.19 GiB of which 1.06 GiB is free). Lower the memory per GPU: PACK_SLOTS=1 (AR: "
+        "one slot per pass), GRADIENT_CHECKPOINTING=1, SHARD_STRATEGY=zero3, more GPUs, a smaller BATCH_SIZE, "
+        "NUM_FRAMES or RESOLUTION; DRY_RUN=1 predicts a launch's peak per GPU before it starts (docs/training.md, "
+        "'Which GPUs do I need')")
+
+
 def test_second_signal_exits_at_once():
     # The first SIGTERM asks for a checkpoint; the loop would stop after its step. A second one more than a second
     # later exits immediately with 128 + signal.

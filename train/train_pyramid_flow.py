@@ -32,6 +32,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     return run(args)
 
 
+# The last line of a run that ran out of GPU memory: what lowers the memory per GPU, cheapest change first.
+OOM_HINT = ("Lower the memory per GPU: PACK_SLOTS=1 (AR: one slot per pass), GRADIENT_CHECKPOINTING=1, "
+            "SHARD_STRATEGY=zero3, more GPUs, a smaller BATCH_SIZE, NUM_FRAMES or RESOLUTION; DRY_RUN=1 predicts "
+            "a launch's peak per GPU before it starts (docs/training.md, 'Which GPUs do I need')")
+
 if __name__ == "__main__":
     # Any failure on any rank: one line naming the rank and the reason, and every rank ends within seconds.
-    run_main(main, "train_pyramid_flow.py")
+    run_main(main, "train_pyramid_flow.py", oom_hint=OOM_HINT)

@@ -71,11 +71,22 @@ def _timeout(text: str) -> bool:
     return "timed out" in text or ("timeout" in text and ("collective" in text or "gloo" in text or "nccl" in text))
 
 
-def fatal_line(exc: BaseException, prog: str, rank: Optional[int] = None) -> str:
-    """The one-line reason for ``exc`` on ``rank``: what happened and, for distributed failures, where to look."""
+def _out_of_memory(exc: BaseException) -> bool:
+    """torch's ``OutOfMemoryError`` (CUDA's caching allocator), recognised without importing torch."""
+    return type(exc).__name__ == "OutOfMemoryError" or str(exc).startswith("CUDA out of memory")
+
+
+def fatal_line(exc: BaseException, prog: str, rank: Optional[int] = None, oom_hint: str = "") -> str:
+    """The one-line reason for ``exc`` on ``rank``: what happened and, for distributed failures, where to look;
+    for running out of GPU memory, the allocator's figures and ``oom_hint`` (the entry point's levers)."""
     rank = _rank() if rank is None else rank
     text = " ".join(str(exc).split()) or type(exc).__name__
-    if _peer_failure(text):
+    if _out_of_memory(exc):
+        # torch's message: "CUDA out of memory. Tried to allocate X. GPU 0 has a total capacity of Y of which Z is
+        # free. ... (allocator advice)": keep the figures, drop the advice (the hint says what to change here).
+        figures = ". ".join(text.split(". ")[:3]).rstrip(".")
+        reason = f"out of GPU memory ({figures})." + (f" {oom_hint}" if oom_hint else "")
+    elif _peer_failure(text):
         reason = f"stopped because another rank failed or was killed (its reason is above): {text[:200]}"
     elif _timeout(text) and isinstance(exc, RuntimeError):
         reason = (f"a collective timed out: another rank stopped responding (hung, stopped, or far slower than "
@@ -140,8 +151,9 @@ def _flush() -> None:
             pass  # a closed or broken stream: nothing left to flush into it
 
 
-def run_main(main: Callable[[], int], prog: str) -> NoReturn:
-    """Run an entry point's ``main()`` and exit with its status; see the module docstring for failures.
+def run_main(main: Callable[[], int], prog: str, oom_hint: str = "") -> NoReturn:
+    """Run an entry point's ``main()`` and exit with its status; see the module docstring for failures
+    (``oom_hint``: what to change when the GPU runs out of memory, for the one-line reason).
 
     A normal return tears the process group down cleanly (every rank got there). :class:`RunStopped` exits with
     its code after the same clean teardown (all ranks stopped together). Anything else ends this process now.
@@ -172,9 +184,9 @@ def run_main(main: Callable[[], int], prog: str) -> NoReturn:
         _die(f"{prog}: rank {_rank()}: {e.code}", e, show_traceback=False)
     except BaseException as e:  # noqa: BLE001 - every failure must end the process, loudly and at once
         text = str(e)
-        clear = isinstance(e, _CLEAR_ERRORS) or _peer_failure(text) or _timeout(text) or \
+        clear = isinstance(e, _CLEAR_ERRORS) or _peer_failure(text) or _timeout(text) or _out_of_memory(e) or \
             type(e).__module__.startswith("trainer_misc")
-        _die(fatal_line(e, prog), e, show_traceback=not clear or os.environ.get("PYRAMID_TRACEBACK") == "1")
+        _die(fatal_line(e, prog, oom_hint=oom_hint), e, show_traceback=not clear or os.environ.get("PYRAMID_TRACEBACK") == "1")
     _flush()
     exit_process(code)
 
