@@ -370,13 +370,23 @@ def test_encode_and_decode_return_plain_contiguous_tensors(tiny_vae: CausalVideo
     assert latent.is_contiguous() and chunked.is_contiguous() and decoded.is_contiguous()
 
 
-def test_compiled_inference_matches_eager(tiny_vae: CausalVideoVAE, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_compiled_inference_matches_eager(tiny_vae: CausalVideoVAE) -> None:
     """``compile_for_inference`` (inductor, weights frozen): chunked encode and decode as extraction and generation
     run them, equal to the eager model to float32 rounding, really compiled, state dict untouched."""
-    import torch._dynamo
     import torch._inductor.config as inductor_config
 
-    monkeypatch.setattr(inductor_config, "freezing", inductor_config.freezing)  # restored after this test
+    # Restored by assignment after this test: monkeypatch's undo (pytest >= 9.2) may delete the attribute instead,
+    # which hides the option from inductor for the rest of the process.
+    freezing = inductor_config.freezing
+    try:
+        _check_compiled_inference(tiny_vae)
+    finally:
+        inductor_config.freezing = freezing
+
+
+def _check_compiled_inference(tiny_vae: CausalVideoVAE) -> None:
+    import torch._dynamo
+
     compiled = CausalVideoVAE(**TINY_CONFIG)
     compiled.load_state_dict(tiny_vae.state_dict())
     with pytest.raises(RuntimeError, match="eval"):
