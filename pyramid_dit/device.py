@@ -5,7 +5,10 @@ import os
 
 import torch
 
-__all__ = ["resolve_device"]
+__all__ = ["DTYPES", "resolve_device"]
+
+# The dtype names the flags and variables use (``--model_dtype``, ``MODEL_DTYPE``, ``--export_dtype``), in torch.
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:

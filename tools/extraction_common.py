@@ -20,12 +20,11 @@ from typing import Callable, Iterable, Sequence, TypeVar
 import torch
 import torch.distributed as dist
 
+from pyramid_dit.device import DTYPES
 from trainer_misc.data.annotation import AnnotationError, AnnotationIssue
 from trainer_misc.runtime.failures import exit_process, exit_with_parent
 
 T = TypeVar("T")
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 DONE, SKIPPED, FAILED = "done", "skipped", "failed"
 

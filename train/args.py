@@ -19,6 +19,7 @@ from pyramid_dit.options import ATTENTION_SPLITS
 from trainer_misc.data.annotation import default_empty_prompt_path, resolve_data_root
 from trainer_misc.data.resolution import parse_resolution
 from trainer_misc.runtime.arguments import CheckedParser, ConfigError, Naming, integer, number, parse_checked
+from trainer_misc.runtime.slots import pack_choices, process_slot_count
 
 __all__ = ["FLAG_VARS", "SAMPLE_RATIOS", "VARIANTS", "build_parser", "check_args", "empty_prompt_file",
            "has_eval_set", "parse_and_check", "sp_size_of", "strategy_of"]
@@ -348,9 +349,9 @@ def pack_slots(text: str) -> str | int:
 def slots_per_process(args: argparse.Namespace, data_world: int) -> int:
     """Slots each data-parallel process of a new run trains per micro-batch: VIDEO_SYNC_GROUP / processes for a
     virtual AR group, else 1 (``trainer_misc.runtime.distributed.slot_layout`` decides it at start)."""
-    if not (args.use_temporal_pyramid and args.sync_video_input) or args.video_sync_group <= data_world:
+    if not (args.use_temporal_pyramid and args.sync_video_input):
         return 1
-    return args.video_sync_group // data_world
+    return process_slot_count(args.video_sync_group, data_world)
 
 
 def _check_pack_slots(args: argparse.Namespace, data_world: int, n: Naming) -> None:
@@ -359,7 +360,7 @@ def _check_pack_slots(args: argparse.Namespace, data_world: int, n: Naming) -> N
     if args.pack_slots == "auto":
         return
     slots = slots_per_process(args, data_world)
-    allowed = [k for k in range(1, slots + 1) if slots % k == 0]
+    allowed = pack_choices(slots)
     if args.pack_slots not in allowed:
         where = (f"{n('--video_sync_group')} over {data_world} data-parallel process(es)" if slots > 1 else
                  "one slot per process: packing needs an AR run with VIDEO_SYNC_GROUP larger than the processes")

@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from pyramid_dit.device import resolve_device
+from pyramid_dit.device import DTYPES, resolve_device
 from pyramid_dit.objective import PyramidFlowObjective
 from pyramid_dit.scheduler import PyramidFlowMatchEulerDiscreteScheduler
 from pyramid_dit.text_features import TextFeatures
@@ -116,7 +116,7 @@ def build_model_side(args: argparse.Namespace, device: torch.device, engine: Eng
     dit.attention_split = args.attention_split
 
     side = ModelSide(dit)
-    encode_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.model_dtype]
+    encode_dtype = DTYPES[args.model_dtype]
     if args.load_vae or args.task == "t2i":
         from video_vae.modeling_causal_vae import CausalVideoVAE
         # dtype at load, not .to(dtype): diffusers warns on every .to(dtype) of a model
@@ -154,7 +154,7 @@ def build_validation(args: argparse.Namespace, side: ModelSide, dataset, null_te
     else:
         negative = null_text
     width, height = image_buckets(args.resolution)[0] if args.task == "t2i" else parse_resolution(args.resolution)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.model_dtype]
+    dtype = DTYPES[args.model_dtype]
     return ValidationSampler(
         type(side.dit).from_config(side.dit.config),
         CausalVideoVAE.from_pretrained(Path(args.model_path) / "causal_video_vae", torch_dtype=dtype), prompts,

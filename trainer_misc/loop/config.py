@@ -8,15 +8,14 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Optional, Union
 
-import torch
-
+from pyramid_dit.device import DTYPES
 from trainer_misc.loop.evaluation import DegradeRule
 from trainer_misc.optim.adamw import LRSchedule
 from trainer_misc.optim.engine import PRECISIONS, STRATEGIES, EngineConfig
 
 __all__ = ["TrainConfig", "EXPORT_DTYPES"]
 
-EXPORT_DTYPES = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+EXPORT_DTYPES = {None: None, **DTYPES}
 
 
 @dataclass

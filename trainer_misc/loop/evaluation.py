@@ -46,7 +46,7 @@ from trainer_misc.runtime.distributed import ParallelLayout, all_reduce_host, al
 logger = logging.getLogger(__name__)
 
 __all__ = ["DEGRADE_REFERENCES", "DegradeRule", "EvalContext", "EvalFigures", "EvalOutcome", "EvalTracker",
-           "Evaluation", "HeldOutSet", "evaluate", "evaluation_steps"]
+           "Evaluation", "HeldOutSet", "evaluate", "evaluation_due", "evaluation_steps"]
 
 DEGRADE_REFERENCES = ("best", "base")
 
@@ -271,10 +271,16 @@ class EvalTracker:
                 f"{lora_text}, more or more varied training data (ANNO_FILE); {end}")
 
 
+def evaluation_due(step: int, max_steps: int, every: int) -> bool:
+    """Whether the loop evaluates after optimizer step ``step``: every ``every`` steps (0: never) and after the
+    last."""
+    return (bool(every) and step % every == 0) or step == max_steps
+
+
 def evaluation_steps(start_step: int, max_steps: int, every: int, last_evaluated: Optional[int]) -> list[int]:
     """The steps a run evaluates at: ``start_step`` (when it is 0 or a multiple of ``every`` not evaluated yet:
-    the base, or an evaluation a stop signal skipped), every multiple of ``every`` after it, and ``max_steps``."""
-    steps = [s for s in range(start_step + 1, max_steps + 1) if (every and s % every == 0) or s == max_steps]
+    the base, or an evaluation a stop signal skipped), then every step after it that :func:`evaluation_due`."""
+    steps = [s for s in range(start_step + 1, max_steps + 1) if evaluation_due(s, max_steps, every)]
     if last_evaluated != start_step and (start_step == 0 or (every and start_step % every == 0)):
         steps.insert(0, start_step)
     return steps
@@ -307,7 +313,7 @@ class Evaluation:
                     self.held_out.describe(), len(steps), shown or "none", self.layout.data_world)
 
     def due(self, done: int, max_steps: int) -> bool:
-        return (bool(self.every) and done % self.every == 0) or done == max_steps
+        return evaluation_due(done, max_steps, self.every)
 
     def due_at_start(self, start_step: int, max_steps: int) -> bool:
         steps = self.plan(start_step, max_steps)

@@ -39,6 +39,7 @@ from trainer_misc.runtime.distributed import (
     broadcast_object,
     get_rank,
 )
+from trainer_misc.runtime.slots import pack_choices
 from trainer_misc.state.rng import SlotStreams
 
 logger = logging.getLogger(__name__)
@@ -98,10 +99,6 @@ class PackChoice:
     reason: str
 
 
-def _divisors(n: int) -> list[int]:
-    return [k for k in range(1, n + 1) if n % k == 0]
-
-
 def random_in_forward(model: nn.Module) -> Optional[str]:
     """The first module of ``model`` that draws random numbers in its training forward (dropout with ``p > 0``,
     LoRA dropout included), or None. Packed slots share one forward, so such draws would come from one stream
@@ -123,7 +120,7 @@ def slots_per_pass(requested: Union[int, str], slots_per_process: int, compute_l
     needs the packed protocol, and a model that draws nothing in its forward (:func:`random_in_forward`); without
     the protocol the slots run one at a time, whatever was asked.
     """
-    allowed = _divisors(slots_per_process)
+    allowed = pack_choices(slots_per_process)
     if requested != "auto" and (not isinstance(requested, int) or requested not in allowed):
         raise ValueError(f"PACK_SLOTS (--pack_slots) {requested!r}: this process trains {slots_per_process} slot(s) "
                          f"per micro-batch, so slots per pass must be one of {allowed} or auto")
@@ -189,8 +186,6 @@ class StepRunner:
     """
 
     MAX_CONSECUTIVE_BAD = 50
-    # Decide config.pack_slots before the engine is built: its accumulation counts one backward per pass.
-    slots_per_pass = staticmethod(slots_per_pass)
 
     def __init__(self, engine: TrainEngine, compute_loss: ComputeLoss, lanes: list[Iterator], config: TrainConfig,
                  slots: SlotLayout, counters: RunCounters, streams: SlotStreams, sp_rank: int = 0) -> None:
@@ -332,8 +327,7 @@ class StepRunner:
                             outcome = engine.step()
                     continue
                 lane, group, position = pack[0]
-                slot = group * self.slots.group_size + position
-                with engine.accumulate(), self.streams.use(slot):
+                with engine.accumulate(), self.streams.use(self.slots.slot(group, position)):
                     loss, tokens, micro_stats = self._forward(batches[lane], step, k, group, position)
                     record(loss, tokens, micro_stats)
                     # Only with one slot per process (checked in __init__): the decision needs every slot's loss.
@@ -382,7 +376,7 @@ class StepRunner:
         prepared, contexts = [], []
         for lane, group, position in pack:
             ctx = self._context(step, k, group, position)
-            with self.streams.use(group * self.slots.group_size + position):
+            with self.streams.use(self.slots.slot(group, position)):
                 prepared.append(self.compute_loss.prepare(self.engine.model, batches[lane], ctx))
             contexts.append(ctx)
         results = self.compute_loss.forward_packed(self.engine.model, prepared, contexts)

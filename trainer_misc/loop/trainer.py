@@ -67,7 +67,7 @@ from trainer_misc.loop.resume import (
     saved_layout,
     trainer_state,
 )
-from trainer_misc.loop.step import ComputeLoss, StepContext, StepRunner
+from trainer_misc.loop.step import ComputeLoss, StepContext, StepRunner, slots_per_pass
 from trainer_misc.optim.adamw import build_adamw
 from trainer_misc.optim.ema import ShardedEMA
 from trainer_misc.optim.engine import TrainEngine
@@ -177,9 +177,9 @@ def train(model: nn.Module, compute_loss: ComputeLoss, dataset: Dataset, config:
     layout = parallel_layout(launched_rank, launched_world, config.video_sync_group, config.sp_size,
                              num_groups=saved_layout(saved))
     slots = layout.slots
-    # Slots per forward/backward pass (PACK_SLOTS; "auto" asks the planner on rank 0): one backward per pass.
-    pack = StepRunner.slots_per_pass(config.pack_slots, slots.virtual, compute_loss, model,
-                                     resolve_device(config.device))
+    # Slots per forward/backward pass (PACK_SLOTS; "auto" asks the planner on rank 0), decided before the engine
+    # is built: its accumulation counts one backward per pass.
+    pack = slots_per_pass(config.pack_slots, slots.virtual, compute_loss, model, resolve_device(config.device))
     config = dataclasses.replace(config, pack_slots=pack.slots)
     if launched_rank == 0 and slots.virtual > 1:
         logger.info("%d of this process's %d slots per forward/backward pass: %s", pack.slots, slots.virtual,

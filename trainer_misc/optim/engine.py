@@ -47,7 +47,6 @@ GRAD_REDUCE_DTYPES = ("fp32", "model")
 # tensor of the released DiT (a single block's proj_out, 9600 x 1920 = 18.4 M) and is large enough for NCCL to
 # run near full bandwidth; smaller buckets mean more, smaller collectives.
 DEEPSPEED_BUCKET_ELEMENTS = 50_000_000
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ planner's figures (:mod:`trainer_misc.planning.planner`) as text.
 """
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -173,13 +174,8 @@ def pack_peak_predictor(launch: Callable[[], Launch], pack_slots: Union[int, str
     (only rank 0 on a GPU asks); None when the slots per pass were given as a count."""
     if pack_slots != "auto":
         return None
-    built: list[Launch] = []
-
-    def peak(k: int) -> int:
-        if not built:
-            built.append(launch())
-        return packed_peak_bytes(built[0], k)
-    return peak
+    built = functools.cache(launch)
+    return lambda k: packed_peak_bytes(built(), k)
 
 
 def plan_text(launch: Launch, sp_size: int = 1, gpu_memory_gib: Optional[float] = None,

@@ -29,9 +29,11 @@ from typing import Any, Callable, Optional
 import torch
 from torch.utils._pytree import tree_leaves
 
+from pyramid_dit.device import DTYPES
 from pyramid_dit.options import TEXT_TOKENS
 from trainer_misc.optim.engine import DEEPSPEED_BUCKET_ELEMENTS
 from trainer_misc.planning.tracing import LiveBytes, flop_counter_mode, fused_attention
+from trainer_misc.runtime.slots import pack_choices, process_slot_count
 
 GIB = 2**30
 DEPTH_KEYS = {"pyramid_flux": ("num_layers", "num_single_layers"), "pyramid_mmdit": ("num_layers",)}
@@ -90,7 +92,7 @@ class Launch:
     @property
     def slots_per_process(self) -> int:
         """Slots each process trains per micro-batch: VIDEO_SYNC_GROUP / GPUs for a virtual AR group, else 1."""
-        return max(self.video_sync_group // self.gpus, 1) if self.task == "ar" else 1
+        return process_slot_count(self.video_sync_group, self.gpus) if self.task == "ar" else 1
 
     @property
     def frames(self) -> int:
@@ -434,7 +436,7 @@ def memory_parts(launch: Launch, n_params: int, n_trainable: int, traced: Traced
 
 def _traced_heaviest(launch: Launch) -> tuple[TracedMemory, int]:
     """The trace of the pass with the most tokens (the one that sets the peak), and that token count."""
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[launch.dtype]
+    dtype = DTYPES[launch.dtype]
     heaviest = max(rank_shapes(launch), key=_tokens)
     return trace_memory(launch, heaviest, dtype), _tokens(heaviest)
 
@@ -462,7 +464,7 @@ def choose_pack_slots(slots_per_process: int, gpu_bytes: int, peak: Callable[[in
     pack's activations held at once.
     """
     peaks: dict[int, int] = {}
-    for k in sorted((d for d in range(1, slots_per_process + 1) if slots_per_process % d == 0), reverse=True):
+    for k in reversed(pack_choices(slots_per_process)):
         peaks[k] = peak(k)
         if peaks[k] <= gpu_bytes:
             return k, peaks

@@ -274,10 +274,14 @@ class SlotLayout:
     num_groups: int
     lanes: tuple[Lane, ...]
 
+    def slot(self, group: int, position: int) -> int:
+        """The global index of position ``position`` of group ``group`` (its random stream's offset)."""
+        return group * self.group_size + position
+
     @property
     def slots(self) -> tuple[int, ...]:
-        """This process's slots, as global slot indices (``group * group_size + position``)."""
-        return tuple(lane.group * self.group_size + p for lane in self.lanes for p in lane.positions)
+        """This process's slots, as global slot indices (:meth:`slot`)."""
+        return tuple(self.slot(lane.group, p) for lane in self.lanes for p in lane.positions)
 
     @property
     def virtual(self) -> int:
