@@ -71,14 +71,7 @@ def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
     Only call this when no other process can be writing ``path`` (the extraction tools give every output to
     exactly one rank).
     """
-    path = Path(path)
-    if not path.parent.is_dir():
-        return []
-    removed = []
-    for p in path.parent.glob(f".{path.name}.*.tmp"):
-        p.unlink(missing_ok=True)
-        removed.append(p)
-    return removed
+    return sweep_stale_temps([path])
 
 
 def process_umask() -> int:

@@ -125,24 +125,20 @@ def save_checkpoint(root: Path, step: int, engine: "TrainEngine", trainer_state:
             tmp.mkdir()
         barrier()
 
-        written: dict[str, FileDigest] = {}
-
-        def record(relative: str, digest: FileDigest) -> None:
-            written[relative] = digest
-
-        record(f"weights/rank_{rank:05d}.safetensors",
-               write_fragments(tmp / "weights" / f"rank_{rank:05d}.safetensors", _fragments(engine, ema)))
+        written: dict[str, FileDigest] = {}  # this rank's files, relative to the checkpoint, with their digests
+        name = f"weights/rank_{rank:05d}.safetensors"
+        written[name] = write_fragments(tmp / name, _fragments(engine, ema))
         for slot, state in (streams.state_dict() if streams is not None else {}).items():
-            record(f"rng/slot_{slot:05d}.safetensors",
-                   atomic_save_safetensors(state, tmp / "rng" / f"slot_{slot:05d}.safetensors"))
+            name = f"rng/slot_{slot:05d}.safetensors"
+            written[name] = atomic_save_safetensors(state, tmp / name)
         tensors, meta = capture_rng_state(engine.device)
-        record(f"rng/process_{rank:05d}.safetensors",
-               atomic_save_safetensors(tensors, tmp / "rng" / f"process_{rank:05d}.safetensors"))
-        record(f"rng/process_{rank:05d}.json", write_json_atomic(meta, tmp / "rng" / f"process_{rank:05d}.json"))
+        name = f"rng/process_{rank:05d}"
+        written[f"{name}.safetensors"] = atomic_save_safetensors(tensors, tmp / f"{name}.safetensors")
+        written[f"{name}.json"] = write_json_atomic(meta, tmp / f"{name}.json")
         if engine.is_main:
-            record(OPTIMIZER_STATE, write_json_atomic({"steps": optimizer_steps(engine),
-                                                       "loss_scale": _loss_scale(engine)}, tmp / OPTIMIZER_STATE))
-            record(TRAINER_STATE, write_json_atomic({**trainer_state, "format": FORMAT}, tmp / TRAINER_STATE))
+            written[OPTIMIZER_STATE] = write_json_atomic({"steps": optimizer_steps(engine),
+                                                          "loss_scale": _loss_scale(engine)}, tmp / OPTIMIZER_STATE)
+            written[TRAINER_STATE] = write_json_atomic({**trainer_state, "format": FORMAT}, tmp / TRAINER_STATE)
 
         files: dict[str, dict] = {}
         for share in all_gather_object({name: {"size": d.size, "sha256": d.sha256} for name, d in written.items()}):
