@@ -30,6 +30,8 @@ from trainer_misc.planning.plan import (
     with_pack,
 )
 from trainer_misc.planning.planner import Launch, measure_step, plan
+from trainer_misc.runtime.arguments import integer, number
+from trainer_misc.runtime.slots import pack_slots_arg
 
 # A small config that trains on this CPU in seconds, for --measure.
 MEASURE_CONFIG = dict(patch_size=1, in_channels=64, num_layers=2, num_single_layers=2, attention_head_dim=16,
@@ -47,17 +49,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ar: temporal pyramid (scripts/train_pyramid_flow.sh); t2v: full sequence "
                         "(train_pyramid_flow_without_ar.sh); t2i: images")
     p.add_argument("--resolution", default="384p", help="384p, 768p or WIDTHxHEIGHT")
-    p.add_argument("--num_frames", type=int, default=16, help="latent frames per clip (NUM_FRAMES)")
-    p.add_argument("--batch_size", type=int, default=4, help="per GPU, a multiple of 4 (BATCH_SIZE)")
-    p.add_argument("--grad_accum", type=int, default=1, help="micro-batches per optimizer step (GRAD_ACCU_STEPS)")
-    p.add_argument("--gpus", type=int, default=8, help="processes in all (GPUS x NNODES)")
+    p.add_argument("--num_frames", type=integer(1, 1024), default=16, help="latent frames per clip (NUM_FRAMES)")
+    p.add_argument("--batch_size", type=integer(4, 1024, multiple_of=4, why=" (1:2:1 over 3 stages)"), default=4,
+                   help="per GPU, a multiple of 4 (BATCH_SIZE)")
+    p.add_argument("--grad_accum", type=integer(1, 4096), default=1, help="micro-batches per optimizer step (GRAD_ACCU_STEPS)")
+    p.add_argument("--gpus", type=integer(1, 1 << 20), default=8, help="processes in all (GPUS x NNODES)")
     p.add_argument("--shard_strategy", default="zero2", choices=["ddp", "zero2", "zero3"])
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     p.add_argument("--gradient_checkpointing", action="store_true")
-    p.add_argument("--gradient_checkpointing_ratio", type=float, default=0.75)
-    p.add_argument("--video_sync_group", type=int, default=None,
+    p.add_argument("--gradient_checkpointing_ratio", type=number(0, 1), default=0.75)
+    p.add_argument("--video_sync_group", type=integer(1, 1024), default=None,
                    help="AR only (default: the largest of 8, 4, 2, 1 dividing --gpus and --num_frames)")
-    p.add_argument("--lora_rank", type=int, default=0, help="LoRA rank (LORA_RANK); 0: full finetune. Gradients and "
+    p.add_argument("--lora_rank", type=integer(0, 4096), default=0, help="LoRA rank (LORA_RANK); 0: full finetune. Gradients and "
                    "optimizer state are then counted for the adapters only")
     p.add_argument("--lora_targets", default="", help="comma-separated LoRA target layers (LORA_TARGETS; default: "
                    "the kind's, pyramid_dit/kinds.py)")
@@ -73,19 +76,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--validation_offload", action="store_true", help="--validation_offload")
     p.add_argument("--ema", action="store_true", help="--ema_update: an fp32 EMA of each GPU's share")
     p.add_argument("--grad_reduce_dtype", default="fp32", choices=["fp32", "model"])
-    p.add_argument("--pack_slots", default="1",
+    p.add_argument("--pack_slots", type=pack_slots_arg, default=1,
                    help="PACK_SLOTS (AR with a virtual sync group): slots per forward/backward pass, a divisor of "
                         "--video_sync_group / --gpus, or auto (the most that fit in --gpu_memory)")
     p.add_argument("--interconnect_gbps", type=float, default=None,
                    help="each GPU's network bandwidth in Gbit/s (e.g. 400 for one NDR InfiniBand NIC per GPU): "
                         "turns the bytes sent per step into seconds")
-    p.add_argument("--eval_samples", type=int, default=0,
+    p.add_argument("--eval_samples", type=integer(0, 4096), default=0,
                    help="held-out evaluation samples (EVAL_SAMPLES, capped by the evaluation set): adds the "
                         "evaluation's FLOPs to the plan (0: none)")
-    p.add_argument("--eval_timesteps", type=int, default=4, help="EVAL_TIMESTEPS")
-    p.add_argument("--eval_history_depths", type=int, default=2, help="EVAL_HISTORY_DEPTHS (AR)")
-    p.add_argument("--eval_every", type=int, default=500, help="EVAL_EVERY")
-    p.add_argument("--max_steps", type=int, default=40000,
+    p.add_argument("--eval_timesteps", type=integer(1, 64), default=4, help="EVAL_TIMESTEPS")
+    p.add_argument("--eval_history_depths", type=integer(1, 64), default=2, help="EVAL_HISTORY_DEPTHS (AR)")
+    p.add_argument("--eval_every", type=integer(0, 10**9), default=500, help="EVAL_EVERY")
+    p.add_argument("--max_steps", type=integer(0, 10**9), default=40000,
                    help="optimizer steps of the run (EPOCHS x ITERS_PER_EPOCH), to count its evaluations")
     p.add_argument("--gpu_memory", type=float, default=None,
                    help="GiB per GPU to fit in (default: the visible GPU's, else 80)")
@@ -99,22 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
 def launch_from_args(args: argparse.Namespace) -> Launch:
     kind, config = load_model_config(args.model, args.model_variant)
     width, height = pixel_size(args.resolution, args.task)
-    if args.batch_size < 4 or args.batch_size % 4:
-        raise SystemExit(f"--batch_size {args.batch_size}: a positive multiple of 4 (1:2:1 over 3 stages)")
-    if min(args.gpus, args.num_frames, args.grad_accum) < 1:
-        raise SystemExit("--gpus, --num_frames and --grad_accum must be >= 1")
-    if args.eval_samples < 0 or min(args.eval_timesteps, args.eval_history_depths) < 1 or \
-            min(args.eval_every, args.max_steps) < 0:
-        raise SystemExit("--eval_samples, --eval_every and --max_steps must be >= 0, --eval_timesteps and "
-                         "--eval_history_depths >= 1")
     if args.offload_optimizer and args.shard_strategy == "ddp":
         raise SystemExit("--offload_optimizer is DeepSpeed's optimizer offload: --shard_strategy zero2 or zero3")
-    if args.lora_rank < 0 or (args.lora_rank and args.shard_strategy == "zero3"):
-        raise SystemExit(f"--lora_rank {args.lora_rank}: must be >= 0, and LoRA runs with ddp or zero2 (the "
-                         "trainer refuses zero3)")
+    if args.lora_rank and args.shard_strategy == "zero3":
+        raise SystemExit(f"--lora_rank {args.lora_rank}: LoRA runs with ddp or zero2 (the trainer refuses zero3)")
     group = args.video_sync_group or default_sync_group(args.gpus, args.num_frames)
-    if args.pack_slots != "auto":
-        _pack_slots(args.pack_slots)
     if args.task == "ar" and ((args.gpus % group and group % args.gpus) or args.num_frames % group):
         raise SystemExit(f"--video_sync_group {group} must divide --num_frames {args.num_frames} and divide or be "
                          f"a multiple of --gpus {args.gpus} (a virtual group: slots run one after the other)")
@@ -130,12 +122,6 @@ def launch_from_args(args: argparse.Namespace) -> Launch:
                   ema=args.ema, grad_reduce_dtype=args.grad_reduce_dtype, eval_samples=args.eval_samples,
                   eval_timesteps=args.eval_timesteps, eval_history_depths=args.eval_history_depths,
                   eval_every=args.eval_every, max_steps=args.max_steps)
-
-
-def _pack_slots(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise SystemExit(f"--pack_slots {text}: a positive integer (dividing the slots per GPU) or auto")
-    return int(text)
 
 
 def run_measure(as_json: bool) -> int:

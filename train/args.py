@@ -19,7 +19,7 @@ from pyramid_dit.options import ATTENTION_SPLITS
 from trainer_misc.data.annotation import default_empty_prompt_path, resolve_data_root
 from trainer_misc.data.resolution import parse_resolution
 from trainer_misc.runtime.arguments import CheckedParser, ConfigError, Naming, integer, number, parse_checked
-from trainer_misc.runtime.slots import pack_choices, process_slot_count
+from trainer_misc.runtime.slots import pack_choices, pack_slots_arg, process_slot_count
 
 __all__ = ["FLAG_VARS", "SAMPLE_RATIOS", "VARIANTS", "build_parser", "check_args", "empty_prompt_file",
            "has_eval_set", "parse_and_check", "sp_size_of", "strategy_of"]
@@ -204,7 +204,7 @@ def build_parser() -> CheckedParser:
                    help="dtype of the cross-rank gradient reduction and of the accumulation over micro-batches: "
                         "fp32 (default, exact enough for many ranks) or model (the training dtype, e.g. bf16: "
                         "half the gradient traffic, as the reference)")
-    g.add_argument("--pack_slots", type=pack_slots, default=1,
+    g.add_argument("--pack_slots", type=pack_slots_arg, default=1,
                    help="AR with a virtual sync group: slots of this process run per forward/backward pass, their "
                         "columns packed into one micro-batch (same losses and gradients, fewer and bigger kernels, "
                         "their activations held at once): a divisor of VIDEO_SYNC_GROUP / processes, or auto (the "
@@ -336,14 +336,6 @@ def check_args(args: argparse.Namespace, world_size: int, n: Optional[Naming] = 
     if args.use_temporal_pyramid:
         _check_sync_group(args, world_size // sp, n)
     _check_pack_slots(args, world_size // sp, n)
-
-
-def pack_slots(text: str) -> str | int:
-    """``--pack_slots``: ``auto`` or a count from 1 to 1024 (that it divides the slots per process is checked with
-    the other flags, :func:`check_args`)."""
-    if str(text).strip() == "auto":
-        return "auto"
-    return integer(1, 1024, why=" or auto (slots per forward/backward pass)")(text)
 
 
 def slots_per_process(args: argparse.Namespace, data_world: int) -> int:

@@ -6,7 +6,9 @@ The full layout (which slots, across resumes on other process counts) is
 """
 from __future__ import annotations
 
-__all__ = ["pack_choices", "process_slot_count"]
+from trainer_misc.runtime.arguments import integer
+
+__all__ = ["pack_choices", "pack_slots_arg", "process_slot_count"]
 
 
 def process_slot_count(video_sync_group: int, data_world: int) -> int:
@@ -19,3 +21,11 @@ def pack_choices(slots: int) -> list[int]:
     """The ``PACK_SLOTS`` values a process training ``slots`` slots per micro-batch can run: the divisors of
     ``slots`` (every pass of a micro-batch packs as many), smallest first."""
     return [k for k in range(1, slots + 1) if slots % k == 0]
+
+
+def pack_slots_arg(text: str) -> str | int:
+    """The argparse type of ``--pack_slots`` / ``PACK_SLOTS``: ``auto`` or a count from 1 to 1024 (that it is one of
+    :func:`pack_choices` of the launch is checked with the other flags)."""
+    if str(text).strip() == "auto":
+        return "auto"
+    return integer(1, 1024, why=" or auto (slots per forward/backward pass)")(text)
