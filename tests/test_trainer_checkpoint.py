@@ -3,6 +3,8 @@ diffusers folder, and loading single-file DiT weights."""
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import random
 
 import numpy as np
@@ -14,7 +16,7 @@ from test_trainer_toy import ToyModel
 from pyramid_dit.weights import load_dit_weights
 from trainer_misc.state.export import export_pretrained
 from trainer_misc.state.rng import capture_rng_state, restore_rng_state
-from trainer_misc.state.trust import COMPLETE_MARKER, find_latest_checkpoint
+from trainer_misc.state.trust import COMPLETE_MARKER, _write_failed, find_latest_checkpoint
 
 
 def _draw():
@@ -43,6 +45,20 @@ def test_find_latest_ignores_incomplete_and_temporary_checkpoints(tmp_path):
     (tmp_path / "checkpoint-8.tmp" / COMPLETE_MARKER).write_text("{}")
     assert find_latest_checkpoint(tmp_path) == tmp_path / "checkpoint-4"
     assert find_latest_checkpoint(tmp_path / "absent") is None
+
+
+def test_a_rank_that_fails_to_write_removes_only_its_own_files(tmp_path):
+    """Another rank may still be writing into the shared ``.tmp`` folder: pulling the folder from under it made that
+    rank fail with "file not found", and its message could hide the real cause (a flaky fault test caught it)."""
+    tmp = tmp_path / "checkpoint-4.tmp"
+    mine, theirs = tmp / "rng" / "slot_00001.safetensors", tmp / "weights" / "rank_00000.safetensors"
+    for path in (mine, theirs):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x")
+    error = _write_failed(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), tmp_path, tmp, [mine])
+    assert error.errno == errno.ENOSPC and "no space left on device" in str(error)
+    assert not mine.exists() and theirs.read_bytes() == b"x"
+    assert find_latest_checkpoint(tmp_path) is None  # the leftover folder is never taken for a checkpoint
 
 
 # ----------------------------------------------------------------------------------------------------- DiT weights

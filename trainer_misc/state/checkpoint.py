@@ -109,13 +109,15 @@ def save_checkpoint(root: Path, step: int, engine: "TrainEngine", trainer_state:
 
     ``trainer_state`` (JSON-serialisable: step, data position, counters, layout) is written by rank 0; ``streams``
     are this rank's slots' random streams. ``keep_last`` deletes older complete checkpoints beyond the newest
-    ``keep_last``. A failed write raises :class:`CheckpointWriteError` (the partial folder removed, earlier
-    checkpoints untouched).
+    ``keep_last``. A failed write raises :class:`CheckpointWriteError`: the failing rank removes the files it wrote
+    (never the shared folder, which other ranks may still be writing into; the next save sweeps it), earlier
+    checkpoints untouched.
     """
     root = Path(root)
     final = root / f"{CHECKPOINT_PREFIX}{step}"
     tmp = root / f"{CHECKPOINT_PREFIX}{step}.tmp"
     rank = engine.rank
+    written: dict[str, FileDigest] = {}  # this rank's files, relative to the checkpoint, with their digests
     try:
         if engine.is_main:
             root.mkdir(parents=True, exist_ok=True)
@@ -125,7 +127,6 @@ def save_checkpoint(root: Path, step: int, engine: "TrainEngine", trainer_state:
             tmp.mkdir()
         barrier()
 
-        written: dict[str, FileDigest] = {}  # this rank's files, relative to the checkpoint, with their digests
         name = f"weights/rank_{rank:05d}.safetensors"
         written[name] = write_fragments(tmp / name, _fragments(engine, ema))
         for slot, state in (streams.state_dict() if streams is not None else {}).items():
@@ -157,7 +158,7 @@ def save_checkpoint(root: Path, step: int, engine: "TrainEngine", trainer_state:
     except Exception as e:
         if isinstance(e, CheckpointWriteError) or not _is_write_error(e, root):
             raise  # e.g. another rank failed during the save: not a storage problem
-        raise _write_failed(e, root, tmp) from e
+        raise _write_failed(e, root, tmp, [tmp / name for name in written]) from e
     if engine.is_main:
         if keep_last is not None and keep_last > 0:
             for _, path in list_checkpoints(root)[:-keep_last]:

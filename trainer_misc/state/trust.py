@@ -17,7 +17,7 @@ import hashlib
 import logging
 import shutil
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import Iterable, Mapping, Optional
 
 from trainer_misc.files import free_space, read_json
 from trainer_misc.runtime.distributed import all_gather_object, broadcast_object, get_rank, get_world_size
@@ -202,9 +202,13 @@ def _is_write_error(exc: BaseException, root: Path) -> bool:
         or "iostream error" in text or "ioerror" in text or "file write failed" in text
 
 
-def _write_failed(exc: BaseException, root: Path, tmp: Path) -> CheckpointWriteError:
-    full = _no_space(exc, root)  # judged before the partial save is removed: that frees the space it took
-    shutil.rmtree(tmp, ignore_errors=True)  # the earlier checkpoints stay
+def _write_failed(exc: BaseException, root: Path, tmp: Path, own_files: Iterable[Path]) -> CheckpointWriteError:
+    """The error a rank raises when its part of a checkpoint could not be written. It removes only ``own_files``:
+    removing the shared ``tmp`` folder would pull it from under ranks still writing (they would then fail with
+    "file not found" and hide the real cause); the next save sweeps the folder."""
+    full = _no_space(exc, root)  # judged before our partial files are removed: that frees the space they took
+    for path in own_files:
+        path.unlink(missing_ok=True)
     kept = ", ".join(p.name for _, p in list_checkpoints(root)) or "none yet"
     if full:
         return CheckpointWriteError(
