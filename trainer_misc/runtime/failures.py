@@ -164,7 +164,7 @@ def run_main(main: Callable[[], int], prog: str, oom_hint: str = "") -> NoReturn
         code = main()
     except RunStopped as stop:
         line = f"{prog}: {stop}"
-        print(line, file=sys.stderr, flush=True)
+        _say(line)
         if _rank() == 0:
             record_failure(line, primary=True)
         _flush()
@@ -176,7 +176,7 @@ def run_main(main: Callable[[], int], prog: str, oom_hint: str = "") -> NoReturn
             reason = getattr(e, "reason", None)  # e.g. the data check's verdict, after its summary
             if reason:
                 line = f"{prog}: rank {_rank()}: {reason}"
-                print(line, file=sys.stderr, flush=True)
+                _say(line)
                 record_failure(line, primary=True)
             _flush()
             mark_exit(e.code if isinstance(e.code, int) else 1)
@@ -191,10 +191,17 @@ def run_main(main: Callable[[], int], prog: str, oom_hint: str = "") -> NoReturn
     exit_process(code)
 
 
+def _say(line: str) -> None:
+    """Print ``line`` to stderr in one write: ranks fail at the same moment, and ``print``'s separate newline let
+    two ranks' lines run into one."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
 def _die(line: str, exc: BaseException, show_traceback: bool) -> NoReturn:
     if show_traceback:
         traceback.print_exception(exc, file=sys.stderr)
-    print(line, file=sys.stderr, flush=True)
+    _say(line)
     record_failure(line, primary=not (_peer_failure(str(exc)) or _timeout(str(exc))))
     _flush()
     mark_exit(1)
