@@ -234,14 +234,8 @@ def check_args(args: argparse.Namespace, n: Naming | None = None) -> None:
 
 def parse_and_check(argv: Sequence[str] | None, variables: dict[str, str] | None = None,
                     values: dict[str, str] | None = None) -> argparse.Namespace:
-    """The flags, checked; with ``variables`` (the script's launcher) every problem is a :class:`ConfigError` worded
-    in the script's variables."""
-    parser = build_parser()
-    if variables is None:
-        args = parser.parse_args(argv)
-        check_args(args)
-        return args
-    return parse_checked(parser, argv or [], Naming(argparse.Namespace(), variables, values), check_args)
+    """The flags, checked (:func:`trainer_misc.runtime.arguments.parse_checked`; ``variables``: the script's)."""
+    return parse_checked(build_parser(), argv, check_args, variables, values)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -248,17 +248,11 @@ def join_processes(pipe) -> bool:
 
 def parse_and_check(argv: Optional[Sequence[str]], variables: Optional[dict[str, str]] = None,
                     values: Optional[dict[str, str]] = None, world_size: Optional[int] = None) -> argparse.Namespace:
-    """The flags, checked (:func:`check_args`); with ``variables`` (``scripts/generate.sh``'s launcher) every problem
-    raises :class:`ConfigError` in the script's variables, otherwise argparse's usage line and exit 2 for a bad flag.
-    ``world_size``: the launch's processes (default: torchrun's ``WORLD_SIZE``, else 1)."""
+    """The flags, checked (:func:`check_args`, through :func:`trainer_misc.runtime.arguments.parse_checked`;
+    ``variables``: ``scripts/generate.sh``'s). ``world_size``: the launch's processes (default: torchrun's
+    ``WORLD_SIZE``, else 1)."""
     world = int(os.environ.get("WORLD_SIZE", "1")) if world_size is None else world_size
-    parser = build_parser()
-    if variables is None:
-        args = parser.parse_args(argv)
-        check_args(args, world_size=world)
-        return args
-    return parse_checked(parser, argv or [], Naming(argparse.Namespace(), variables, values),
-                         lambda args, n: check_args(args, n, world))
+    return parse_checked(build_parser(), argv, lambda args, n: check_args(args, n, world), variables, values)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> List[Path]:

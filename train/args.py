@@ -437,16 +437,7 @@ def _check_sync_group(args: argparse.Namespace, data_world: int, n: Naming) -> N
 
 def parse_and_check(argv: Optional[Sequence[str]], world_size: int, variables: Optional[Mapping[str, str]] = None,
                     values: Optional[Mapping[str, str]] = None) -> argparse.Namespace:
-    """Parse ``argv`` and check it for a launch of ``world_size`` processes.
-
-    Without ``variables`` (the command line) a bad flag prints argparse's usage line and exits 2, a bad combination
-    raises :class:`ConfigError`; with them (the launcher) everything raises :class:`ConfigError` worded in the
-    script's variables (``values``: what each variable was set to).
-    """
-    parser = build_parser()
-    if variables is None:
-        args = parser.parse_args(argv)
-        check_args(args, world_size)
-        return args
-    naming = Naming(argparse.Namespace(), variables, values)
-    return parse_checked(parser, argv or [], naming, lambda args, nm: check_args(args, world_size, nm))
+    """Parse ``argv`` and check it for a launch of ``world_size`` processes
+    (:func:`trainer_misc.runtime.arguments.parse_checked`: on the command line argparse's usage line and exit 2 for a
+    bad flag; from the launcher every problem worded in the script's variables)."""
+    return parse_checked(build_parser(), argv, lambda args, n: check_args(args, world_size, n), variables, values)

@@ -133,14 +133,26 @@ class Naming:
         return f"{var}={self.values.get(var, '')}: {reason}"
 
 
-def parse_checked(parser: CheckedParser, argv: Sequence[str], naming: Naming,
-                  check: Optional[Callable[[argparse.Namespace, Naming], None]] = None) -> argparse.Namespace:
-    """Parse ``argv`` with ``parser`` and run ``check(args, naming)``; any problem raises :class:`ConfigError` with
-    the message in ``naming``'s terms (for a launcher that reports script variables)."""
+def parse_checked(parser: CheckedParser, argv: Optional[Sequence[str]],
+                  check: Callable[[argparse.Namespace, Naming], None],
+                  variables: Optional[Mapping[str, str]] = None,
+                  values: Optional[Mapping[str, str]] = None) -> argparse.Namespace:
+    """Parse ``argv`` with ``parser``, then run ``check(args, naming)``: the one way every entry point reads its flags.
+
+    Without ``variables`` (the command line) a bad flag prints argparse's usage line and exits 2, and ``check``
+    raises :class:`ConfigError` naming flags. With them (a launch script's launcher, ``variables`` mapping flags to
+    the script's variable names and ``values`` holding what each was set to) every problem raises
+    :class:`ConfigError` worded in the script's variables.
+    """
+    if variables is None:
+        args = parser.parse_args(argv)
+        check(args, Naming(args))
+        return args
+    naming = Naming(argparse.Namespace(), variables, values)
     parser.raise_errors = True
     try:
         try:
-            args = parser.parse_args(list(argv))
+            args = parser.parse_args(list(argv or []))
         except argparse.ArgumentError as e:
             raise ConfigError(naming.argparse_error(str(e))) from None
         except ConfigError as e:
@@ -148,6 +160,5 @@ def parse_checked(parser: CheckedParser, argv: Sequence[str], naming: Naming,
     finally:
         parser.raise_errors = False
     naming.args = args
-    if check is not None:
-        check(args, naming)
+    check(args, naming)
     return args
