@@ -39,7 +39,7 @@ def _metrics(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_resume_from_newest_complete_checkpoint_continues_the_same_curve(tmp_path):
+def test_resume_from_newest_complete_checkpoint_continues_the_same_curve(tmp_path, caplog):
     cfg = _config(tmp_path, checkpoint_every=3, ema_decay=0.7, ema_update_every=1)
     full = _run(cfg)
     assert [c.name for c in full.checkpoints] == ["checkpoint-3", "checkpoint-6"]
@@ -56,8 +56,14 @@ def test_resume_from_newest_complete_checkpoint_continues_the_same_curve(tmp_pat
     (tmp_path / "checkpoints" / "checkpoint-5.tmp").mkdir()
     (tmp_path / "checkpoints" / "checkpoint-5").mkdir()
     reset_accelerate_state()
-    resumed = _run(cfg)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="trainer_misc"):
+        resumed = _run(cfg)
     assert resumed.resumed_from.name == "checkpoint-3" and resumed.start_step == 3
+    # The killed save's folder goes at start-up (on a full disk it holds space the run needs), not at the next save.
+    said = [r.getMessage() for r in caplog.records]
+    swept = [i for i, m in enumerate(said) if "checkpoint-5.tmp left by an interrupted save" in m]
+    assert swept and swept[0] < min(i for i, m in enumerate(said) if m.startswith("resumed from")), said
     assert [r.loss for r in resumed.records] == full_losses[3:]  # bit-identical in one process
     assert (tmp_path / "export" / "transformer_ema" / "model.safetensors").read_bytes() == ema_full
     assert (tmp_path / "export" / "transformer" / "model.safetensors").read_bytes() == model_full

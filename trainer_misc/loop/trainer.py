@@ -80,7 +80,7 @@ from trainer_misc.runtime.distributed import (
     sequence_parallel_group,
 )
 from trainer_misc.runtime.failures import RunStopped, StopSignals
-from trainer_misc.state.checkpoint import save_checkpoint
+from trainer_misc.state.checkpoint import remove_interrupted_saves, save_checkpoint
 from trainer_misc.state.export import export_lora, export_model, gather_full_weights
 from trainer_misc.state.rng import SlotStreams
 from trainer_misc.state.run_lock import lock_output_dir
@@ -170,6 +170,8 @@ def train(model: nn.Module, compute_loss: ComputeLoss, dataset: Dataset, config:
     barrier()
     probe = check_output_dir(output_dir)  # one folder for every node, and how fast it writes
     lock = lock_output_dir(output_dir)  # one run per output folder
+    if launched_rank == 0:  # a killed or failed save's leftovers: ours now, and space a full disk needs back
+        remove_interrupted_saves(checkpoint_root)
     resumed_from, saved = resolve_resume(config, checkpoint_root)
 
     # The slots this process trains (the run's, fixed at its first launch) decide the accumulation: one backward

@@ -61,7 +61,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FORMAT", "load_checkpoint", "read_trainer_state", "restore_process_rng", "save_checkpoint"]
+__all__ = ["FORMAT", "load_checkpoint", "read_trainer_state", "remove_interrupted_saves", "restore_process_rng",
+           "save_checkpoint"]
 
 FORMAT = 2  # trainer_state.json "format": the layout above (1: DeepSpeed's own per-rank files, not readable here)
 OPTIMIZER_STATE = "optimizer.json"
@@ -102,6 +103,17 @@ def _restore_loss_scale(engine: "TrainEngine", state: Optional[Mapping[str, Any]
         engine.accelerator.scaler.load_state_dict(dict(state))
 
 
+def remove_interrupted_saves(root: Path) -> list[Path]:
+    """Remove the ``checkpoint-<step>.tmp`` / ``.old`` folders of saves that were killed or failed (on a full disk
+    they hold space the run needs). Rank 0 only, with the output folder locked (they are this run's own); done at
+    start-up and before each save, never while another rank may be writing."""
+    stale = sorted(path for suffix in (".tmp", ".old") for path in Path(root).glob(f"{CHECKPOINT_PREFIX}*{suffix}"))
+    for path in stale:
+        logger.warning("removing %s left by an interrupted save", path)
+        shutil.rmtree(path)
+    return stale
+
+
 def save_checkpoint(root: Path, step: int, engine: "TrainEngine", trainer_state: Mapping,
                     ema: Optional["ShardedEMA"] = None, keep_last: Optional[int] = None,
                     streams: Optional["SlotStreams"] = None) -> Path:
@@ -110,7 +122,8 @@ def save_checkpoint(root: Path, step: int, engine: "TrainEngine", trainer_state:
     ``trainer_state`` (JSON-serialisable: step, data position, counters, layout) is written by rank 0; ``streams``
     are this rank's slots' random streams. ``keep_last`` deletes older complete checkpoints beyond the newest
     ``keep_last``. A failed write raises :class:`CheckpointWriteError`: the failing rank removes the files it wrote
-    (never the shared folder, which other ranks may still be writing into; the next save sweeps it), earlier
+    (never the shared folder, which other ranks may still be writing into; the next run or save sweeps it,
+    :func:`remove_interrupted_saves`), earlier
     checkpoints untouched.
     """
     root = Path(root)
@@ -121,9 +134,7 @@ def save_checkpoint(root: Path, step: int, engine: "TrainEngine", trainer_state:
     try:
         if engine.is_main:
             root.mkdir(parents=True, exist_ok=True)
-            for stale in list(root.glob(f"{CHECKPOINT_PREFIX}*.tmp")) + list(root.glob(f"{CHECKPOINT_PREFIX}*.old")):
-                logger.warning("removing %s left by an interrupted save", stale)  # the output dir is locked: ours
-                shutil.rmtree(stale)
+            remove_interrupted_saves(root)
             tmp.mkdir()
         barrier()
 
