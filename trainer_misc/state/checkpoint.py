@@ -123,8 +123,7 @@ def save_checkpoint(root: Path, step: int, engine: "TrainEngine", trainer_state:
     are this rank's slots' random streams. ``keep_last`` deletes older complete checkpoints beyond the newest
     ``keep_last``. A failed write raises :class:`CheckpointWriteError`: the failing rank removes the files it wrote
     (never the shared folder, which other ranks may still be writing into; the next run or save sweeps it,
-    :func:`remove_interrupted_saves`), earlier
-    checkpoints untouched.
+    :func:`remove_interrupted_saves`), and earlier checkpoints stay untouched.
     """
     root = Path(root)
     final = root / f"{CHECKPOINT_PREFIX}{step}"

@@ -205,7 +205,7 @@ def _is_write_error(exc: BaseException, root: Path) -> bool:
 def _write_failed(exc: BaseException, root: Path, tmp: Path, own_files: Iterable[Path]) -> CheckpointWriteError:
     """The error a rank raises when its part of a checkpoint could not be written. It removes only ``own_files``:
     removing the shared ``tmp`` folder would pull it from under ranks still writing (they would then fail with
-    "file not found" and hide the real cause); the next save sweeps the folder."""
+    "file not found" and hide the real cause); the next run or save sweeps the folder."""
     full = _no_space(exc, root)  # judged before our partial files are removed: that frees the space they took
     for path in own_files:
         path.unlink(missing_ok=True)
