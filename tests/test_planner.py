@@ -216,3 +216,18 @@ def test_bytes_sent_per_step_follow_the_strategy_and_the_reduce_dtype():
     assert virtual["gradients"] == 4 * comm_bytes_per_step(replace(zero2, gpus=2, video_sync_group=2), n,
                                                            trainable)["gradients"]
     assert sum(comm_bytes_per_step(replace(zero2, gpus=1, video_sync_group=1), n, trainable).values()) == 0
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--lora_rank", "8", "--shard_strategy", "zero3"], "LoRA (LORA_RANK, --lora_rank) with zero3 is refused"),
+    (["--offload_optimizer", "--shard_strategy", "ddp"], "optimizer offload (OFFLOAD=1, --offload_optimizer)"),
+    (["--gpus", "3", "--video_sync_group", "8"], "--video_sync_group 8 must divide --num_frames 16 and divide or be"),
+])
+def test_the_plan_command_refuses_what_the_trainer_refuses_before_tracing(argv, says):
+    """One rule each, kept by the planner's ``Launch`` (the command line only adds the sync group's divisibility):
+    the refusal names the setting and comes before any model is traced."""
+    from tools.plan import main
+
+    with pytest.raises(SystemExit) as refused:
+        main(argv)
+    assert str(refused.value).startswith("plan.py: ") and says in str(refused.value)

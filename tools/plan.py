@@ -100,15 +100,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def launch_from_args(args: argparse.Namespace) -> Launch:
+    """The launch these command-line flags describe. The rules between settings are the planner's ``Launch``'s own
+    (a ``ValueError`` naming the variable and the flag), plus the sync group's fit, which the trainer checks
+    against its data-parallel ranks."""
     kind, config = load_model_config(args.model, args.model_variant)
     width, height = pixel_size(args.resolution, args.task)
-    if args.offload_optimizer and args.shard_strategy == "ddp":
-        raise SystemExit("--offload_optimizer is DeepSpeed's optimizer offload: --shard_strategy zero2 or zero3")
-    if args.lora_rank and args.shard_strategy == "zero3":
-        raise SystemExit(f"--lora_rank {args.lora_rank}: LoRA runs with ddp or zero2 (the trainer refuses zero3)")
     group = args.video_sync_group or default_sync_group(args.gpus, args.num_frames)
     if args.task == "ar" and ((args.gpus % group and group % args.gpus) or args.num_frames % group):
-        raise SystemExit(f"--video_sync_group {group} must divide --num_frames {args.num_frames} and divide or be "
+        raise ValueError(f"--video_sync_group {group} must divide --num_frames {args.num_frames} and divide or be "
                          f"a multiple of --gpus {args.gpus} (a virtual group: slots run one after the other)")
     return Launch(model_kind=kind, model_config=config, task=args.task, width=width, height=height,
                   num_frames=args.num_frames, batch_size=args.batch_size, gpus=args.gpus,

@@ -80,9 +80,11 @@ class Launch:
         if self.lora_rank < 0:
             raise ValueError(f"lora_rank must be >= 0, got {self.lora_rank}")
         if self.lora_rank and self.shard_strategy == "zero3":
-            raise ValueError("LoRA with zero3 is refused by the trainer; plan it with ddp or zero2")
+            raise ValueError("LoRA (LORA_RANK, --lora_rank) with zero3 is refused by the trainer; plan it with "
+                             "ddp or zero2 (SHARD_STRATEGY, --shard_strategy)")
         if self.offload_optimizer and self.shard_strategy == "ddp":
-            raise ValueError("optimizer offload (OFFLOAD=1) is DeepSpeed's: plan it with zero2 or zero3")
+            raise ValueError("optimizer offload (OFFLOAD=1, --offload_optimizer) is DeepSpeed's: plan it with zero2 or "
+                             "zero3 (SHARD_STRATEGY, --shard_strategy)")
         if self.grad_reduce_dtype not in ("fp32", "model"):
             raise ValueError(f"grad_reduce_dtype must be fp32 or model, got {self.grad_reduce_dtype!r}")
         if self.pack_slots < 1 or self.slots_per_process % self.pack_slots:
