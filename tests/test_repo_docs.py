@@ -93,6 +93,19 @@ def test_links_between_the_pages_resolve():
     assert not broken, "\n".join(broken)
 
 
+def test_docs_pages_named_in_the_code_exist():
+    """Messages, docstrings and comments send readers to ``docs/<page>.md``; a renamed or merged page must not leave
+    them pointing nowhere (``tools/gpu_check.sh`` named a page that never landed)."""
+    missing = []
+    for folder in ("pyramid_dit", "video_vae", "trainer_misc", "train", "tools", "scripts", "tests"):
+        for file in sorted((REPO / folder).rglob("*")):
+            if file.suffix in (".py", ".sh", ".sbatch") and file.is_file():
+                for page in set(re.findall(r"docs/[\w-]+\.md", file.read_text(encoding="utf-8"))):
+                    if not (REPO / page).is_file():
+                        missing.append(f"{file.relative_to(REPO)}: {page}")
+    assert not missing, "\n".join(missing)
+
+
 def _script_variables() -> set[str]:
     """What the scripts' headers set (``: "${VAR:=...}"``) and what their launchers read."""
     from tools.launch import SCRIPTS

@@ -3,7 +3,7 @@
 # lent device's budget: under 8 minutes on one H100, every step under its own `timeout`, the whole run under a
 # deadline (a step that would pass it is skipped and reported), results written under $OUT, a short table last.
 #
-# What it runs (docs/speed_notes_issue23.md says how to read the results):
+# What it runs (docs/performance.md, "The GPU check", says how to read the results):
 #   1. env            nvidia-smi, torch / triton / diffusers versions
 #   2. flux384        tools/measure_gpu.py pyramid_flux:ar:384p:16, flex / frame / column, against the reference
 #                     (the headline: released miniFLUX, heaviest micro-batch of a one-GPU 384p x 16-frame AR launch)
