@@ -240,12 +240,14 @@ def test_summary_of_a_rerun_that_had_nothing_to_train_quotes_no_loss():
     from types import SimpleNamespace
 
     from train.run import run_summary
-    finished = SimpleNamespace(records=[], start_step=8, final_step=8, bad_samples=0, exported=["runs/x/export"])
+    no_eval = {"evaluations": [], "eval_base": None, "stopped_early": None}  # TrainResult's, without evaluation
+    finished = SimpleNamespace(records=[], start_step=8, final_step=8, bad_samples=0, exported=["runs/x/export"],
+                               **no_eval)
     line = run_summary(finished, 2, "runs/x")
     assert "nan" not in line
     assert line.startswith("done: nothing to train: runs/x already holds a finished run of 8 steps")
     trained = SimpleNamespace(records=[SimpleNamespace(loss=1.5), SimpleNamespace(loss=1.25)], start_step=4,
-                              final_step=8, bad_samples=1, exported=[])
+                              final_step=8, bad_samples=1, exported=[], **no_eval)
     assert run_summary(trained, 2, "runs/x") == ("done: 8 steps (from 4), loss 1.5000 -> 1.2500, world size 2; "
                                                  "1 unreadable samples skipped; exported nothing")
 

@@ -24,14 +24,13 @@ from pyramid_dit.objective import PyramidFlowObjective
 from pyramid_dit.scheduler import PyramidFlowMatchEulerDiscreteScheduler
 from pyramid_dit.text_features import TextFeatures
 from pyramid_dit.training_record import TRAINING_RECORD, training_record
-from train.args import SAMPLE_RATIOS, empty_prompt_file, has_eval_set, sp_size_of, strategy_of
+from train.args import SAMPLE_RATIOS, empty_prompt_file, sp_size_of, strategy_of
 from trainer_misc.data.check import DataSpec, image_buckets, is_dry_run, run_data_check
 from trainer_misc.data.datasets import ImageDataset, VideoLatentDataset, collate
 from trainer_misc.data.features import load_text_features
 from trainer_misc.data.resolution import parse_resolution
 from trainer_misc.loop.config import TrainConfig
 from trainer_misc.loop.metrics import BatchTrace
-from trainer_misc.loop.pyramid_eval import eval_subset
 from trainer_misc.loop.pyramid_loss import PyramidFlowLoss
 from trainer_misc.loop.trainer import train
 from trainer_misc.optim.engine import EngineConfig
@@ -62,7 +61,7 @@ def build_datasets(args: argparse.Namespace, verbose: bool):
         empty_prompt_fea=args.empty_prompt_fea or None, text_dims=dims if None not in dims else None,
         eval_anno_file=args.eval_anno_file or None, eval_fraction=args.eval_fraction, seed=args.seed),
         verbose=verbose)
-    evaluation = eval_subset(report.eval_usable, args.eval_samples) if has_eval_set(args) else []
+    evaluation = report.eval_usable[:args.eval_samples]  # its first lines: EVAL_SAMPLES bounds the cost
     if verbose and len(report.eval_usable) > len(evaluation):
         print(f"  evaluation set capped at EVAL_SAMPLES={args.eval_samples} (--eval_samples): the first "
               f"{len(evaluation)} of {len(report.eval_usable)} usable evaluation samples are evaluated", flush=True)
@@ -225,13 +224,12 @@ def run_summary(result, world_size: int, output_dir: str) -> str:
     line = (f"done: {result.final_step} steps (from {result.start_step}), loss {result.records[0].loss:.4f} -> "
             f"{result.records[-1].loss:.4f}, world size {world_size}; {result.bad_samples} unreadable samples "
             f"skipped; exported {exported}")
-    evaluations, base = getattr(result, "evaluations", None), getattr(result, "eval_base", None)
-    if evaluations:
-        last = evaluations[-1]
+    if result.evaluations:
+        last, base = result.evaluations[-1], result.eval_base
         line += f"; held-out loss {last.loss:.5f} at step {last.step}"
         if base is not None:
             line += f" vs base {base:.5f} ({100 * (last.loss / base - 1):+.2f}%)"
-    if getattr(result, "stopped_early", None):
+    if result.stopped_early:
         line += f"; {result.stopped_early}"
     return line
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional
 
 import numpy as np
 import torch
@@ -149,8 +149,3 @@ class PyramidHeldOutLoss:
             preds = model(**dit_inputs_in_dtype(inputs.dit_inputs(), ctx.module, ctx.dtype))
             total += torch.stack([flow_matching_loss([p], [t]).double() for p, t in zip(preds, inputs.targets)])
         return total / len(self.units)
-
-
-def eval_subset(lines: Sequence, limit: int) -> list:
-    """The evaluation set's first ``limit`` lines (annotation order): ``EVAL_SAMPLES`` bounds the cost."""
-    return list(lines)[:limit]
