@@ -214,10 +214,6 @@ def check_data(spec: DataSpec) -> DataReport:
         if problem is not None:
             report.excluded[problem[0]].append(problem[1])
             continue
-        if isinstance(entry, VideoEntry):
-            report.lengths[min(frames, spec.num_frames)] += 1
-        else:
-            report.lengths[buckets[bucket]] += 1
         report.usable.append(UsableLine(entry=entry, frames=frames, bucket=bucket))
     if len(text_lengths) > 1:
         report.fatal.append(f"text features of different lengths {dict(text_lengths)} cannot share a batch: "
@@ -226,6 +222,9 @@ def check_data(spec: DataSpec) -> DataReport:
     _check_empty_prompt(spec, report)
     if spec.wants_eval:
         _split_off_eval(spec, report)
+    # What training reads, after the held-out split: clip lengths in latent frames, or image buckets.
+    report.lengths = Counter(min(line.frames, spec.num_frames) if isinstance(line.entry, VideoEntry)
+                             else buckets[line.bucket] for line in report.usable)
     return report
 
 
@@ -242,8 +241,6 @@ def _split_off_eval(spec: DataSpec, report: DataReport) -> None:
         report.eval_lines = len(held)
         report.eval_usable = [line for line in report.usable if line.entry.index in held]
         report.usable = [line for line in report.usable if line.entry.index not in held]
-        report.lengths = Counter(min(line.frames, spec.num_frames) if isinstance(line.entry, VideoEntry)
-                                 else image_buckets(spec.resolution)[line.bucket] for line in report.usable)
         if report.eval_usable and not report.usable:
             report.fatal.append(f"EVAL_FRACTION={spec.eval_fraction} (--eval_fraction) holds out every usable line "
                                 "of ANNO_FILE: nothing is left to train on; lower EVAL_FRACTION or add data")
