@@ -296,14 +296,14 @@ def _tiny_launch(**kw):
 
 def test_planner_packed_pass_holds_more_and_auto_picks_what_fits():
     from trainer_misc.planning.planner import (
-        _traced_heaviest,
+        trace_heaviest_pass,
         choose_pack_slots,
         micro_batches_per_step,
         packed_peak_bytes,
         plan,
     )
 
-    traced = {k: _traced_heaviest(_tiny_launch(pack_slots=k)) for k in (1, 2, 4)}
+    traced = {k: trace_heaviest_pass(_tiny_launch(pack_slots=k)) for k in (1, 2, 4)}
     acts = {k: t.activation_bytes for k, (t, _) in traced.items()}
     tokens = {k: n for k, (_, n) in traced.items()}
     assert acts[1] < acts[2] < acts[4] and tokens[1] < tokens[2] < tokens[4]

@@ -15,19 +15,15 @@ import argparse
 import sys
 from dataclasses import replace
 
-import torch
-
 from trainer_misc.planning.plan import default_sync_group, load_model_config, pixel_size
 from trainer_misc.planning.planner import (
     GIB,
     Launch,
-    _tokens,
     comm_bytes_per_step,
     flops_per_step,
     memory_parts,
     model_size,
-    rank_shapes,
-    trace_memory,
+    trace_heaviest_pass,
 )
 
 HEADER = ("| model | resolution | NUM_FRAMES | mode | 8xZeRO-2 GiB/GPU | 8xZeRO-3 GiB/GPU | 1 GPU + ckpt GiB | "
@@ -54,11 +50,11 @@ def row(model: str, resolution: str, frames: int, task: str) -> str:
     base = Launch(kind, config, task=task, width=width, height=height, num_frames=frames, gpus=8,
                   video_sync_group=default_sync_group(8, frames), text_encoder=task != "ar")
     n, n_train = model_size(base)
-    traced = trace_memory(base, max(rank_shapes(base), key=_tokens), torch.bfloat16)
+    traced, _ = trace_heaviest_pass(base)
     peaks = [sum(memory_parts(replace(base, shard_strategy=s), n, n_train, traced).values()) / GIB
              for s in ("zero2", "zero3")]
     single = replace(base, gpus=1, gradient_checkpointing=True)  # AR: a virtual sync group of 8 slots
-    traced1 = trace_memory(single, max(rank_shapes(single), key=_tokens), torch.bfloat16)
+    traced1, _ = trace_heaviest_pass(single)
     peaks.append(sum(memory_parts(single, n, n_train, traced1).values()) / GIB)
     flops = flops_per_step(base) / 1e15
     sent = sum(comm_bytes_per_step(base, n, n_train).values()) / GIB

@@ -225,9 +225,11 @@ def eval_call_shapes(launch: Launch) -> list[list[list[tuple[int, ...]]]]:
             for u in units]
 
 
-def eval_flops_per_sample(launch: Launch) -> int:
-    """Forward FLOPs of one evaluation sample: every call of its grid (stages x timesteps x depths rows)."""
-    return sum(count_flops(launch, call, backward=False) for call in eval_call_shapes(launch))
+def eval_flops_per_sample(launch: Launch, calls: Optional[list] = None) -> int:
+    """Forward FLOPs of one evaluation sample: every call of its grid (stages x timesteps x depths rows);
+    ``calls``: :func:`eval_call_shapes` of ``launch``, when the caller has them already."""
+    calls = eval_call_shapes(launch) if calls is None else calls
+    return sum(count_flops(launch, call, backward=False) for call in calls)
 
 
 @dataclass
@@ -436,7 +438,7 @@ def memory_parts(launch: Launch, n_params: int, n_trainable: int, traced: Traced
     return parts
 
 
-def _traced_heaviest(launch: Launch) -> tuple[TracedMemory, int]:
+def trace_heaviest_pass(launch: Launch) -> tuple[TracedMemory, int]:
     """The trace of the pass with the most tokens (the one that sets the peak), and that token count."""
     dtype = DTYPES[launch.dtype]
     heaviest = max(rank_shapes(launch), key=_tokens)
@@ -445,7 +447,7 @@ def _traced_heaviest(launch: Launch) -> tuple[TracedMemory, int]:
 
 def predict_memory(launch: Launch) -> tuple[dict[str, int], int]:
     """:func:`memory_parts` for the rank with the most tokens, and that token count."""
-    traced, tokens = _traced_heaviest(launch)
+    traced, tokens = trace_heaviest_pass(launch)
     n_params, n_trainable = model_size(launch)
     return memory_parts(launch, n_params, n_trainable, traced), tokens
 
@@ -494,7 +496,7 @@ def pass_counts(launch: Launch, traced: TracedMemory) -> dict[str, Any]:
                            "activation_bytes": traced.activation_bytes}
     if launch.pack_slots > 1:
         single = replace(launch, pack_slots=1)
-        one, tokens = _traced_heaviest(single)
+        one, tokens = trace_heaviest_pass(single)
         out["unpacked"] = {"per_step": micro_batches_per_step(single),
                            "attention_calls_per_step": one.attention_calls * micro_batches_per_step(single),
                            "activation_bytes": one.activation_bytes, "max_tokens": tokens}
@@ -506,7 +508,7 @@ def plan(launch: Launch, gpu_memory_gib: float, interconnect_gbps: Optional[floa
     per checkpoint; see module docstring. ``interconnect_gbps``: each GPU's network bandwidth in Gbit/s, to turn the
     bytes sent into seconds."""
     n_params, n_trainable = model_size(launch)
-    traced, tokens = _traced_heaviest(launch)
+    traced, tokens = trace_heaviest_pass(launch)
     parts = memory_parts(launch, n_params, n_trainable, traced)
     peak = sum(parts.values())
     lora = (f"; LoRA rank {launch.lora_rank}: grads, master weights and AdamW state of the "
@@ -562,7 +564,7 @@ def eval_cost(launch: Launch, flops_per_step: int) -> dict[str, Any]:
     from trainer_misc.loop.evaluation import evaluation_steps
 
     calls = eval_call_shapes(launch)
-    per_sample = eval_flops_per_sample(launch)
+    per_sample = eval_flops_per_sample(launch, calls)
     rows = sum(len(call) * call[0][-1][0] for call in calls)
     evaluations = len(evaluation_steps(0, launch.max_steps, launch.eval_every, None)) if launch.max_steps else 1
     per_eval = per_sample * launch.eval_samples
