@@ -27,8 +27,8 @@ import torch
 
 from pyramid_dit.tensor_files import SAFETENSORS_SUFFIXES, TensorFileError
 
-__all__ = ["FileDigest", "atomic_save_safetensors", "honour_umask", "process_umask", "read_json",
-           "remove_stale_temps", "sweep_stale_temps", "write_json_atomic", "write_safetensors"]
+__all__ = ["FileDigest", "atomic_save_safetensors", "disk_usage", "free_space", "honour_umask", "process_umask",
+           "read_json", "remove_stale_temps", "sweep_stale_temps", "write_json_atomic", "write_safetensors"]
 
 # safetensors' names of the tensor dtypes we write.
 _SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -239,11 +239,19 @@ def read_json(path: Path) -> Any:
             raise ValueError(f"{path}: not valid JSON ({e})") from None
 
 
-def free_space(path: str | os.PathLike) -> str:
-    """Free space on the filesystem of ``path`` (or of its nearest existing parent), for messages."""
+def disk_usage(path: str | os.PathLike):
+    """``shutil.disk_usage`` of the filesystem of ``path``, or of its nearest existing parent (a folder not made
+    yet); None when nothing on the way exists."""
     path = Path(path)
     for p in [path, *path.parents]:
         if p.exists():
-            free = shutil.disk_usage(p).free
-            return f"{free / 2**30:.2f} GiB" if free >= 2**30 else f"{free / 2**20:.1f} MiB"
-    return "unknown"
+            return shutil.disk_usage(p)
+    return None
+
+
+def free_space(path: str | os.PathLike) -> str:
+    """Free space on the filesystem of ``path`` (or of its nearest existing parent), for messages."""
+    usage = disk_usage(path)
+    if usage is None:
+        return "unknown"
+    return f"{usage.free / 2**30:.2f} GiB" if usage.free >= 2**30 else f"{usage.free / 2**20:.1f} MiB"

@@ -15,11 +15,10 @@ from __future__ import annotations
 import errno
 import hashlib
 import logging
-import shutil
 from pathlib import Path
 from typing import Iterable, Mapping, Optional
 
-from trainer_misc.files import free_space, read_json
+from trainer_misc.files import disk_usage, free_space, read_json
 from trainer_misc.runtime.distributed import all_gather_object, broadcast_object, get_rank, get_world_size
 
 logger = logging.getLogger("trainer_misc.state.checkpoint")
@@ -188,10 +187,9 @@ def _no_space(exc: BaseException, root: Path) -> bool:
         if "no space left" in text or "quota exceeded" in text:
             return True
         if "iostream error" in text or "file write failed" in text or "unexpected pos" in text:
-            for p in [root, *root.parents]:
-                if p.exists():
-                    usage = shutil.disk_usage(p)
-                    return usage.free < min(2**30, usage.total // 50)
+            usage = disk_usage(root)
+            if usage is not None:
+                return usage.free < min(2**30, usage.total // 50)
         seen = seen.__cause__ or seen.__context__
     return False
 
