@@ -192,8 +192,12 @@ class EvalTracker:
     best_loss: Optional[float] = None
     best_step: Optional[int] = None
     streak: int = 0
-    last_step: Optional[int] = None
     history: list[dict[str, Any]] = field(default_factory=list)  # (step, loss) of every evaluation so far
+
+    @property
+    def last_step(self) -> Optional[int]:
+        """The step of the latest evaluation (None before the first)."""
+        return self.history[-1]["step"] if self.history else None
 
     @classmethod
     def restore(cls, rule: DegradeRule, fingerprint: str, state: Optional[dict]) -> "EvalTracker":
@@ -208,7 +212,7 @@ class EvalTracker:
             return cls(rule, fingerprint)
         return cls(rule, fingerprint, base=state.get("base"), best_loss=state.get("best_loss"),
                    best_step=state.get("best_step"), streak=int(state.get("streak", 0)),
-                   last_step=state.get("last_step"), history=list(state.get("history", [])))
+                   history=list(state.get("history", [])))
 
     def state_dict(self) -> dict[str, Any]:
         return {"fingerprint": self.fingerprint, "base": self.base, "best_loss": self.best_loss,
@@ -235,7 +239,6 @@ class EvalTracker:
         self.streak = self.streak + 1 if degraded else 0
         if self.best_loss is None or fig.loss < self.best_loss:
             self.best_loss, self.best_step = fig.loss, fig.step
-        self.last_step = fig.step
         self.history.append({"step": fig.step, "loss": fig.loss})
 
         cost = f"{fig.samples} samples, {fig.seconds:.2f} s ({fig.seconds_per_sample:.3f} s per sample per process)"
