@@ -52,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num_frames", type=integer(1, 1024), default=16, help="latent frames per clip (NUM_FRAMES)")
     p.add_argument("--batch_size", type=integer(4, 1024, multiple_of=4, why=" (1:2:1 over 3 stages)"), default=4,
                    help="per GPU, a multiple of 4 (BATCH_SIZE)")
-    p.add_argument("--grad_accum", type=integer(1, 4096), default=1, help="micro-batches per optimizer step (GRAD_ACCU_STEPS)")
+    p.add_argument("--grad_accum", type=integer(1, 4096), default=1,
+                   help="micro-batches per optimizer step (GRAD_ACCU_STEPS)")
     p.add_argument("--gpus", type=integer(1, 1 << 20), default=8, help="processes in all (GPUS x NNODES)")
     p.add_argument("--shard_strategy", default="zero2", choices=["ddp", "zero2", "zero3"])
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
@@ -60,8 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gradient_checkpointing_ratio", type=number(0, 1), default=0.75)
     p.add_argument("--video_sync_group", type=integer(1, 1024), default=None,
                    help="AR only (default: the largest of 8, 4, 2, 1 dividing --gpus and --num_frames)")
-    p.add_argument("--lora_rank", type=integer(0, 4096), default=0, help="LoRA rank (LORA_RANK); 0: full finetune. Gradients and "
-                   "optimizer state are then counted for the adapters only")
+    p.add_argument("--lora_rank", type=integer(0, 4096), default=0,
+                   help="LoRA rank (LORA_RANK); 0: full finetune. Gradients and optimizer state are then counted "
+                        "for the adapters only")
     p.add_argument("--lora_targets", default="", help="comma-separated LoRA target layers (LORA_TARGETS; default: "
                    "the kind's, pyramid_dit/kinds.py)")
     p.add_argument("--offload_optimizer", action="store_true", help="OFFLOAD=1 (zero2/zero3): master weights, AdamW "

@@ -16,8 +16,8 @@ from pyramid_dit.kinds import get_kind, kind_of_class_name
 from trainer_misc.data.resolution import IMAGE_BUCKETS, parse_resolution
 from trainer_misc.planning.planner import GIB, Launch, choose_pack_slots, packed_peak_bytes, plan
 
-__all__ = ["RELEASED", "auto_pack", "pack_peak_predictor", "with_pack", "default_gpu_memory_gib", "default_sync_group", "format_plan", "load_model_config",
-           "lora_targets", "pixel_size", "plan_text"]
+__all__ = ["RELEASED", "auto_pack", "default_gpu_memory_gib", "default_sync_group", "format_plan", "load_model_config",
+           "lora_targets", "pack_peak_predictor", "pixel_size", "plan_text", "with_pack"]
 
 RELEASED = {"released-miniflux": "pyramid_flux", "released-sd3": "pyramid_mmdit"}  # --model names -> kind
 

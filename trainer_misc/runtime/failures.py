@@ -186,7 +186,8 @@ def run_main(main: Callable[[], int], prog: str, oom_hint: str = "") -> NoReturn
         text = str(e)
         clear = isinstance(e, _CLEAR_ERRORS) or _peer_failure(text) or _timeout(text) or _out_of_memory(e) or \
             type(e).__module__.startswith("trainer_misc")
-        _die(fatal_line(e, prog, oom_hint=oom_hint), e, show_traceback=not clear or os.environ.get("PYRAMID_TRACEBACK") == "1")
+        _die(fatal_line(e, prog, oom_hint=oom_hint), e,
+             show_traceback=not clear or os.environ.get("PYRAMID_TRACEBACK") == "1")
     _flush()
     exit_process(code)
 
